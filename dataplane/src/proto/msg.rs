@@ -1,0 +1,391 @@
+//! Binary layouts of keys and bodies, per opcode. Every decoder checks lengths
+//! before reading and never panics on input.
+
+use super::Status;
+
+/// A block's identity: which core and tier hold it, its slot, and a
+/// generation that makes handles to freed-and-reused slots stale.
+///
+/// Wire form (u64, little-endian): bits 0..32 slot index, 32..48 generation,
+/// 48..56 core, 56..64 tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u64);
+
+impl BlockId {
+    pub fn new(tier: u8, core: u8, generation: u16, index: u32) -> Self {
+        BlockId(((tier as u64) << 56) | ((core as u64) << 48) | ((generation as u64) << 32) | index as u64)
+    }
+    pub fn index(self) -> u32 {
+        self.0 as u32
+    }
+    pub fn generation(self) -> u16 {
+        (self.0 >> 32) as u16
+    }
+    pub fn core(self) -> u8 {
+        (self.0 >> 48) as u8
+    }
+    pub fn tier(self) -> u8 {
+        (self.0 >> 56) as u8
+    }
+}
+
+/// Tier numbers in `BlockId::tier`.
+pub mod tier {
+    pub const DRAM: u8 = 0;
+}
+
+/// Reads little-endian integers from a byte slice, failing instead of panicking.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub &'static str);
+
+impl From<DecodeError> for Status {
+    fn from(_: DecodeError) -> Status {
+        Status::Malformed
+    }
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+    pub fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError(what));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.bytes(1, what)?[0])
+    }
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        let b = self.bytes(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        let b = self.bytes(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let b = self.bytes(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+    pub fn end(&self, what: &'static str) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError(what))
+        }
+    }
+}
+
+/// Key of `BlockWrite`, `BlockAppend`, `BlockRead`, `BlockFree` (16 bytes):
+/// block id u64, offset u32, length u32. `len == u32::MAX` on a read means
+/// "to the end of the block's data"; write and append ignore offset/len as
+/// documented per opcode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockKey {
+    pub block: BlockId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl BlockKey {
+    pub const LEN: usize = 16;
+    pub const TO_END: u32 = u32::MAX;
+
+    pub fn encode(&self) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[0..8].copy_from_slice(&self.block.0.to_le_bytes());
+        k[8..12].copy_from_slice(&self.offset.to_le_bytes());
+        k[12..16].copy_from_slice(&self.len.to_le_bytes());
+        k
+    }
+
+    pub fn decode(key: &[u8]) -> Result<Self, DecodeError> {
+        if key.len() != Self::LEN {
+            return Err(DecodeError("block key must be 16 bytes"));
+        }
+        let mut r = Reader::new(key);
+        Ok(BlockKey { block: BlockId(r.u64("block")?), offset: r.u32("offset")?, len: r.u32("len")? })
+    }
+}
+
+/// Pocket's job hints (`RegisterJob` body: empty, or exactly 32 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobHints {
+    pub latency_sensitive: bool,
+    /// Maximum concurrent workers (lambdas); 0 = unknown.
+    pub max_workers: u32,
+    /// Total capacity in bytes; 0 = unknown.
+    pub capacity: u64,
+    /// Peak throughput in bytes per second; 0 = unknown.
+    pub peak_throughput: u64,
+}
+
+impl JobHints {
+    pub const LEN: usize = 32;
+
+    pub fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&(self.latency_sensitive as u32).to_le_bytes());
+        b[4..8].copy_from_slice(&self.max_workers.to_le_bytes());
+        b[8..16].copy_from_slice(&self.capacity.to_le_bytes());
+        b[16..24].copy_from_slice(&self.peak_throughput.to_le_bytes());
+        b
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        if body.is_empty() {
+            return Ok(JobHints::default());
+        }
+        if body.len() != Self::LEN {
+            return Err(DecodeError("job hints must be empty or 32 bytes"));
+        }
+        let mut r = Reader::new(body);
+        let ls = r.u32("latency flag")?;
+        if ls > 1 {
+            return Err(DecodeError("latency flag must be 0 or 1"));
+        }
+        let h = JobHints {
+            latency_sensitive: ls == 1,
+            max_workers: r.u32("workers")?,
+            capacity: r.u64("capacity")?,
+            peak_throughput: r.u64("throughput")?,
+        };
+        if r.u64("reserved")? != 0 {
+            return Err(DecodeError("reserved hint bytes must be zero"));
+        }
+        Ok(h)
+    }
+}
+
+/// An object's metadata: `PutObject` request body and `Lookup` response body.
+/// Layout: size u64, flags u16, block count u32, then that many u64 block ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub flags: u16,
+    pub blocks: Vec<BlockId>,
+}
+
+impl ObjectMeta {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for b in &self.blocks {
+            out.extend_from_slice(&b.0.to_le_bytes());
+        }
+    }
+
+    /// `max_blocks` bounds the allocation a hostile count could cause.
+    pub fn decode(body: &[u8], max_blocks: usize) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let size = r.u64("size")?;
+        let flags = r.u16("flags")?;
+        let n = r.u32("block count")? as usize;
+        if n > max_blocks || r.remaining() != n * 8 {
+            return Err(DecodeError("block count does not match the body"));
+        }
+        let mut blocks = Vec::with_capacity(n);
+        for _ in 0..n {
+            blocks.push(BlockId(r.u64("block")?));
+        }
+        Ok(ObjectMeta { size, flags, blocks })
+    }
+}
+
+/// One `Enumerate` entry. Body: count u32, then per entry kind u8
+/// (0 = directory, 1 = object), size u64, flags u16, name length u16, name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub flags: u16,
+}
+
+pub fn encode_entries(entries: &[DirEntry], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.push(if e.is_dir { 0 } else { 1 });
+        out.extend_from_slice(&e.size.to_le_bytes());
+        out.extend_from_slice(&e.flags.to_le_bytes());
+        out.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+    }
+}
+
+pub fn decode_entries(body: &[u8]) -> Result<Vec<DirEntry>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = r.u32("entry count")? as usize;
+    // Each entry is at least 13 bytes: bound the allocation by the body.
+    if n > r.remaining() / 13 {
+        return Err(DecodeError("entry count larger than the body"));
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let kind = r.u8("kind")?;
+        if kind > 1 {
+            return Err(DecodeError("entry kind must be 0 or 1"));
+        }
+        let size = r.u64("size")?;
+        let flags = r.u16("flags")?;
+        let len = r.u16("name length")? as usize;
+        let name =
+            std::str::from_utf8(r.bytes(len, "name")?).map_err(|_| DecodeError("name is not UTF-8"))?;
+        v.push(DirEntry { name: name.to_string(), is_dir: kind == 0, size, flags });
+    }
+    r.end("trailing bytes after entries")?;
+    Ok(v)
+}
+
+/// `NodeInfo` response body: block size u32, max body u32, core count u16,
+/// main port u16, then per core its own port u16.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub block_size: u32,
+    pub max_body: u32,
+    pub main_port: u16,
+    pub core_ports: Vec<u16>,
+}
+
+impl NodeInfo {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&self.max_body.to_le_bytes());
+        out.extend_from_slice(&(self.core_ports.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.main_port.to_le_bytes());
+        for p in &self.core_ports {
+            out.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let block_size = r.u32("block size")?;
+        let max_body = r.u32("max body")?;
+        let n = r.u16("core count")? as usize;
+        let main_port = r.u16("main port")?;
+        if n == 0 || r.remaining() != n * 2 {
+            return Err(DecodeError("core count does not match the body"));
+        }
+        let mut core_ports = Vec::with_capacity(n);
+        for _ in 0..n {
+            core_ports.push(r.u16("core port")?);
+        }
+        Ok(NodeInfo { block_size, max_body, main_port, core_ports })
+    }
+}
+
+/// Splits a namespace key `job/path` into the job name and the path inside
+/// the job (possibly empty, meaning the job's root directory).
+pub fn split_job_key(key: &[u8]) -> Result<(&str, &str), DecodeError> {
+    let s = std::str::from_utf8(key).map_err(|_| DecodeError("key is not UTF-8"))?;
+    let (job, path) = match s.find('/') {
+        Some(i) => (&s[..i], &s[i + 1..]),
+        None => (s, ""),
+    };
+    if job.is_empty() {
+        return Err(DecodeError("job name is empty"));
+    }
+    if job.bytes().any(|b| b.is_ascii_control()) {
+        return Err(DecodeError("job name has control characters"));
+    }
+    if !path.is_empty() && path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err(DecodeError("path has an empty, '.' or '..' segment"));
+    }
+    if path.bytes().any(|b| b.is_ascii_control()) {
+        return Err(DecodeError("path has control characters"));
+    }
+    Ok((job, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn block_id_fields_round_trip(t: u8, c: u8, g: u16, i: u32) {
+            let b = BlockId::new(t, c, g, i);
+            prop_assert_eq!((b.tier(), b.core(), b.generation(), b.index()), (t, c, g, i));
+        }
+
+        #[test]
+        fn object_meta_round_trips(size: u64, flags: u16, blocks in prop::collection::vec(any::<u64>(), 0..50)) {
+            let m = ObjectMeta { size, flags, blocks: blocks.into_iter().map(BlockId).collect() };
+            let mut v = Vec::new();
+            m.encode(&mut v);
+            prop_assert_eq!(ObjectMeta::decode(&v, 1000).unwrap(), m);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+            let _ = ObjectMeta::decode(&bytes, 1000);
+            let _ = decode_entries(&bytes);
+            let _ = NodeInfo::decode(&bytes);
+            let _ = JobHints::decode(&bytes);
+            let _ = BlockKey::decode(&bytes);
+            let _ = split_job_key(&bytes);
+        }
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let e = vec![
+            DirEntry { name: "a".into(), is_dir: true, size: 0, flags: 0 },
+            DirEntry { name: "b.bin".into(), is_dir: false, size: 77, flags: 1 },
+        ];
+        let mut v = Vec::new();
+        encode_entries(&e, &mut v);
+        assert_eq!(decode_entries(&v).unwrap(), e);
+    }
+
+    #[test]
+    fn hostile_counts_are_rejected_without_allocating() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ObjectMeta::decode(&b, 1 << 20).is_err());
+        assert!(decode_entries(&u32::MAX.to_le_bytes()).is_err());
+    }
+
+    #[test]
+    fn job_keys() {
+        assert_eq!(split_job_key(b"j/a/b").unwrap(), ("j", "a/b"));
+        assert_eq!(split_job_key(b"j").unwrap(), ("j", ""));
+        assert!(split_job_key(b"/a").is_err());
+        assert!(split_job_key(b"j/a//b").is_err());
+        assert!(split_job_key(b"j/../b").is_err());
+        assert!(split_job_key(&[0xff]).is_err());
+    }
+
+    #[test]
+    fn hints_round_trip_and_reject_bad() {
+        let h = JobHints { latency_sensitive: true, max_workers: 9, capacity: 1 << 30, peak_throughput: 5 };
+        assert_eq!(JobHints::decode(&h.encode()).unwrap(), h);
+        assert_eq!(JobHints::decode(&[]).unwrap(), JobHints::default());
+        assert!(JobHints::decode(&[0; 31]).is_err());
+        let mut b = h.encode();
+        b[0] = 2;
+        assert!(JobHints::decode(&b).is_err());
+    }
+}
