@@ -28,6 +28,7 @@ pub enum Opcode {
     Lookup = 0x14,
     Enumerate = 0x15,
     Delete = 0x16,
+    JobInfo = 0x17,
     BlockAlloc = 0x20,
     BlockWrite = 0x21,
     BlockAppend = 0x22,
@@ -48,6 +49,7 @@ impl Opcode {
             0x14 => Lookup,
             0x15 => Enumerate,
             0x16 => Delete,
+            0x17 => JobInfo,
             0x20 => BlockAlloc,
             0x21 => BlockWrite,
             0x22 => BlockAppend,
@@ -68,6 +70,7 @@ impl Opcode {
                 | Opcode::Lookup
                 | Opcode::Enumerate
                 | Opcode::Delete
+                | Opcode::JobInfo
         )
     }
 }

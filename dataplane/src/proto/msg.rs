@@ -174,6 +174,37 @@ impl JobHints {
     }
 }
 
+/// `JobInfo` response body: job id u32, hints (32 bytes, as in `RegisterJob`),
+/// object count u64, bytes stored u64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobInfo {
+    pub id: u32,
+    pub hints: JobHints,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+impl JobInfo {
+    pub const LEN: usize = 4 + JobHints::LEN + 16;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.hints.encode());
+        out.extend_from_slice(&self.objects.to_le_bytes());
+        out.extend_from_slice(&self.bytes.to_le_bytes());
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        if body.len() != Self::LEN {
+            return Err(DecodeError("job info must be 52 bytes"));
+        }
+        let mut r = Reader::new(body);
+        let id = r.u32("job id")?;
+        let hints = JobHints::decode(r.bytes(JobHints::LEN, "hints")?)?;
+        Ok(JobInfo { id, hints, objects: r.u64("objects")?, bytes: r.u64("bytes")? })
+    }
+}
+
 /// An object's metadata: `PutObject` request body and `Lookup` response body.
 /// Layout: size u64, flags u16, block count u32, then that many u64 block ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,6 +375,7 @@ mod tests {
             let _ = JobHints::decode(&bytes);
             let _ = BlockKey::decode(&bytes);
             let _ = split_job_key(&bytes);
+            let _ = JobInfo::decode(&bytes);
         }
     }
 

@@ -1,0 +1,224 @@
+//! Executing one request on the core that owns its data. Every call appends
+//! exactly one response frame to `out`.
+
+use super::State;
+use crate::meta::MetaError;
+use crate::proto::{
+    self, encode_header, flags, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader, Status,
+    HEADER_LEN,
+};
+use crate::storage::StorageError;
+
+/// Appends a response frame with `body`.
+pub fn respond(out: &mut Vec<u8>, request_id: u64, opcode: u8, status: Status, body: &[u8]) {
+    frame(out, request_id, opcode, 0, status, |o| o.extend_from_slice(body));
+}
+
+/// Appends the answer to a frame the node cannot accept; the connection closes after it.
+pub fn respond_fatal(out: &mut Vec<u8>, request_id: u64, opcode: u8, status: Status, msg: &[u8]) {
+    frame(out, request_id, opcode, flags::CLOSING, status, |o| o.extend_from_slice(msg));
+}
+
+/// Appends a response frame whose body `fill` writes in place.
+pub fn respond_with(
+    out: &mut Vec<u8>,
+    request_id: u64,
+    opcode: u8,
+    status: Status,
+    fill: impl FnOnce(&mut Vec<u8>),
+) {
+    frame(out, request_id, opcode, 0, status, fill);
+}
+
+fn frame(
+    out: &mut Vec<u8>,
+    request_id: u64,
+    opcode: u8,
+    flags: u16,
+    status: Status,
+    fill: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = out.len();
+    out.resize(start + HEADER_LEN, 0);
+    fill(out);
+    let body_len = out.len() - start - HEADER_LEN;
+    debug_assert!(body_len <= u32::MAX as usize);
+    let h =
+        Header { opcode, flags, status: status as u16, request_id, key_len: 0, body_len: body_len as u32 };
+    encode_header(&h, &mut out[start..]);
+}
+
+/// A failed request: its status and a message for the body.
+struct Fail(Status, String);
+
+impl From<MetaError> for Fail {
+    fn from(e: MetaError) -> Fail {
+        Fail(e.status, e.message)
+    }
+}
+
+impl From<StorageError> for Fail {
+    fn from(e: StorageError) -> Fail {
+        Fail(e.status(), e.to_string())
+    }
+}
+
+impl From<proto::DecodeError> for Fail {
+    fn from(e: proto::DecodeError) -> Fail {
+        Fail(Status::Malformed, e.0.to_string())
+    }
+}
+
+fn malformed(msg: &str) -> Fail {
+    Fail(Status::Malformed, msg.to_string())
+}
+
+impl State {
+    pub(super) fn execute(&mut self, h: &Header, key: &[u8], body: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        if let Err(Fail(status, msg)) = self.try_execute(h, key, body, out) {
+            out.truncate(start);
+            let msg = &msg.as_bytes()[..msg.len().min(256)];
+            respond(out, h.request_id, h.opcode, status, msg);
+        }
+    }
+
+    fn try_execute(&mut self, h: &Header, key: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), Fail> {
+        let (id, opc) = (h.request_id, h.opcode);
+        let ok = Status::Ok;
+        let Some(op) = h.op() else { return Err(malformed("unknown opcode")) };
+        if h.flags != 0 && op != Opcode::PutObject {
+            return Err(malformed("flags are only valid on PutObject"));
+        }
+        match op {
+            Opcode::Ping => respond(out, id, opc, ok, body),
+            Opcode::NodeInfo => respond(out, id, opc, ok, &self.cfg.node_info),
+            Opcode::RegisterJob => {
+                let name = job_name(key)?;
+                let hints = JobHints::decode(body)?;
+                let job = self.ns.register(name, hints)?;
+                self.ns_changed = true;
+                respond(out, id, opc, ok, &job.to_le_bytes());
+            }
+            Opcode::DeregisterJob => {
+                no_body(body)?;
+                let r = self.ns.deregister(job_name(key)?)?;
+                self.ns_changed = true;
+                self.release(r);
+                respond(out, id, opc, ok, &[]);
+            }
+            Opcode::JobInfo => {
+                no_body(body)?;
+                let info = self.ns.info(job_name(key)?)?;
+                respond_with(out, id, opc, ok, |o| info.encode(o));
+            }
+            Opcode::CreateDir => {
+                no_body(body)?;
+                let (job, path) = proto::split_job_key(key)?;
+                self.ns.create_dir(job, path)?;
+                respond(out, id, opc, ok, &[]);
+            }
+            Opcode::PutObject => {
+                let (job, path) = proto::split_job_key(key)?;
+                let max_blocks = body.len() / 8;
+                let meta = ObjectMeta::decode(body, max_blocks)?;
+                if meta.flags != h.flags {
+                    return Err(malformed("object flags in the body differ from the header flags"));
+                }
+                self.check_blocks(&meta.blocks)?;
+                self.ns.put(job, path, meta)?;
+                self.ns_changed = true;
+                respond(out, id, opc, ok, &[]);
+            }
+            Opcode::Lookup => {
+                no_body(body)?;
+                let (job, path) = proto::split_job_key(key)?;
+                let meta = self.ns.lookup(job, path)?;
+                respond_with(out, id, opc, ok, |o| meta.encode(o));
+            }
+            Opcode::Enumerate => {
+                no_body(body)?;
+                let (job, path) = proto::split_job_key(key)?;
+                let entries = self.ns.enumerate(job, path)?;
+                respond_with(out, id, opc, ok, |o| proto::encode_entries(&entries, o));
+            }
+            Opcode::Delete => {
+                no_body(body)?;
+                let (job, path) = proto::split_job_key(key)?;
+                let r = self.ns.delete(job, path)?;
+                self.ns_changed = true;
+                self.release(r);
+                respond(out, id, opc, ok, &[]);
+            }
+            Opcode::BlockAlloc => {
+                no_body(body)?;
+                let mut r = Reader::new(key);
+                let job = r.u32("job id")?;
+                r.end("BlockAlloc key is a 4-byte job id")?;
+                if job == u32::MAX {
+                    return Err(malformed("job id 0xffffffff is reserved"));
+                }
+                let b = self.dram.alloc(job)?;
+                respond(out, id, opc, ok, &b.0.to_le_bytes());
+            }
+            Opcode::BlockWrite => {
+                let k = BlockKey::decode(key)?;
+                if k.len as usize != body.len() {
+                    return Err(malformed("BlockWrite key length differs from the body length"));
+                }
+                let len = self.dram.write(k.block, k.offset, body)?;
+                respond(out, id, opc, ok, &len.to_le_bytes());
+            }
+            Opcode::BlockAppend => {
+                let k = BlockKey::decode(key)?;
+                if k.offset != 0 || k.len as usize != body.len() {
+                    return Err(malformed("BlockAppend key needs offset 0 and the body length"));
+                }
+                let len = self.dram.append(k.block, body)?;
+                respond(out, id, opc, ok, &len.to_le_bytes());
+            }
+            Opcode::BlockRead => {
+                no_body(body)?;
+                let k = BlockKey::decode(key)?;
+                let data = self.dram.read(k.block, k.offset, k.len)?;
+                respond(out, id, opc, ok, data);
+            }
+            Opcode::BlockFree => {
+                no_body(body)?;
+                let k = BlockKey::decode(key)?;
+                if k.offset != 0 || k.len != 0 {
+                    return Err(malformed("BlockFree key needs offset 0 and length 0"));
+                }
+                self.dram.free(k.block)?;
+                respond(out, id, opc, ok, &[]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Block ids named by an object must be able to exist on this node.
+    fn check_blocks(&self, blocks: &[BlockId]) -> Result<(), Fail> {
+        for b in blocks {
+            if b.tier() != proto::tier::DRAM || b.core() as usize >= self.cfg.cores {
+                return Err(Fail(Status::Malformed, format!("block {:#x} is not on this node", b.0)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn job_name(key: &[u8]) -> Result<&str, Fail> {
+    let (job, path) = proto::split_job_key(key)?;
+    if !path.is_empty() || key.ends_with(b"/") {
+        return Err(malformed("a job name has no '/'"));
+    }
+    Ok(job)
+}
+
+fn no_body(body: &[u8]) -> Result<(), Fail> {
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err(malformed("this opcode takes no body"))
+    }
+}

@@ -1,0 +1,573 @@
+//! The polling core: one pinned thread that owns its connections, its DRAM
+//! tier, the namespaces of the jobs that hash to it, and its ends of the
+//! SPSC rings. The run loop is bounded per pass:
+//! rings in → network poll (parse, execute or forward) → send batched replies.
+
+mod exec;
+pub mod pin;
+pub mod ring;
+pub mod waker;
+
+use std::collections::HashSet;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::meta::{JobSummary, Namespaces};
+use crate::node::PollMode;
+use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
+use crate::storage::{DramTier, TierUsage};
+use crate::transport::{ConnId, EventSink, Transport};
+use ring::{Links, Msg};
+use waker::Waker;
+
+/// Stop reading a connection while this many response bytes wait to be sent.
+pub const TX_HIGH_WATER: usize = 4 << 20;
+/// Messages taken from one inbound ring per pass.
+const RING_BATCH: usize = 256;
+/// Minimum interval between publications of the job list.
+const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
+
+/// What other threads may see of a core: lock-free counters, its waker, and a
+/// job list it publishes off the request path.
+pub struct CoreShared {
+    pub waker: Waker,
+    pub parked: AtomicBool,
+    pub busy_ns: AtomicU64,
+    pub total_ns: AtomicU64,
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub blocks_used: AtomicU64,
+    pub blocks_total: AtomicU64,
+    pub huge_pages: AtomicBool,
+    pub jobs: Mutex<Vec<JobSummary>>,
+}
+
+impl CoreShared {
+    pub fn new() -> std::io::Result<CoreShared> {
+        Ok(CoreShared {
+            waker: Waker::new()?,
+            parked: AtomicBool::new(false),
+            busy_ns: AtomicU64::new(0),
+            total_ns: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            blocks_used: AtomicU64::new(0),
+            blocks_total: AtomicU64::new(0),
+            huge_pages: AtomicBool::new(false),
+            jobs: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// Everything a core needs to know about its node.
+pub struct CoreConfig {
+    pub id: u8,
+    pub cores: usize,
+    pub poll_mode: PollMode,
+    pub spin: Duration,
+    pub limits: Limits,
+    /// Encoded `NodeInfo` response body.
+    pub node_info: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Conn {
+    live: bool,
+    gen: u32,
+    /// Received bytes not yet parsed (an incomplete frame, or input held back
+    /// by backpressure).
+    partial: Vec<u8>,
+    /// Responses produced this pass, handed to the transport after the poll.
+    tx: Vec<u8>,
+    dirty: bool,
+    /// A fatal frame error was answered: discard input, close after sending.
+    closing: bool,
+    close_requested: bool,
+    /// Backpressure: stop parsing and reading until output drains.
+    paused: bool,
+    /// A forward found the target ring full; parsing resumes next pass.
+    stalled: bool,
+}
+
+/// The part of a core that network events act on, split from the transport
+/// so the transport can call into it during `poll`.
+struct State {
+    cfg: CoreConfig,
+    shared: Arc<CoreShared>,
+    links: Links,
+    dram: DramTier,
+    ns: Namespaces,
+    ns_changed: bool,
+    conns: Vec<Conn>,
+    /// Connections with output in `tx`.
+    dirty: Vec<ConnId>,
+    /// Connections to re-parse next pass (stalled forwards, resumed input).
+    retry: Vec<ConnId>,
+    /// Connections that want their reading toggled after the poll.
+    pause: Vec<ConnId>,
+    paused: Vec<ConnId>,
+    scratch: Vec<u8>,
+    requests: u64,
+    forwarded: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    connections: u64,
+}
+
+pub struct Core<T: Transport> {
+    transport: T,
+    st: State,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Vec<Arc<CoreShared>>>,
+}
+
+impl<T: Transport> Core<T> {
+    pub fn new(
+        cfg: CoreConfig,
+        transport: T,
+        links: Links,
+        dram: DramTier,
+        stop: Arc<AtomicBool>,
+        peers: Arc<Vec<Arc<CoreShared>>>,
+    ) -> Self {
+        let shared = peers[cfg.id as usize].clone();
+        let u = dram.usage();
+        shared.blocks_total.store(u.blocks_total, Ordering::Relaxed);
+        shared.huge_pages.store(u.huge_pages, Ordering::Relaxed);
+        let ns = Namespaces::new(cfg.id, u.block_size);
+        Core {
+            transport,
+            st: State {
+                cfg,
+                shared,
+                links,
+                dram,
+                ns,
+                ns_changed: false,
+                conns: Vec::new(),
+                dirty: Vec::new(),
+                retry: Vec::new(),
+                pause: Vec::new(),
+                paused: Vec::new(),
+                scratch: Vec::new(),
+                requests: 0,
+                forwarded: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+                connections: 0,
+            },
+            stop,
+            peers,
+        }
+    }
+
+    /// Runs until the node's stop flag is set.
+    pub fn run(mut self) {
+        let spin = self.st.cfg.spin;
+        let busy_mode = self.st.cfg.poll_mode == PollMode::Busy;
+        let mut last = Instant::now();
+        let mut idle_since: Option<Instant> = None;
+        let mut last_jobs_publish = last;
+        let (mut busy_ns, mut total_ns) = (0u64, 0u64);
+        while !self.stop.load(Ordering::Relaxed) {
+            let pass = Instant::now();
+            let mut work = self.st.drain_rings();
+            work += self.st.retry_stalled();
+            match self.transport.poll(Some(Duration::ZERO), &mut self.st) {
+                Ok(n) => work += n,
+                Err(e) => {
+                    tracing::error!(core = self.st.cfg.id, error = %e, "network poll failed; core stops");
+                    break;
+                }
+            }
+            work += self.finish_pass();
+
+            let now = Instant::now();
+            total_ns += (now - last).as_nanos() as u64;
+            if work > 0 {
+                busy_ns += (now - pass).as_nanos() as u64;
+                idle_since = None;
+            } else if !busy_mode {
+                let since = *idle_since.get_or_insert(now);
+                if now - since >= spin {
+                    self.park();
+                    idle_since = None;
+                }
+            }
+            last = now;
+            if self.st.ns_changed && now - last_jobs_publish >= PUBLISH_JOBS_EVERY {
+                if let Ok(mut jobs) = self.st.shared.jobs.try_lock() {
+                    *jobs = self.st.ns.summaries();
+                    self.st.ns_changed = false;
+                    last_jobs_publish = now;
+                }
+            }
+            self.st.publish(busy_ns, total_ns);
+        }
+        tracing::debug!(core = self.st.cfg.id, "core stopped");
+    }
+
+    /// Hands produced output to the transport, applies backpressure and wakes
+    /// peers that were sent messages. Returns units of work done.
+    fn finish_pass(&mut self) -> usize {
+        let st = &mut self.st;
+        let mut work = 0;
+        for id in std::mem::take(&mut st.dirty) {
+            let c = &mut st.conns[id];
+            c.dirty = false;
+            if !c.live {
+                continue;
+            }
+            if !c.tx.is_empty() {
+                st.bytes_out += c.tx.len() as u64;
+                self.transport.send(id, &mut c.tx);
+                work += 1;
+            }
+            if c.closing && !c.close_requested {
+                c.close_requested = true;
+                self.transport.close(id);
+            }
+        }
+        let _ = self.transport.flush();
+        for id in std::mem::take(&mut st.pause) {
+            if st.conns[id].live && st.conns[id].paused {
+                self.transport.set_reading(id, false);
+                st.paused.push(id);
+            }
+        }
+        // Resume paused connections whose output drained.
+        let mut i = 0;
+        while i < st.paused.len() {
+            let id = st.paused[i];
+            let c = &mut st.conns[id];
+            if !c.live || !c.paused {
+                st.paused.swap_remove(i);
+            } else if self.transport.unsent(id) == 0 && c.tx.is_empty() {
+                c.paused = false;
+                self.transport.set_reading(id, true);
+                st.retry.push(id);
+                st.paused.swap_remove(i);
+                work += 1;
+            } else {
+                i += 1;
+            }
+        }
+        for (j, out) in st.links.out.iter_mut().enumerate() {
+            let Some(out) = out else { continue };
+            work += out.drain_overflow();
+            if out.pushed {
+                out.pushed = false;
+                fence(Ordering::SeqCst);
+                if self.peers[j].parked.load(Ordering::SeqCst) {
+                    self.peers[j].waker.wake();
+                }
+            }
+        }
+        work
+    }
+
+    /// Sleeps in the transport until a network event or a wake-up.
+    fn park(&mut self) {
+        self.st.shared.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let pending = self.st.links.inbound.iter().any(|c| !c.is_empty())
+            || !self.st.retry.is_empty()
+            || self.stop.load(Ordering::SeqCst);
+        if !pending {
+            if let Err(e) = self.transport.poll(None, &mut self.st) {
+                tracing::error!(error = %e, "parked poll failed");
+            }
+            self.finish_pass();
+        }
+        self.st.shared.parked.store(false, Ordering::SeqCst);
+    }
+}
+
+impl State {
+    fn publish(&self, busy_ns: u64, total_ns: u64) {
+        let s = &self.shared;
+        s.busy_ns.store(busy_ns, Ordering::Relaxed);
+        s.total_ns.store(total_ns, Ordering::Relaxed);
+        s.requests.store(self.requests, Ordering::Relaxed);
+        s.forwarded.store(self.forwarded, Ordering::Relaxed);
+        s.bytes_in.store(self.bytes_in, Ordering::Relaxed);
+        s.bytes_out.store(self.bytes_out, Ordering::Relaxed);
+        s.connections.store(self.connections, Ordering::Relaxed);
+        let TierUsage { blocks_used, .. } = self.dram.usage();
+        s.blocks_used.store(blocks_used, Ordering::Relaxed);
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        let c = &mut self.conns[id];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    fn drain_rings(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.links.inbound.len() {
+            for _ in 0..RING_BATCH {
+                let Ok(m) = self.links.inbound[i].pop() else { break };
+                n += 1;
+                self.on_message(m);
+            }
+        }
+        n
+    }
+
+    fn on_message(&mut self, m: Msg) {
+        match m {
+            Msg::Request { origin, conn, gen, mut frame } => {
+                self.requests += 1;
+                let mut out = std::mem::take(&mut self.scratch);
+                out.clear();
+                match proto::decode_header(&frame, &self.cfg.limits, true) {
+                    Ok(Some(h)) if h.frame_len() == frame.len() => {
+                        let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
+                        self.execute(&h, key, body, &mut out);
+                    }
+                    _ => exec::respond(
+                        &mut out,
+                        frame_id(&frame),
+                        0,
+                        Status::Internal,
+                        b"corrupt forwarded frame",
+                    ),
+                }
+                frame.clear();
+                frame.extend_from_slice(&out);
+                self.scratch = out;
+                if let Some(o) = self.links.out[origin as usize].as_mut() {
+                    o.push(Msg::Response { conn, gen, frame });
+                }
+            }
+            Msg::Response { conn, gen, frame } => {
+                let Some(c) = self.conns.get_mut(conn) else { return };
+                if c.live && c.gen == gen && !c.closing {
+                    c.tx.extend_from_slice(&frame);
+                    self.mark_dirty(conn);
+                }
+            }
+            Msg::FreeBlocks(blocks) => {
+                for b in blocks {
+                    // A block already freed (e.g. by its job's deregistration) is fine.
+                    let _ = self.dram.free(b);
+                }
+            }
+            Msg::FreeJob { job, keep } => {
+                self.dram.free_owner(job, &keep);
+            }
+        }
+    }
+
+    fn retry_stalled(&mut self) -> usize {
+        if self.retry.is_empty() {
+            return 0;
+        }
+        let ids = std::mem::take(&mut self.retry);
+        for &id in &ids {
+            if self.conns[id].live {
+                self.conns[id].stalled = false;
+                self.parse_partial(id);
+            }
+        }
+        ids.len()
+    }
+
+    fn parse_partial(&mut self, id: ConnId) {
+        let mut p = std::mem::take(&mut self.conns[id].partial);
+        let used = self.parse(id, &p);
+        p.drain(..used);
+        self.conns[id].partial = p;
+    }
+
+    /// Parses and dispatches complete frames from `buf`; returns bytes consumed.
+    fn parse(&mut self, id: ConnId, buf: &[u8]) -> usize {
+        let mut off = 0;
+        loop {
+            let c = &self.conns[id];
+            if c.closing {
+                return buf.len();
+            }
+            if c.paused || c.stalled {
+                return off;
+            }
+            if c.tx.len() >= TX_HIGH_WATER {
+                self.conns[id].paused = true;
+                self.pause.push(id);
+                return off;
+            }
+            let rest = &buf[off..];
+            let h = match proto::decode_header(rest, &self.cfg.limits, true) {
+                Ok(None) => return off,
+                Ok(Some(h)) => h,
+                Err(e) => {
+                    let c = &mut self.conns[id];
+                    exec::respond_fatal(
+                        &mut c.tx,
+                        frame_id(rest),
+                        rest[3],
+                        e.status(),
+                        e.to_string().as_bytes(),
+                    );
+                    c.closing = true;
+                    self.mark_dirty(id);
+                    return buf.len();
+                }
+            };
+            let len = h.frame_len();
+            if rest.len() < len {
+                // Make room for the whole frame once; limits were checked above.
+                let c = &mut self.conns[id];
+                c.partial.reserve(len.saturating_sub(c.partial.len()));
+                return off;
+            }
+            if !self.dispatch(id, &h, &rest[..len]) {
+                self.conns[id].stalled = true;
+                self.retry.push(id);
+                return off;
+            }
+            off += len;
+        }
+    }
+
+    /// Executes a frame here or forwards it to its owner. False when the
+    /// owner's ring is full (the caller retries next pass).
+    fn dispatch(&mut self, id: ConnId, h: &Header, frame: &[u8]) -> bool {
+        let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
+        let owner = self.owner(h, key);
+        if owner == self.cfg.id as usize {
+            self.requests += 1;
+            let mut tx = std::mem::take(&mut self.conns[id].tx);
+            self.execute(h, key, body, &mut tx);
+            self.conns[id].tx = tx;
+            self.mark_dirty(id);
+            return true;
+        }
+        let gen = self.conns[id].gen;
+        let Some(out) = self.links.out[owner].as_mut() else { return true };
+        let m = Msg::Request { origin: self.cfg.id, conn: id, gen, frame: frame.to_vec() };
+        if out.try_push(m).is_err() {
+            return false;
+        }
+        self.forwarded += 1;
+        true
+    }
+
+    /// The core that executes a request.
+    fn owner(&self, h: &Header, key: &[u8]) -> usize {
+        let here = self.cfg.id as usize;
+        let Some(op) = h.op() else { return here };
+        if op.is_namespace() {
+            return match proto::split_job_key(key) {
+                Ok((job, _)) => proto::meta_core(job, self.cfg.cores),
+                Err(_) => here,
+            };
+        }
+        match op {
+            Opcode::BlockWrite | Opcode::BlockAppend | Opcode::BlockRead | Opcode::BlockFree => {
+                match BlockKey::decode(key) {
+                    Ok(k) if (k.block.core() as usize) < self.cfg.cores => k.block.core() as usize,
+                    _ => here,
+                }
+            }
+            _ => here,
+        }
+    }
+
+    /// Frees released blocks here and on their owning cores.
+    fn release(&mut self, r: crate::meta::Release) {
+        use crate::meta::Release;
+        match r {
+            Release::None => {}
+            Release::Blocks(blocks) => {
+                let mut by_core: Vec<Vec<proto::BlockId>> = vec![Vec::new(); self.cfg.cores];
+                for b in blocks {
+                    if let Some(v) = by_core.get_mut(b.core() as usize) {
+                        v.push(b);
+                    }
+                }
+                for (core, v) in by_core.into_iter().enumerate() {
+                    if v.is_empty() {
+                        continue;
+                    }
+                    if core == self.cfg.id as usize {
+                        self.on_message(Msg::FreeBlocks(v));
+                    } else if let Some(o) = self.links.out[core].as_mut() {
+                        o.push(Msg::FreeBlocks(v));
+                    }
+                }
+            }
+            Release::Job { job, keep } => {
+                let keep: Arc<HashSet<proto::BlockId>> = Arc::new(keep.into_iter().collect());
+                self.dram.free_owner(job, &keep);
+                for o in self.links.out.iter_mut().flatten() {
+                    o.push(Msg::FreeJob { job, keep: keep.clone() });
+                }
+            }
+        }
+    }
+}
+
+/// The request id of a frame whose header may be invalid (0 if unreadable).
+fn frame_id(buf: &[u8]) -> u64 {
+    if buf.len() >= 16 && buf[0..2] == proto::MAGIC.to_le_bytes() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[8..16]);
+        u64::from_le_bytes(b)
+    } else {
+        0
+    }
+}
+
+impl EventSink for State {
+    fn accepted(&mut self, conn: ConnId) {
+        if conn >= self.conns.len() {
+            self.conns.resize_with(conn + 1, Conn::default);
+        }
+        let c = &mut self.conns[conn];
+        debug_assert!(!c.live);
+        let gen = c.gen.wrapping_add(1);
+        *c = Conn { live: true, gen, ..Conn::default() };
+        self.connections += 1;
+    }
+
+    fn received(&mut self, conn: ConnId, data: &[u8]) {
+        self.bytes_in += data.len() as u64;
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if !c.live || c.closing {
+            return;
+        }
+        if c.partial.is_empty() {
+            // The common case: parse straight from the transport's buffer.
+            let used = self.parse(conn, data);
+            if used < data.len() && !self.conns[conn].closing {
+                self.conns[conn].partial.extend_from_slice(&data[used..]);
+            }
+        } else {
+            c.partial.extend_from_slice(data);
+            self.parse_partial(conn);
+        }
+    }
+
+    fn drained(&mut self, _conn: ConnId) {
+        // Paused connections are checked after every pass.
+    }
+
+    fn closed(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            let gen = c.gen;
+            *c = Conn { gen, ..Conn::default() };
+            self.connections = self.connections.saturating_sub(1);
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Job namespaces (Pocket's metadata): jobs, directories and objects as
+//! ordered lists of block ids. One `Namespaces` per core holds the jobs whose
+//! name hashes to that core. It never touches blocks: freeing is returned to
+//! the caller as an effect, so a later issue can move this module into
+//! separate metadata servers unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::proto::{flags, BlockId, DirEntry, JobHints, JobInfo, ObjectMeta, Status};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct MetaError {
+    pub status: Status,
+    pub message: String,
+}
+
+fn err(status: Status, message: impl Into<String>) -> MetaError {
+    MetaError { status, message: message.into() }
+}
+
+/// Blocks the caller must free after a namespace change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    None,
+    Blocks(Vec<BlockId>),
+    /// Free everything job `job` allocated on every core, except `keep`.
+    Job {
+        job: u32,
+        keep: Vec<BlockId>,
+    },
+}
+
+enum Entry {
+    Dir,
+    Object(ObjectMeta),
+}
+
+struct Job {
+    id: u32,
+    hints: JobHints,
+    registered: bool,
+    /// Full paths inside the job ("a", "a/b"); the root is implicit.
+    entries: BTreeMap<String, Entry>,
+    bytes: u64,
+    objects: u64,
+}
+
+impl Job {
+    fn parent_exists(&self, path: &str) -> bool {
+        match path.rfind('/') {
+            None => true,
+            Some(i) => matches!(self.entries.get(&path[..i]), Some(Entry::Dir)),
+        }
+    }
+
+    fn has_children(&self, dir: &str) -> bool {
+        let prefix = format!("{dir}/");
+        self.entries.range(prefix.clone()..).next().is_some_and(|(k, _)| k.starts_with(&prefix))
+    }
+}
+
+/// Per-job summary for reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    pub name: String,
+    pub id: u32,
+    pub registered: bool,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+pub struct Namespaces {
+    core: u8,
+    block_size: u64,
+    next_id: u32,
+    jobs: HashMap<String, Job>,
+}
+
+impl Namespaces {
+    pub fn new(core: u8, block_size: u64) -> Self {
+        assert!(block_size.is_power_of_two());
+        Namespaces { core, block_size, next_id: 1, jobs: HashMap::new() }
+    }
+
+    fn job(&self, name: &str) -> Result<&Job, MetaError> {
+        match self.jobs.get(name) {
+            Some(j) if j.registered => Ok(j),
+            _ => Err(err(Status::NotFound, format!("job '{name}' is not registered"))),
+        }
+    }
+
+    fn job_mut(&mut self, name: &str) -> Result<&mut Job, MetaError> {
+        match self.jobs.get_mut(name) {
+            Some(j) if j.registered => Ok(j),
+            _ => Err(err(Status::NotFound, format!("job '{name}' is not registered"))),
+        }
+    }
+
+    /// Job ids are unique within the node: the high byte is the metadata core.
+    pub fn register(&mut self, name: &str, hints: JobHints) -> Result<u32, MetaError> {
+        if name.contains('/') || name.is_empty() {
+            return Err(err(Status::Malformed, "job names are non-empty and have no '/'"));
+        }
+        if let Some(j) = self.jobs.get_mut(name) {
+            if j.registered {
+                return Err(err(Status::Exists, format!("job '{name}' is already registered")));
+            }
+            j.registered = true;
+            j.hints = hints;
+            return Ok(j.id);
+        }
+        if self.next_id >= 1 << 24 {
+            return Err(err(Status::NoCapacity, "job ids of this core are exhausted"));
+        }
+        let id = (self.core as u32) << 24 | self.next_id;
+        self.next_id += 1;
+        let job = Job { id, hints, registered: true, entries: BTreeMap::new(), bytes: 0, objects: 0 };
+        self.jobs.insert(name.to_string(), job);
+        Ok(id)
+    }
+
+    /// Drops every object but PERSIST ones. A job with nothing left is forgotten.
+    pub fn deregister(&mut self, name: &str) -> Result<Release, MetaError> {
+        let job = self.job_mut(name)?;
+        let mut keep = Vec::new();
+        job.entries.retain(|_, e| match e {
+            Entry::Object(m) if m.flags & flags::PERSIST != 0 => {
+                keep.extend_from_slice(&m.blocks);
+                true
+            }
+            _ => false,
+        });
+        job.registered = false;
+        job.objects = job.entries.len() as u64;
+        job.bytes = job.entries.values().map(|e| if let Entry::Object(m) = e { m.size } else { 0 }).sum();
+        let id = job.id;
+        if job.entries.is_empty() {
+            self.jobs.remove(name);
+        }
+        Ok(Release::Job { job: id, keep })
+    }
+
+    pub fn info(&self, name: &str) -> Result<JobInfo, MetaError> {
+        let j = self.job(name)?;
+        Ok(JobInfo { id: j.id, hints: j.hints, objects: j.objects, bytes: j.bytes })
+    }
+
+    pub fn create_dir(&mut self, name: &str, path: &str) -> Result<(), MetaError> {
+        let job = self.job_mut(name)?;
+        if path.is_empty() {
+            return Err(err(Status::Exists, "the job root always exists"));
+        }
+        if job.entries.contains_key(path) {
+            return Err(err(Status::Exists, format!("'{path}' exists")));
+        }
+        if !job.parent_exists(path) {
+            return Err(err(Status::NotFound, format!("parent directory of '{path}' does not exist")));
+        }
+        job.entries.insert(path.to_string(), Entry::Dir);
+        Ok(())
+    }
+
+    pub fn put(&mut self, name: &str, path: &str, meta: ObjectMeta) -> Result<(), MetaError> {
+        let bs = self.block_size;
+        let job = self.job_mut(name)?;
+        if path.is_empty() {
+            return Err(err(Status::Malformed, "an object needs a name"));
+        }
+        if meta.flags & !(flags::PERSIST | flags::DELETE_AFTER_READ) != 0 {
+            return Err(err(Status::Malformed, "unknown object flags"));
+        }
+        if meta.blocks.len() as u64 != meta.size.div_ceil(bs) {
+            return Err(err(
+                Status::Malformed,
+                format!(
+                    "{} bytes need {} blocks, got {}",
+                    meta.size,
+                    meta.size.div_ceil(bs),
+                    meta.blocks.len()
+                ),
+            ));
+        }
+        if job.entries.contains_key(path) {
+            return Err(err(Status::Exists, format!("'{path}' exists (objects are never overwritten)")));
+        }
+        if !job.parent_exists(path) {
+            return Err(err(Status::NotFound, format!("parent directory of '{path}' does not exist")));
+        }
+        job.objects += 1;
+        job.bytes += meta.size;
+        job.entries.insert(path.to_string(), Entry::Object(meta));
+        Ok(())
+    }
+
+    pub fn lookup(&self, name: &str, path: &str) -> Result<&ObjectMeta, MetaError> {
+        match self.job(name)?.entries.get(path) {
+            Some(Entry::Object(m)) => Ok(m),
+            Some(Entry::Dir) => Err(err(Status::NotFound, format!("'{path}' is a directory"))),
+            None => Err(err(Status::NotFound, format!("no object '{path}'"))),
+        }
+    }
+
+    pub fn enumerate(&self, name: &str, dir: &str) -> Result<Vec<DirEntry>, MetaError> {
+        let job = self.job(name)?;
+        if !dir.is_empty() && !matches!(job.entries.get(dir), Some(Entry::Dir)) {
+            return Err(err(Status::NotFound, format!("no directory '{dir}'")));
+        }
+        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let mut out = Vec::new();
+        for (k, e) in job.entries.range(prefix.clone()..) {
+            let Some(rest) = k.strip_prefix(&prefix) else { break };
+            if rest.contains('/') {
+                continue;
+            }
+            let (is_dir, size, flags) = match e {
+                Entry::Dir => (true, 0, 0),
+                Entry::Object(m) => (false, m.size, m.flags),
+            };
+            out.push(DirEntry { name: rest.to_string(), is_dir, size, flags });
+        }
+        Ok(out)
+    }
+
+    pub fn delete(&mut self, name: &str, path: &str) -> Result<Release, MetaError> {
+        let job = self.job_mut(name)?;
+        match job.entries.get(path) {
+            None => Err(err(Status::NotFound, format!("no object or directory '{path}'"))),
+            Some(Entry::Dir) if job.has_children(path) => {
+                Err(err(Status::Malformed, format!("directory '{path}' is not empty")))
+            }
+            Some(Entry::Dir) => {
+                job.entries.remove(path);
+                Ok(Release::None)
+            }
+            Some(Entry::Object(_)) => {
+                let Some(Entry::Object(m)) = job.entries.remove(path) else { unreachable!() };
+                job.objects -= 1;
+                job.bytes -= m.size;
+                Ok(Release::Blocks(m.blocks))
+            }
+        }
+    }
+
+    pub fn summaries(&self) -> Vec<JobSummary> {
+        let mut v: Vec<_> = self
+            .jobs
+            .iter()
+            .map(|(n, j)| JobSummary {
+                name: n.clone(),
+                id: j.id,
+                registered: j.registered,
+                objects: j.objects,
+                bytes: j.bytes,
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> Namespaces {
+        Namespaces::new(2, 64)
+    }
+
+    fn obj(size: u64, flags: u16, first: u64) -> ObjectMeta {
+        ObjectMeta { size, flags, blocks: (0..size.div_ceil(64)).map(|i| BlockId(first + i)).collect() }
+    }
+
+    #[test]
+    fn register_is_unique_and_ids_carry_the_core() {
+        let mut n = ns();
+        let id = n.register("j", JobHints::default()).unwrap();
+        assert_eq!(id >> 24, 2);
+        assert_eq!(n.register("j", JobHints::default()).unwrap_err().status, Status::Exists);
+        assert_eq!(n.register("a/b", JobHints::default()).unwrap_err().status, Status::Malformed);
+        assert_ne!(n.register("k", JobHints::default()).unwrap(), id);
+    }
+
+    #[test]
+    fn dirs_objects_enumerate_delete() {
+        let mut n = ns();
+        n.register("j", JobHints::default()).unwrap();
+        assert_eq!(n.put("j", "d/x", obj(1, 0, 0)).unwrap_err().status, Status::NotFound);
+        n.create_dir("j", "d").unwrap();
+        assert_eq!(n.create_dir("j", "d").unwrap_err().status, Status::Exists);
+        n.put("j", "d/x", obj(130, 0, 10)).unwrap();
+        n.put("j", "top", obj(0, 0, 0)).unwrap();
+        assert_eq!(n.put("j", "d/x", obj(1, 0, 0)).unwrap_err().status, Status::Exists);
+        assert_eq!(
+            n.put("j", "bad", ObjectMeta { size: 65, flags: 0, blocks: vec![BlockId(1)] })
+                .unwrap_err()
+                .status,
+            Status::Malformed
+        );
+        assert_eq!(n.lookup("j", "d/x").unwrap().blocks.len(), 3);
+        assert_eq!(n.lookup("j", "d").unwrap_err().status, Status::NotFound);
+        let root: Vec<_> = n.enumerate("j", "").unwrap().into_iter().map(|e| (e.name, e.is_dir)).collect();
+        assert_eq!(root, vec![("d".to_string(), true), ("top".to_string(), false)]);
+        assert_eq!(n.enumerate("j", "d").unwrap()[0].size, 130);
+        assert_eq!(n.delete("j", "d").unwrap_err().status, Status::Malformed);
+        assert_eq!(
+            n.delete("j", "d/x").unwrap(),
+            Release::Blocks(vec![BlockId(10), BlockId(11), BlockId(12)])
+        );
+        assert_eq!(n.delete("j", "d").unwrap(), Release::None);
+        assert_eq!(n.info("j").unwrap().objects, 1);
+    }
+
+    #[test]
+    fn deregister_keeps_persist_objects_and_reregister_revives_them() {
+        let mut n = ns();
+        let id = n.register("j", JobHints::default()).unwrap();
+        n.put("j", "keep", obj(64, flags::PERSIST, 100)).unwrap();
+        n.put("j", "drop", obj(64, 0, 200)).unwrap();
+        assert_eq!(n.deregister("j").unwrap(), Release::Job { job: id, keep: vec![BlockId(100)] });
+        assert_eq!(n.lookup("j", "keep").unwrap_err().status, Status::NotFound);
+        assert_eq!(n.register("j", JobHints::default()).unwrap(), id);
+        assert!(n.lookup("j", "keep").is_ok());
+        assert_eq!(n.lookup("j", "drop").unwrap_err().status, Status::NotFound);
+    }
+
+    #[test]
+    fn deregistered_job_without_persist_objects_is_forgotten() {
+        let mut n = ns();
+        n.register("j", JobHints::default()).unwrap();
+        n.deregister("j").unwrap();
+        assert!(n.summaries().is_empty());
+        assert_eq!(n.deregister("j").unwrap_err().status, Status::NotFound);
+    }
+}

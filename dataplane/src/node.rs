@@ -1,0 +1,442 @@
+//! A node: configuration, start-up of its pinned cores, reports, shutdown.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::core::pin::{cpu_count, pin_current_thread};
+use crate::core::ring::{mesh, Links};
+use crate::core::{Core, CoreConfig, CoreShared};
+use crate::proto::{Limits, NodeInfo};
+use crate::report::{CoreReport, JobReport, NodeReport, TierReport};
+use crate::storage::DramTier;
+use crate::transport::epoll::EpollTransport;
+use crate::transport::uring::{self, UringTransport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Never sleeps: for dedicated bare-metal cores.
+    Busy,
+    /// Spins for an idle budget, then parks until work arrives.
+    Adaptive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackend {
+    Uring,
+    Epoll,
+}
+
+macro_rules! name_enum {
+    ($t:ty, $($v:ident => $s:literal),+) => {
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(<$t>::$v),)+
+                    _ => Err(format!("expected one of: {}", [$($s),+].join(", "))),
+                }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $(<$t>::$v => $s,)+ })
+            }
+        }
+    };
+}
+name_enum!(PollMode, Busy => "busy", Adaptive => "adaptive");
+name_enum!(NetBackend, Uring => "uring", Epoll => "epoll");
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: IpAddr,
+    /// Main port (every core accepts on it); 0 picks a free port.
+    pub port: u16,
+    /// Core i also listens on `core_port_base + i`; 0 picks free ports.
+    pub core_port_base: u16,
+    pub cores: usize,
+    /// Pin core i to CPU `(cpu_offset + i) % CPUs`.
+    pub pin: bool,
+    pub cpu_offset: usize,
+    pub poll_mode: PollMode,
+    /// Adaptive mode: idle time spent spinning before parking.
+    pub spin_us: u64,
+    /// Requested backend; io_uring falls back to epoll when unavailable.
+    pub net: NetBackend,
+    pub block_size: usize,
+    pub dram_bytes_per_core: u64,
+    pub max_body: usize,
+    pub max_conns_per_core: usize,
+    pub node_id: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let cpus = cpu_count();
+        NodeConfig {
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 7400,
+            core_port_base: 7401,
+            cores: if cpus <= 2 { 1 } else { cpus - 1 },
+            pin: true,
+            cpu_offset: 0,
+            poll_mode: PollMode::Adaptive,
+            spin_us: 100,
+            net: NetBackend::Uring,
+            block_size: 64 << 10,
+            dram_bytes_per_core: 256 << 20,
+            max_body: 1 << 20,
+            max_conns_per_core: 4096,
+            node_id: "node-0".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("core {core} failed to start: {reason}")]
+    Core { core: usize, reason: String },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        if self.cores == 0 || self.cores > 256 {
+            return bad(format!("cores must be 1..=256, got {}", self.cores));
+        }
+        if !self.block_size.is_power_of_two() || !(4096..=16 << 20).contains(&self.block_size) {
+            return bad(format!(
+                "block size must be a power of two from 4 KiB to 16 MiB, got {}",
+                self.block_size
+            ));
+        }
+        if self.dram_bytes_per_core < self.block_size as u64 {
+            return bad(format!("DRAM per core ({} bytes) holds no block", self.dram_bytes_per_core));
+        }
+        if self.max_body > u32::MAX as usize / 2 {
+            return bad("max body is too large".into());
+        }
+        if self.max_conns_per_core == 0 {
+            return bad("max connections per core must be at least 1".into());
+        }
+        if self.core_port_base != 0 && self.core_port_base as usize + self.cores > u16::MAX as usize + 1 {
+            return bad("core ports run past 65535".into());
+        }
+        Ok(())
+    }
+}
+
+/// Stops a running node from any thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    cores: Arc<Vec<Arc<CoreShared>>>,
+}
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.cores.iter() {
+            c.waker.wake();
+        }
+    }
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    addr: SocketAddr,
+    core_addrs: Vec<SocketAddr>,
+    cpus: Vec<Option<usize>>,
+    net: NetBackend,
+    net_fallback_reason: Option<String>,
+    started: Instant,
+    stop: StopHandle,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+impl Node {
+    /// Starts every core and returns once all of them are listening.
+    pub fn start(mut cfg: NodeConfig) -> Result<Node, NodeError> {
+        cfg.max_body = cfg.max_body.max(cfg.block_size);
+        cfg.validate()?;
+        let n = cfg.cores;
+
+        // Every core accepts on the main port (SO_REUSEPORT) and on its own.
+        let first = listener(SocketAddr::new(cfg.listen, cfg.port), true)
+            .map_err(io_err(format!("listen on {}:{}", cfg.listen, cfg.port)))?;
+        let addr = first.local_addr().map_err(io_err("main port address"))?;
+        let mut per_core: Vec<Vec<TcpListener>> = vec![vec![first]];
+        for _ in 1..n {
+            per_core.push(vec![listener(addr, true).map_err(io_err(format!("listen on {addr}")))?]);
+        }
+        let mut core_addrs = Vec::with_capacity(n);
+        for (i, ls) in per_core.iter_mut().enumerate() {
+            let port = if cfg.core_port_base == 0 { 0 } else { cfg.core_port_base + i as u16 };
+            let l = listener(SocketAddr::new(cfg.listen, port), false)
+                .map_err(io_err(format!("listen on {}:{port} (core {i})", cfg.listen)))?;
+            core_addrs.push(l.local_addr().map_err(io_err("core port address"))?);
+            ls.push(l);
+        }
+
+        let (net, net_fallback_reason) = match cfg.net {
+            NetBackend::Epoll => (NetBackend::Epoll, None),
+            NetBackend::Uring => match uring::probe() {
+                Ok(()) => (NetBackend::Uring, None),
+                Err(reason) => {
+                    tracing::warn!(%reason, "io_uring unavailable; using epoll");
+                    (NetBackend::Epoll, Some(reason))
+                }
+            },
+        };
+
+        let info = NodeInfo {
+            block_size: cfg.block_size as u32,
+            max_body: cfg.max_body as u32,
+            main_port: addr.port(),
+            core_ports: core_addrs.iter().map(|a| a.port()).collect(),
+        };
+        let mut info_body = Vec::new();
+        info.encode(&mut info_body);
+
+        let shared: Vec<Arc<CoreShared>> = (0..n)
+            .map(|_| CoreShared::new().map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("eventfd"))?;
+        let shared = Arc::new(shared);
+        let stop = StopHandle { stop: Arc::new(AtomicBool::new(false)), cores: shared.clone() };
+        let cpus_total = cpu_count();
+        let cpus: Vec<Option<usize>> =
+            (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
+
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+        let mut threads = Vec::with_capacity(n);
+        for (i, (listeners, links)) in per_core.into_iter().zip(mesh(n, 4096)).enumerate() {
+            let core_cfg = CoreConfig {
+                id: i as u8,
+                cores: n,
+                poll_mode: cfg.poll_mode,
+                spin: Duration::from_micros(cfg.spin_us),
+                limits: Limits::new(cfg.max_body),
+                node_info: info_body.clone(),
+            };
+            let ctx = CoreStart {
+                cfg: core_cfg,
+                listeners,
+                links,
+                cpu: cpus[i],
+                net,
+                block_size: cfg.block_size as u32,
+                dram: cfg.dram_bytes_per_core,
+                max_conns: cfg.max_conns_per_core,
+                max_frame: crate::proto::HEADER_LEN + crate::proto::MAX_KEY_LEN + cfg.max_body,
+                stop: stop.stop.clone(),
+                peers: shared.clone(),
+            };
+            let tx = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pollen-core-{i}"))
+                .spawn(move || ctx.run(tx))
+                .map_err(io_err("spawn core thread"))?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        let mut failure = None;
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((core, Err(reason))) => failure = failure.or(Some(NodeError::Core { core, reason })),
+                Err(_) => {
+                    failure = failure
+                        .or(Some(NodeError::Core { core: usize::MAX, reason: "core thread died".into() }))
+                }
+            }
+        }
+        let node = Node {
+            cfg,
+            addr,
+            core_addrs,
+            cpus,
+            net,
+            net_fallback_reason,
+            started: Instant::now(),
+            stop,
+            threads,
+        };
+        if let Some(e) = failure {
+            node.shutdown();
+            return Err(e);
+        }
+        tracing::info!(%addr, cores = n, %net, "node listening");
+        Ok(node)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn core_addrs(&self) -> Vec<SocketAddr> {
+        self.core_addrs.clone()
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Waits for every core to stop (after `StopHandle::stop`).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.stop.stop();
+        self.join();
+    }
+
+    /// A snapshot of counters, capacity and jobs; lock-free but for the job
+    /// lists, which cores publish at most every 50 ms.
+    pub fn report(&self) -> NodeReport {
+        let r = Ordering::Relaxed;
+        let mut cores = Vec::new();
+        let mut tiers = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, c) in self.stop.cores.iter().enumerate() {
+            cores.push(CoreReport {
+                core: i,
+                cpu: self.cpus[i],
+                port: self.core_addrs[i].port(),
+                busy_ns: c.busy_ns.load(r),
+                total_ns: c.total_ns.load(r),
+                connections: c.connections.load(r),
+                requests: c.requests.load(r),
+                forwarded: c.forwarded.load(r),
+                bytes_in: c.bytes_in.load(r),
+                bytes_out: c.bytes_out.load(r),
+                parked: c.parked.load(r),
+            });
+            let bs = self.cfg.block_size as u64;
+            let (total, used) = (c.blocks_total.load(r), c.blocks_used.load(r));
+            tiers.push(TierReport {
+                tier: "dram".into(),
+                core: i,
+                capacity_bytes: total * bs,
+                used_bytes: used * bs,
+                blocks_total: total,
+                blocks_used: used,
+                huge_pages: c.huge_pages.load(r),
+            });
+            if let Ok(j) = c.jobs.lock() {
+                jobs.extend(j.iter().map(|s| JobReport {
+                    name: s.name.clone(),
+                    id: s.id,
+                    registered: s.registered,
+                    objects: s.objects,
+                    bytes: s.bytes,
+                }));
+            }
+        }
+        jobs.sort_by(|a, b| a.name.cmp(&b.name));
+        NodeReport {
+            node_id: self.cfg.node_id.clone(),
+            addr: self.addr.to_string(),
+            net: self.net,
+            net_fallback_reason: self.net_fallback_reason.clone(),
+            poll_mode: self.cfg.poll_mode,
+            block_size: self.cfg.block_size as u64,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            cores,
+            tiers,
+            jobs,
+        }
+    }
+}
+
+/// What a core thread needs to build itself.
+struct CoreStart {
+    cfg: CoreConfig,
+    listeners: Vec<TcpListener>,
+    links: Links,
+    cpu: Option<usize>,
+    net: NetBackend,
+    block_size: u32,
+    dram: u64,
+    max_conns: usize,
+    max_frame: usize,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Vec<Arc<CoreShared>>>,
+}
+
+impl CoreStart {
+    fn run(self, ready: mpsc::Sender<(usize, Result<(), String>)>) {
+        let id = self.cfg.id as usize;
+        if let Some(cpu) = self.cpu {
+            if let Err(e) = pin_current_thread(cpu) {
+                tracing::warn!(core = id, cpu, error = %e, "could not pin core");
+            }
+        }
+        let dram = match DramTier::new(self.cfg.id, self.block_size, self.dram) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = ready.send((id, Err(format!("DRAM arena of {} bytes: {e}", self.dram))));
+                return;
+            }
+        };
+        let waker_fd = self.peers[id].waker.fd();
+        // Receive buffers hold at least one whole frame.
+        let rx = self.max_frame.clamp(256 << 10, 4 << 20);
+        match self.net {
+            NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
+                Ok(t) => {
+                    let _ = ready.send((id, Ok(())));
+                    Core::new(self.cfg, t, self.links, dram, self.stop, self.peers).run();
+                }
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
+                }
+            },
+            NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
+                Ok(t) => {
+                    let _ = ready.send((id, Ok(())));
+                    Core::new(self.cfg, t, self.links, dram, self.stop, self.peers).run();
+                }
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
+                }
+            },
+        }
+    }
+}

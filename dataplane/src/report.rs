@@ -1,0 +1,59 @@
+//! What a node tells the controller about itself (heartbeat body).
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::{NetBackend, PollMode};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node_id: String,
+    /// Main data address, `ip:port`.
+    pub addr: String,
+    /// The backend actually running.
+    pub net: NetBackend,
+    /// Why the requested backend is not the one running, if it is not.
+    pub net_fallback_reason: Option<String>,
+    pub poll_mode: PollMode,
+    pub block_size: u64,
+    pub uptime_ms: u64,
+    pub cores: Vec<CoreReport>,
+    pub tiers: Vec<TierReport>,
+    pub jobs: Vec<JobReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoreReport {
+    pub core: usize,
+    pub cpu: Option<usize>,
+    pub port: u16,
+    /// Cumulative nanoseconds spent in passes that did work; the busy fraction
+    /// over an interval is Δbusy_ns / Δtotal_ns.
+    pub busy_ns: u64,
+    pub total_ns: u64,
+    pub connections: u64,
+    pub requests: u64,
+    pub forwarded: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub parked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierReport {
+    pub tier: String,
+    pub core: usize,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks_total: u64,
+    pub blocks_used: u64,
+    pub huge_pages: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReport {
+    pub name: String,
+    pub id: u32,
+    pub registered: bool,
+    pub objects: u64,
+    pub bytes: u64,
+}

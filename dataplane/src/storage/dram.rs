@@ -1,0 +1,255 @@
+//! The DRAM tier of one core: a preallocated arena cut into fixed-size blocks,
+//! a free list, and per-block length, generation and owner.
+
+use std::collections::HashSet;
+
+use super::{Arena, StorageError, TierUsage};
+use crate::proto::{tier, BlockId};
+
+/// Owner value of a free slot.
+const FREE: u32 = u32::MAX;
+
+pub struct DramTier {
+    core: u8,
+    block_size: u32,
+    arena: Arena,
+    /// Bytes of data in each block.
+    lens: Vec<u32>,
+    /// Bumped on every free, so handles to an earlier use of a slot go stale.
+    gens: Vec<u16>,
+    /// Job id that allocated the block, or `FREE`.
+    owners: Vec<u32>,
+    /// Free slots, popped from the end (LIFO keeps recently used memory warm).
+    free: Vec<u32>,
+}
+
+impl DramTier {
+    /// `capacity` is rounded down to whole blocks; at least one block is required.
+    pub fn new(core: u8, block_size: u32, capacity: u64) -> std::io::Result<DramTier> {
+        assert!(block_size.is_power_of_two());
+        let n = capacity / block_size as u64;
+        if n == 0 || n > u32::MAX as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("DRAM capacity {capacity} holds no {block_size}-byte block or too many"),
+            ));
+        }
+        let n = n as usize;
+        let arena = Arena::new(n * block_size as usize)?;
+        Ok(DramTier {
+            core,
+            block_size,
+            arena,
+            lens: vec![0; n],
+            gens: vec![0; n],
+            owners: vec![FREE; n],
+            free: (0..n as u32).rev().collect(),
+        })
+    }
+
+    pub fn usage(&self) -> TierUsage {
+        TierUsage {
+            blocks_total: self.lens.len() as u64,
+            blocks_used: (self.lens.len() - self.free.len()) as u64,
+            block_size: self.block_size as u64,
+            huge_pages: self.arena.huge_pages(),
+        }
+    }
+
+    /// The slot of a live block, or `NotFound` for anything stale or foreign.
+    fn slot(&self, id: BlockId) -> Result<usize, StorageError> {
+        let i = id.index() as usize;
+        if id.tier() != tier::DRAM || id.core() != self.core || i >= self.lens.len() {
+            return Err(StorageError::NotFound);
+        }
+        if self.owners[i] == FREE || self.gens[i] != id.generation() {
+            return Err(StorageError::NotFound);
+        }
+        Ok(i)
+    }
+
+    fn data_mut(&mut self, i: usize) -> &mut [u8] {
+        let bs = self.block_size as usize;
+        &mut self.arena.as_mut_slice()[i * bs..(i + 1) * bs]
+    }
+
+    pub fn alloc(&mut self, owner: u32) -> Result<BlockId, StorageError> {
+        debug_assert_ne!(owner, FREE);
+        let i = self.free.pop().ok_or(StorageError::NoCapacity)? as usize;
+        debug_assert_eq!(self.owners[i], FREE);
+        self.owners[i] = owner;
+        self.lens[i] = 0;
+        Ok(BlockId::new(tier::DRAM, self.core, self.gens[i], i as u32))
+    }
+
+    /// Writes `data` at `offset`; the block's length becomes at least
+    /// `offset + data.len()`. Holes are refused. Returns the new length.
+    pub fn write(&mut self, id: BlockId, offset: u32, data: &[u8]) -> Result<u32, StorageError> {
+        let i = self.slot(id)?;
+        let end = offset as u64 + data.len() as u64;
+        if end > self.block_size as u64 {
+            return Err(StorageError::PastBlockEnd { end, block_size: self.block_size });
+        }
+        if offset > self.lens[i] {
+            return Err(StorageError::PastData { offset, len: self.lens[i] });
+        }
+        let off = offset as usize;
+        self.data_mut(i)[off..off + data.len()].copy_from_slice(data);
+        self.lens[i] = self.lens[i].max(end as u32);
+        Ok(self.lens[i])
+    }
+
+    pub fn append(&mut self, id: BlockId, data: &[u8]) -> Result<u32, StorageError> {
+        let i = self.slot(id)?;
+        let len = self.lens[i];
+        self.write(id, len, data)
+    }
+
+    /// Up to `len` bytes from `offset` (`u32::MAX` = to the end of the data).
+    pub fn read(&self, id: BlockId, offset: u32, len: u32) -> Result<&[u8], StorageError> {
+        let i = self.slot(id)?;
+        let have = self.lens[i];
+        if offset > have {
+            return Err(StorageError::PastData { offset, len: have });
+        }
+        let n = len.min(have - offset) as usize;
+        let start = i * self.block_size as usize + offset as usize;
+        Ok(&self.arena.as_slice()[start..start + n])
+    }
+
+    pub fn free(&mut self, id: BlockId) -> Result<(), StorageError> {
+        let i = self.slot(id)?;
+        self.release(i);
+        Ok(())
+    }
+
+    fn release(&mut self, i: usize) {
+        debug_assert_ne!(self.owners[i], FREE);
+        self.owners[i] = FREE;
+        self.lens[i] = 0;
+        self.gens[i] = self.gens[i].wrapping_add(1);
+        self.free.push(i as u32);
+    }
+
+    /// Frees every block `owner` allocated except those in `keep`. Returns how many.
+    pub fn free_owner(&mut self, owner: u32, keep: &HashSet<BlockId>) -> usize {
+        let mut n = 0;
+        for i in 0..self.owners.len() {
+            if self.owners[i] != owner {
+                continue;
+            }
+            let id = BlockId::new(tier::DRAM, self.core, self.gens[i], i as u32);
+            if !keep.contains(&id) {
+                self.release(i);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tier(blocks: u64) -> DramTier {
+        DramTier::new(3, 4096, blocks * 4096).unwrap()
+    }
+
+    #[test]
+    fn write_append_read_free() {
+        let mut t = tier(4);
+        let b = t.alloc(7).unwrap();
+        assert_eq!((b.core(), b.tier()), (3, tier::DRAM));
+        assert_eq!(t.write(b, 0, b"hello").unwrap(), 5);
+        assert_eq!(t.append(b, b" world").unwrap(), 11);
+        assert_eq!(t.read(b, 0, u32::MAX).unwrap(), b"hello world");
+        assert_eq!(t.read(b, 6, 3).unwrap(), b"wor");
+        assert_eq!(t.read(b, 11, 10).unwrap(), b"");
+        assert_eq!(t.read(b, 12, 1), Err(StorageError::PastData { offset: 12, len: 11 }));
+        assert_eq!(t.write(b, 20, b"x"), Err(StorageError::PastData { offset: 20, len: 11 }));
+        assert!(matches!(t.write(b, 4090, b"0123456"), Err(StorageError::PastBlockEnd { .. })));
+        t.free(b).unwrap();
+        assert_eq!(t.free(b), Err(StorageError::NotFound));
+        assert_eq!(t.read(b, 0, 1), Err(StorageError::NotFound));
+    }
+
+    #[test]
+    fn stale_handle_after_reuse_is_not_found() {
+        let mut t = tier(1);
+        let a = t.alloc(1).unwrap();
+        t.free(a).unwrap();
+        let b = t.alloc(1).unwrap();
+        assert_eq!(a.index(), b.index());
+        assert_ne!(a, b);
+        assert_eq!(t.read(a, 0, 1), Err(StorageError::NotFound));
+        assert!(t.read(b, 0, 1).is_ok());
+    }
+
+    #[test]
+    fn exhaustion_reports_no_capacity_and_corrupts_nothing() {
+        let mut t = tier(3);
+        let ids: Vec<_> = (0..3u8)
+            .map(|k| {
+                let b = t.alloc(1).unwrap();
+                t.write(b, 0, &[k; 100]).unwrap();
+                b
+            })
+            .collect();
+        assert_eq!(t.alloc(1), Err(StorageError::NoCapacity));
+        for (k, b) in ids.iter().enumerate() {
+            assert_eq!(t.read(*b, 0, u32::MAX).unwrap(), &[k as u8; 100][..]);
+        }
+        assert_eq!(t.usage().blocks_used, 3);
+    }
+
+    #[test]
+    fn foreign_ids_are_not_found() {
+        let t = tier(2);
+        assert_eq!(t.read(BlockId::new(tier::DRAM, 4, 0, 0), 0, 1), Err(StorageError::NotFound));
+        assert_eq!(t.read(BlockId::new(1, 3, 0, 0), 0, 1), Err(StorageError::NotFound));
+        assert_eq!(t.read(BlockId::new(tier::DRAM, 3, 0, 99), 0, 1), Err(StorageError::NotFound));
+    }
+
+    #[test]
+    fn free_owner_keeps_the_kept() {
+        let mut t = tier(5);
+        let a = t.alloc(1).unwrap();
+        let b = t.alloc(1).unwrap();
+        let c = t.alloc(2).unwrap();
+        let keep: HashSet<_> = [b].into_iter().collect();
+        assert_eq!(t.free_owner(1, &keep), 1);
+        assert_eq!(t.read(a, 0, 0), Err(StorageError::NotFound));
+        assert!(t.read(b, 0, 0).is_ok());
+        assert!(t.read(c, 0, 0).is_ok());
+    }
+
+    proptest! {
+        /// The allocator never hands out a live slot twice, and used + free = total.
+        #[test]
+        fn allocator_model(ops in prop::collection::vec(any::<(bool, u8)>(), 1..300)) {
+            let mut t = tier(16);
+            let mut live: Vec<BlockId> = Vec::new();
+            for (alloc, pick) in ops {
+                if alloc {
+                    match t.alloc(9) {
+                        Ok(b) => {
+                            prop_assert!(!live.iter().any(|l| l.index() == b.index()));
+                            t.write(b, 0, &b.0.to_le_bytes()).unwrap();
+                            live.push(b);
+                        }
+                        Err(e) => { prop_assert_eq!(e, StorageError::NoCapacity); prop_assert_eq!(live.len(), 16); }
+                    }
+                } else if !live.is_empty() {
+                    let b = live.swap_remove(pick as usize % live.len());
+                    t.free(b).unwrap();
+                }
+                prop_assert_eq!(t.usage().blocks_used as usize, live.len());
+                for b in &live {
+                    prop_assert_eq!(t.read(*b, 0, 8).unwrap(), &b.0.to_le_bytes()[..]);
+                }
+            }
+        }
+    }
+}
