@@ -33,3 +33,57 @@ pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A raw protocol connection for tests that need to send exact bytes.
+pub mod raw {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    use dataplane::proto::{decode_header, encode_frame, Header, Limits, Opcode, HEADER_LEN};
+
+    pub struct Raw(pub TcpStream);
+
+    #[derive(Debug)]
+    pub struct Resp {
+        pub header: Header,
+        pub body: Vec<u8>,
+    }
+
+    impl Raw {
+        pub fn connect(addr: SocketAddr) -> Raw {
+            let s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_nodelay(true).unwrap();
+            Raw(s)
+        }
+
+        pub fn frame(op: Opcode, flags: u16, id: u64, key: &[u8], body: &[u8]) -> Vec<u8> {
+            let mut v = Vec::new();
+            encode_frame(&mut v, &Header::request(op, flags, id, key.len(), body.len()), key, body);
+            v
+        }
+
+        pub fn send(&mut self, bytes: &[u8]) {
+            self.0.write_all(bytes).expect("send");
+        }
+
+        /// The next response, or None if the node closed the connection.
+        pub fn recv(&mut self) -> Option<Resp> {
+            let mut h = [0u8; HEADER_LEN];
+            if self.0.read_exact(&mut h).is_err() {
+                return None;
+            }
+            let header = decode_header(&h, &Limits::new(1 << 30), false).expect("valid response header")?;
+            let mut rest = vec![0u8; header.key_len as usize + header.body_len as usize];
+            self.0.read_exact(&mut rest).expect("response payload");
+            Some(Resp { header, body: rest.split_off(header.key_len as usize) })
+        }
+
+        /// True when the peer has closed (EOF) within the read timeout.
+        pub fn closed(&mut self) -> bool {
+            let mut b = [0u8; 1];
+            matches!(self.0.read(&mut b), Ok(0))
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The node end to end over real TCP on loopback, on both network backends.
+
+use std::collections::HashSet;
+
+use dataplane::client::{Client, ClientError, PutOptions};
+use dataplane::node::{NetBackend, Node};
+use dataplane::proto::{flags, meta_core, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC};
+use dataplane::transport::uring as uring_transport;
+use pollen_tests::raw::Raw;
+use pollen_tests::{bytes, node};
+
+const BS: usize = 4096;
+
+fn start(net: NetBackend, cores: usize, blocks: u64) -> Node {
+    let n = node(cores, net, BS, blocks);
+    let r = n.report();
+    if net == NetBackend::Uring && uring_transport::probe().is_ok() {
+        assert_eq!(r.net, NetBackend::Uring, "io_uring is available, so the node must run on it");
+    }
+    if net == NetBackend::Epoll {
+        assert_eq!(r.net, NetBackend::Epoll);
+    }
+    n
+}
+
+fn used_blocks(n: &Node) -> u64 {
+    n.report().tiers.iter().map(|t| t.blocks_used).sum()
+}
+
+/// Waits until the node's cores have applied frees sent over their rings.
+fn wait_used(n: &Node, want: u64) {
+    for _ in 0..200 {
+        if used_blocks(n) == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(used_blocks(n), want);
+}
+
+fn objects_of_every_size(net: NetBackend) {
+    let n = start(net, 2, 256);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("sizes", JobHints::default()).unwrap();
+    let sizes = [0, 1, BS - 1, BS, BS + 1, 7 * BS, 33 * BS + 17];
+    for (i, &size) in sizes.iter().enumerate() {
+        let data = bytes(size, i as u64 + 1);
+        let name = format!("obj-{size}");
+        c.put_buffer(&job, &name, &data, PutOptions::default()).unwrap();
+        let meta = c.lookup(&job, &name).unwrap();
+        assert_eq!(meta.size, size as u64);
+        assert_eq!(meta.blocks.len(), size.div_ceil(BS));
+        if meta.blocks.len() >= 2 {
+            let cores: HashSet<u8> = meta.blocks.iter().map(|b| b.core()).collect();
+            assert_eq!(cores.len(), 2, "blocks of a multi-block object are spread over the cores");
+        }
+        assert_eq!(c.get_buffer(&job, &name).unwrap(), data, "size {size}");
+    }
+    let listed: Vec<_> = c.enumerate(&job, "").unwrap().into_iter().map(|e| (e.name, e.size)).collect();
+    assert_eq!(listed.len(), sizes.len());
+    assert!(listed.contains(&("obj-4097".to_string(), 4097)));
+    n.shutdown();
+}
+
+fn files_round_trip(net: NetBackend) {
+    let n = start(net, 2, 2048);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("files", JobHints::default()).unwrap();
+    let dir = std::env::temp_dir().join(format!("pollen-files-{}-{net}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("in");
+    let dst = dir.join("out");
+    let data = bytes(5 << 20, 42);
+    std::fs::write(&src, &data).unwrap();
+    c.create_dir(&job, "d").unwrap();
+    assert_eq!(c.put(&job, &src, "d/five", PutOptions::default()).unwrap(), 5 << 20);
+    assert_eq!(c.get(&job, "d/five", &dst).unwrap(), 5 << 20);
+    assert!(std::fs::read(&dst).unwrap() == data, "5 MiB file round-trips byte for byte");
+    std::fs::remove_dir_all(&dir).unwrap();
+    n.shutdown();
+}
+
+fn namespace_rules(net: NetBackend) {
+    let n = start(net, 2, 64);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c
+        .register_job(
+            "ns",
+            JobHints { latency_sensitive: true, max_workers: 4, capacity: 1 << 20, peak_throughput: 0 },
+        )
+        .unwrap();
+    let st = |r: Result<(), ClientError>| r.unwrap_err().status();
+    assert_eq!(c.register_job("ns", JobHints::default()).unwrap_err().status(), Some(Status::Exists));
+    assert_eq!(c.job("ns").unwrap(), job);
+    assert!(c.job_info("ns").unwrap().hints.latency_sensitive);
+    assert_eq!(st(c.put_buffer(&job, "nodir/x", b"1", PutOptions::default())), Some(Status::NotFound));
+    c.create_dir(&job, "a").unwrap();
+    c.create_dir(&job, "a/b").unwrap();
+    assert_eq!(st(c.create_dir(&job, "a")), Some(Status::Exists));
+    c.put_buffer(&job, "a/b/x", b"first", PutOptions::default()).unwrap();
+    assert_eq!(st(c.put_buffer(&job, "a/b/x", b"second", PutOptions::default())), Some(Status::Exists));
+    assert_eq!(
+        c.get_buffer(&job, "a/b/x").unwrap(),
+        b"first",
+        "a refused overwrite leaves the object intact"
+    );
+    let used = used_blocks(&n);
+    assert_eq!(used, 1, "the refused put gave its block back");
+    assert_eq!(st(c.delete(&job, "a/b")), Some(Status::Malformed));
+    assert_eq!(c.enumerate(&job, "a").unwrap()[0].name, "b");
+    c.delete(&job, "a/b/x").unwrap();
+    c.delete(&job, "a/b").unwrap();
+    assert_eq!(c.get_buffer(&job, "a/b/x").unwrap_err().status(), Some(Status::NotFound));
+    assert_eq!(c.enumerate(&job, "a/b").unwrap_err().status(), Some(Status::NotFound));
+    wait_used(&n, 0);
+    let other = dataplane::client::Job { name: "ghost".into(), id: 5 };
+    assert_eq!(c.lookup(&other, "x").unwrap_err().status(), Some(Status::NotFound));
+    n.shutdown();
+}
+
+fn persist_and_delete_after_read(net: NetBackend) {
+    let n = start(net, 2, 64);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("p", JobHints::default()).unwrap();
+    let keep = bytes(3 * BS, 1);
+    c.put_buffer(&job, "keep", &keep, PutOptions { persist: true, ..Default::default() }).unwrap();
+    c.put_buffer(&job, "drop", &bytes(2 * BS, 2), PutOptions::default()).unwrap();
+    c.put_buffer(&job, "once", b"read me once", PutOptions { delete_after_read: true, ..Default::default() })
+        .unwrap();
+    // Blocks allocated but never put into an object are the job's too.
+    let orphan = c.alloc_block(&job, 1).unwrap();
+    assert_eq!(used_blocks(&n), 3 + 2 + 1 + 1);
+
+    assert_eq!(c.get_buffer(&job, "once").unwrap(), b"read me once");
+    assert_eq!(c.get_buffer(&job, "once").unwrap_err().status(), Some(Status::NotFound));
+
+    c.deregister_job(&job).unwrap();
+    wait_used(&n, 3);
+    assert_eq!(c.read_block(orphan, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+    assert_eq!(
+        c.lookup(&job, "keep").unwrap_err().status(),
+        Some(Status::NotFound),
+        "a deregistered job is gone"
+    );
+    let again = c.register_job("p", JobHints::default()).unwrap();
+    assert_eq!(again.id, job.id);
+    assert_eq!(c.get_buffer(&again, "keep").unwrap(), keep, "PERSIST survives deregistration");
+    assert_eq!(c.lookup(&again, "drop").unwrap_err().status(), Some(Status::NotFound));
+    n.shutdown();
+}
+
+fn capacity_exhaustion(net: NetBackend) {
+    let n = start(net, 2, 8); // 16 blocks in all
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("full", JobHints::default()).unwrap();
+    let a = bytes(10 * BS, 7);
+    c.put_buffer(&job, "a", &a, PutOptions::default()).unwrap();
+    let err = c.put_buffer(&job, "b", &bytes(10 * BS, 8), PutOptions::default()).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NoCapacity), "{err}");
+    assert_eq!(c.lookup(&job, "b").unwrap_err().status(), Some(Status::NotFound));
+    wait_used(&n, 10);
+    assert_eq!(c.get_buffer(&job, "a").unwrap(), a, "existing data is intact");
+    c.put_buffer(&job, "c", &bytes(6 * BS, 9), PutOptions::default()).unwrap();
+    n.shutdown();
+}
+
+fn block_api(net: NetBackend) {
+    let n = start(net, 2, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("blk", JobHints::default()).unwrap();
+    for core in 0..2 {
+        let b = c.alloc_block(&job, core).unwrap();
+        assert_eq!(b.core() as usize, core);
+        assert_eq!(c.write_block(b, 0, b"hello").unwrap(), 5);
+        assert_eq!(c.append_block(b, b", world").unwrap(), 12);
+        assert_eq!(c.write_block(b, 7, b"W").unwrap(), 12);
+        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), b"hello, World");
+        assert_eq!(c.read_block(b, 7, 3).unwrap(), b"Wor");
+        assert_eq!(c.write_block(b, 13, b"x").unwrap_err().status(), Some(Status::Malformed), "no holes");
+        assert_eq!(c.append_block(b, &vec![0; BS]).unwrap_err().status(), Some(Status::TooLarge));
+        c.free_block(b).unwrap();
+        assert_eq!(c.read_block(b, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+        assert_eq!(c.free_block(b).unwrap_err().status(), Some(Status::NotFound));
+    }
+    let bogus = BlockId::new(0, 1, 0, 9999);
+    assert_eq!(c.read_block(bogus, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+    n.shutdown();
+}
+
+/// Requests pipelined on one connection are matched by id; a request that
+/// another core executes is answered after a later local one.
+fn pipelined_out_of_order(net: NetBackend) {
+    let n = start(net, 2, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    // A job whose namespace lives on core 1, asked about on core 0's port.
+    let name = (0..).map(|i| format!("job{i}")).find(|j| meta_core(j, 2) == 1).unwrap();
+    let job = c.register_job(&name, JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", b"abc", PutOptions::default()).unwrap();
+    let mut raw = Raw::connect(n.core_addrs()[0]);
+    let mut batch = Vec::new();
+    let lookup_key = format!("{name}/x");
+    batch.extend(Raw::frame(Opcode::Lookup, 0, 100, lookup_key.as_bytes(), &[]));
+    batch.extend(Raw::frame(Opcode::Ping, 0, 101, &[], b"ping"));
+    for id in 102..132u64 {
+        batch.extend(Raw::frame(Opcode::Ping, 0, id, &[], &id.to_le_bytes()));
+    }
+    raw.send(&batch);
+    let mut order = Vec::new();
+    for _ in 100..132 {
+        let r = raw.recv().expect("response");
+        assert_eq!(r.header.status, Status::Ok as u16);
+        match r.header.request_id {
+            100 => assert_eq!(r.header.opcode, Opcode::Lookup as u8),
+            101 => assert_eq!(r.body, b"ping"),
+            id => assert_eq!(r.body, id.to_le_bytes()),
+        }
+        order.push(r.header.request_id);
+    }
+    let set: HashSet<_> = order.iter().copied().collect();
+    assert_eq!(set, (100..132).collect());
+    assert_ne!(order[0], 100, "the forwarded lookup is answered after local pings: {order:?}");
+    assert!(n.report().cores[0].forwarded >= 1);
+    n.shutdown();
+}
+
+fn malformed_frames_close_only_their_connection(net: NetBackend) {
+    let n = start(net, 1, 16);
+    let addr = n.core_addrs()[0];
+    let mut good = Raw::connect(addr);
+    let ping = Raw::frame(Opcode::Ping, 0, 1, &[], b"x");
+    let patch = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = ping.clone();
+        f(&mut b);
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, Status)> = vec![
+        ("bad magic", patch(&|b| b[0] = 0), Status::Malformed),
+        ("bad version", patch(&|b| b[2] = 7), Status::Malformed),
+        ("unknown opcode", patch(&|b| b[3] = 0x7e), Status::Malformed),
+        ("unknown flag", patch(&|b| b[4] = 0x80), Status::Malformed),
+        ("status in request", patch(&|b| b[6] = 1), Status::Malformed),
+        ("reserved bytes", patch(&|b| b[18] = 1), Status::Malformed),
+        ("key too long", patch(&|b| b[16..18].copy_from_slice(&2000u16.to_le_bytes())), Status::TooLarge),
+        ("body too long", patch(&|b| b[20..24].copy_from_slice(&u32::MAX.to_le_bytes())), Status::TooLarge),
+    ];
+    for (what, frame, status) in cases {
+        let mut bad = Raw::connect(addr);
+        bad.send(&frame);
+        let r = bad.recv().unwrap_or_else(|| panic!("{what}: an error reply before closing"));
+        assert_eq!(r.header.status, status as u16, "{what}");
+        assert_ne!(r.header.flags & flags::CLOSING, 0, "{what}");
+        let want_id = if what == "bad magic" { 0 } else { 1 };
+        assert_eq!(r.header.request_id, want_id, "{what}");
+        assert!(bad.closed(), "{what}: connection closed");
+        good.send(&Raw::frame(Opcode::Ping, 0, 9, &[], b"still here"));
+        assert_eq!(good.recv().unwrap().body, b"still here", "{what}: others are served");
+    }
+    // Bad key/body in a well-formed frame: an error, and the connection stays.
+    good.send(&Raw::frame(Opcode::BlockRead, 0, 10, b"short", &[]));
+    assert_eq!(good.recv().unwrap().header.status, Status::Malformed as u16);
+    good.send(&Raw::frame(Opcode::RegisterJob, 0, 11, b"j", &[1, 2, 3]));
+    assert_eq!(good.recv().unwrap().header.status, Status::Malformed as u16);
+    good.send(&Raw::frame(Opcode::Lookup, 0, 12, &[0xff, 0xfe], &[]));
+    assert_eq!(good.recv().unwrap().header.status, Status::Malformed as u16);
+    good.send(&Raw::frame(Opcode::BlockAlloc, flags::PERSIST, 13, &1u32.to_le_bytes(), &[]));
+    assert_eq!(good.recv().unwrap().header.status, Status::Malformed as u16);
+    good.send(&Raw::frame(Opcode::Ping, 0, 14, &[], b"ok"));
+    assert_eq!(good.recv().unwrap().body, b"ok");
+    n.shutdown();
+}
+
+fn disconnect_mid_frame(net: NetBackend) {
+    let n = start(net, 2, 16);
+    for core in 0..2 {
+        let addr = n.core_addrs()[core];
+        // Half a header, then half a body, then gone.
+        let mut r = Raw::connect(addr);
+        r.send(&Raw::frame(Opcode::Ping, 0, 1, &[], &[0; 100])[..10]);
+        drop(r);
+        let mut r = Raw::connect(addr);
+        r.send(&Raw::frame(Opcode::Ping, 0, 1, &[], &[0; 100])[..HEADER_LEN + 50]);
+        drop(r);
+        // A forwarded request whose connection vanishes before the answer.
+        let mut r = Raw::connect(addr);
+        r.send(&Raw::frame(Opcode::Lookup, 0, 1, b"nobody/x", &[]));
+        drop(r);
+    }
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("after", JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", &bytes(3 * BS, 1), PutOptions::default()).unwrap();
+    assert_eq!(c.get_buffer(&job, "x").unwrap(), bytes(3 * BS, 1));
+    assert_eq!(MAGIC, 0x4E50);
+    n.shutdown();
+}
+
+fn concurrent_clients(net: NetBackend) {
+    let n = start(net, 2, 1024);
+    let addr = n.addr();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr).unwrap();
+                let job = c.register_job(&format!("w{t}"), JobHints::default()).unwrap();
+                for i in 0..20 {
+                    let data = bytes(i * 1500 + t, (t * 100 + i) as u64);
+                    let name = format!("o{i}");
+                    c.put_buffer(&job, &name, &data, PutOptions::default()).unwrap();
+                    assert_eq!(c.get_buffer(&job, &name).unwrap(), data);
+                }
+                c.deregister_job(&job).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_used(&n, 0);
+    let r = n.report();
+    assert!(r.cores.iter().all(|c| c.requests > 0), "both cores served requests");
+    n.shutdown();
+}
+
+fn backpressure_large_pipelines(net: NetBackend) {
+    let n = start(net, 1, 64);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("bp", JobHints::default()).unwrap();
+    let b = c.alloc_block(&job, 0).unwrap();
+    c.write_block(b, 0, &bytes(BS, 5)).unwrap();
+    // 3000 reads of 4 KiB (~12 MiB of replies) sent before reading anything:
+    // the node must stop reading, not buffer without bound, and lose nothing.
+    let mut raw = Raw::connect(n.core_addrs()[0]);
+    let key = BlockKey { block: b, offset: 0, len: BlockKey::TO_END }.encode();
+    let mut batch = Vec::new();
+    for id in 0..3000u64 {
+        batch.extend(Raw::frame(Opcode::BlockRead, 0, id, &key, &[]));
+    }
+    let mut w = raw.0.try_clone().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut w, &batch).unwrap());
+    let want = bytes(BS, 5);
+    for id in 0..3000u64 {
+        let r = raw.recv().expect("reply");
+        assert_eq!(r.header.request_id, id);
+        assert!(r.body == want);
+    }
+    writer.join().unwrap();
+    n.shutdown();
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Epoll) })*
+        }
+        mod uring {
+            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Uring) })*
+        }
+    };
+}
+
+on_both_backends!(
+    objects_of_every_size,
+    files_round_trip,
+    namespace_rules,
+    persist_and_delete_after_read,
+    capacity_exhaustion,
+    block_api,
+    pipelined_out_of_order,
+    malformed_frames_close_only_their_connection,
+    disconnect_mid_frame,
+    concurrent_clients,
+    backpressure_large_pipelines,
+);
