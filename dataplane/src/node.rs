@@ -316,8 +316,8 @@ impl Node {
     }
 
     /// Waits for every core to stop (after `StopHandle::stop`).
-    pub fn join(self) {
-        for t in self.threads {
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -381,6 +381,18 @@ impl Node {
             cores,
             tiers,
             jobs,
+        }
+    }
+}
+
+impl Drop for Node {
+    /// A node dropped without `shutdown` still stops its cores.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop.stop();
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -442,8 +442,7 @@ impl Client {
                 let mut inflight: Vec<HashMap<u64, usize>> = vec![HashMap::new(); cores];
                 for core in 0..cores {
                     let end = (sent[core] + window).min(plan[core].len());
-                    for k in sent[core]..end {
-                        let i = plan[core][k];
+                    for &i in &plan[core][sent[core]..end] {
                         let key =
                             BlockKey { block: meta.blocks[i], offset: 0, len: BlockKey::TO_END }.encode();
                         let id = self.conn(core)?.send(Opcode::BlockRead, 0, &key, &[])?;
