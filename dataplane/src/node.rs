@@ -237,6 +237,7 @@ impl Node {
         let cpus: Vec<Option<usize>> =
             (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
 
+        let started = Instant::now();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
         let mut threads = Vec::with_capacity(n);
         for (i, (listeners, links)) in per_core.into_iter().zip(mesh(n, 4096)).enumerate() {
@@ -287,7 +288,7 @@ impl Node {
             cpus,
             net,
             net_fallback_reason,
-            started: Instant::now(),
+            started,
             stop,
             threads,
         };
@@ -340,7 +341,7 @@ impl Node {
                 cpu: self.cpus[i],
                 port: self.core_addrs[i].port(),
                 busy_ns: c.busy_ns.load(r),
-                total_ns: c.total_ns.load(r),
+                total_ns: self.started.elapsed().as_nanos() as u64,
                 connections: c.connections.load(r),
                 requests: c.requests.load(r),
                 forwarded: c.forwarded.load(r),
@@ -427,6 +428,10 @@ impl CoreStart {
                 return;
             }
         };
+        // Capacity is visible in reports from the moment the node is up.
+        let usage = dram.usage();
+        self.peers[id].blocks_total.store(usage.blocks_total, std::sync::atomic::Ordering::Relaxed);
+        self.peers[id].huge_pages.store(usage.huge_pages, std::sync::atomic::Ordering::Relaxed);
         let waker_fd = self.peers[id].waker.fd();
         // Receive buffers hold at least one whole frame.
         let rx = self.max_frame.clamp(256 << 10, 4 << 20);

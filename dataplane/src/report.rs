@@ -29,6 +29,7 @@ pub struct CoreReport {
     /// Cumulative nanoseconds spent in passes that did work; the busy fraction
     /// over an interval is Δbusy_ns / Δtotal_ns.
     pub busy_ns: u64,
+    /// Wall-clock nanoseconds since the node started (advances while parked).
     pub total_ns: u64,
     pub connections: u64,
     pub requests: u64,

@@ -34,7 +34,6 @@ pub struct CoreShared {
     pub waker: Waker,
     pub parked: AtomicBool,
     pub busy_ns: AtomicU64,
-    pub total_ns: AtomicU64,
     pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub forwarded: AtomicU64,
@@ -52,7 +51,6 @@ impl CoreShared {
             waker: Waker::new()?,
             parked: AtomicBool::new(false),
             busy_ns: AtomicU64::new(0),
-            total_ns: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
@@ -172,10 +170,9 @@ impl<T: Transport> Core<T> {
     pub fn run(mut self) {
         let spin = self.st.cfg.spin;
         let busy_mode = self.st.cfg.poll_mode == PollMode::Busy;
-        let mut last = Instant::now();
         let mut idle_since: Option<Instant> = None;
-        let mut last_jobs_publish = last;
-        let (mut busy_ns, mut total_ns) = (0u64, 0u64);
+        let mut last_jobs_publish = Instant::now();
+        let mut busy_ns = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let pass = Instant::now();
             let mut work = self.st.drain_rings();
@@ -190,7 +187,6 @@ impl<T: Transport> Core<T> {
             work += self.finish_pass();
 
             let now = Instant::now();
-            total_ns += (now - last).as_nanos() as u64;
             if work > 0 {
                 busy_ns += (now - pass).as_nanos() as u64;
                 idle_since = None;
@@ -201,7 +197,6 @@ impl<T: Transport> Core<T> {
                     idle_since = None;
                 }
             }
-            last = now;
             if self.st.ns_changed && now - last_jobs_publish >= PUBLISH_JOBS_EVERY {
                 if let Ok(mut jobs) = self.st.shared.jobs.try_lock() {
                     *jobs = self.st.ns.summaries();
@@ -209,7 +204,7 @@ impl<T: Transport> Core<T> {
                     last_jobs_publish = now;
                 }
             }
-            self.st.publish(busy_ns, total_ns);
+            self.st.publish(busy_ns);
         }
         tracing::debug!(core = self.st.cfg.id, "core stopped");
     }
@@ -291,10 +286,9 @@ impl<T: Transport> Core<T> {
 }
 
 impl State {
-    fn publish(&self, busy_ns: u64, total_ns: u64) {
+    fn publish(&self, busy_ns: u64) {
         let s = &self.shared;
         s.busy_ns.store(busy_ns, Ordering::Relaxed);
-        s.total_ns.store(total_ns, Ordering::Relaxed);
         s.requests.store(self.requests, Ordering::Relaxed);
         s.forwarded.store(self.forwarded, Ordering::Relaxed);
         s.bytes_in.store(self.bytes_in, Ordering::Relaxed);

@@ -1,0 +1,250 @@
+//! The controller's HTTP/JSON API: one serde type per request and response
+//! body, shared by the controller, `pollenctl` and the tests.
+//!
+//! Routes (all under `/v1`):
+//!
+//! | method | path                 | body → reply                          |
+//! |--------|----------------------|---------------------------------------|
+//! | POST   | `/v1/nodes/heartbeat`| [`NodeReport`] → [`HeartbeatReply`]   |
+//! | GET    | `/v1/status`         | → [`StatusResponse`]                  |
+//! | GET    | `/v1/nodes`          | → [`NodesResponse`]                   |
+//! | GET    | `/v1/nodes/{id}`     | → [`NodeEntry`]                       |
+//! | GET    | `/v1/cores`          | → [`CoresResponse`]                   |
+//! | GET    | `/v1/tiers`          | → [`TiersResponse`]                   |
+//! | GET    | `/v1/jobs`           | → [`JobsResponse`]                    |
+//!
+//! Every error is an [`ErrorBody`] with a 4xx/5xx status. Readers ignore
+//! fields they do not know, so fields can be added without breaking clients.
+//!
+//! The last section holds the `--json` output of `pollenctl`'s data commands
+//! (put, get, ls, rm), which talk to nodes rather than to the controller.
+
+use serde::{Deserialize, Serialize};
+
+pub use dataplane::node::{NetBackend, PollMode};
+pub use dataplane::report::{CoreReport, JobReport, NodeReport, TierReport};
+
+/// A node's liveness as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// A heartbeat arrived within the last `missed_heartbeats` intervals.
+    Up,
+    /// No heartbeat for `missed_heartbeats` intervals.
+    Down,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Up => "up",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Reply to `POST /v1/nodes/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub node_id: String,
+    /// The interval the controller expects between heartbeats; a node whose
+    /// interval is longer is declared down between two of its heartbeats.
+    pub heartbeat_ms: u64,
+    /// How many silent intervals make the controller declare a node down.
+    pub missed_heartbeats: u32,
+}
+
+/// One tier summed over a node's cores (or over every live node in
+/// [`StatusResponse::tiers`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierTotals {
+    pub tier: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks_total: u64,
+    pub blocks_used: u64,
+}
+
+/// A node in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub node_id: String,
+    /// The node's main data port, `ip:port`; clients connect here.
+    pub addr: String,
+    pub state: NodeState,
+    /// The transport the node actually runs (after any fallback).
+    pub net: NetBackend,
+    pub net_fallback_reason: Option<String>,
+    pub poll_mode: PollMode,
+    pub block_size: u64,
+    pub cores: usize,
+    pub tiers: Vec<TierTotals>,
+    pub jobs: usize,
+    pub node_uptime_ms: u64,
+    /// Milliseconds since the controller received the node's last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// `GET /v1/status`: the cluster at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The controller's version (`pollen-ctl` crate version).
+    pub version: String,
+    pub uptime_ms: u64,
+    pub heartbeat_ms: u64,
+    pub missed_heartbeats: u32,
+    pub nodes_up: usize,
+    pub nodes_down: usize,
+    /// Sorted by node id.
+    pub nodes: Vec<NodeSummary>,
+    /// Capacity and use per tier over the nodes that are up.
+    pub tiers: Vec<TierTotals>,
+    /// Distinct registered job names over all known nodes.
+    pub jobs: usize,
+}
+
+/// A node's latest report and what the controller knows about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub state: NodeState,
+    pub last_heartbeat_ms_ago: u64,
+    /// Heartbeats received from this node since the controller started.
+    pub heartbeats: u64,
+    pub report: NodeReport,
+}
+
+/// `GET /v1/nodes`, sorted by node id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodesResponse {
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One polling core in `GET /v1/cores`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoreRow {
+    pub node_id: String,
+    pub node_state: NodeState,
+    pub core: usize,
+    /// The CPU the core is pinned to, if pinned.
+    pub cpu: Option<usize>,
+    pub port: u16,
+    /// Fraction of time the core spent working (0.0 ..= 1.0) between the
+    /// node's last two heartbeats; for the first heartbeat, since the node
+    /// started. `None` when no time was accounted on a running core between
+    /// them; a core parked throughout counts as 0.0.
+    pub busy: Option<f64>,
+    pub parked: bool,
+    pub connections: u64,
+    pub requests: u64,
+    pub forwarded: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// `GET /v1/cores`, sorted by node id then core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoresResponse {
+    pub cores: Vec<CoreRow>,
+}
+
+/// One tier region of one core in `GET /v1/tiers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierRow {
+    pub node_id: String,
+    pub node_state: NodeState,
+    pub tier: String,
+    pub core: usize,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks_total: u64,
+    pub blocks_used: u64,
+    pub huge_pages: bool,
+}
+
+/// `GET /v1/tiers`, sorted by node id, tier, core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TiersResponse {
+    pub tiers: Vec<TierRow>,
+}
+
+/// One job on one node in `GET /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRow {
+    pub node_id: String,
+    pub node_state: NodeState,
+    pub name: String,
+    pub id: u32,
+    /// False for a deregistered job that still holds PERSIST objects.
+    pub registered: bool,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// `GET /v1/jobs`, sorted by job name then node id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsResponse {
+    pub jobs: Vec<JobRow>,
+}
+
+// ---- pollenctl --json output of the data commands -------------------------
+
+/// `pollenctl put --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PutOutput {
+    pub job: String,
+    pub name: String,
+    pub bytes: u64,
+    /// The node that stored the object (`ip:port`).
+    pub node: String,
+    /// True when `put` registered the job first.
+    pub registered_job: bool,
+    pub persist: bool,
+    pub delete_after_read: bool,
+    pub elapsed_ms: f64,
+}
+
+/// `pollenctl get --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetOutput {
+    pub job: String,
+    pub name: String,
+    pub bytes: u64,
+    pub node: String,
+    /// Where the object was written (`-` for standard output).
+    pub file: String,
+    pub elapsed_ms: f64,
+}
+
+/// One entry of `pollenctl ls --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LsEntry {
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub persist: bool,
+    pub delete_after_read: bool,
+}
+
+/// `pollenctl ls --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LsOutput {
+    pub job: String,
+    /// The listed directory, relative to the job root (`""` = the root).
+    pub dir: String,
+    pub node: String,
+    pub entries: Vec<LsEntry>,
+}
+
+/// `pollenctl rm --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RmOutput {
+    pub job: String,
+    pub name: String,
+    pub node: String,
+}

@@ -1,0 +1,451 @@
+//! `pollen`: runs Pollen's processes — `up` (controller and a node in one
+//! process), `node`, and `controller`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dataplane::node::{NetBackend, Node, NodeConfig, PollMode};
+use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
+use pollen_ctl::heartbeat::{self, HeartbeatHandle};
+use pollen_ctl::local::{self, LocalCluster};
+use pollen_ctl::size::{parse_size, Bytes};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "pollen",
+    version,
+    about = "Run Pollen: a kernel-bypass data plane for ephemeral storage",
+    long_about = "Run Pollen: a kernel-bypass data plane for ephemeral storage.\n\n\
+        Start with `pollen up`: a controller and one node on 127.0.0.1, data under ./pollen-data. \
+        Then use `pollenctl` (status, put, get, ls, rm) against it.\n\n\
+        Logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to change their level."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a controller and one node in this process, on 127.0.0.1 (the local default)
+    #[command(long_about = "Start a controller and one node in this process, on 127.0.0.1.\n\n\
+        Waits until the node's first heartbeat reaches the controller, writes <DATA_DIR>/pollen.json \
+        (the controller URL and node address, which pollenctl reads), prints how to use it, and runs \
+        until Ctrl-C or SIGTERM, then stops the node's cores and exits 0.")]
+    Up(UpArgs),
+    /// Run one node that sends heartbeats to a controller
+    Node(NodeArgs),
+    /// Run the control daemon alone
+    Controller(ControllerArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Poll {
+    /// Spin for a short idle budget, then park until work arrives (right when cores are shared)
+    Adaptive,
+    /// Never sleep (dedicated cores only: busy cores starve everything else on them)
+    Busy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Net {
+    /// io_uring; falls back to epoll where io_uring is unavailable (reported by `pollenctl status`)
+    Uring,
+    /// mio/epoll
+    Epoll,
+}
+
+#[derive(Args)]
+struct NodeFlags {
+    /// Polling cores (one pinned thread each) [default: 1 when the machine has <= 2 CPUs, else CPUs - 1]
+    #[arg(long, value_name = "N")]
+    cores: Option<usize>,
+    /// How an idle core waits for work
+    #[arg(long, value_enum, default_value_t = Poll::Adaptive)]
+    poll: Poll,
+    /// Network backend
+    #[arg(long, value_enum, default_value_t = Net::Uring)]
+    net: Net,
+    /// The node's main data port, which accepts any request (0 = a free port)
+    #[arg(long, default_value_t = 7400)]
+    port: u16,
+    /// Core i also listens on BASE + i, for clients that route to the owning core
+    /// [default: PORT + 1, or free ports when PORT is 0]
+    #[arg(long, value_name = "BASE")]
+    core_port_base: Option<u16>,
+    /// DRAM tier size per core, in MiB (allocated at start)
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    dram_mb: u64,
+    /// Block size: a power of two from 4KiB to 16MiB (e.g. 64KiB, 1MiB)
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size_arg)]
+    block_size: u64,
+    /// The node's id in the cluster
+    #[arg(long, value_name = "ID", default_value = "node-0")]
+    node_id: String,
+    /// Interval between heartbeats to the controller, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
+    /// Do not pin cores to CPUs
+    #[arg(long)]
+    no_pin: bool,
+    /// Pin core i to CPU (OFFSET + i) mod CPUs
+    #[arg(long, value_name = "OFFSET", default_value_t = 0)]
+    cpu_offset: usize,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    node: NodeFlags,
+    /// Directory for Pollen's files (pollen.json now; flash tiers and logs later)
+    #[arg(long, value_name = "DIR", default_value = local::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// The controller's HTTP port on 127.0.0.1 (0 = a free port)
+    #[arg(long, value_name = "PORT", default_value_t = 7070)]
+    ctl_port: u16,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    node: NodeFlags,
+    /// The controller to send heartbeats to
+    #[arg(long, value_name = "URL", default_value = local::DEFAULT_CONTROLLER)]
+    controller: String,
+    /// The IP address the node listens on
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    ip: IpAddr,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Address of the HTTP/JSON API
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// The heartbeat interval nodes use, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
+    /// Silent heartbeat intervals after which a node is declared down
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    missed_heartbeats: u32,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pollen_ctl::cli::init_tracing("info");
+    let result = match cli.cmd {
+        Cmd::Up(a) => up(a),
+        Cmd::Node(a) => node(a),
+        Cmd::Controller(a) => controller(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pollen: error: {}", pollen_ctl::cli::error_message(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl NodeFlags {
+    fn config(&self, ip: IpAddr) -> Result<NodeConfig> {
+        let mut cfg = NodeConfig { listen: ip, port: self.port, ..NodeConfig::default() };
+        cfg.core_port_base = match (self.core_port_base, self.port) {
+            (Some(base), _) => base,
+            (None, 0) => 0,
+            (None, p) => p.checked_add(1).context("--port 65535 leaves no room for core ports")?,
+        };
+        if let Some(n) = self.cores {
+            cfg.cores = n;
+        }
+        cfg.poll_mode = match self.poll {
+            Poll::Adaptive => PollMode::Adaptive,
+            Poll::Busy => PollMode::Busy,
+        };
+        cfg.net = match self.net {
+            Net::Uring => NetBackend::Uring,
+            Net::Epoll => NetBackend::Epoll,
+        };
+        cfg.dram_bytes_per_core = self.dram_mb.checked_mul(1 << 20).context("--dram-mb is too large")?;
+        cfg.block_size = usize::try_from(self.block_size).context("--block-size is too large")?;
+        cfg.node_id = self.node_id.clone();
+        cfg.pin = !self.no_pin;
+        cfg.cpu_offset = self.cpu_offset;
+        // Node::start validates the rest (ranges, powers of two) with clear messages.
+        cfg.validate().context("invalid node options")?;
+        Ok(cfg)
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+}
+
+/// SIGINT and SIGTERM, registered as early as possible so a signal during
+/// start-up is not lost (it ends the wait for readiness instead).
+struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+
+    /// After the first signal, a second one ends the process at once, in
+    /// case a clean stop hangs.
+    fn exit_on_next(mut self, rt: &tokio::runtime::Runtime) {
+        rt.spawn(async move {
+            let sig = self.wait().await;
+            eprintln!("pollen: second {sig} while stopping: exiting now");
+            std::process::exit(130);
+        });
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // The controller is light: one worker thread, so it does not compete with
+    // the polling cores for CPUs.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pollen-ctl")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A started node, its heartbeat thread, and the way to stop both.
+struct RunningNode {
+    node: Arc<Node>,
+    heartbeat: HeartbeatHandle,
+}
+
+impl RunningNode {
+    fn start(cfg: NodeConfig, controller_url: &str, interval: Duration) -> Result<RunningNode> {
+        let addr = SocketAddr::new(cfg.listen, cfg.port);
+        let node = Arc::new(Node::start(cfg).with_context(|| format!("starting the node on {addr}"))?);
+        let reporter = node.clone();
+        let heartbeat = match heartbeat::spawn(move || reporter.report(), controller_url, interval) {
+            Ok(h) => h,
+            Err(e) => {
+                node.stop_handle().stop();
+                return Err(e).context("starting heartbeats");
+            }
+        };
+        Ok(RunningNode { node, heartbeat })
+    }
+
+    /// Stops heartbeats, then the cores, and waits for the core threads.
+    fn stop(self) {
+        let stop = self.node.stop_handle();
+        // Joining the heartbeat thread drops its clone of the node.
+        self.heartbeat.stop();
+        stop.stop();
+        match Arc::try_unwrap(self.node) {
+            Ok(node) => node.join(),
+            Err(_) => tracing::warn!("node still shared at shutdown; cores were told to stop"),
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+fn describe_node(node: &Node) -> String {
+    let r = node.report();
+    let cfg = node.config();
+    let net = match &r.net_fallback_reason {
+        Some(why) => format!("{} (fell back: {why})", r.net),
+        None => r.net.to_string(),
+    };
+    format!(
+        "{} at {} ({} core{}, {} polling, {net}, {} DRAM per core, {} blocks)",
+        r.node_id,
+        r.addr,
+        r.cores.len(),
+        if r.cores.len() == 1 { "" } else { "s" },
+        r.poll_mode,
+        Bytes(cfg.dram_bytes_per_core),
+        Bytes(r.block_size),
+    )
+}
+
+/// The controller task of `pollen up` and the way to stop it.
+struct ServedController {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), ControllerError>>,
+}
+
+impl ServedController {
+    fn stop(self, rt: &tokio::runtime::Runtime) -> Result<()> {
+        let _ = self.stop.send(());
+        match rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), self.server).await }) {
+            Ok(Ok(served)) => served.context("controller"),
+            Ok(Err(e)) => bail!("controller task failed: {e}"),
+            Err(_) => bail!("controller did not stop within 5 s"),
+        }
+    }
+}
+
+fn up(a: UpArgs) -> Result<()> {
+    let node_cfg = a.node.config(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let node_id = node_cfg.node_id.clone();
+    let interval = a.node.heartbeat();
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating the data directory {}", a.data_dir.display()))?;
+
+    let rt = runtime()?;
+    let mut signals = rt.block_on(async { Signals::new() })?;
+    let ctl_cfg = ControllerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
+        heartbeat: interval,
+        ..ControllerConfig::default()
+    };
+    let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
+    let url = ctl.url();
+    let handle = ctl.handle();
+    let (stop_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(ctl.serve(async {
+        let _ = stopped.await;
+    }));
+    let served = ServedController { stop: stop_tx, server };
+
+    let node = match RunningNode::start(node_cfg, &url, interval) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = served.stop(&rt);
+            return Err(e);
+        }
+    };
+
+    let wait = Duration::from_secs(10).max(interval * 3);
+    let ready = rt.block_on(async {
+        tokio::select! {
+            ok = handle.wait_for_node(&node_id, wait) => Ok(ok),
+            sig = signals.wait() => Err(sig),
+        }
+    });
+    match ready {
+        Ok(true) => {}
+        Ok(false) => {
+            node.stop();
+            let _ = served.stop(&rt);
+            bail!("the node's first heartbeat did not reach the controller within {} s", wait.as_secs());
+        }
+        Err(sig) => {
+            tracing::info!(signal = sig, "stopping before start-up finished");
+            node.stop();
+            return served.stop(&rt);
+        }
+    }
+
+    let lc = LocalCluster {
+        controller: url.clone(),
+        node: node.node.addr().to_string(),
+        node_id: node_id.clone(),
+        pid: std::process::id(),
+    };
+    if let Err(e) = lc.write(&a.data_dir) {
+        node.stop();
+        let _ = served.stop(&rt);
+        return Err(e).with_context(|| format!("writing {}", LocalCluster::path(&a.data_dir).display()));
+    }
+    print_ready(&url, &node.node, &a.data_dir);
+
+    let sig = rt.block_on(signals.wait());
+    tracing::info!(signal = sig, "stopping");
+    signals.exit_on_next(&rt);
+    node.stop();
+    LocalCluster::remove_if_ours(&a.data_dir);
+    served.stop(&rt)?;
+    tracing::info!("pollen stopped");
+    Ok(())
+}
+
+fn print_ready(url: &str, node: &Node, data_dir: &Path) {
+    let file = LocalCluster::path(data_dir);
+    // pollenctl finds the controller through ./pollen-data/pollen.json; from
+    // anywhere else it needs the URL.
+    let found_by_default = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| std::fs::canonicalize(cwd.join(local::DEFAULT_DATA_DIR)).ok())
+        .zip(std::fs::canonicalize(data_dir).ok())
+        .is_some_and(|(a, b)| a == b);
+    let ctl_flag = if found_by_default { String::new() } else { format!(" --controller {url}") };
+    println!("Pollen is up.");
+    println!("  controller  {url}");
+    println!("  node        {}", describe_node(node));
+    println!("  data dir    {} (wrote {})", data_dir.display(), file.display());
+    println!();
+    println!("Try:");
+    println!("  pollenctl{ctl_flag} status");
+    println!("  pollenctl{ctl_flag} put demo hello.txt ./hello.txt");
+    println!();
+    println!("Ctrl-C stops it.");
+}
+
+fn node(a: NodeArgs) -> Result<()> {
+    let cfg = a.node.config(a.ip)?;
+    let url = local::normalize_url(&a.controller);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut signals = rt.block_on(async { Signals::new() })?;
+    let node = RunningNode::start(cfg, &url, a.node.heartbeat())?;
+    println!("node {}", describe_node(&node.node));
+    println!("heartbeats to {url} every {} ms; Ctrl-C stops it.", a.node.heartbeat_ms);
+    let sig = rt.block_on(signals.wait());
+    tracing::info!(signal = sig, "stopping");
+    signals.exit_on_next(&rt);
+    // A current-thread runtime only runs the second-signal task while blocked
+    // on it, so stop the node on another thread and wait here.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        node.stop();
+        let _ = done_tx.send(());
+    });
+    let _ = rt.block_on(done_rx);
+    Ok(())
+}
+
+fn controller(a: ControllerArgs) -> Result<()> {
+    let cfg = ControllerConfig {
+        listen: a.listen,
+        heartbeat: Duration::from_millis(a.heartbeat_ms),
+        missed_heartbeats: a.missed_heartbeats,
+        ..ControllerConfig::default()
+    };
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let mut signals = Signals::new()?;
+        let ctl = Controller::bind(cfg).await.context("starting the controller")?;
+        println!("controller listening on {}; Ctrl-C stops it.", ctl.url());
+        ctl.serve(async move {
+            let sig = signals.wait().await;
+            tracing::info!(signal = sig, "stopping");
+        })
+        .await
+        .context("controller")
+    })
+}

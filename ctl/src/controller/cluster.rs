@@ -1,0 +1,535 @@
+//! What the controller knows about the cluster, and the only code that
+//! changes it. The HTTP layer reads and writes through these methods; time is
+//! passed in, so every rule here is tested without sleeping.
+//!
+//! Today it holds nodes and their latest reports. Jobs, weight maps and
+//! scaling decisions join it as further fields and methods.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::api::{
+    CoreRow, CoresResponse, JobRow, JobsResponse, NodeEntry, NodeReport, NodeState, NodeSummary,
+    NodesResponse, TierRow, TierTotals, TiersResponse,
+};
+
+/// Limits on what a heartbeat may describe, checked before it is stored.
+pub const MAX_NODE_ID_LEN: usize = 128;
+pub const MAX_CORES: usize = 4096;
+pub const MAX_TIER_REGIONS: usize = 64 * 1024;
+pub const MAX_JOBS_PER_NODE: usize = 1 << 20;
+
+/// Why a heartbeat's report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("node_id must be 1..={MAX_NODE_ID_LEN} bytes of printable characters without '/' or spaces")]
+    BadNodeId,
+    #[error("addr `{0}` is not an ip:port address")]
+    BadAddr(String),
+    #[error("core {0} is reported twice")]
+    DuplicateCore(usize),
+    #[error("tier `{0}` of core {1} is reported twice")]
+    DuplicateTier(String, usize),
+    #[error("report has {0} {1}, more than the limit of {2}")]
+    TooMany(usize, &'static str, usize),
+}
+
+/// A node's state change, for the caller to log (and, later, to act on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// First heartbeat from this node id.
+    Joined { node_id: String, addr: String },
+    /// A heartbeat from a node that was down, silent since its previous one.
+    Recovered { node_id: String, silent_for: Duration },
+    /// A node's counters went backwards: it restarted under the same id.
+    Restarted { node_id: String },
+    /// No heartbeat for `missed_heartbeats` intervals.
+    Down { node_id: String, silent_for: Duration },
+}
+
+struct NodeRecord {
+    report: NodeReport,
+    received: Instant,
+    heartbeats: u64,
+    state: NodeState,
+    /// Busy fraction per core id, computed when the report arrived.
+    busy: BTreeMap<usize, f64>,
+}
+
+pub struct Cluster {
+    heartbeat: Duration,
+    missed_heartbeats: u32,
+    nodes: BTreeMap<String, NodeRecord>,
+}
+
+impl Cluster {
+    pub fn new(heartbeat: Duration, missed_heartbeats: u32) -> Cluster {
+        assert!(!heartbeat.is_zero(), "heartbeat interval must be positive");
+        assert!(missed_heartbeats > 0, "missed_heartbeats must be positive");
+        Cluster { heartbeat, missed_heartbeats, nodes: BTreeMap::new() }
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+    }
+
+    pub fn missed_heartbeats(&self) -> u32 {
+        self.missed_heartbeats
+    }
+
+    /// How long a node may stay silent before it is declared down.
+    pub fn down_after(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn contains(&self, node_id: &str) -> bool {
+        self.nodes.contains_key(node_id)
+    }
+
+    /// Stores a node's report received at `now`, replacing the previous one.
+    /// Returns the state changes it caused.
+    pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
+        validate(&report)?;
+        let mut transitions = Vec::new();
+        match self.nodes.get_mut(&report.node_id) {
+            None => {
+                transitions
+                    .push(Transition::Joined { node_id: report.node_id.clone(), addr: report.addr.clone() });
+                let busy = busy_fractions(None, &report);
+                self.nodes.insert(
+                    report.node_id.clone(),
+                    NodeRecord { report, received: now, heartbeats: 1, state: NodeState::Up, busy },
+                );
+            }
+            Some(rec) => {
+                if rec.state == NodeState::Down {
+                    transitions.push(Transition::Recovered {
+                        node_id: report.node_id.clone(),
+                        silent_for: now.saturating_duration_since(rec.received),
+                    });
+                }
+                let restarted = restarted(&rec.report, &report);
+                if restarted {
+                    transitions.push(Transition::Restarted { node_id: report.node_id.clone() });
+                }
+                rec.busy = busy_fractions(if restarted { None } else { Some(&rec.report) }, &report);
+                rec.report = report;
+                rec.received = now;
+                rec.heartbeats += 1;
+                rec.state = NodeState::Up;
+            }
+        }
+        Ok(transitions)
+    }
+
+    /// Declares down every node silent for longer than [`Cluster::down_after`].
+    /// Returns the nodes that went down with this call.
+    pub fn sweep(&mut self, now: Instant) -> Vec<Transition> {
+        let limit = self.down_after();
+        let mut out = Vec::new();
+        for (id, rec) in &mut self.nodes {
+            let silent_for = now.saturating_duration_since(rec.received);
+            if rec.state == NodeState::Up && silent_for > limit {
+                rec.state = NodeState::Down;
+                out.push(Transition::Down { node_id: id.clone(), silent_for });
+            }
+        }
+        out
+    }
+
+    /// The state of one node, if known.
+    pub fn state(&self, node_id: &str) -> Option<NodeState> {
+        self.nodes.get(node_id).map(|r| r.state)
+    }
+
+    pub fn summaries(&self, now: Instant) -> Vec<NodeSummary> {
+        self.nodes.values().map(|rec| summary(rec, now)).collect()
+    }
+
+    /// Tier totals over the nodes that are up.
+    pub fn tier_totals(&self) -> Vec<TierTotals> {
+        let live = self.nodes.values().filter(|r| r.state == NodeState::Up);
+        sum_tiers(live.flat_map(|r| r.report.tiers.iter()))
+    }
+
+    /// Distinct registered job names over every known node.
+    pub fn job_count(&self) -> usize {
+        let names: BTreeSet<&str> = self
+            .nodes
+            .values()
+            .flat_map(|r| r.report.jobs.iter())
+            .filter(|j| j.registered)
+            .map(|j| j.name.as_str())
+            .collect();
+        names.len()
+    }
+
+    pub fn nodes(&self, now: Instant) -> NodesResponse {
+        NodesResponse { nodes: self.nodes.values().map(|rec| entry(rec, now)).collect() }
+    }
+
+    pub fn node(&self, node_id: &str, now: Instant) -> Option<NodeEntry> {
+        self.nodes.get(node_id).map(|rec| entry(rec, now))
+    }
+
+    pub fn cores(&self) -> CoresResponse {
+        let mut cores = Vec::new();
+        for (id, rec) in &self.nodes {
+            let mut rows: Vec<CoreRow> = rec
+                .report
+                .cores
+                .iter()
+                .map(|c| CoreRow {
+                    node_id: id.clone(),
+                    node_state: rec.state,
+                    core: c.core,
+                    cpu: c.cpu,
+                    port: c.port,
+                    busy: rec.busy.get(&c.core).copied(),
+                    parked: c.parked,
+                    connections: c.connections,
+                    requests: c.requests,
+                    forwarded: c.forwarded,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                })
+                .collect();
+            rows.sort_by_key(|r| r.core);
+            cores.extend(rows);
+        }
+        CoresResponse { cores }
+    }
+
+    pub fn tiers(&self) -> TiersResponse {
+        let mut tiers = Vec::new();
+        for (id, rec) in &self.nodes {
+            let mut rows: Vec<TierRow> = rec
+                .report
+                .tiers
+                .iter()
+                .map(|t| TierRow {
+                    node_id: id.clone(),
+                    node_state: rec.state,
+                    tier: t.tier.clone(),
+                    core: t.core,
+                    capacity_bytes: t.capacity_bytes,
+                    used_bytes: t.used_bytes,
+                    blocks_total: t.blocks_total,
+                    blocks_used: t.blocks_used,
+                    huge_pages: t.huge_pages,
+                })
+                .collect();
+            rows.sort_by(|a, b| (&a.tier, a.core).cmp(&(&b.tier, b.core)));
+            tiers.extend(rows);
+        }
+        TiersResponse { tiers }
+    }
+
+    pub fn jobs(&self) -> JobsResponse {
+        let mut jobs: Vec<JobRow> = self
+            .nodes
+            .iter()
+            .flat_map(|(id, rec)| {
+                rec.report.jobs.iter().map(move |j| JobRow {
+                    node_id: id.clone(),
+                    node_state: rec.state,
+                    name: j.name.clone(),
+                    id: j.id,
+                    registered: j.registered,
+                    objects: j.objects,
+                    bytes: j.bytes,
+                })
+            })
+            .collect();
+        jobs.sort_by(|a, b| (&a.name, &a.node_id).cmp(&(&b.name, &b.node_id)));
+        JobsResponse { jobs }
+    }
+}
+
+fn validate(r: &NodeReport) -> Result<(), ReportError> {
+    let id_ok = !r.node_id.is_empty()
+        && r.node_id.len() <= MAX_NODE_ID_LEN
+        && r.node_id.chars().all(|c| !c.is_control() && !c.is_whitespace() && c != '/');
+    if !id_ok {
+        return Err(ReportError::BadNodeId);
+    }
+    if r.addr.parse::<SocketAddr>().is_err() {
+        return Err(ReportError::BadAddr(r.addr.chars().take(64).collect()));
+    }
+    if r.cores.len() > MAX_CORES {
+        return Err(ReportError::TooMany(r.cores.len(), "cores", MAX_CORES));
+    }
+    if r.tiers.len() > MAX_TIER_REGIONS {
+        return Err(ReportError::TooMany(r.tiers.len(), "tier regions", MAX_TIER_REGIONS));
+    }
+    if r.jobs.len() > MAX_JOBS_PER_NODE {
+        return Err(ReportError::TooMany(r.jobs.len(), "jobs", MAX_JOBS_PER_NODE));
+    }
+    let mut cores = HashSet::with_capacity(r.cores.len());
+    for c in &r.cores {
+        if !cores.insert(c.core) {
+            return Err(ReportError::DuplicateCore(c.core));
+        }
+    }
+    let mut regions = HashSet::with_capacity(r.tiers.len());
+    for t in &r.tiers {
+        if !regions.insert((t.tier.as_str(), t.core)) {
+            return Err(ReportError::DuplicateTier(t.tier.clone(), t.core));
+        }
+    }
+    Ok(())
+}
+
+/// A node restarted under the same id when its uptime or any core's
+/// cumulative counters went backwards.
+fn restarted(prev: &NodeReport, next: &NodeReport) -> bool {
+    if next.uptime_ms < prev.uptime_ms {
+        return true;
+    }
+    next.cores.iter().any(|c| {
+        prev.cores
+            .iter()
+            .find(|p| p.core == c.core)
+            .is_some_and(|p| c.total_ns < p.total_ns || c.busy_ns < p.busy_ns)
+    })
+}
+
+/// Busy fraction per core over the interval between `prev` and `next`:
+/// Δbusy_ns / Δtotal_ns. Without a previous report (first heartbeat, or a
+/// restart) the interval starts when the node did. A core with no elapsed
+/// time has no fraction, unless it is parked (idle the whole time).
+fn busy_fractions(prev: Option<&NodeReport>, next: &NodeReport) -> BTreeMap<usize, f64> {
+    let mut out = BTreeMap::new();
+    for c in &next.cores {
+        let (busy0, total0) = prev
+            .and_then(|p| p.cores.iter().find(|pc| pc.core == c.core))
+            .map(|pc| (pc.busy_ns, pc.total_ns))
+            .unwrap_or((0, 0));
+        let d_total = c.total_ns.saturating_sub(total0);
+        let d_busy = c.busy_ns.saturating_sub(busy0);
+        if d_total > 0 {
+            // A node's clock reads can make busy overshoot total by a hair.
+            out.insert(c.core, (d_busy as f64 / d_total as f64).clamp(0.0, 1.0));
+        } else if c.parked {
+            // A core publishes its counters after each pass, so one parked
+            // for the whole interval shows no elapsed time: it was idle.
+            out.insert(c.core, 0.0);
+        }
+    }
+    out
+}
+
+fn sum_tiers<'a>(regions: impl Iterator<Item = &'a crate::api::TierReport>) -> Vec<TierTotals> {
+    let mut by_tier: BTreeMap<&str, TierTotals> = BTreeMap::new();
+    for t in regions {
+        let e = by_tier.entry(t.tier.as_str()).or_insert_with(|| TierTotals {
+            tier: t.tier.clone(),
+            capacity_bytes: 0,
+            used_bytes: 0,
+            blocks_total: 0,
+            blocks_used: 0,
+        });
+        e.capacity_bytes = e.capacity_bytes.saturating_add(t.capacity_bytes);
+        e.used_bytes = e.used_bytes.saturating_add(t.used_bytes);
+        e.blocks_total = e.blocks_total.saturating_add(t.blocks_total);
+        e.blocks_used = e.blocks_used.saturating_add(t.blocks_used);
+    }
+    by_tier.into_values().collect()
+}
+
+fn age_ms(rec: &NodeRecord, now: Instant) -> u64 {
+    now.saturating_duration_since(rec.received).as_millis().min(u64::MAX as u128) as u64
+}
+
+fn summary(rec: &NodeRecord, now: Instant) -> NodeSummary {
+    let r = &rec.report;
+    NodeSummary {
+        node_id: r.node_id.clone(),
+        addr: r.addr.clone(),
+        state: rec.state,
+        net: r.net,
+        net_fallback_reason: r.net_fallback_reason.clone(),
+        poll_mode: r.poll_mode,
+        block_size: r.block_size,
+        cores: r.cores.len(),
+        tiers: sum_tiers(r.tiers.iter()),
+        jobs: r.jobs.iter().filter(|j| j.registered).count(),
+        node_uptime_ms: r.uptime_ms,
+        last_heartbeat_ms_ago: age_ms(rec, now),
+    }
+}
+
+fn entry(rec: &NodeRecord, now: Instant) -> NodeEntry {
+    NodeEntry {
+        state: rec.state,
+        last_heartbeat_ms_ago: age_ms(rec, now),
+        heartbeats: rec.heartbeats,
+        report: rec.report.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CoreReport, JobReport, NetBackend, PollMode, TierReport};
+
+    fn core(core: usize, busy_ns: u64, total_ns: u64) -> CoreReport {
+        CoreReport {
+            core,
+            cpu: Some(core),
+            port: 7401 + core as u16,
+            busy_ns,
+            total_ns,
+            connections: 0,
+            requests: 0,
+            forwarded: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            parked: false,
+        }
+    }
+
+    fn tier(core: usize, used: u64) -> TierReport {
+        TierReport {
+            tier: "dram".into(),
+            core,
+            capacity_bytes: 1 << 20,
+            used_bytes: used,
+            blocks_total: 16,
+            blocks_used: used / 65536,
+            huge_pages: false,
+        }
+    }
+
+    fn report(id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
+        let tiers = cores.iter().map(|c| tier(c.core, 65536)).collect();
+        NodeReport {
+            node_id: id.into(),
+            addr: "127.0.0.1:7400".into(),
+            net: NetBackend::Epoll,
+            net_fallback_reason: None,
+            poll_mode: PollMode::Adaptive,
+            block_size: 65536,
+            uptime_ms,
+            cores,
+            tiers,
+            jobs: vec![],
+        }
+    }
+
+    const HB: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn busy_fraction_is_the_delta_between_heartbeats() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        // First report: 50% busy since start.
+        c.heartbeat(report("n", 1000, vec![core(0, 500, 1000), core(1, 0, 1000)]), t0).unwrap();
+        let rows = c.cores().cores;
+        assert_eq!(rows[0].busy, Some(0.5));
+        assert_eq!(rows[1].busy, Some(0.0));
+        // Next: core 0 busy 900 of the last 1000 ns, core 1 idle -> 250 of 1000.
+        c.heartbeat(report("n", 2000, vec![core(0, 1400, 2000), core(1, 250, 2000)]), t0 + HB).unwrap();
+        let rows = c.cores().cores;
+        assert_eq!(rows[0].busy, Some(0.9));
+        assert_eq!(rows[1].busy, Some(0.25));
+        // No time elapsed on a core: no fraction rather than a division by
+        // zero, unless the core is parked, which means idle.
+        let mut parked = core(1, 250, 2000);
+        parked.parked = true;
+        c.heartbeat(report("n", 3000, vec![core(0, 1400, 2000), parked]), t0 + 2 * HB).unwrap();
+        assert_eq!(c.cores().cores[0].busy, None);
+        assert_eq!(c.cores().cores[1].busy, Some(0.0));
+    }
+
+    #[test]
+    fn busy_fraction_restarts_with_the_node() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("n", 5000, vec![core(0, 4000, 5000)]), t0).unwrap();
+        let tr = c.heartbeat(report("n", 100, vec![core(0, 10, 100)]), t0 + HB).unwrap();
+        assert_eq!(tr, vec![Transition::Restarted { node_id: "n".into() }]);
+        assert_eq!(c.cores().cores[0].busy, Some(0.1));
+    }
+
+    #[test]
+    fn busy_fraction_is_clamped() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("n", 1, vec![core(0, 1200, 1000)]), t0).unwrap();
+        assert_eq!(c.cores().cores[0].busy, Some(1.0));
+    }
+
+    #[test]
+    fn node_goes_down_after_missed_heartbeats_and_recovers() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let tr = c.heartbeat(report("n", 1, vec![core(0, 0, 1)]), t0).unwrap();
+        assert!(matches!(&tr[..], [Transition::Joined { .. }]));
+        assert!(c.sweep(t0 + 3 * HB).is_empty(), "exactly three intervals is not yet down");
+        assert_eq!(c.state("n"), Some(NodeState::Up));
+        let down = c.sweep(t0 + 3 * HB + Duration::from_millis(1));
+        assert!(matches!(&down[..], [Transition::Down { node_id, .. }] if node_id == "n"));
+        assert_eq!(c.state("n"), Some(NodeState::Down));
+        assert!(c.sweep(t0 + 10 * HB).is_empty(), "down is reported once");
+        assert_eq!(c.tier_totals(), vec![], "a down node's capacity does not count");
+        let tr = c.heartbeat(report("n", 11_000, vec![core(0, 0, 2)]), t0 + 11 * HB).unwrap();
+        assert!(matches!(&tr[..], [Transition::Recovered { silent_for, .. }] if *silent_for == 11 * HB));
+        assert_eq!(c.state("n"), Some(NodeState::Up));
+    }
+
+    #[test]
+    fn totals_and_jobs() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let mut r = report("a", 1, vec![core(0, 0, 1), core(1, 0, 1)]);
+        r.jobs = vec![
+            JobReport { name: "j1".into(), id: 1, registered: true, objects: 2, bytes: 10 },
+            JobReport { name: "old".into(), id: 2, registered: false, objects: 1, bytes: 5 },
+        ];
+        c.heartbeat(r, t0).unwrap();
+        let mut r = report("b", 1, vec![core(0, 0, 1)]);
+        r.jobs = vec![JobReport { name: "j1".into(), id: 7, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r, t0).unwrap();
+        let totals = c.tier_totals();
+        assert_eq!(totals.len(), 1);
+        assert_eq!(totals[0].capacity_bytes, 3 << 20);
+        assert_eq!(totals[0].used_bytes, 3 * 65536);
+        assert_eq!(c.job_count(), 1);
+        let jobs = c.jobs().jobs;
+        assert_eq!(
+            jobs.iter().map(|j| (j.name.as_str(), j.node_id.as_str())).collect::<Vec<_>>(),
+            vec![("j1", "a"), ("j1", "b"), ("old", "a")]
+        );
+        let s = c.summaries(t0 + Duration::from_millis(250));
+        assert_eq!(s[0].cores, 2);
+        assert_eq!(s[0].jobs, 1);
+        assert_eq!(s[0].last_heartbeat_ms_ago, 250);
+    }
+
+    #[test]
+    fn rejects_bad_reports() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let mut r = report("", 1, vec![]);
+        assert_eq!(c.heartbeat(r.clone(), t0), Err(ReportError::BadNodeId));
+        r.node_id = "a/b".into();
+        assert_eq!(c.heartbeat(r.clone(), t0), Err(ReportError::BadNodeId));
+        r.node_id = "x".repeat(MAX_NODE_ID_LEN + 1);
+        assert_eq!(c.heartbeat(r.clone(), t0), Err(ReportError::BadNodeId));
+        r.node_id = "n".into();
+        r.addr = "localhost".into();
+        assert!(matches!(c.heartbeat(r.clone(), t0), Err(ReportError::BadAddr(_))));
+        let r = report("n", 1, vec![core(0, 0, 1), core(0, 0, 1)]);
+        assert_eq!(c.heartbeat(r, t0), Err(ReportError::DuplicateCore(0)));
+        let mut r = report("n", 1, vec![core(0, 0, 1)]);
+        r.tiers.push(r.tiers[0].clone());
+        assert_eq!(c.heartbeat(r, t0), Err(ReportError::DuplicateTier("dram".into(), 0)));
+        assert_eq!(c.node_count(), 0, "rejected reports are not stored");
+    }
+}

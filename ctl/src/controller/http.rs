@@ -1,0 +1,137 @@
+//! Routes and handlers of the controller's HTTP/JSON API. Handlers only
+//! translate between HTTP and [`Cluster`](super::cluster::Cluster) calls.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::{log_transitions, Shared};
+use crate::api::{
+    CoresResponse, ErrorBody, HeartbeatReply, JobsResponse, NodeEntry, NodeReport, NodesResponse,
+    StatusResponse, TiersResponse,
+};
+
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    let max_body = shared.max_body;
+    Router::new()
+        .route("/v1/nodes/heartbeat", post(heartbeat))
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{node_id}", get(node))
+        .route("/v1/cores", get(cores))
+        .route("/v1/tiers", get(tiers))
+        .route("/v1/jobs", get(jobs))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(shared)
+}
+
+/// An error reply: a status code and an [`ErrorBody`].
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+/// A request body for a JSON route: refused with 413 before it is read when
+/// its declared length is over the limit, with 415 when it is declared as
+/// something other than JSON, and cut off at the limit otherwise
+/// (`DefaultBodyLimit`).
+struct JsonBytes(Bytes);
+
+impl FromRequest<Arc<Shared>> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<Shared>) -> Result<Self, ApiError> {
+        let headers = req.headers();
+        let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > state.max_body as u64) {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body of {} bytes is over the limit of {}", declared.unwrap_or(0), state.max_body),
+            ));
+        }
+        if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+            let is_json = ct
+                .to_str()
+                .ok()
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+            if !is_json {
+                return Err(ApiError(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "body must be application/json".into(),
+                ));
+            }
+        }
+        Bytes::from_request(req, state).await.map(JsonBytes).map_err(|r| ApiError(r.status(), r.body_text()))
+    }
+}
+
+async fn heartbeat(
+    State(s): State<Arc<Shared>>,
+    JsonBytes(body): JsonBytes,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    let report: NodeReport = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
+    let node_id = report.node_id.clone();
+    let mut c = s.cluster();
+    let transitions = c
+        .heartbeat(report, Instant::now())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
+    let reply = HeartbeatReply {
+        node_id,
+        heartbeat_ms: c.heartbeat_interval().as_millis() as u64,
+        missed_heartbeats: c.missed_heartbeats(),
+    };
+    drop(c);
+    log_transitions(&transitions);
+    s.accepted.send_modify(|n| *n += 1);
+    Ok(Json(reply))
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Json<StatusResponse> {
+    Json(s.status())
+}
+
+async fn nodes(State(s): State<Arc<Shared>>) -> Json<NodesResponse> {
+    Json(s.read(|c, now| c.nodes(now)))
+}
+
+async fn node(
+    State(s): State<Arc<Shared>>,
+    Path(node_id): Path<String>,
+) -> Result<Json<NodeEntry>, ApiError> {
+    s.read(|c, now| c.node(&node_id, now))
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no node `{node_id}`")))
+}
+
+async fn cores(State(s): State<Arc<Shared>>) -> Json<CoresResponse> {
+    Json(s.read(|c, _| c.cores()))
+}
+
+async fn tiers(State(s): State<Arc<Shared>>) -> Json<TiersResponse> {
+    Json(s.read(|c, _| c.tiers()))
+}
+
+async fn jobs(State(s): State<Arc<Shared>>) -> Json<JobsResponse> {
+    Json(s.read(|c, _| c.jobs()))
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}

@@ -1,0 +1,231 @@
+//! The control daemon: an async HTTP/JSON server (tokio + axum) over the
+//! cluster state in [`cluster::Cluster`].
+//!
+//! Nodes push a heartbeat with their [`NodeReport`](crate::api::NodeReport)
+//! every interval; the controller keeps the latest report per node, declares a
+//! node down after `missed_heartbeats` silent intervals, and serves the views
+//! in [`crate::api`]. It never touches a block.
+
+pub mod cluster;
+mod http;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{NodeState, StatusResponse};
+use cluster::{Cluster, Transition};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+/// Largest request body accepted; a node report with thousands of jobs fits.
+pub const DEFAULT_MAX_BODY: usize = 4 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Where the HTTP API listens; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The interval at which nodes are expected to send heartbeats.
+    pub heartbeat: Duration,
+    /// Silent intervals after which a node is declared down.
+    pub missed_heartbeats: u32,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            heartbeat: DEFAULT_HEARTBEAT,
+            missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("invalid controller configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("controller server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// State shared by the HTTP handlers, the sweeper and [`ControllerHandle`]s.
+pub(crate) struct Shared {
+    cluster: Mutex<Cluster>,
+    started: Instant,
+    max_body: usize,
+    /// Counts accepted heartbeats, so waiters wake when one arrives.
+    accepted: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn cluster(&self) -> MutexGuard<'_, Cluster> {
+        // The lock is never held across an await or a panic-prone call; if a
+        // handler did panic while holding it, the state is still consistent
+        // (every mutation is a single assignment), so recover it.
+        self.cluster.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the cluster after declaring down the nodes that are due,
+    /// so every read sees exact states without waiting for the sweeper.
+    fn read<T>(&self, f: impl FnOnce(&Cluster, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut c = self.cluster();
+        log_transitions(&c.sweep(now));
+        f(&c, now)
+    }
+
+    fn status(&self) -> StatusResponse {
+        self.read(|c, now| {
+            let nodes = c.summaries(now);
+            let up = nodes.iter().filter(|n| n.state == NodeState::Up).count();
+            StatusResponse {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+                heartbeat_ms: c.heartbeat_interval().as_millis() as u64,
+                missed_heartbeats: c.missed_heartbeats(),
+                nodes_up: up,
+                nodes_down: nodes.len() - up,
+                nodes,
+                tiers: c.tier_totals(),
+                jobs: c.job_count(),
+            }
+        })
+    }
+}
+
+fn log_transitions(transitions: &[Transition]) {
+    for t in transitions {
+        match t {
+            Transition::Joined { node_id, addr } => tracing::info!(node = %node_id, %addr, "node joined"),
+            Transition::Recovered { node_id, silent_for } => {
+                tracing::info!(node = %node_id, silent_ms = silent_for.as_millis() as u64, "node is back up")
+            }
+            Transition::Restarted { node_id } => {
+                tracing::warn!(node = %node_id, "node restarted: its counters went backwards")
+            }
+            Transition::Down { node_id, silent_for } => tracing::warn!(
+                node = %node_id,
+                silent_ms = silent_for.as_millis() as u64,
+                "node down: missed heartbeats"
+            ),
+        }
+    }
+}
+
+/// A bound, not yet serving, controller.
+pub struct Controller {
+    listener: TcpListener,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Controller {
+    /// Validates `cfg` and binds the listener; requests queue in the
+    /// listen backlog until [`Controller::serve`] runs.
+    pub async fn bind(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        if cfg.heartbeat.is_zero() {
+            return Err(ControllerError::Config("heartbeat interval must be positive".into()));
+        }
+        if cfg.missed_heartbeats == 0 {
+            return Err(ControllerError::Config("missed_heartbeats must be at least 1".into()));
+        }
+        if cfg.max_body < 1024 {
+            return Err(ControllerError::Config("max_body must be at least 1 KiB".into()));
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
+        let addr =
+            listener.local_addr().map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
+        let shared = Arc::new(Shared {
+            cluster: Mutex::new(Cluster::new(cfg.heartbeat, cfg.missed_heartbeats)),
+            started: Instant::now(),
+            max_body: cfg.max_body,
+            accepted: watch::Sender::new(0),
+        });
+        Ok(Controller { listener, addr, shared })
+    }
+
+    /// The address the API listens on (with the real port if 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ip:port`, the base URL of the API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn handle(&self) -> ControllerHandle {
+        ControllerHandle { shared: self.shared.clone() }
+    }
+
+    /// Serves the API until `shutdown` completes, then finishes the requests
+    /// in flight and returns.
+    pub async fn serve<F>(self, shutdown: F) -> Result<(), ControllerError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let sweeper = tokio::spawn(sweep(self.shared.clone()));
+        tracing::info!(addr = %self.addr, "controller listening");
+        let app = http::router(self.shared);
+        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        sweeper.abort();
+        served.map_err(ControllerError::Serve)
+    }
+}
+
+/// Declares nodes down on time even when nobody reads the API, so the log
+/// (and, later, recovery) reacts to a failure within a fraction of an interval.
+async fn sweep(shared: Arc<Shared>) {
+    let period = {
+        let c = shared.cluster();
+        (c.heartbeat_interval() / 4).max(Duration::from_millis(10))
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let transitions = shared.cluster().sweep(Instant::now());
+        log_transitions(&transitions);
+    }
+}
+
+/// Read access to a running controller from the process that embeds it.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ControllerHandle {
+    pub fn status(&self) -> StatusResponse {
+        self.shared.status()
+    }
+
+    /// Waits until the controller has a report from `node_id`; false on timeout.
+    pub async fn wait_for_node(&self, node_id: &str, timeout: Duration) -> bool {
+        let mut accepted = self.shared.accepted.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.shared.cluster().contains(node_id) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, accepted.changed()).await {
+                Ok(Ok(())) => continue,
+                // Timed out, or the controller is gone (sender dropped).
+                Ok(Err(_)) | Err(_) => return self.shared.cluster().contains(node_id),
+            }
+        }
+    }
+}

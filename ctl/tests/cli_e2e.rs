@@ -1,0 +1,346 @@
+//! End to end through the binaries: `pollen up` in a temporary directory,
+//! then `pollenctl` status / put / get / ls / rm against it, then SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pollen_ctl::api::{CoresResponse, LsOutput, NodeState, PollMode, PutOutput, StatusResponse};
+use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
+
+const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
+const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+
+/// A running `pollen up` in its own directory; killed on drop (by its
+/// [`Reaper`]) if the test did not stop it.
+struct PollenUp {
+    proc: Reaper,
+    dir: tempfile::TempDir,
+}
+
+impl PollenUp {
+    /// Starts `pollen up` with one core on free ports, in a fresh directory
+    /// whose `pollen-data/pollen.json` lets `pollenctl` find it.
+    fn start() -> (PollenUp, LocalCluster) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+        let child = Command::new(POLLEN)
+            .args(["up", "--cores", "1", "--port", "0", "--ctl-port", "0", "--dram-mb", "64"])
+            .args(["--heartbeat-ms", "200"])
+            .current_dir(dir.path())
+            .env_remove(CONTROLLER_ENV)
+            .stdin(Stdio::null())
+            .stdout(log("up.out"))
+            .stderr(log("up.err"))
+            .spawn()
+            .expect("spawn pollen up");
+        let mut up = PollenUp { proc: Reaper(Some(child)), dir };
+        let data = up.dir.path().join(DEFAULT_DATA_DIR);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(lc)) = LocalCluster::read(&data) {
+                return (up, lc);
+            }
+            if let Ok(Some(status)) = up.proc.0.as_mut().expect("running").try_wait() {
+                panic!("pollen up exited early with {status}\n{}", up.logs());
+            }
+            assert!(Instant::now() < deadline, "pollen up was not ready in 30 s\n{}", up.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn logs(&self) -> String {
+        let read = |n: &str| std::fs::read_to_string(self.path(n)).unwrap_or_default();
+        format!("--- pollen up stdout\n{}--- pollen up stderr\n{}", read("up.out"), read("up.err"))
+    }
+
+    /// Runs pollenctl in the cluster's directory.
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(POLLENCTL)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove(CONTROLLER_ENV)
+            .output()
+            .expect("run pollenctl")
+    }
+
+    /// Runs pollenctl and requires success.
+    fn ctl_ok(&self, args: &[&str]) -> Output {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "pollenctl {args:?} failed with {}\nstdout: {}\nstderr: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        out
+    }
+
+    fn ctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let out = self.ctl_ok(args);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("pollenctl {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure reproduces.
+fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn pollen_up_serves_pollenctl_end_to_end() {
+    let (mut up, lc) = PollenUp::start();
+    assert_eq!(lc.pid, up.proc.0.as_ref().expect("running").id());
+    assert!(lc.controller.starts_with("http://127.0.0.1:"), "{}", lc.controller);
+    assert!(lc.node.starts_with("127.0.0.1:"), "{}", lc.node);
+    let stdout = std::fs::read_to_string(up.path("up.out")).unwrap();
+    assert!(stdout.contains(&lc.controller), "pollen up prints where it listens:\n{stdout}");
+    assert!(stdout.contains("pollenctl status") && stdout.contains("pollenctl put"), "{stdout}");
+
+    // status --json, with the controller found through ./pollen-data/pollen.json.
+    // A core publishes its tier capacity just after it reports ready, so the
+    // first heartbeat can carry capacity 0: wait (a few heartbeats at most)
+    // for a report that has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let s = loop {
+        let s: StatusResponse = up.ctl_json(&["status", "--json"]);
+        let has_capacity = s.tiers.iter().any(|t| t.capacity_bytes > 0);
+        if has_capacity || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s.nodes.len(), 1, "{s:?}");
+    let n = &s.nodes[0];
+    assert_eq!((n.node_id.as_str(), n.addr.as_str(), n.state), ("node-0", lc.node.as_str(), NodeState::Up));
+    assert_eq!(n.cores, 1);
+    assert_eq!(n.poll_mode, PollMode::Adaptive);
+    assert_eq!(n.block_size, 65536);
+    let dram = n.tiers.iter().find(|t| t.tier == "dram").expect("a dram tier");
+    assert_eq!(dram.capacity_bytes, 64 << 20);
+    let raw: serde_json::Value = up.ctl_json(&["status", "--json"]);
+    let net = raw["nodes"][0]["net"].as_str().expect("net backend present");
+    assert!(net == "uring" || net == "epoll", "{net}");
+
+    // --controller explicitly, on another command.
+    let cores: CoresResponse = up.ctl_json(&["--controller", &lc.controller, "cores", "--json"]);
+    assert_eq!(cores.cores.len(), 1);
+    assert_eq!(cores.cores[0].node_id, "node-0");
+
+    // put / get of a 5 MiB random file, byte for byte.
+    let data = random_bytes(5 << 20, 0x5eed_cafe_f00d_0001);
+    std::fs::write(up.path("input.bin"), &data).unwrap();
+    let put: PutOutput = up.ctl_json(&["put", "e2e", "data/input.bin", "input.bin", "--json"]);
+    assert_eq!((put.bytes, put.registered_job, put.node.as_str()), (5 << 20, true, lc.node.as_str()));
+    up.ctl_ok(&["get", "e2e", "data/input.bin", "output.bin"]);
+    let back = std::fs::read(up.path("output.bin")).unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the object read back differs from the one written");
+
+    // A second put of the same name is refused: objects are immutable.
+    let again = up.ctl(&["put", "e2e", "data/input.bin", "input.bin"]);
+    assert!(!again.status.success());
+    assert!(stderr_of(&again).contains("already exists"), "{}", stderr_of(&again));
+
+    // ls lists it (and its directory at the root).
+    let ls: LsOutput = up.ctl_json(&["ls", "e2e", "data", "--json"]);
+    assert_eq!(ls.entries.len(), 1, "{ls:?}");
+    let e = &ls.entries[0];
+    assert_eq!((e.name.as_str(), e.is_dir, e.size), ("input.bin", false, 5 << 20));
+    let root: LsOutput = up.ctl_json(&["ls", "e2e", "--json"]);
+    assert!(root.entries.iter().any(|e| e.name == "data" && e.is_dir), "{root:?}");
+    let human = up.ctl_ok(&["ls", "e2e", "data"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("input.bin"));
+
+    // rm, after which it is gone.
+    up.ctl_ok(&["rm", "e2e", "data/input.bin"]);
+    let ls: LsOutput = up.ctl_json(&["ls", "e2e", "data", "--json"]);
+    assert!(ls.entries.is_empty(), "{ls:?}");
+    let gone = up.ctl(&["get", "e2e", "data/input.bin", "gone.bin"]);
+    assert!(!gone.status.success());
+    assert!(stderr_of(&gone).contains("not found"), "{}", stderr_of(&gone));
+    assert!(!up.path("gone.bin").exists(), "a failed get leaves no file");
+    let no_job = up.ctl(&["ls", "nosuchjob"]);
+    assert!(!no_job.status.success());
+    assert!(stderr_of(&no_job).contains("no job `nosuchjob`"), "{}", stderr_of(&no_job));
+
+    // SIGTERM: a clean stop, exit 0, and the discovery file is removed.
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
+    assert!(!up.path(DEFAULT_DATA_DIR).join("pollen.json").exists(), "pollen.json removed on stop");
+}
+
+fn run(bin: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new(bin).args(args).current_dir(cwd).env_remove(CONTROLLER_ENV).output().expect("run")
+}
+
+#[test]
+fn pollenctl_explains_a_missing_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    std::fs::write(dir.path().join("small.txt"), b"hello").unwrap();
+    for args in [vec!["status"], vec!["put", "j", "n", "small.txt"], vec!["ls", "j", "--json"]] {
+        let mut all = vec!["--controller", url.as_str()];
+        all.extend(&args);
+        let out = run(POLLENCTL, &all, dir.path());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr_of(&out);
+        assert!(err.contains(&format!("no controller at {url}")), "{args:?}: {err}");
+        assert!(err.contains("is `pollen up` running?"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn bad_command_lines_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str], &str)] = &[
+        (POLLENCTL, &["put", "onlyjob"], "required"),
+        (POLLENCTL, &["frobnicate"], "unrecognized subcommand"),
+        (POLLEN, &["up", "--block-size", "lots"], "expected a whole number"),
+        (POLLEN, &["up", "--poll", "sometimes"], "invalid value"),
+        (POLLEN, &["up", "--heartbeat-ms", "0"], "invalid value"),
+    ];
+    for (bin, args, expect) in cases {
+        let out = run(bin, args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: usage errors exit 2");
+        assert!(stderr_of(&out).contains(expect), "{args:?}: {}", stderr_of(&out));
+    }
+    // Valid syntax, invalid values: refused before anything starts.
+    let out = run(POLLEN, &["up", "--block-size", "3MiB", "--port", "0", "--ctl-port", "0"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("power of two"), "{}", stderr_of(&out));
+    let out = run(POLLEN, &["up", "--cores", "0", "--port", "0", "--ctl-port", "0"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("cores"), "{}", stderr_of(&out));
+
+    // A put of a missing file names the file, before touching any cluster.
+    let out =
+        run(POLLENCTL, &["--controller", "http://127.0.0.1:1", "put", "j", "n", "missing.bin"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("missing.bin"), "{}", stderr_of(&out));
+
+    let help = run(POLLENCTL, &["--help"], dir.path());
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("POLLEN_CONTROLLER"));
+}
+
+/// Kills the child on drop unless it was already reaped.
+struct Reaper(Option<Child>);
+
+impl Reaper {
+    /// SIGTERM, then the exit status (within 15 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("process did not exit within 15 s of SIGTERM");
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn separate_controller_and_node_processes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Command::new(POLLEN)
+        .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pollen controller");
+    let stdout = ctl.stdout.take().unwrap();
+    let mut ctl = Reaper(Some(ctl));
+    // "controller listening on http://127.0.0.1:PORT; ..."
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .trim_end_matches(';')
+        .to_string();
+
+    let mut node = Reaper(Some(
+        Command::new(POLLEN)
+            .args(["node", "--port", "0", "--cores", "1", "--dram-mb", "16", "--block-size", "16KiB"])
+            .args(["--node-id", "solo", "--heartbeat-ms", "100", "--controller", &url])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pollen node"),
+    ));
+    let status = |want: NodeState| -> StatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run(POLLENCTL, &["--controller", &url, "status", "--json"], dir.path());
+            if out.status.success() {
+                let s: StatusResponse = serde_json::from_slice(&out.stdout).expect("status JSON");
+                // As in the test above: wait for a report with the tier capacity published.
+                let published =
+                    |n: &pollen_ctl::api::NodeSummary| n.tiers.iter().any(|t| t.capacity_bytes > 0);
+                if s.nodes.first().is_some_and(|n| n.state == want && published(n)) {
+                    return s;
+                }
+            }
+            assert!(Instant::now() < deadline, "node never became {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let s = status(NodeState::Up);
+    assert_eq!(s.heartbeat_ms, 100);
+    let n = &s.nodes[0];
+    assert_eq!((n.node_id.as_str(), n.cores, n.block_size), ("solo", 1, 16 << 10));
+    assert_eq!(n.tiers[0].capacity_bytes, 16 << 20);
+
+    // Stopping the node: exit 0, then the controller declares it down.
+    let exit = node.terminate();
+    assert!(exit.success(), "pollen node exited with {exit}");
+    let s = status(NodeState::Down);
+    assert_eq!((s.nodes_up, s.nodes_down), (0, 1));
+
+    let exit = ctl.terminate();
+    assert!(exit.success(), "pollen controller exited with {exit}");
+}
