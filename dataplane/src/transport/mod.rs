@@ -5,6 +5,9 @@
 pub mod epoll;
 pub mod uring;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::time::Duration;
 
@@ -17,7 +20,9 @@ pub trait EventSink {
     fn accepted(&mut self, conn: ConnId);
     /// Bytes arrived on `conn`. The slice is only valid during the call.
     fn received(&mut self, conn: ConnId, data: &[u8]);
-    /// `conn`'s unsent output fell to zero after having been non-zero.
+    /// `conn`'s unsent output fell to zero after having been non-zero, seen
+    /// during `poll`. Output that drains inside `flush` may not be reported,
+    /// so consumers also check `Transport::unsent`.
     fn drained(&mut self, conn: ConnId);
     /// `conn` is gone (peer closed, error, or a requested close completed).
     fn closed(&mut self, conn: ConnId);
