@@ -222,6 +222,41 @@ fn pipelined_out_of_order(net: NetBackend) {
     n.shutdown();
 }
 
+/// A client that shuts its write side after its requests (as `nc -N` does)
+/// still gets every reply, a forwarded one included, and then EOF.
+fn half_close_gets_replies(net: NetBackend) {
+    let n = start(net, 2, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    // A job whose namespace lives on core 1, asked about on core 0's port.
+    let name = (0..).map(|i| format!("job{i}")).find(|j| meta_core(j, 2) == 1).unwrap();
+    let job = c.register_job(&name, JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", b"abc", PutOptions::default()).unwrap();
+    let forwarded_before = n.report().cores[0].forwarded;
+    let mut raw = Raw::connect(n.core_addrs()[0]);
+    let mut batch = Vec::new();
+    for id in 0..20u64 {
+        batch.extend(Raw::frame(Opcode::Ping, 0, id, &[], &id.to_le_bytes()));
+    }
+    // Last, so the end of input arrives while its answer is still away.
+    batch.extend(Raw::frame(Opcode::Lookup, 0, 20, format!("{name}/x").as_bytes(), &[]));
+    raw.send(&batch);
+    raw.0.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut seen = HashSet::new();
+    for _ in 0..=20 {
+        let r = raw.recv().expect("a reply after the client's half-close");
+        assert_eq!(r.header.status, Status::Ok as u16);
+        match r.header.request_id {
+            20 => assert_eq!(r.header.opcode, Opcode::Lookup as u8),
+            id => assert_eq!(r.body, id.to_le_bytes()),
+        }
+        assert!(seen.insert(r.header.request_id), "reply {} twice", r.header.request_id);
+    }
+    assert_eq!(seen, (0..=20).collect());
+    assert!(raw.closed(), "EOF after the last reply");
+    assert!(n.report().cores[0].forwarded > forwarded_before, "the lookup was forwarded");
+    n.shutdown();
+}
+
 fn malformed_frames_close_only_their_connection(net: NetBackend) {
     let n = start(net, 1, 16);
     let addr = n.core_addrs()[0];
@@ -364,6 +399,7 @@ on_both_backends!(
     capacity_exhaustion,
     block_api,
     pipelined_out_of_order,
+    half_close_gets_replies,
     malformed_frames_close_only_their_connection,
     disconnect_mid_frame,
     concurrent_clients,

@@ -92,6 +92,10 @@ struct Conn {
     paused: bool,
     /// A forward found the target ring full; parsing resumes next pass.
     stalled: bool,
+    /// The peer finished sending: close once every request is answered.
+    peer_closed: bool,
+    /// Requests forwarded to other cores whose responses have not come back.
+    awaiting: u32,
 }
 
 /// The part of a core that network events act on, split from the transport
@@ -225,6 +229,11 @@ impl<T: Transport> Core<T> {
                 self.transport.send(id, &mut c.tx);
                 work += 1;
             }
+            if c.peer_closed && !c.closing && c.awaiting == 0 && !holds_frame(&c.partial, &st.cfg.limits) {
+                // Every request the peer sent is answered: close like after
+                // a fatal frame, once the answers are out.
+                c.closing = true;
+            }
             if c.closing && !c.close_requested {
                 c.close_requested = true;
                 self.transport.close(id);
@@ -346,7 +355,12 @@ impl State {
             }
             Msg::Response { conn, gen, frame } => {
                 let Some(c) = self.conns.get_mut(conn) else { return };
-                if c.live && c.gen == gen && !c.closing {
+                if !c.live || c.gen != gen {
+                    return;
+                }
+                debug_assert!(c.awaiting > 0, "response for conn {conn} that awaits none");
+                c.awaiting = c.awaiting.saturating_sub(1);
+                if !c.closing {
                     c.tx.extend_from_slice(&frame);
                     self.mark_dirty(conn);
                 }
@@ -453,6 +467,7 @@ impl State {
         if out.try_push(m).is_err() {
             return false;
         }
+        self.conns[id].awaiting += 1;
         self.forwarded += 1;
         true
     }
@@ -512,6 +527,11 @@ impl State {
     }
 }
 
+/// Whether `buf` starts with a whole frame (parsing is paused or stalled).
+fn holds_frame(buf: &[u8], limits: &Limits) -> bool {
+    matches!(proto::decode_header(buf, limits, true), Ok(Some(h)) if buf.len() >= h.frame_len())
+}
+
 /// The request id of a frame whose header may be invalid (0 if unreadable).
 fn frame_id(buf: &[u8]) -> u64 {
     if buf.len() >= 16 && buf[0..2] == proto::MAGIC.to_le_bytes() {
@@ -550,6 +570,15 @@ impl EventSink for State {
         } else {
             c.partial.extend_from_slice(data);
             self.parse_partial(conn);
+        }
+    }
+
+    fn peer_closed(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.live {
+            c.peer_closed = true;
+            // `finish_pass` closes once the outstanding answers are out.
+            self.mark_dirty(conn);
         }
     }
 

@@ -1,15 +1,16 @@
 //! epoll transport through mio: the fallback when io_uring is unavailable.
 
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::os::fd::RawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::{ConnId, EventSink, Transport};
+use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
 use crate::node::NetBackend;
 
 const WAKER: Token = Token(usize::MAX);
@@ -25,8 +26,18 @@ struct Conn {
     /// Edge-triggered readiness that has not been consumed yet.
     readable: bool,
     write_interest: bool,
+    /// Close requested: input is discarded, output finishes, then our write
+    /// side is shut.
     closing: bool,
+    /// Our write side is shut (the close's output is all out); waiting for
+    /// the peer's EOF.
+    shut: bool,
+    /// The peer's EOF was read.
+    eof: bool,
     dead: bool,
+    /// While closing: when the close stops waiting, and its slot in `closes`.
+    deadline: Option<Instant>,
+    close_slot: usize,
 }
 
 pub struct EpollTransport {
@@ -41,6 +52,9 @@ pub struct EpollTransport {
     revisit: Vec<ConnId>,
     /// Connections with output queued since the last flush.
     dirty: Vec<ConnId>,
+    /// Connections with a close under way.
+    closes: CloseList,
+    timeouts: CloseTimeouts,
     waker_fd: RawFd,
 }
 
@@ -70,8 +84,15 @@ impl EpollTransport {
             scratch: vec![0; rx_buf],
             revisit: Vec::new(),
             dirty: Vec::new(),
+            closes: CloseList::new(),
+            timeouts: CloseTimeouts::DEFAULT,
             waker_fd,
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_close_timeouts(&mut self, t: CloseTimeouts) {
+        self.timeouts = t;
     }
 
     fn accept_all(&mut self, li: usize, sink: &mut dyn EventSink) -> usize {
@@ -99,7 +120,11 @@ impl EpollTransport {
                         readable: true,
                         write_interest: false,
                         closing: false,
+                        shut: false,
+                        eof: false,
                         dead: false,
+                        deadline: None,
+                        close_slot: 0,
                     });
                     sink.accepted(id);
                     self.revisit.push(id);
@@ -116,12 +141,13 @@ impl EpollTransport {
         }
     }
 
-    /// Reads until WouldBlock or the budget; returns true if it should be revisited.
+    /// Reads until WouldBlock, EOF or the budget; returns true if it should
+    /// be revisited. A closing connection's input is read and discarded.
     fn read_conn(&mut self, id: ConnId, sink: &mut dyn EventSink) -> bool {
         let mut budget = READ_BUDGET;
         loop {
             let Some(c) = self.conns.get_mut(id) else { return false };
-            if !c.reading || c.dead || c.closing {
+            if c.dead || c.eof || !(c.reading || c.closing) {
                 return false;
             }
             if budget == 0 {
@@ -129,12 +155,22 @@ impl EpollTransport {
             }
             match c.stream.read(&mut self.scratch) {
                 Ok(0) => {
-                    c.dead = true;
-                    return true;
+                    c.eof = true;
+                    if !c.closing {
+                        // Half-closed: the consumer answers, then closes.
+                        sink.peer_closed(id);
+                        return false;
+                    }
+                    // A lingering close is done; one still writing ends
+                    // when its output is out (see `end_output`).
+                    c.dead = c.shut;
+                    return c.dead;
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
-                    sink.received(id, &self.scratch[..n]);
+                    if !c.closing {
+                        sink.received(id, &self.scratch[..n]);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.readable = false;
@@ -182,7 +218,7 @@ impl EpollTransport {
             }
             c.write_interest = pending;
         }
-        if (c.closing && !pending) || c.dead {
+        if (c.closing && !c.shut && !pending) || c.dead {
             self.revisit.push(id);
         } else if had > 0 && !pending {
             if let Some(sink) = sink {
@@ -191,8 +227,70 @@ impl EpollTransport {
         }
     }
 
+    /// A closing connection whose output is all written: shuts our write
+    /// side, so the peer sees EOF right after our last byte, and lingers for
+    /// the peer's EOF (closing now, with input unread, would send a reset
+    /// that can destroy those last bytes in the peer's kernel).
+    fn end_output(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id) else { return };
+        if !c.closing || c.shut || c.dead || c.sent < c.out.len() {
+            return;
+        }
+        c.shut = true;
+        if c.eof || c.stream.shutdown(Shutdown::Write).is_err() {
+            c.dead = true;
+            return;
+        }
+        let d = Instant::now() + self.timeouts.linger;
+        c.deadline = Some(d);
+        self.closes.note(d);
+    }
+
+    /// Ends closes past their deadline; returns `timeout` shortened to the
+    /// next deadline.
+    fn expire_closes(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        if self.closes.is_empty() {
+            return timeout;
+        }
+        let now = Instant::now();
+        if self.closes.due(now) {
+            let mut earliest: Option<Instant> = None;
+            for &id in self.closes.ids() {
+                let Some(c) = self.conns.get_mut(id) else {
+                    debug_assert!(false, "listed close {id} has no connection");
+                    continue;
+                };
+                debug_assert!(c.closing);
+                if c.dead {
+                    continue;
+                }
+                match c.deadline {
+                    Some(d) if d <= now => {
+                        tracing::debug!(
+                            conn = id,
+                            shut = c.shut,
+                            unsent = c.out.len() - c.sent,
+                            "close timed out"
+                        );
+                        c.dead = true;
+                        self.revisit.push(id);
+                    }
+                    Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
+                    None => debug_assert!(false, "closing connection {id} without a deadline"),
+                }
+            }
+            self.closes.set_earliest(earliest);
+        }
+        self.closes.wait(now, timeout)
+    }
+
     fn drop_conn(&mut self, id: ConnId, sink: &mut dyn EventSink) {
         if let Some(mut c) = self.conns.try_remove(id) {
+            if c.closing {
+                if let Some(moved) = self.closes.remove(c.close_slot) {
+                    self.conns[moved].close_slot = c.close_slot;
+                }
+            }
             let _ = self.poll.registry().deregister(&mut c.stream);
             sink.closed(id);
         }
@@ -206,15 +304,17 @@ impl Transport for EpollTransport {
 
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<usize> {
         let mut n = 0;
+        let timeout = self.expire_closes(timeout);
         // Work carried over from the last pass first: it cannot wait for an edge.
         let revisit = std::mem::take(&mut self.revisit);
         let timeout = if revisit.is_empty() { timeout } else { Some(Duration::ZERO) };
         for id in revisit {
+            self.end_output(id);
             let Some(c) = self.conns.get(id) else { continue };
-            if c.dead || (c.closing && c.sent >= c.out.len()) {
+            if c.dead {
                 self.drop_conn(id, sink);
                 n += 1;
-            } else if c.readable && c.reading && self.read_conn(id, sink) {
+            } else if c.readable && (c.reading || c.closing) && self.read_conn(id, sink) {
                 self.revisit.push(id);
             }
         }
@@ -262,7 +362,7 @@ impl Transport for EpollTransport {
             buf.clear();
             return;
         };
-        if c.dead {
+        if c.dead || c.shut {
             buf.clear();
             return;
         }
@@ -291,10 +391,15 @@ impl Transport for EpollTransport {
     }
 
     fn close(&mut self, conn: ConnId) {
-        if let Some(c) = self.conns.get_mut(conn) {
-            c.closing = true;
-            self.revisit.push(conn);
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.closing || c.dead {
+            return;
         }
+        c.closing = true;
+        let d = Instant::now() + self.timeouts.drain;
+        c.deadline = Some(d);
+        c.close_slot = self.closes.insert(conn, d);
+        self.revisit.push(conn);
     }
 
     fn flush(&mut self) -> io::Result<()> {

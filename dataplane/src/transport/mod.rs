@@ -9,7 +9,7 @@ pub mod uring;
 mod tests;
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A connection's handle inside one core's transport. Ids are reused only
 /// after `EventSink::closed` has been delivered for the previous holder.
@@ -20,12 +20,105 @@ pub trait EventSink {
     fn accepted(&mut self, conn: ConnId);
     /// Bytes arrived on `conn`. The slice is only valid during the call.
     fn received(&mut self, conn: ConnId, data: &[u8]);
+    /// The peer finished sending (it shut its write side, or closed): every
+    /// byte it sent has been delivered, and nothing more will be. The
+    /// connection stays open for output, so a client that half-closes after
+    /// its requests still gets its replies; the consumer sends what it owes
+    /// and then calls `Transport::close`, which it must do eventually.
+    /// Delivered at most once per connection, only while reading is on, and
+    /// never after `close` was requested.
+    fn peer_closed(&mut self, conn: ConnId);
     /// `conn`'s unsent output fell to zero after having been non-zero, seen
     /// during `poll`. Output that drains inside `flush` may not be reported,
     /// so consumers also check `Transport::unsent`.
     fn drained(&mut self, conn: ConnId);
-    /// `conn` is gone (peer closed, error, or a requested close completed).
+    /// `conn` is gone (a requested close completed, or an error or reset
+    /// ended it) and its id may be reused.
     fn closed(&mut self, conn: ConnId);
+}
+
+/// Bounds on a requested close (see `Transport::close`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseTimeouts {
+    /// From the close request until queued output is written; covers a peer
+    /// that stops reading.
+    pub drain: Duration,
+    /// From our end of output until the peer's EOF; covers a peer that never
+    /// closes.
+    pub linger: Duration,
+}
+
+impl CloseTimeouts {
+    pub const DEFAULT: CloseTimeouts =
+        CloseTimeouts { drain: Duration::from_secs(10), linger: Duration::from_secs(2) };
+}
+
+/// The connections whose close is under way, for their backend to check
+/// deadlines in O(closing), and only once the earliest may have passed. Each
+/// listed connection keeps its slot, so unlisting is O(1).
+pub(crate) struct CloseList {
+    ids: Vec<ConnId>,
+    /// No listed deadline is earlier. Unlisting or postponing leaves it early,
+    /// which costs one needless check.
+    earliest: Option<Instant>,
+}
+
+impl CloseList {
+    pub(crate) fn new() -> CloseList {
+        CloseList { ids: Vec::new(), earliest: None }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub(crate) fn ids(&self) -> &[ConnId] {
+        &self.ids
+    }
+
+    /// Lists `id`; returns the slot its owner keeps for `remove`.
+    pub(crate) fn insert(&mut self, id: ConnId, deadline: Instant) -> usize {
+        self.note(deadline);
+        self.ids.push(id);
+        self.ids.len() - 1
+    }
+
+    /// A listed connection has a new deadline.
+    pub(crate) fn note(&mut self, deadline: Instant) {
+        self.earliest = Some(self.earliest.map_or(deadline, |e| e.min(deadline)));
+    }
+
+    /// Unlists the connection in `slot`. Returns the connection moved into
+    /// `slot`, whose owner must record its new slot.
+    pub(crate) fn remove(&mut self, slot: usize) -> Option<ConnId> {
+        assert!(slot < self.ids.len(), "close slot {slot} out of range");
+        self.ids.swap_remove(slot);
+        if self.ids.is_empty() {
+            self.earliest = None;
+        }
+        self.ids.get(slot).copied()
+    }
+
+    /// Whether a deadline may have passed by `now`.
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        self.earliest.is_some_and(|e| e <= now)
+    }
+
+    /// After a check: the earliest deadline still ahead, if any.
+    pub(crate) fn set_earliest(&mut self, earliest: Option<Instant>) {
+        self.earliest = earliest;
+    }
+
+    /// `timeout`, shortened so a parked poll wakes for the earliest deadline.
+    pub(crate) fn wait(&self, now: Instant, timeout: Option<Duration>) -> Option<Duration> {
+        match self.earliest {
+            None => timeout,
+            Some(e) => {
+                let d = e.saturating_duration_since(now);
+                Some(timeout.map_or(d, |t| t.min(d)))
+            }
+        }
+    }
 }
 
 pub trait Transport {
@@ -33,7 +126,8 @@ pub trait Transport {
 
     /// Gathers network events and delivers them to `sink`. `timeout`:
     /// `Some(ZERO)` never blocks, `None` blocks until a network event or a
-    /// wake-up of the core's waker. Returns the number of events delivered.
+    /// wake-up of the core's waker, or until the nearest close deadline while
+    /// closes are under way. Returns the number of events delivered.
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<usize>;
 
     /// Queues `buf`'s bytes for `conn` and leaves `buf` empty (its capacity
@@ -47,7 +141,13 @@ pub trait Transport {
     /// Stops or resumes reading `conn` (backpressure).
     fn set_reading(&mut self, conn: ConnId, on: bool);
 
-    /// Closes `conn` once its queued output is written.
+    /// Closes `conn` gracefully. Input is no longer delivered (it is read
+    /// and discarded, so a peer still sending cannot stall the close, nor
+    /// make the kernel answer with a reset that destroys our last bytes).
+    /// Queued output is written; then our write side is shut, so the peer
+    /// sees EOF right after our last byte, and the connection is closed at the
+    /// peer's EOF. `CloseTimeouts` bound both waits; `closed` follows either
+    /// way. Output sent after `close` may be dropped.
     fn close(&mut self, conn: ConnId);
 
     /// Pushes queued output to the kernel (one batch per loop pass).

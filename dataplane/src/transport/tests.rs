@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::epoll::EpollTransport;
 use super::uring::{self, UringTransport};
-use super::{ConnId, EventSink, Transport};
+use super::{CloseTimeouts, ConnId, EventSink, Transport};
 use crate::core::waker::Waker;
 use crate::node::NetBackend;
 
@@ -27,7 +27,8 @@ enum Backend {
     UringTinyPool,
 }
 
-/// Records what a transport reports and checks the id rules as it goes.
+/// Records what a transport reports and checks the id and ordering rules as
+/// it goes.
 #[derive(Default)]
 struct Recorder {
     live: HashSet<ConnId>,
@@ -35,6 +36,12 @@ struct Recorder {
     data: HashMap<ConnId, Vec<u8>>,
     drained: HashMap<ConnId, usize>,
     closed: Vec<ConnId>,
+    /// Live connections whose close was requested (`Harness::close`).
+    closing: HashSet<ConnId>,
+    /// Live connections whose peer finished sending.
+    eof: HashSet<ConnId>,
+    /// `peer_closed` events not yet seen by the harness.
+    new_eofs: Vec<ConnId>,
 }
 
 impl EventSink for Recorder {
@@ -46,7 +53,16 @@ impl EventSink for Recorder {
     fn received(&mut self, conn: ConnId, data: &[u8]) {
         assert!(self.live.contains(&conn), "bytes for unknown connection {conn}");
         assert!(!data.is_empty(), "empty receive for {conn}");
+        assert!(!self.eof.contains(&conn), "bytes for {conn} after its peer_closed");
+        assert!(!self.closing.contains(&conn), "bytes for {conn} after its close was requested");
         self.data.entry(conn).or_default().extend_from_slice(data);
+    }
+
+    fn peer_closed(&mut self, conn: ConnId) {
+        assert!(self.live.contains(&conn), "peer_closed for unknown connection {conn}");
+        assert!(self.eof.insert(conn), "peer_closed twice for {conn}");
+        assert!(!self.closing.contains(&conn), "peer_closed for {conn} after its close was requested");
+        self.new_eofs.push(conn);
     }
 
     fn drained(&mut self, conn: ConnId) {
@@ -56,6 +72,8 @@ impl EventSink for Recorder {
 
     fn closed(&mut self, conn: ConnId) {
         assert!(self.live.remove(&conn), "closed twice, or never accepted: {conn}");
+        self.closing.remove(&conn);
+        self.eof.remove(&conn);
         self.closed.push(conn);
     }
 }
@@ -67,13 +85,16 @@ struct Harness {
     addr: SocketAddr,
     waker: Arc<Waker>,
     backend: Backend,
+    /// Close a connection as soon as its peer finished sending, as a
+    /// consumer with nothing left to answer does.
+    auto_close: bool,
 }
 
 fn harness(b: Backend) -> Option<Harness> {
-    harness_with(b, 1024)
+    harness_with(b, 1024, CloseTimeouts::DEFAULT)
 }
 
-fn harness_with(b: Backend, max_conns: usize) -> Option<Harness> {
+fn harness_with(b: Backend, max_conns: usize, timeouts: CloseTimeouts) -> Option<Harness> {
     if b != Backend::Epoll {
         if let Err(reason) = uring::probe() {
             eprintln!("skipping {b:?}: io_uring unavailable: {reason}");
@@ -85,22 +106,47 @@ fn harness_with(b: Backend, max_conns: usize) -> Option<Harness> {
     let waker = Arc::new(Waker::new().expect("eventfd"));
     let (fd, ls) = (waker.fd(), vec![l]);
     let t: Box<dyn Transport> = match b {
-        Backend::Epoll => Box::new(EpollTransport::new(ls, fd, max_conns, 256 << 10).expect("epoll")),
-        Backend::Uring => Box::new(UringTransport::new(ls, fd, max_conns, 256 << 10).expect("io_uring")),
-        Backend::UringTinyPool => {
-            Box::new(UringTransport::with_buffers(ls, fd, max_conns, 4096, 8).expect("io_uring"))
+        Backend::Epoll => {
+            let mut t = EpollTransport::new(ls, fd, max_conns, 256 << 10).expect("epoll");
+            t.set_close_timeouts(timeouts);
+            Box::new(t)
+        }
+        Backend::Uring | Backend::UringTinyPool => {
+            let mut t = if b == Backend::Uring {
+                UringTransport::new(ls, fd, max_conns, 256 << 10)
+            } else {
+                UringTransport::with_buffers(ls, fd, max_conns, 4096, 8)
+            }
+            .expect("io_uring");
+            t.set_close_timeouts(timeouts);
+            Box::new(t)
         }
     };
     let want = if b == Backend::Epoll { NetBackend::Epoll } else { NetBackend::Uring };
     assert_eq!(t.backend(), want);
-    Some(Harness { t, sink: Recorder::default(), addr, waker, backend: b })
+    Some(Harness { t, sink: Recorder::default(), addr, waker, backend: b, auto_close: true })
 }
 
 impl Harness {
     /// One core-loop pass: poll, then flush.
     fn pass(&mut self) {
         self.t.poll(Some(Duration::from_millis(2)), &mut self.sink).expect("poll");
+        self.after_poll();
+    }
+
+    fn after_poll(&mut self) {
+        for id in std::mem::take(&mut self.sink.new_eofs) {
+            if self.auto_close {
+                self.close(id);
+            }
+        }
         self.t.flush().expect("flush");
+    }
+
+    fn close(&mut self, id: ConnId) {
+        assert!(self.sink.live.contains(&id), "close of unknown connection {id}");
+        self.sink.closing.insert(id);
+        self.t.close(id);
     }
 
     fn until(&mut self, what: &str, mut done: impl FnMut(&mut Harness) -> bool) {
@@ -287,7 +333,7 @@ fn close_after_queued_output(b: Backend) {
         h.t.send(id, &mut v);
         h.pass();
     }
-    h.t.close(id);
+    h.close(id);
     let reader = thread::spawn(move || {
         let mut s = s;
         let mut v = Vec::new();
@@ -303,12 +349,169 @@ fn close_after_queued_output(b: Backend) {
     assert!(late.is_empty());
     assert_eq!(h.t.unsent(id), 0);
 
-    // Nothing queued: the close is immediate and the peer sees EOF.
+    // Nothing queued: the peer sees EOF at once, and the close completes
+    // when it closes too.
     let (mut s2, id2) = h.connect();
-    h.t.close(id2);
-    h.until("the second close", |h| h.is_closed(id2));
+    h.close(id2);
+    h.pass();
     let mut b1 = [0u8; 1];
     assert_eq!(s2.read(&mut b1).unwrap(), 0);
+    drop(s2);
+    h.until("the second close", |h| h.is_closed(id2));
+}
+
+/// A close while the peer is still sending (say, the rest of a pipeline
+/// after a malformed frame): the peer must get our last bytes and a clean
+/// EOF, not a reset that can destroy them.
+fn close_discards_late_input(b: Backend) {
+    let Some(mut h) = harness(b) else { return };
+    let (s, id) = h.connect();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || -> io::Result<Vec<u8>> {
+        let mut s = s;
+        s.write_all(b"bad frame")?;
+        go_rx.recv().expect("the go signal");
+        // The server has queued its answer and closed; we send on regardless
+        // before reading anything.
+        s.write_all(&pattern(1 << 20, 7))?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    h.until("the bad frame", |h| h.received(id) >= 9);
+    let reply = pattern(256 << 10, 8);
+    let mut out = reply.clone();
+    h.t.send(id, &mut out);
+    h.close(id);
+    h.pass();
+    go_tx.send(()).unwrap();
+    h.until("the client and the close", |h| client.is_finished() && h.is_closed(id));
+    let got = client.join().unwrap().unwrap_or_else(|e| panic!("{b:?}: client saw {e}"));
+    assert_eq!(got.len(), reply.len(), "{b:?}: reply cut short");
+    assert!(got == reply, "{b:?}: reply corrupted");
+    assert_eq!(h.take(id), b"bad frame", "{b:?}: input after close was delivered");
+}
+
+/// Only the drain deadline is short.
+const SHORT_DRAIN: CloseTimeouts =
+    CloseTimeouts { drain: Duration::from_millis(300), linger: Duration::from_secs(60) };
+/// Only the linger deadline is short.
+const SHORT_LINGER: CloseTimeouts =
+    CloseTimeouts { drain: Duration::from_secs(60), linger: Duration::from_millis(300) };
+
+/// A peer that never reads cannot keep a close (and its output) forever.
+fn close_gives_up_on_stuck_output(b: Backend) {
+    let Some(mut h) = harness_with(b, 16, SHORT_DRAIN) else { return };
+    let (s, id) = h.connect();
+    let mut big = pattern(8 << 20, 9);
+    h.t.send(id, &mut big);
+    for _ in 0..20 {
+        h.pass();
+    }
+    assert!(h.t.unsent(id) > 0, "{b:?}: 8 MiB cannot fit in socket buffers");
+    let start = Instant::now();
+    h.close(id);
+    h.until("the close", |h| h.is_closed(id));
+    let took = start.elapsed();
+    assert!(took >= SHORT_DRAIN.drain, "{b:?}: closed before the drain deadline ({took:?})");
+    assert!(took < SHORT_DRAIN.drain + Duration::from_secs(3), "{b:?}: close took {took:?}");
+    drop(s);
+}
+
+/// After our last byte, a peer that never closes is waited for only until
+/// the linger deadline, and a parked poll wakes up for it.
+fn close_lingers_until_deadline(b: Backend) {
+    let Some(mut h) = harness_with(b, 16, SHORT_LINGER) else { return };
+    let (mut s, id) = h.connect();
+    let mut bye = b"bye".to_vec();
+    h.t.send(id, &mut bye);
+    let start = Instant::now();
+    h.close(id);
+    h.t.flush().unwrap();
+    // If a parked poll misses the deadline, a wake-up ends it so the test
+    // fails instead of hanging.
+    let done = Arc::new(AtomicBool::new(false));
+    let (w, d) = (h.waker.clone(), done.clone());
+    let guard = thread::spawn(move || {
+        let t0 = Instant::now();
+        while !d.load(Ordering::SeqCst) {
+            if t0.elapsed() > Duration::from_secs(5) {
+                w.wake();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    while !h.is_closed(id) {
+        h.t.poll(None, &mut h.sink).expect("parked poll");
+        h.after_poll();
+        assert!(start.elapsed() < Duration::from_secs(5), "{b:?}: parked poll missed the deadline");
+    }
+    done.store(true, Ordering::SeqCst);
+    guard.join().unwrap();
+    let took = start.elapsed();
+    assert!(took >= SHORT_LINGER.linger, "{b:?}: closed before the linger deadline ({took:?})");
+    assert!(took < SHORT_LINGER.linger + Duration::from_secs(3), "{b:?}: close took {took:?}");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("clean end of stream");
+    assert_eq!(got, b"bye");
+}
+
+/// A peer that shuts its write side still gets the output queued after:
+/// `peer_closed` follows the last delivered byte, and the connection stays
+/// until the consumer closes it.
+fn half_close_keeps_output(b: Backend) {
+    let Some(mut h) = harness(b) else { return };
+    h.auto_close = false;
+    let (s, id) = h.connect();
+    let request = pattern(100_000, 10);
+    let mut w = s.try_clone().unwrap();
+    w.write_all(&request).unwrap();
+    w.shutdown(Shutdown::Write).unwrap();
+    h.until("the end of input", |h| h.sink.eof.contains(&id));
+    assert!(h.take(id) == request, "{b:?}: input lost before peer_closed");
+    let reply = pattern(3 << 20, 11);
+    let reader = thread::spawn(move || {
+        let mut s = s;
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).map(|_| v)
+    });
+    for chunk in reply.chunks(1 << 20) {
+        let mut v = chunk.to_vec();
+        h.t.send(id, &mut v);
+        for _ in 0..3 {
+            h.pass();
+        }
+    }
+    assert!(!h.is_closed(id), "{b:?}: a half-closed connection closed by itself");
+    h.close(id);
+    h.until("the close", |h| h.is_closed(id));
+    let got = reader.join().unwrap().expect("client read");
+    assert_eq!(got.len(), reply.len(), "{b:?}: output after the peer's EOF lost");
+    assert!(got == reply);
+    drop(w);
+
+    // The end of input waits behind input held back by a pause.
+    let (s, id) = h.connect();
+    h.t.set_reading(id, false);
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"held").unwrap();
+    w.shutdown(Shutdown::Write).unwrap();
+    for _ in 0..50 {
+        h.pass();
+    }
+    assert_eq!(h.received(id), 0, "{b:?}: bytes delivered while reading was off");
+    assert!(!h.sink.eof.contains(&id), "{b:?}: peer_closed while reading was off");
+    h.t.set_reading(id, true);
+    h.until("the end of input", |h| h.sink.eof.contains(&id));
+    assert_eq!(h.take(id), b"held");
+    let mut v = b"answer".to_vec();
+    h.t.send(id, &mut v);
+    h.close(id);
+    let mut s = s;
+    let mut got = Vec::new();
+    let reader = thread::spawn(move || s.read_to_end(&mut got).map(|_| got));
+    h.until("the close", |h| h.is_closed(id) && reader.is_finished());
+    assert_eq!(reader.join().unwrap().expect("client read"), b"answer");
 }
 
 fn peer_disconnect(b: Backend) {
@@ -407,7 +610,7 @@ fn unsent_accounting(b: Backend) {
 }
 
 fn connection_limit(b: Backend) {
-    let Some(mut h) = harness_with(b, 2) else { return };
+    let Some(mut h) = harness_with(b, 2, CloseTimeouts::DEFAULT) else { return };
     let (_a, _) = h.connect();
     let (_b, _) = h.connect();
     let mut c = TcpStream::connect(h.addr).expect("connect");
@@ -477,6 +680,10 @@ contract!(
     reading_off_holds_data_back,
     pause_resume_stream,
     close_after_queued_output,
+    close_discards_late_input,
+    close_gives_up_on_stuck_output,
+    close_lingers_until_deadline,
+    half_close_keeps_output,
     peer_disconnect,
     waker_wakes_parked_poll,
     unsent_accounting,

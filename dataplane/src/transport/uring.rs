@@ -11,6 +11,9 @@
 //!   the transport until the completion arrives; bytes queued meanwhile wait in
 //!   a second buffer. `flush` submits every queued send in one system call.
 //! - Waking: a multishot poll on the core's eventfd.
+//! - Closing: the receive stays armed to discard input; once the last send
+//!   completes the write side is shut, and the connection dies at the peer's
+//!   EOF or a deadline (`CloseTimeouts`), checked at each poll.
 //!
 //! Every submission carries user data naming (kind, connection, generation),
 //! and a connection is freed only once none of its operations can complete any
@@ -34,7 +37,7 @@ use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{self, sockopt, Shutdown};
 use slab::Slab;
 
-use super::{ConnId, EventSink, Transport};
+use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
 use crate::node::NetBackend;
 
 const SQ_ENTRIES: u32 = 1024;
@@ -411,14 +414,20 @@ struct Conn {
     gen: u32,
     /// The core wants input (`set_reading`).
     reading: bool,
-    /// Close requested: finish sending, then close.
+    /// Close requested: input is discarded, sending finishes, then our
+    /// write side is shut.
     closing: bool,
-    /// The peer finished sending; acted on once held bytes are delivered.
+    /// Our write side is shut (the close's output is all out); waiting for
+    /// the peer's EOF.
+    wr_shut: bool,
+    /// The peer finished sending; reported once held bytes are delivered.
     eof: bool,
+    /// `EventSink::peer_closed` delivered.
+    eof_reported: bool,
     /// Beyond use (error, peer gone, or close done). Freed, and reported
     /// closed, once no operation of it can complete any more.
     dead: bool,
-    /// `shutdown(2)` done.
+    /// `shutdown(2)` of both directions done (the connection is dead).
     shut: bool,
     recv_armed: bool,
     recv_cancelled: bool,
@@ -439,6 +448,9 @@ struct Conn {
     dirty: bool,
     /// In `free`.
     freeing: bool,
+    /// While closing: when the close stops waiting, and its slot in `closes`.
+    deadline: Option<Instant>,
+    close_slot: usize,
 }
 
 impl Conn {
@@ -448,7 +460,9 @@ impl Conn {
             gen,
             reading: true,
             closing: false,
+            wr_shut: false,
             eof: false,
+            eof_reported: false,
             dead: false,
             shut: false,
             recv_armed: false,
@@ -463,6 +477,8 @@ impl Conn {
             listed: false,
             dirty: false,
             freeing: false,
+            deadline: None,
+            close_slot: 0,
         }
     }
 
@@ -523,6 +539,7 @@ struct NullSink;
 impl EventSink for NullSink {
     fn accepted(&mut self, _: ConnId) {}
     fn received(&mut self, _: ConnId, _: &[u8]) {}
+    fn peer_closed(&mut self, _: ConnId) {}
     fn drained(&mut self, _: ConnId) {}
     fn closed(&mut self, _: ConnId) {}
 }
@@ -550,6 +567,9 @@ pub struct UringTransport {
     dirty: Vec<ConnId>,
     /// Dead connections with nothing in flight, freed at the next poll.
     free: Vec<ConnId>,
+    /// Connections with a close under way.
+    closes: CloseList,
+    timeouts: CloseTimeouts,
     /// Reused list storage, so passes do not allocate.
     spare: Vec<ConnId>,
     cqes: Vec<cqueue::Entry>,
@@ -611,10 +631,17 @@ impl UringTransport {
             pending: Vec::new(),
             dirty: Vec::new(),
             free: Vec::new(),
+            closes: CloseList::new(),
+            timeouts: CloseTimeouts::DEFAULT,
             spare: Vec::new(),
             cqes: Vec::with_capacity(CQE_BATCH),
             stopping: false,
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_close_timeouts(&mut self, t: CloseTimeouts) {
+        self.timeouts = t;
     }
 
     /// Arms the listeners' accepts and the waker's poll where they ended.
@@ -650,18 +677,28 @@ impl UringTransport {
     }
 
     /// Brings `id`'s operations in line with its state: arms or cancels its
-    /// receive, turns a finished close or a delivered end of input into
-    /// death, tears a dead connection down. Queues SQEs; submits nothing.
+    /// receive, moves a close along (shut our side once output is out, die
+    /// at the peer's EOF), tears a dead connection down. Queues SQEs;
+    /// submits nothing.
     fn advance(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(id) else { return };
-        if !c.dead {
-            if c.closing {
-                // Input after a close request is never delivered.
-                self.bufs.release(&mut c.held);
-                if !c.send_armed && c.unsent() == 0 {
+        if !c.dead && c.closing {
+            // Input after a close request is never delivered.
+            self.bufs.release(&mut c.held);
+            if !c.wr_shut && !c.send_armed && c.unsent() == 0 {
+                // Output is out: the peer sees EOF right after our last byte.
+                // Then linger for the peer's EOF (closing with input unread
+                // would send a reset that can destroy those last bytes in the
+                // peer's kernel).
+                c.wr_shut = true;
+                if c.eof || socket::shutdown(c.fd.as_raw_fd(), Shutdown::Write).is_err() {
                     c.dead = true;
+                } else {
+                    let d = Instant::now() + self.timeouts.linger;
+                    c.deadline = Some(d);
+                    self.closes.note(d);
                 }
-            } else if c.eof && c.reading && c.held.count == 0 {
+            } else if c.wr_shut && c.eof {
                 c.dead = true;
             }
         }
@@ -693,7 +730,9 @@ impl UringTransport {
             }
             return;
         }
-        let want = c.reading && !c.closing && !c.eof;
+        // A closing connection keeps receiving, to discard what the peer
+        // still sends.
+        let want = !c.eof && (c.reading || c.closing);
         if want && !c.recv_armed {
             let e = opcode::RecvMulti::new(types::Fd(c.fd.as_raw_fd()), BGID).build().user_data(user_data(
                 op::RECV,
@@ -769,6 +808,7 @@ impl UringTransport {
             let Some(c) = self.conns.get_mut(id) else { continue };
             c.listed = false;
             n += self.deliver_held(id, sink, budget);
+            n += self.report_eof(id, sink);
             self.advance(id);
         }
         work.clear();
@@ -795,6 +835,52 @@ impl UringTransport {
         n
     }
 
+    /// Tells the sink the peer finished sending, once every byte it sent
+    /// has been delivered.
+    fn report_eof(&mut self, id: ConnId, sink: &mut dyn EventSink) -> usize {
+        let Some(c) = self.conns.get_mut(id) else { return 0 };
+        if !c.eof || c.eof_reported || c.dead || c.closing || !c.reading || c.held.count > 0 {
+            return 0;
+        }
+        c.eof_reported = true;
+        sink.peer_closed(id);
+        1
+    }
+
+    /// Ends closes past their deadline; returns `timeout` shortened to the
+    /// next deadline.
+    fn expire_closes(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        if self.closes.is_empty() {
+            return timeout;
+        }
+        let now = Instant::now();
+        if self.closes.due(now) {
+            let mut earliest: Option<Instant> = None;
+            for i in 0..self.closes.ids().len() {
+                let id = self.closes.ids()[i];
+                let Some(c) = self.conns.get_mut(id) else {
+                    debug_assert!(false, "listed close {id} has no connection");
+                    continue;
+                };
+                debug_assert!(c.closing);
+                if c.dead {
+                    continue;
+                }
+                match c.deadline {
+                    Some(d) if d <= now => {
+                        tracing::debug!(conn = id, shut = c.wr_shut, unsent = c.unsent(), "close timed out");
+                        c.dead = true;
+                        self.advance(id);
+                    }
+                    Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
+                    None => debug_assert!(false, "closing connection {id} without a deadline"),
+                }
+            }
+            self.closes.set_earliest(earliest);
+        }
+        self.closes.wait(now, timeout)
+    }
+
     /// Frees connections that finished dying and reports them closed.
     fn free_dead(&mut self, sink: &mut dyn EventSink) -> usize {
         let mut n = 0;
@@ -803,6 +889,11 @@ impl UringTransport {
         for &id in &work {
             if let Some(c) = self.conns.try_remove(id) {
                 debug_assert!(c.dead && !c.recv_armed && !c.send_armed && c.held.count == 0);
+                if c.closing {
+                    if let Some(moved) = self.closes.remove(c.close_slot) {
+                        self.conns[moved].close_slot = c.close_slot;
+                    }
+                }
                 drop(c); // closes the socket
                 sink.closed(id);
                 n += 1;
@@ -995,13 +1086,13 @@ impl UringTransport {
             match -res {
                 0 => c.eof = true,
                 // Out of buffers: re-armed once some are back (see `advance`).
-                // Cancelled: paused or closing. The data stays in the socket.
+                // Cancelled: paused. The data stays in the socket.
                 libc::ENOBUFS | libc::ECANCELED | libc::EAGAIN | libc::EINTR => {}
                 _ => c.dead = true,
             }
         }
         self.advance(id);
-        1
+        1 + self.report_eof(id, sink)
     }
 
     fn sent(&mut self, id: ConnId, gen: u32, res: i32, sink: &mut dyn EventSink) -> usize {
@@ -1046,6 +1137,7 @@ impl Transport for UringTransport {
 
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<usize> {
         let mut budget = CQE_BUDGET;
+        let timeout = self.expire_closes(timeout);
         let mut n = self.run_pending(sink, &mut budget);
         n += self.free_dead(sink);
         self.push_sends();
@@ -1061,7 +1153,7 @@ impl Transport for UringTransport {
             buf.clear();
             return;
         };
-        if c.dead || buf.is_empty() {
+        if c.dead || c.wr_shut || buf.is_empty() {
             buf.clear();
             return;
         }
@@ -1089,7 +1181,7 @@ impl Transport for UringTransport {
             return;
         }
         c.reading = on;
-        if on && c.held.count > 0 {
+        if on && (c.held.count > 0 || (c.eof && !c.eof_reported)) {
             Self::touch(&mut self.pending, c, conn);
         }
         self.advance(conn);
@@ -1101,6 +1193,9 @@ impl Transport for UringTransport {
             return;
         }
         c.closing = true;
+        let d = Instant::now() + self.timeouts.drain;
+        c.deadline = Some(d);
+        c.close_slot = self.closes.insert(conn, d);
         self.advance(conn);
     }
 
