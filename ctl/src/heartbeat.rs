@@ -153,7 +153,7 @@ fn run<F>(
             Err(e) => {
                 let n = stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
                 // Warn when the trouble starts and then once a minute, not every interval.
-                if failing_warned.map_or(true, |at| at.elapsed() >= REWARN_AFTER) {
+                if failing_warned.is_none_or(|at| at.elapsed() >= REWARN_AFTER) {
                     tracing::warn!(%url, error = %e, failures = n, "heartbeat failed; retrying");
                     failing_warned = Some(Instant::now());
                 } else {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use pollen_ctl::api::{CoresResponse, LsOutput, NodeState, PollMode, PutOutput, StatusResponse};
+use pollen_ctl::api::{
+    CoresResponse, LsOutput, NodeState, PollMode, PutOutput, StatusResponse, TiersResponse,
+};
 use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
@@ -24,10 +26,20 @@ impl PollenUp {
     /// Starts `pollen up` with one core on free ports, in a fresh directory
     /// whose `pollen-data/pollen.json` lets `pollenctl` find it.
     fn start() -> (PollenUp, LocalCluster) {
+        PollenUp::start_with(&["--cores", "1", "--port", "0", "--ctl-port", "0", "--dram-gb", "0.0625"], None)
+    }
+
+    /// Starts `pollen up ARGS` in a fresh directory, with `config` (if any)
+    /// written to `pollen.toml` there first.
+    fn start_with(args: &[&str], config: Option<&str>) -> (PollenUp, LocalCluster) {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(text) = config {
+            std::fs::write(dir.path().join("pollen.toml"), text).expect("write pollen.toml");
+        }
         let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
         let child = Command::new(POLLEN)
-            .args(["up", "--cores", "1", "--port", "0", "--ctl-port", "0", "--dram-mb", "64"])
+            .arg("up")
+            .args(args)
             .args(["--heartbeat-ms", "200"])
             .current_dir(dir.path())
             .env_remove(CONTROLLER_ENV)
@@ -224,6 +236,9 @@ fn bad_command_lines_fail_cleanly() {
         (POLLEN, &["up", "--block-size", "lots"], "expected a whole number"),
         (POLLEN, &["up", "--poll", "sometimes"], "invalid value"),
         (POLLEN, &["up", "--heartbeat-ms", "0"], "invalid value"),
+        (POLLEN, &["up", "--dram-gb", "0"], "greater than 0"),
+        (POLLEN, &["up", "--dram-gb", "64MiB"], "not a number of GiB"),
+        (POLLEN, &["up", "--dram-mb", "64"], "unexpected argument"),
     ];
     for (bin, args, expect) in cases {
         let out = run(bin, args, dir.path());
@@ -238,6 +253,22 @@ fn bad_command_lines_fail_cleanly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("cores"), "{}", stderr_of(&out));
 
+    // Config files: a missing one, an unknown key, a bad value; each names
+    // the file (and the line), and nothing starts.
+    let out = run(POLLEN, &["up", "--config", "nope.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("reading the config file nope.toml"), "{}", stderr_of(&out));
+    std::fs::write(dir.path().join("bad-key.toml"), "port = 0\ndram_mb = 64\n").unwrap();
+    let out = run(POLLEN, &["up", "--config", "bad-key.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains("bad-key.toml, line 2") && err.contains("unknown field `dram_mb`"), "{err}");
+    std::fs::write(dir.path().join("bad-value.toml"), "dram_gb = -1\n").unwrap();
+    let out = run(POLLEN, &["node", "--config", "bad-value.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains("bad-value.toml, line 1") && err.contains("greater than 0"), "{err}");
+
     // A put of a missing file names the file, before touching any cluster.
     let out =
         run(POLLENCTL, &["--controller", "http://127.0.0.1:1", "put", "j", "n", "missing.bin"], dir.path());
@@ -247,6 +278,51 @@ fn bad_command_lines_fail_cleanly() {
     let help = run(POLLENCTL, &["--help"], dir.path());
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("POLLEN_CONTROLLER"));
+    // `pollen up --help` documents the config file.
+    let help = run(POLLEN, &["up", "--help"], dir.path());
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("--config <FILE>") && text.contains("dram_gb = 0.25"), "{text}");
+    assert!(text.contains("--dram-gb <GiB>") && !text.contains("dram-mb"), "{text}");
+}
+
+/// `pollen up --config FILE`: the file's DRAM size and block size reach the
+/// node, and a flag given on the command line beats the file.
+#[test]
+fn pollen_up_reads_a_config_file() {
+    let config = "\
+        # 64 MiB of DRAM per core in 16 KiB blocks\n\
+        cores = 1\n\
+        port = 0\n\
+        ctl_port = 0\n\
+        dram_gb = 0.0625\n\
+        block_size = \"16KiB\"\n\
+        node_id = \"from-file\"\n\
+        heartbeat_ms = 5000\n";
+    // start_with adds --heartbeat-ms 200, which must win over the file's 5000.
+    let (mut up, lc) = PollenUp::start_with(&["--config", "pollen.toml"], Some(config));
+    assert_eq!(lc.node_id, "from-file");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tiers = loop {
+        let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
+        if t.tiers.iter().any(|r| r.capacity_bytes > 0) || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dram: Vec<_> = tiers.tiers.iter().filter(|r| r.tier == "dram").collect();
+    assert_eq!(dram.len(), 1, "one core, one DRAM region: {tiers:?}");
+    let (capacity, blocks) = (64u64 << 20, (64u64 << 20) / (16 << 10));
+    assert_eq!((dram[0].node_id.as_str(), dram[0].capacity_bytes), ("from-file", capacity), "{tiers:?}");
+    assert_eq!(dram[0].blocks_total, blocks, "{tiers:?}");
+
+    let s: StatusResponse = up.ctl_json(&["status", "--json"]);
+    assert_eq!(s.nodes[0].block_size, 16 << 10);
+    assert_eq!(s.heartbeat_ms, 200, "the --heartbeat-ms flag beats the file");
+
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
 }
 
 /// Kills the child on drop unless it was already reaped.
@@ -304,7 +380,7 @@ fn separate_controller_and_node_processes() {
 
     let mut node = Reaper(Some(
         Command::new(POLLEN)
-            .args(["node", "--port", "0", "--cores", "1", "--dram-mb", "16", "--block-size", "16KiB"])
+            .args(["node", "--port", "0", "--cores", "1", "--dram-gb", "0.015625", "--block-size", "16KiB"])
             .args(["--node-id", "solo", "--heartbeat-ms", "100", "--controller", &url])
             .current_dir(dir.path())
             .stdout(Stdio::null())

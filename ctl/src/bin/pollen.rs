@@ -1,19 +1,20 @@
 //! `pollen`: runs Pollen's processes — `up` (controller and a node in one
 //! process), `node`, and `controller`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use dataplane::node::{NetBackend, Node, NodeConfig, PollMode};
+use clap::{Args, Parser, Subcommand};
+use dataplane::node::{Node, NodeConfig};
+use pollen_ctl::config::{NodeArgs, UpArgs, FILE_HELP};
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
 use pollen_ctl::heartbeat::{self, HeartbeatHandle};
 use pollen_ctl::local::{self, LocalCluster};
-use pollen_ctl::size::{parse_size, Bytes};
+use pollen_ctl::size::Bytes;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
@@ -37,90 +38,15 @@ enum Cmd {
     #[command(long_about = "Start a controller and one node in this process, on 127.0.0.1.\n\n\
         Waits until the node's first heartbeat reaches the controller, writes <DATA_DIR>/pollen.json \
         (the controller URL and node address, which pollenctl reads), prints how to use it, and runs \
-        until Ctrl-C or SIGTERM, then stops the node's cores and exits 0.")]
+        until Ctrl-C or SIGTERM, then stops the node's cores and exits 0.\n\n\
+        Settings come from the defaults, then the --config file, then the flags given here.",
+        after_long_help = FILE_HELP)]
     Up(UpArgs),
     /// Run one node that sends heartbeats to a controller
+    #[command(after_long_help = FILE_HELP)]
     Node(NodeArgs),
     /// Run the control daemon alone
     Controller(ControllerArgs),
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Poll {
-    /// Spin for a short idle budget, then park until work arrives (right when cores are shared)
-    Adaptive,
-    /// Never sleep (dedicated cores only: busy cores starve everything else on them)
-    Busy,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Net {
-    /// io_uring; falls back to epoll where io_uring is unavailable (reported by `pollenctl status`)
-    Uring,
-    /// mio/epoll
-    Epoll,
-}
-
-#[derive(Args)]
-struct NodeFlags {
-    /// Polling cores (one pinned thread each) [default: 1 when the machine has <= 2 CPUs, else CPUs - 1]
-    #[arg(long, value_name = "N")]
-    cores: Option<usize>,
-    /// How an idle core waits for work
-    #[arg(long, value_enum, default_value_t = Poll::Adaptive)]
-    poll: Poll,
-    /// Network backend
-    #[arg(long, value_enum, default_value_t = Net::Uring)]
-    net: Net,
-    /// The node's main data port, which accepts any request (0 = a free port)
-    #[arg(long, default_value_t = 7400)]
-    port: u16,
-    /// Core i also listens on BASE + i, for clients that route to the owning core
-    /// [default: PORT + 1, or free ports when PORT is 0]
-    #[arg(long, value_name = "BASE")]
-    core_port_base: Option<u16>,
-    /// DRAM tier size per core, in MiB (allocated at start)
-    #[arg(long, value_name = "MiB", default_value_t = 256)]
-    dram_mb: u64,
-    /// Block size: a power of two from 4KiB to 16MiB (e.g. 64KiB, 1MiB)
-    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size_arg)]
-    block_size: u64,
-    /// The node's id in the cluster
-    #[arg(long, value_name = "ID", default_value = "node-0")]
-    node_id: String,
-    /// Interval between heartbeats to the controller, in milliseconds
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    heartbeat_ms: u64,
-    /// Do not pin cores to CPUs
-    #[arg(long)]
-    no_pin: bool,
-    /// Pin core i to CPU (OFFSET + i) mod CPUs
-    #[arg(long, value_name = "OFFSET", default_value_t = 0)]
-    cpu_offset: usize,
-}
-
-#[derive(Args)]
-struct UpArgs {
-    #[command(flatten)]
-    node: NodeFlags,
-    /// Directory for Pollen's files (pollen.json now; flash tiers and logs later)
-    #[arg(long, value_name = "DIR", default_value = local::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
-    /// The controller's HTTP port on 127.0.0.1 (0 = a free port)
-    #[arg(long, value_name = "PORT", default_value_t = 7070)]
-    ctl_port: u16,
-}
-
-#[derive(Args)]
-struct NodeArgs {
-    #[command(flatten)]
-    node: NodeFlags,
-    /// The controller to send heartbeats to
-    #[arg(long, value_name = "URL", default_value = local::DEFAULT_CONTROLLER)]
-    controller: String,
-    /// The IP address the node listens on
-    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
-    ip: IpAddr,
 }
 
 #[derive(Args)]
@@ -134,10 +60,6 @@ struct ControllerArgs {
     /// Silent heartbeat intervals after which a node is declared down
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     missed_heartbeats: u32,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -154,40 +76,6 @@ fn main() -> ExitCode {
             eprintln!("pollen: error: {}", pollen_ctl::cli::error_message(&e));
             ExitCode::FAILURE
         }
-    }
-}
-
-impl NodeFlags {
-    fn config(&self, ip: IpAddr) -> Result<NodeConfig> {
-        let mut cfg = NodeConfig { listen: ip, port: self.port, ..NodeConfig::default() };
-        cfg.core_port_base = match (self.core_port_base, self.port) {
-            (Some(base), _) => base,
-            (None, 0) => 0,
-            (None, p) => p.checked_add(1).context("--port 65535 leaves no room for core ports")?,
-        };
-        if let Some(n) = self.cores {
-            cfg.cores = n;
-        }
-        cfg.poll_mode = match self.poll {
-            Poll::Adaptive => PollMode::Adaptive,
-            Poll::Busy => PollMode::Busy,
-        };
-        cfg.net = match self.net {
-            Net::Uring => NetBackend::Uring,
-            Net::Epoll => NetBackend::Epoll,
-        };
-        cfg.dram_bytes_per_core = self.dram_mb.checked_mul(1 << 20).context("--dram-mb is too large")?;
-        cfg.block_size = usize::try_from(self.block_size).context("--block-size is too large")?;
-        cfg.node_id = self.node_id.clone();
-        cfg.pin = !self.no_pin;
-        cfg.cpu_offset = self.cpu_offset;
-        // Node::start validates the rest (ranges, powers of two) with clear messages.
-        cfg.validate().context("invalid node options")?;
-        Ok(cfg)
-    }
-
-    fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
     }
 }
 
@@ -308,9 +196,10 @@ impl ServedController {
 }
 
 fn up(a: UpArgs) -> Result<()> {
-    let node_cfg = a.node.config(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let a = a.settings()?;
+    let node_cfg = a.node;
     let node_id = node_cfg.node_id.clone();
-    let interval = a.node.heartbeat();
+    let interval = a.heartbeat;
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating the data directory {}", a.data_dir.display()))?;
 
@@ -405,16 +294,16 @@ fn print_ready(url: &str, node: &Node, data_dir: &Path) {
 }
 
 fn node(a: NodeArgs) -> Result<()> {
-    let cfg = a.node.config(a.ip)?;
-    let url = local::normalize_url(&a.controller);
+    let a = a.settings()?;
+    let url = a.controller;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let mut signals = rt.block_on(async { Signals::new() })?;
-    let node = RunningNode::start(cfg, &url, a.node.heartbeat())?;
+    let node = RunningNode::start(a.node, &url, a.heartbeat)?;
     println!("node {}", describe_node(&node.node));
-    println!("heartbeats to {url} every {} ms; Ctrl-C stops it.", a.node.heartbeat_ms);
+    println!("heartbeats to {url} every {} ms; Ctrl-C stops it.", a.heartbeat.as_millis());
     let sig = rt.block_on(signals.wait());
     tracing::info!(signal = sig, "stopping");
     signals.exit_on_next(&rt);
