@@ -281,17 +281,7 @@ impl Node {
                 }
             }
         }
-        let node = Node {
-            cfg,
-            addr,
-            core_addrs,
-            cpus,
-            net,
-            net_fallback_reason,
-            started,
-            stop,
-            threads,
-        };
+        let node = Node { cfg, addr, core_addrs, cpus, net, net_fallback_reason, started, stop, threads };
         if let Some(e) = failure {
             node.shutdown();
             return Err(e);

@@ -142,7 +142,7 @@ fn persist_and_delete_after_read(net: NetBackend) {
         "a deregistered job is gone"
     );
     let again = c.register_job("p", JobHints::default()).unwrap();
-    assert_eq!(again.id, job.id);
+    assert_ne!(again.id, job.id, "ids are never reused");
     assert_eq!(c.get_buffer(&again, "keep").unwrap(), keep, "PERSIST survives deregistration");
     assert_eq!(c.lookup(&again, "drop").unwrap_err().status(), Some(Status::NotFound));
     n.shutdown();
@@ -380,6 +380,54 @@ fn backpressure_large_pipelines(net: NetBackend) {
     n.shutdown();
 }
 
+/// Far more forwarded requests than a ring (4096) or a connection's
+/// in-flight limit hold, answered in full: overflowed replies must not be
+/// stranded when cores park.
+fn forwarding_floods_are_answered(net: NetBackend) {
+    let n = start(net, 2, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("flood", JobHints::default()).unwrap();
+    let b = c.alloc_block(&job, 1).unwrap();
+    c.write_block(b, 0, b"0123456789abcdef").unwrap();
+    let mut raw = Raw::connect(n.core_addrs()[0]);
+    let key = BlockKey { block: b, offset: 0, len: 16 }.encode();
+    const N: u64 = 30_000;
+    let mut batch = Vec::new();
+    for id in 0..N {
+        batch.extend(Raw::frame(Opcode::BlockRead, 0, id, &key, &[]));
+    }
+    let mut w = raw.0.try_clone().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut w, &batch).unwrap());
+    let mut seen = vec![false; N as usize];
+    for _ in 0..N {
+        let r = raw.recv().expect("every forwarded request is answered");
+        assert_eq!(r.body, b"0123456789abcdef");
+        assert!(!std::mem::replace(&mut seen[r.header.request_id as usize], true));
+    }
+    writer.join().unwrap();
+    // Other connections are not stuck behind the flood.
+    assert_eq!(c.read_block(b, 0, 4).unwrap(), b"0123");
+    n.shutdown();
+}
+
+/// A failed get or an oversized request leaves the client usable.
+fn client_recovers_after_errors(net: NetBackend) {
+    let n = start(net, 2, 64);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("recover", JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", &bytes(8 * BS, 3), PutOptions::default()).unwrap();
+    let meta = c.lookup(&job, "x").unwrap();
+    c.free_block(meta.blocks[2]).unwrap();
+    assert_eq!(c.get_buffer(&job, "x").unwrap_err().status(), Some(Status::NotFound));
+    assert_eq!(c.ping(0, b"a").unwrap(), b"a");
+    assert_eq!(c.ping(1, b"b").unwrap(), b"b");
+    let b = c.alloc_block(&job, 0).unwrap();
+    let too_big = vec![0u8; n.config().max_body + 1];
+    assert_eq!(c.write_block(b, 0, &too_big).unwrap_err().status(), Some(Status::TooLarge));
+    assert_eq!(c.ping(0, b"c").unwrap(), b"c");
+    n.shutdown();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -404,4 +452,6 @@ on_both_backends!(
     disconnect_mid_frame,
     concurrent_clients,
     backpressure_large_pipelines,
+    forwarding_floods_are_answered,
+    client_recovers_after_errors,
 );

@@ -21,6 +21,9 @@ pub struct Conn {
     rd: BufReader<TcpStream>,
     wr: BufWriter<TcpStream>,
     next_id: u64,
+    max_body: usize,
+    /// The node marked a reply CLOSING: this connection is finished.
+    closing: bool,
 }
 
 impl Conn {
@@ -33,9 +36,20 @@ impl Conn {
             rd: BufReader::with_capacity(256 << 10, stream),
             wr: BufWriter::with_capacity(256 << 10, w),
             next_id: 1,
+            max_body: u32::MAX as usize,
+            closing: false,
         };
         c.set_timeout(timeout);
         Ok(c)
+    }
+
+    /// The node's body limit: larger requests fail here instead of closing the connection.
+    pub fn set_max_body(&mut self, max: usize) {
+        self.max_body = max;
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing
     }
 
     pub fn set_timeout(&mut self, t: Duration) {
@@ -49,8 +63,19 @@ impl Conn {
 
     /// Buffers a request; returns its id. Call `flush` to send.
     pub fn send(&mut self, op: Opcode, flags: u16, key: &[u8], body: &[u8]) -> Result<u64, ClientError> {
-        if key.len() > crate::proto::MAX_KEY_LEN || body.len() > u32::MAX as usize {
-            return Err(ClientError::Local("key or body too large".into()));
+        if key.len() > crate::proto::MAX_KEY_LEN {
+            let max = crate::proto::MAX_KEY_LEN;
+            return Err(ClientError::Local(format!("key of {} bytes exceeds {max}", key.len())));
+        }
+        if body.len() > self.max_body {
+            return Err(ClientError::Status {
+                status: Status::TooLarge,
+                message: format!(
+                    "body of {} bytes exceeds the node's limit of {}",
+                    body.len(),
+                    self.max_body
+                ),
+            });
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -79,6 +104,7 @@ impl Conn {
             .ok_or_else(|| ClientError::Protocol("short header".into()))?;
         let status =
             hdr.status().ok_or_else(|| ClientError::Protocol(format!("unknown status {}", hdr.status)))?;
+        self.closing |= hdr.flags & crate::proto::flags::CLOSING != 0;
         let mut key = vec![0u8; hdr.key_len as usize];
         self.rd.read_exact(&mut key).map_err(self.io())?;
         let mut body = vec![0u8; hdr.body_len as usize];

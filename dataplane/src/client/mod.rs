@@ -154,7 +154,9 @@ impl Client {
             let addr = SocketAddr::new(self.host, self.info.core_ports[core]);
             let s = TcpStream::connect_timeout(&addr, self.timeout)
                 .map_err(|source| ClientError::Io { addr, source })?;
-            self.conns[core] = Some(Conn::new(s, addr, self.timeout)?);
+            let mut c = Conn::new(s, addr, self.timeout)?;
+            c.set_max_body(self.info.max_body as usize);
+            self.conns[core] = Some(c);
         }
         Ok(self.conns[core].as_mut().expect("connected above"))
     }
@@ -178,12 +180,22 @@ impl Client {
         r
     }
 
-    /// A connection that failed mid-conversation is closed so the next call starts clean.
+    /// A connection that failed mid-conversation, or that the node is
+    /// closing, is dropped so the next call starts clean.
     fn drop_broken<T>(&mut self, core: usize, r: &Result<T, ClientError>) {
-        if matches!(r, Err(ClientError::Io { .. } | ClientError::Protocol(_))) {
-            if let Some(c) = self.conns.get_mut(core) {
+        if let Some(c) = self.conns.get_mut(core) {
+            let broken = matches!(r, Err(ClientError::Io { .. } | ClientError::Protocol(_)));
+            if broken || c.as_ref().is_some_and(|c| c.closing()) {
                 *c = None;
             }
+        }
+    }
+
+    /// After a failed multi-request exchange, replies may still be unread on
+    /// any connection: start every connection afresh.
+    fn drop_all(&mut self) {
+        for c in &mut self.conns {
+            *c = None;
         }
     }
 
@@ -317,7 +329,8 @@ impl Client {
         let bs = self.block_size();
         let n = size.div_ceil(bs) as usize;
         let mut blocks: Vec<Option<BlockId>> = vec![None; n];
-        let result = self.write_blocks(job, size, &src, &mut blocks).and_then(|()| {
+        let written = self.write_blocks(job, size, &src, &mut blocks);
+        let result = written.and_then(|()| {
             let meta = ObjectMeta {
                 size,
                 flags: opts.flags(),
@@ -327,9 +340,15 @@ impl Client {
             meta.encode(&mut body);
             self.meta_call(&job.name, Opcode::PutObject, opts.flags(), key.as_bytes(), &body).map(drop)
         });
-        if result.is_err() {
-            // Give back what this put allocated; the node also frees a job's
-            // uncommitted blocks when the job is deregistered.
+        // Give back what this put allocated, unless the node may have
+        // committed the object (PutObject sent, its answer lost): then the
+        // blocks stay with the job and are freed when it is deregistered.
+        let definite = match &result {
+            Ok(()) => false,
+            Err(ClientError::Status { .. } | ClientError::Local(_)) => true,
+            Err(_) => blocks.iter().any(|b| b.is_none()),
+        };
+        if definite {
             for b in blocks.into_iter().flatten() {
                 let _ = self.free_block(b);
             }
@@ -412,8 +431,8 @@ impl Client {
                 }
             }
         })();
-        for core in 0..cores {
-            self.drop_broken(core, &r);
+        if r.is_err() {
+            self.drop_all();
         }
         r
     }
@@ -476,8 +495,8 @@ impl Client {
                 }
             }
         })();
-        for core in 0..cores {
-            self.drop_broken(core, &r);
+        if r.is_err() {
+            self.drop_all();
         }
         r
     }

@@ -155,8 +155,8 @@ impl State {
                 let mut r = Reader::new(key);
                 let job = r.u32("job id")?;
                 r.end("BlockAlloc key is a 4-byte job id")?;
-                if job == u32::MAX {
-                    return Err(malformed("job id 0xffffffff is reserved"));
+                if job >= crate::storage::PERSISTED_OWNER {
+                    return Err(malformed("job ids 0xfffffffe and 0xffffffff are reserved"));
                 }
                 let b = self.dram.alloc(job)?;
                 respond(out, id, opc, ok, &b.0.to_le_bytes());

@@ -23,6 +23,9 @@ use waker::Waker;
 
 /// Stop reading a connection while this many response bytes wait to be sent.
 pub const TX_HIGH_WATER: usize = 4 << 20;
+/// Requests one connection may have in flight on other cores; past this the
+/// connection stops being parsed and read until answers come back.
+pub const MAX_AWAITING: u32 = 256;
 /// Messages taken from one inbound ring per pass.
 const RING_BATCH: usize = 256;
 /// Minimum interval between publications of the job list.
@@ -90,8 +93,14 @@ struct Conn {
     close_requested: bool,
     /// Backpressure: stop parsing and reading until output drains.
     paused: bool,
-    /// A forward found the target ring full; parsing resumes next pass.
+    /// A forward could not be queued (ring full or too many in flight);
+    /// parsing is retried every pass.
     stalled: bool,
+    /// Reading is switched off in the transport (while paused or stalled).
+    held: bool,
+    /// Bytes the transport had not sent after the last flush (an upper bound
+    /// until the next one).
+    unsent: usize,
     /// The peer finished sending: close once every request is answered.
     peer_closed: bool,
     /// Requests forwarded to other cores whose responses have not come back.
@@ -112,9 +121,12 @@ struct State {
     dirty: Vec<ConnId>,
     /// Connections to re-parse next pass (stalled forwards, resumed input).
     retry: Vec<ConnId>,
-    /// Connections that want their reading toggled after the poll.
-    pause: Vec<ConnId>,
-    paused: Vec<ConnId>,
+    /// Connections that became paused or stalled this pass.
+    hold: Vec<ConnId>,
+    /// Connections whose reading is switched off.
+    held: Vec<ConnId>,
+    /// Connections handed output this pass (to refresh `Conn::unsent`).
+    sent: Vec<ConnId>,
     scratch: Vec<u8>,
     requests: u64,
     forwarded: u64,
@@ -156,8 +168,9 @@ impl<T: Transport> Core<T> {
                 conns: Vec::new(),
                 dirty: Vec::new(),
                 retry: Vec::new(),
-                pause: Vec::new(),
-                paused: Vec::new(),
+                hold: Vec::new(),
+                held: Vec::new(),
+                sent: Vec::new(),
                 scratch: Vec::new(),
                 requests: 0,
                 forwarded: 0,
@@ -227,6 +240,7 @@ impl<T: Transport> Core<T> {
             if !c.tx.is_empty() {
                 st.bytes_out += c.tx.len() as u64;
                 self.transport.send(id, &mut c.tx);
+                st.sent.push(id);
                 work += 1;
             }
             if c.peer_closed && !c.closing && c.awaiting == 0 && !holds_frame(&c.partial, &st.cfg.limits) {
@@ -240,24 +254,37 @@ impl<T: Transport> Core<T> {
             }
         }
         let _ = self.transport.flush();
-        for id in std::mem::take(&mut st.pause) {
-            if st.conns[id].live && st.conns[id].paused {
+        for id in st.sent.drain(..) {
+            st.conns[id].unsent = self.transport.unsent(id);
+        }
+        for id in std::mem::take(&mut st.hold) {
+            let c = &mut st.conns[id];
+            if c.live && (c.paused || c.stalled) && !c.held {
+                c.held = true;
                 self.transport.set_reading(id, false);
-                st.paused.push(id);
+                st.held.push(id);
             }
         }
-        // Resume paused connections whose output drained.
+        // Release held connections: paused ones once their output drained,
+        // stalled ones once a retry got their frames through.
         let mut i = 0;
-        while i < st.paused.len() {
-            let id = st.paused[i];
+        while i < st.held.len() {
+            let id = st.held[i];
             let c = &mut st.conns[id];
-            if !c.live || !c.paused {
-                st.paused.swap_remove(i);
-            } else if self.transport.unsent(id) == 0 && c.tx.is_empty() {
+            if !c.live || !c.held {
+                st.held.swap_remove(i);
+                continue;
+            }
+            if c.paused && c.tx.is_empty() && self.transport.unsent(id) == 0 {
                 c.paused = false;
-                self.transport.set_reading(id, true);
+                c.unsent = 0;
                 st.retry.push(id);
-                st.paused.swap_remove(i);
+                work += 1;
+            }
+            if !c.paused && !c.stalled {
+                c.held = false;
+                self.transport.set_reading(id, true);
+                st.held.swap_remove(i);
                 work += 1;
             } else {
                 i += 1;
@@ -281,7 +308,9 @@ impl<T: Transport> Core<T> {
     fn park(&mut self) {
         self.st.shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        // Overflowed messages only move when this core runs: never park on them.
         let pending = self.st.links.inbound.iter().any(|c| !c.is_empty())
+            || self.st.links.out.iter().flatten().any(|o| !o.overflow.is_empty())
             || !self.st.retry.is_empty()
             || self.stop.load(Ordering::SeqCst);
         if !pending {
@@ -341,7 +370,7 @@ impl State {
                     _ => exec::respond(
                         &mut out,
                         frame_id(&frame),
-                        0,
+                        frame.get(3).copied().unwrap_or(0),
                         Status::Internal,
                         b"corrupt forwarded frame",
                     ),
@@ -393,30 +422,33 @@ impl State {
 
     fn parse_partial(&mut self, id: ConnId) {
         let mut p = std::mem::take(&mut self.conns[id].partial);
-        let used = self.parse(id, &p);
+        let (used, need) = self.parse(id, &p);
         p.drain(..used);
+        p.reserve(need.saturating_sub(p.len()));
         self.conns[id].partial = p;
     }
 
-    /// Parses and dispatches complete frames from `buf`; returns bytes consumed.
-    fn parse(&mut self, id: ConnId, buf: &[u8]) -> usize {
+    /// Parses and dispatches complete frames from `buf`. Returns the bytes
+    /// consumed and the size of the incomplete frame that follows (0 if
+    /// unknown), so the caller can make room for it once.
+    fn parse(&mut self, id: ConnId, buf: &[u8]) -> (usize, usize) {
         let mut off = 0;
         loop {
             let c = &self.conns[id];
             if c.closing {
-                return buf.len();
+                return (buf.len(), 0);
             }
             if c.paused || c.stalled {
-                return off;
+                return (off, 0);
             }
-            if c.tx.len() >= TX_HIGH_WATER {
+            if c.tx.len() + c.unsent >= TX_HIGH_WATER {
                 self.conns[id].paused = true;
-                self.pause.push(id);
-                return off;
+                self.hold.push(id);
+                return (off, 0);
             }
             let rest = &buf[off..];
             let h = match proto::decode_header(rest, &self.cfg.limits, true) {
-                Ok(None) => return off,
+                Ok(None) => return (off, 0),
                 Ok(Some(h)) => h,
                 Err(e) => {
                     let c = &mut self.conns[id];
@@ -429,27 +461,26 @@ impl State {
                     );
                     c.closing = true;
                     self.mark_dirty(id);
-                    return buf.len();
+                    return (buf.len(), 0);
                 }
             };
             let len = h.frame_len();
             if rest.len() < len {
-                // Make room for the whole frame once; limits were checked above.
-                let c = &mut self.conns[id];
-                c.partial.reserve(len.saturating_sub(c.partial.len()));
-                return off;
+                return (off, len);
             }
             if !self.dispatch(id, &h, &rest[..len]) {
                 self.conns[id].stalled = true;
                 self.retry.push(id);
-                return off;
+                self.hold.push(id);
+                return (off, 0);
             }
             off += len;
         }
     }
 
     /// Executes a frame here or forwards it to its owner. False when the
-    /// owner's ring is full (the caller retries next pass).
+    /// owner's ring is full or the connection has `MAX_AWAITING` forwards in
+    /// flight (the caller retries next pass).
     fn dispatch(&mut self, id: ConnId, h: &Header, frame: &[u8]) -> bool {
         let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
         let owner = self.owner(h, key);
@@ -461,7 +492,10 @@ impl State {
             self.mark_dirty(id);
             return true;
         }
-        let gen = self.conns[id].gen;
+        let (gen, awaiting) = (self.conns[id].gen, self.conns[id].awaiting);
+        if awaiting >= MAX_AWAITING {
+            return false;
+        }
         let Some(out) = self.links.out[owner].as_mut() else { return true };
         let m = Msg::Request { origin: self.cfg.id, conn: id, gen, frame: frame.to_vec() };
         if out.try_push(m).is_err() {
@@ -563,9 +597,11 @@ impl EventSink for State {
         }
         if c.partial.is_empty() {
             // The common case: parse straight from the transport's buffer.
-            let used = self.parse(conn, data);
-            if used < data.len() && !self.conns[conn].closing {
-                self.conns[conn].partial.extend_from_slice(&data[used..]);
+            let (used, need) = self.parse(conn, data);
+            let c = &mut self.conns[conn];
+            if used < data.len() && !c.closing {
+                c.partial.reserve(need.max(data.len() - used));
+                c.partial.extend_from_slice(&data[used..]);
             }
         } else {
             c.partial.extend_from_slice(data);

@@ -97,42 +97,58 @@ impl Namespaces {
         }
     }
 
-    /// Job ids are unique within the node: the high byte is the metadata core.
+    /// Job ids are unique within the node (the high byte is the metadata
+    /// core) and never reused: a deregistered job that kept PERSIST objects
+    /// gets a fresh id when it registers again, so frees still travelling for
+    /// the old id cannot touch blocks allocated under the new one.
     pub fn register(&mut self, name: &str, hints: JobHints) -> Result<u32, MetaError> {
         if name.contains('/') || name.is_empty() {
             return Err(err(Status::Malformed, "job names are non-empty and have no '/'"));
         }
-        if let Some(j) = self.jobs.get_mut(name) {
-            if j.registered {
-                return Err(err(Status::Exists, format!("job '{name}' is already registered")));
-            }
-            j.registered = true;
-            j.hints = hints;
-            return Ok(j.id);
-        }
-        if self.next_id >= 1 << 24 {
-            return Err(err(Status::NoCapacity, "job ids of this core are exhausted"));
+        if self.jobs.get(name).is_some_and(|j| j.registered) {
+            return Err(err(Status::Exists, format!("job '{name}' is already registered")));
         }
         let id = (self.core as u32) << 24 | self.next_id;
+        // 0xFFFFFFFE and 0xFFFFFFFF are storage's reserved owners.
+        if self.next_id >= (1 << 24) - 2 || id >= crate::storage::PERSISTED_OWNER {
+            return Err(err(Status::NoCapacity, "job ids of this core are exhausted"));
+        }
         self.next_id += 1;
+        if let Some(j) = self.jobs.get_mut(name) {
+            j.id = id;
+            j.registered = true;
+            j.hints = hints;
+            return Ok(id);
+        }
         let job = Job { id, hints, registered: true, entries: BTreeMap::new(), bytes: 0, objects: 0 };
         self.jobs.insert(name.to_string(), job);
         Ok(id)
     }
 
-    /// Drops every object but PERSIST ones. A job with nothing left is forgotten.
+    /// Drops every object but PERSIST ones (and the directories that hold
+    /// them). A job with nothing left is forgotten.
     pub fn deregister(&mut self, name: &str) -> Result<Release, MetaError> {
         let job = self.job_mut(name)?;
         let mut keep = Vec::new();
-        job.entries.retain(|_, e| match e {
-            Entry::Object(m) if m.flags & flags::PERSIST != 0 => {
-                keep.extend_from_slice(&m.blocks);
-                true
+        let mut keep_dirs = std::collections::HashSet::new();
+        for (path, e) in &job.entries {
+            if let Entry::Object(m) = e {
+                if m.flags & flags::PERSIST != 0 {
+                    keep.extend_from_slice(&m.blocks);
+                    let mut p = path.as_str();
+                    while let Some(i) = p.rfind('/') {
+                        p = &p[..i];
+                        keep_dirs.insert(p.to_string());
+                    }
+                }
             }
-            _ => false,
+        }
+        job.entries.retain(|path, e| match e {
+            Entry::Object(m) => m.flags & flags::PERSIST != 0,
+            Entry::Dir => keep_dirs.contains(path),
         });
         job.registered = false;
-        job.objects = job.entries.len() as u64;
+        job.objects = job.entries.values().filter(|e| matches!(e, Entry::Object(_))).count() as u64;
         job.bytes = job.entries.values().map(|e| if let Entry::Object(m) = e { m.size } else { 0 }).sum();
         let id = job.id;
         if job.entries.is_empty() {
@@ -317,11 +333,32 @@ mod tests {
         let id = n.register("j", JobHints::default()).unwrap();
         n.put("j", "keep", obj(64, flags::PERSIST, 100)).unwrap();
         n.put("j", "drop", obj(64, 0, 200)).unwrap();
-        assert_eq!(n.deregister("j").unwrap(), Release::Job { job: id, keep: vec![BlockId(100)] });
+        n.create_dir("j", "d").unwrap();
+        n.create_dir("j", "d/e").unwrap();
+        n.create_dir("j", "empty").unwrap();
+        n.put("j", "d/e/deep", obj(64, flags::PERSIST, 300)).unwrap();
+        assert_eq!(
+            n.deregister("j").unwrap(),
+            Release::Job { job: id, keep: vec![BlockId(300), BlockId(100)] }
+        );
         assert_eq!(n.lookup("j", "keep").unwrap_err().status, Status::NotFound);
-        assert_eq!(n.register("j", JobHints::default()).unwrap(), id);
+        let again = n.register("j", JobHints::default()).unwrap();
+        assert_ne!(again, id, "a re-registered job gets a fresh id");
         assert!(n.lookup("j", "keep").is_ok());
         assert_eq!(n.lookup("j", "drop").unwrap_err().status, Status::NotFound);
+        let names: Vec<_> = n.enumerate("j", "").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec!["d", "keep"], "directories holding PERSIST objects stay");
+        assert_eq!(n.enumerate("j", "d/e").unwrap()[0].name, "deep");
+        n.put("j", "d/new", obj(1, 0, 400)).unwrap();
+    }
+
+    #[test]
+    fn job_ids_stop_before_storage_reserved_owners() {
+        let mut n = Namespaces::new(255, 64);
+        n.next_id = (1 << 24) - 3;
+        let last = n.register("a", JobHints::default()).unwrap();
+        assert_eq!(last, 0xFFFF_FFFD);
+        assert_eq!(n.register("b", JobHints::default()).unwrap_err().status, Status::NoCapacity);
     }
 
     #[test]

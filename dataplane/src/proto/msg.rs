@@ -6,20 +6,31 @@ use super::Status;
 /// A block's identity: which core and tier hold it, its slot, and a
 /// generation that makes handles to freed-and-reused slots stale.
 ///
-/// Wire form (u64, little-endian): bits 0..32 slot index, 32..48 generation,
-/// 48..56 core, 56..64 tier.
+/// Wire form (u64, little-endian): bits 0..24 slot index, 24..48 generation,
+/// 48..56 core, 56..64 tier. A slot whose generation would wrap is retired,
+/// so a stale id never becomes valid again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockId(pub u64);
 
 impl BlockId {
-    pub fn new(tier: u8, core: u8, generation: u16, index: u32) -> Self {
-        BlockId(((tier as u64) << 56) | ((core as u64) << 48) | ((generation as u64) << 32) | index as u64)
+    /// Slots per tier and core.
+    pub const MAX_INDEX: u32 = (1 << 24) - 1;
+    pub const MAX_GENERATION: u32 = (1 << 24) - 1;
+
+    pub fn new(tier: u8, core: u8, generation: u32, index: u32) -> Self {
+        debug_assert!(generation <= Self::MAX_GENERATION && index <= Self::MAX_INDEX);
+        BlockId(
+            ((tier as u64) << 56)
+                | ((core as u64) << 48)
+                | (((generation & Self::MAX_GENERATION) as u64) << 24)
+                | (index & Self::MAX_INDEX) as u64,
+        )
     }
     pub fn index(self) -> u32 {
-        self.0 as u32
+        self.0 as u32 & Self::MAX_INDEX
     }
-    pub fn generation(self) -> u16 {
-        (self.0 >> 32) as u16
+    pub fn generation(self) -> u32 {
+        (self.0 >> 24) as u32 & Self::MAX_GENERATION
     }
     pub fn core(self) -> u8 {
         (self.0 >> 48) as u8
@@ -354,7 +365,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn block_id_fields_round_trip(t: u8, c: u8, g: u16, i: u32) {
+        fn block_id_fields_round_trip(t: u8, c: u8, g in 0u32..=BlockId::MAX_GENERATION, i in 0u32..=BlockId::MAX_INDEX) {
             let b = BlockId::new(t, c, g, i);
             prop_assert_eq!((b.tier(), b.core(), b.generation(), b.index()), (t, c, g, i));
         }

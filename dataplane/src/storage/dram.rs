@@ -1,13 +1,16 @@
 //! The DRAM tier of one core: a preallocated arena cut into fixed-size blocks,
 //! a free list, and per-block length, generation and owner.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use super::{Arena, StorageError, TierUsage};
 use crate::proto::{tier, BlockId};
 
 /// Owner value of a free slot.
 const FREE: u32 = u32::MAX;
+/// Owner of blocks kept by a deregistered job's PERSIST objects: no job id
+/// (old or new) can free them in bulk any more, only by id.
+pub const PERSISTED_OWNER: u32 = u32::MAX - 1;
 
 pub struct DramTier {
     core: u8,
@@ -16,11 +19,14 @@ pub struct DramTier {
     /// Bytes of data in each block.
     lens: Vec<u32>,
     /// Bumped on every free, so handles to an earlier use of a slot go stale.
-    gens: Vec<u16>,
-    /// Job id that allocated the block, or `FREE`.
+    gens: Vec<u32>,
+    /// Job id that allocated the block, `PERSISTED_OWNER`, or `FREE`.
     owners: Vec<u32>,
-    /// Free slots, popped from the end (LIFO keeps recently used memory warm).
-    free: Vec<u32>,
+    /// Free slots, oldest first: FIFO reuse spreads generations over every
+    /// slot instead of cycling one.
+    free: VecDeque<u32>,
+    /// Slots whose generation ran out: never handed out again.
+    retired: u64,
 }
 
 impl DramTier {
@@ -28,10 +34,13 @@ impl DramTier {
     pub fn new(core: u8, block_size: u32, capacity: u64) -> std::io::Result<DramTier> {
         assert!(block_size.is_power_of_two());
         let n = capacity / block_size as u64;
-        if n == 0 || n > u32::MAX as u64 {
+        if n == 0 || n > BlockId::MAX_INDEX as u64 + 1 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("DRAM capacity {capacity} holds no {block_size}-byte block or too many"),
+                format!(
+                    "DRAM capacity {capacity} holds no {block_size}-byte block, or more than {} (use larger blocks)",
+                    BlockId::MAX_INDEX as u64 + 1
+                ),
             ));
         }
         let n = n as usize;
@@ -43,14 +52,15 @@ impl DramTier {
             lens: vec![0; n],
             gens: vec![0; n],
             owners: vec![FREE; n],
-            free: (0..n as u32).rev().collect(),
+            free: (0..n as u32).collect(),
+            retired: 0,
         })
     }
 
     pub fn usage(&self) -> TierUsage {
         TierUsage {
             blocks_total: self.lens.len() as u64,
-            blocks_used: (self.lens.len() - self.free.len()) as u64,
+            blocks_used: self.lens.len() as u64 - self.free.len() as u64 - self.retired,
             block_size: self.block_size as u64,
             huge_pages: self.arena.huge_pages(),
         }
@@ -74,8 +84,8 @@ impl DramTier {
     }
 
     pub fn alloc(&mut self, owner: u32) -> Result<BlockId, StorageError> {
-        debug_assert_ne!(owner, FREE);
-        let i = self.free.pop().ok_or(StorageError::NoCapacity)? as usize;
+        debug_assert!(owner < PERSISTED_OWNER);
+        let i = self.free.pop_front().ok_or(StorageError::NoCapacity)? as usize;
         debug_assert_eq!(self.owners[i], FREE);
         self.owners[i] = owner;
         self.lens[i] = 0;
@@ -127,19 +137,33 @@ impl DramTier {
         debug_assert_ne!(self.owners[i], FREE);
         self.owners[i] = FREE;
         self.lens[i] = 0;
-        self.gens[i] = self.gens[i].wrapping_add(1);
-        self.free.push(i as u32);
+        if self.gens[i] == BlockId::MAX_GENERATION {
+            self.retired += 1;
+            tracing::warn!(
+                core = self.core,
+                slot = i,
+                "block slot retired after {} reuses",
+                BlockId::MAX_GENERATION
+            );
+            return;
+        }
+        self.gens[i] += 1;
+        self.free.push_back(i as u32);
     }
 
-    /// Frees every block `owner` allocated except those in `keep`. Returns how many.
+    /// Frees every block `owner` allocated except those in `keep`, which
+    /// pass to `PERSISTED_OWNER`. Returns how many were freed.
     pub fn free_owner(&mut self, owner: u32, keep: &HashSet<BlockId>) -> usize {
+        assert!(owner < PERSISTED_OWNER, "bulk free of a reserved owner");
         let mut n = 0;
         for i in 0..self.owners.len() {
             if self.owners[i] != owner {
                 continue;
             }
             let id = BlockId::new(tier::DRAM, self.core, self.gens[i], i as u32);
-            if !keep.contains(&id) {
+            if keep.contains(&id) {
+                self.owners[i] = PERSISTED_OWNER;
+            } else {
                 self.release(i);
                 n += 1;
             }
@@ -188,6 +212,28 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_whose_generation_runs_out_is_retired_not_reused() {
+        let mut t = tier(1);
+        t.gens[0] = BlockId::MAX_GENERATION - 1;
+        let first = t.alloc(1).unwrap();
+        t.free(first).unwrap();
+        let last = t.alloc(1).unwrap();
+        assert_eq!(last.generation(), BlockId::MAX_GENERATION);
+        t.free(last).unwrap();
+        assert_eq!(t.alloc(1), Err(StorageError::NoCapacity), "the slot is retired");
+        assert_eq!(t.read(first, 0, 0), Err(StorageError::NotFound));
+        assert_eq!(t.usage().blocks_used, 0);
+    }
+
+    #[test]
+    fn reuse_is_fifo_across_slots() {
+        let mut t = tier(3);
+        let a = t.alloc(1).unwrap();
+        t.free(a).unwrap();
+        assert_ne!(t.alloc(1).unwrap().index(), a.index(), "a freed slot goes to the back of the queue");
+    }
+
+    #[test]
     fn exhaustion_reports_no_capacity_and_corrupts_nothing() {
         let mut t = tier(3);
         let ids: Vec<_> = (0..3u8)
@@ -223,6 +269,9 @@ mod tests {
         assert_eq!(t.read(a, 0, 0), Err(StorageError::NotFound));
         assert!(t.read(b, 0, 0).is_ok());
         assert!(t.read(c, 0, 0).is_ok());
+        // A late second bulk free of the same owner no longer touches kept blocks.
+        assert_eq!(t.free_owner(1, &HashSet::new()), 0);
+        assert!(t.read(b, 0, 0).is_ok());
     }
 
     proptest! {

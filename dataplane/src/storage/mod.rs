@@ -5,7 +5,7 @@ mod arena;
 mod dram;
 
 pub use arena::Arena;
-pub use dram::DramTier;
+pub use dram::{DramTier, PERSISTED_OWNER};
 
 use crate::proto::Status;
 
