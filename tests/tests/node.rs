@@ -428,6 +428,27 @@ fn client_recovers_after_errors(net: NetBackend) {
     n.shutdown();
 }
 
+/// A directory listing larger than the node's body limit comes in pages.
+fn large_directories_page(net: NetBackend) {
+    let n = start(net, 2, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("big", JobHints::default()).unwrap();
+    c.create_dir(&job, "d").unwrap();
+    let max_body = c.node_info().max_body as usize;
+    // Each entry costs 13 bytes plus its name: enough for about three pages.
+    let name_len = 200;
+    let count = 3 * max_body / (13 + name_len);
+    let mut want = Vec::new();
+    for i in 0..count {
+        let name = format!("{i:0>200}");
+        c.put_buffer(&job, &format!("d/{name}"), &[], PutOptions::default()).unwrap();
+        want.push(name);
+    }
+    let got: Vec<_> = c.enumerate(&job, "d").unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(got, want);
+    n.shutdown();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -454,4 +475,5 @@ on_both_backends!(
     backpressure_large_pipelines,
     forwarding_floods_are_answered,
     client_recovers_after_errors,
+    large_directories_page,
 );

@@ -12,6 +12,7 @@ const MAX_RESPONSE_BODY: usize = 256 << 20;
 
 pub struct Response {
     pub id: u64,
+    pub flags: u16,
     pub status: Status,
     pub body: Vec<u8>,
 }
@@ -109,7 +110,7 @@ impl Conn {
         self.rd.read_exact(&mut key).map_err(self.io())?;
         let mut body = vec![0u8; hdr.body_len as usize];
         self.rd.read_exact(&mut body).map_err(self.io())?;
-        Ok(Response { id: hdr.request_id, status, body })
+        Ok(Response { id: hdr.request_id, flags: hdr.flags, status, body })
     }
 
     /// The response to request `id`, which must be the next one.

@@ -170,11 +170,25 @@ impl Client {
         key: &[u8],
         body: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
+        self.call_flags(core, op, fl, key, body).map(|(_, body)| body)
+    }
+
+    /// `call`, also returning the response's flags.
+    fn call_flags(
+        &mut self,
+        core: usize,
+        op: Opcode,
+        fl: u16,
+        key: &[u8],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let r = (|| {
             let c = self.conn(core)?;
             let id = c.send(op, fl, key, body)?;
             c.flush()?;
-            c.expect(id)?.into_ok()
+            let resp = c.expect(id)?;
+            let flags = resp.flags;
+            Ok((flags, resp.into_ok()?))
         })();
         self.drop_broken(core, &r);
         r
@@ -251,8 +265,22 @@ impl Client {
     /// Entries of a directory (`""` for the job's root), sorted by name.
     pub fn enumerate(&mut self, job: &Job, dir: &str) -> Result<Vec<DirEntry>, ClientError> {
         let key = if dir.is_empty() { job.name.clone() } else { path_key(job, dir)? };
-        let body = self.meta_call(&job.name, Opcode::Enumerate, 0, key.as_bytes(), &[])?;
-        proto::decode_entries(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        let core = self.meta_core(&job.name);
+        let mut all = Vec::new();
+        // A large directory comes in pages of at most the node's body limit.
+        loop {
+            let after = all.last().map_or("", |e: &DirEntry| e.name.as_str()).to_string();
+            let (fl, body) = self.call_flags(core, Opcode::Enumerate, 0, key.as_bytes(), after.as_bytes())?;
+            let page = proto::decode_entries(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let more = fl & flags::MORE != 0;
+            if more && page.is_empty() {
+                return Err(ClientError::Protocol("an empty listing page that claims more".into()));
+            }
+            all.extend(page);
+            if !more {
+                return Ok(all);
+            }
+        }
     }
 
     /// Deletes an object (freeing its blocks) or an empty directory.

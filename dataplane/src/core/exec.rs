@@ -78,8 +78,11 @@ impl State {
         let start = out.len();
         if let Err(Fail(status, msg)) = self.try_execute(h, key, body, out) {
             out.truncate(start);
-            let msg = &msg.as_bytes()[..msg.len().min(256)];
-            respond(out, h.request_id, h.opcode, status, msg);
+            let mut end = msg.len().min(256);
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            respond(out, h.request_id, h.opcode, status, &msg.as_bytes()[..end]);
         }
     }
 
@@ -137,10 +140,11 @@ impl State {
                 respond_with(out, id, opc, ok, |o| meta.encode(o));
             }
             Opcode::Enumerate => {
-                no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
-                let entries = self.ns.enumerate(job, path)?;
-                respond_with(out, id, opc, ok, |o| proto::encode_entries(&entries, o));
+                let after = std::str::from_utf8(body).map_err(|_| malformed("resume name is not UTF-8"))?;
+                let (entries, more) = self.ns.enumerate(job, path, after, self.cfg.limits.max_body)?;
+                let fl = if more { flags::MORE } else { 0 };
+                frame(out, id, opc, fl, ok, |o| proto::encode_entries(&entries, o));
             }
             Opcode::Delete => {
                 no_body(body)?;

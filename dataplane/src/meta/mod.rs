@@ -70,17 +70,22 @@ pub struct JobSummary {
     pub bytes: u64,
 }
 
+/// Largest per-core job sequence number (the low 24 bits of a job id).
+const MAX_JOB_SEQ: u32 = (1 << 24) - 1;
+
 pub struct Namespaces {
     core: u8,
     block_size: u64,
     next_id: u32,
     jobs: HashMap<String, Job>,
+    /// Ids of registered jobs: never handed out twice at once.
+    live_ids: std::collections::HashSet<u32>,
 }
 
 impl Namespaces {
     pub fn new(core: u8, block_size: u64) -> Self {
         assert!(block_size.is_power_of_two());
-        Namespaces { core, block_size, next_id: 1, jobs: HashMap::new() }
+        Namespaces { core, block_size, next_id: 1, jobs: HashMap::new(), live_ids: Default::default() }
     }
 
     fn job(&self, name: &str) -> Result<&Job, MetaError> {
@@ -97,10 +102,26 @@ impl Namespaces {
         }
     }
 
-    /// Job ids are unique within the node (the high byte is the metadata
-    /// core) and never reused: a deregistered job that kept PERSIST objects
-    /// gets a fresh id when it registers again, so frees still travelling for
-    /// the old id cannot touch blocks allocated under the new one.
+    /// A fresh job id: the high byte is the metadata core, the low 24 bits a
+    /// sequence that wraps after 16.7M registrations, skipping live ids and
+    /// storage's reserved owners.
+    fn fresh_id(&mut self) -> Option<u32> {
+        for _ in 0..MAX_JOB_SEQ {
+            let seq = self.next_id;
+            self.next_id = if seq >= MAX_JOB_SEQ { 1 } else { seq + 1 };
+            let id = (self.core as u32) << 24 | seq;
+            if id < crate::storage::PERSISTED_OWNER && !self.live_ids.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Job ids are unique among registered jobs of the node. A deregistered
+    /// job that kept PERSIST objects gets a fresh id when it registers again,
+    /// so frees still travelling for the old id cannot touch blocks
+    /// allocated under the new one (ids recur only after 16.7M registrations
+    /// on one core).
     pub fn register(&mut self, name: &str, hints: JobHints) -> Result<u32, MetaError> {
         if name.contains('/') || name.is_empty() {
             return Err(err(Status::Malformed, "job names are non-empty and have no '/'"));
@@ -108,12 +129,10 @@ impl Namespaces {
         if self.jobs.get(name).is_some_and(|j| j.registered) {
             return Err(err(Status::Exists, format!("job '{name}' is already registered")));
         }
-        let id = (self.core as u32) << 24 | self.next_id;
-        // 0xFFFFFFFE and 0xFFFFFFFF are storage's reserved owners.
-        if self.next_id >= (1 << 24) - 2 || id >= crate::storage::PERSISTED_OWNER {
-            return Err(err(Status::NoCapacity, "job ids of this core are exhausted"));
-        }
-        self.next_id += 1;
+        let Some(id) = self.fresh_id() else {
+            return Err(err(Status::NoCapacity, "every job id of this core is in use"));
+        };
+        self.live_ids.insert(id);
         if let Some(j) = self.jobs.get_mut(name) {
             j.id = id;
             j.registered = true;
@@ -150,8 +169,9 @@ impl Namespaces {
         job.registered = false;
         job.objects = job.entries.values().filter(|e| matches!(e, Entry::Object(_))).count() as u64;
         job.bytes = job.entries.values().map(|e| if let Entry::Object(m) = e { m.size } else { 0 }).sum();
-        let id = job.id;
-        if job.entries.is_empty() {
+        let (id, empty) = (job.id, job.entries.is_empty());
+        self.live_ids.remove(&id);
+        if empty {
             self.jobs.remove(name);
         }
         Ok(Release::Job { job: id, keep })
@@ -217,25 +237,47 @@ impl Namespaces {
         }
     }
 
-    pub fn enumerate(&self, name: &str, dir: &str) -> Result<Vec<DirEntry>, MetaError> {
+    /// The direct children of `dir` whose names sort after `after` (all when
+    /// empty), as many as fit an encoded listing of `max_bytes`. The flag is
+    /// true when entries were left out for lack of room.
+    pub fn enumerate(
+        &self,
+        name: &str,
+        dir: &str,
+        after: &str,
+        max_bytes: usize,
+    ) -> Result<(Vec<DirEntry>, bool), MetaError> {
+        use std::ops::Bound;
         let job = self.job(name)?;
         if !dir.is_empty() && !matches!(job.entries.get(dir), Some(Entry::Dir)) {
             return Err(err(Status::NotFound, format!("no directory '{dir}'")));
         }
         let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        // Among one directory's children, full-path order is name order.
+        let start = if after.is_empty() {
+            Bound::Included(prefix.clone())
+        } else {
+            Bound::Excluded(format!("{prefix}{after}"))
+        };
         let mut out = Vec::new();
-        for (k, e) in job.entries.range(prefix.clone()..) {
+        let mut bytes = 4; // the entry count
+        for (k, e) in job.entries.range::<String, _>((start, Bound::Unbounded)) {
             let Some(rest) = k.strip_prefix(&prefix) else { break };
             if rest.contains('/') {
                 continue;
             }
+            let size = crate::proto::ENTRY_FIXED_LEN + rest.len();
+            if bytes + size > max_bytes {
+                return Ok((out, true));
+            }
+            bytes += size;
             let (is_dir, size, flags) = match e {
                 Entry::Dir => (true, 0, 0),
                 Entry::Object(m) => (false, m.size, m.flags),
             };
             out.push(DirEntry { name: rest.to_string(), is_dir, size, flags });
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     pub fn delete(&mut self, name: &str, path: &str) -> Result<Release, MetaError> {
@@ -315,9 +357,10 @@ mod tests {
         );
         assert_eq!(n.lookup("j", "d/x").unwrap().blocks.len(), 3);
         assert_eq!(n.lookup("j", "d").unwrap_err().status, Status::NotFound);
-        let root: Vec<_> = n.enumerate("j", "").unwrap().into_iter().map(|e| (e.name, e.is_dir)).collect();
+        let root: Vec<_> =
+            n.enumerate("j", "", "", 1 << 20).unwrap().0.into_iter().map(|e| (e.name, e.is_dir)).collect();
         assert_eq!(root, vec![("d".to_string(), true), ("top".to_string(), false)]);
-        assert_eq!(n.enumerate("j", "d").unwrap()[0].size, 130);
+        assert_eq!(n.enumerate("j", "d", "", 1 << 20).unwrap().0[0].size, 130);
         assert_eq!(n.delete("j", "d").unwrap_err().status, Status::Malformed);
         assert_eq!(
             n.delete("j", "d/x").unwrap(),
@@ -346,19 +389,44 @@ mod tests {
         assert_ne!(again, id, "a re-registered job gets a fresh id");
         assert!(n.lookup("j", "keep").is_ok());
         assert_eq!(n.lookup("j", "drop").unwrap_err().status, Status::NotFound);
-        let names: Vec<_> = n.enumerate("j", "").unwrap().into_iter().map(|e| e.name).collect();
+        let names: Vec<_> =
+            n.enumerate("j", "", "", 1 << 20).unwrap().0.into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec!["d", "keep"], "directories holding PERSIST objects stay");
-        assert_eq!(n.enumerate("j", "d/e").unwrap()[0].name, "deep");
+        assert_eq!(n.enumerate("j", "d/e", "", 1 << 20).unwrap().0[0].name, "deep");
         n.put("j", "d/new", obj(1, 0, 400)).unwrap();
     }
 
     #[test]
-    fn job_ids_stop_before_storage_reserved_owners() {
+    fn enumerate_pages_by_size_and_resumes_after_a_name() {
+        let mut n = ns();
+        n.register("j", JobHints::default()).unwrap();
+        n.create_dir("j", "d").unwrap();
+        n.create_dir("j", "d/b").unwrap();
+        n.put("j", "d/b/inner", obj(0, 0, 0)).unwrap();
+        for name in ["a", "a-1", "c", "dd"] {
+            n.put("j", &format!("d/{name}"), obj(0, 0, 0)).unwrap();
+        }
+        // Room for the count and two 1- or 3-byte names only.
+        let (page, more) = n.enumerate("j", "d", "", 4 + 2 * 13 + 4).unwrap();
+        assert!(more);
+        let names: Vec<_> = page.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "a-1"]);
+        let (rest, more) = n.enumerate("j", "d", "a-1", 1 << 20).unwrap();
+        assert!(!more);
+        let names: Vec<_> = rest.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "c", "dd"], "the subdirectory's own entries are not listed");
+    }
+
+    #[test]
+    fn job_ids_wrap_past_reserved_owners_and_skip_live_ids() {
         let mut n = Namespaces::new(255, 64);
-        n.next_id = (1 << 24) - 3;
-        let last = n.register("a", JobHints::default()).unwrap();
-        assert_eq!(last, 0xFFFF_FFFD);
-        assert_eq!(n.register("b", JobHints::default()).unwrap_err().status, Status::NoCapacity);
+        n.register("first", JobHints::default()).unwrap(); // 0xFF000001, stays live
+        n.next_id = MAX_JOB_SEQ - 2;
+        assert_eq!(n.register("a", JobHints::default()).unwrap(), 0xFFFF_FFFD);
+        // 0xFFFFFFFE and 0xFFFFFFFF are storage's; 0xFF000001 is live.
+        assert_eq!(n.register("b", JobHints::default()).unwrap(), 0xFF00_0002);
+        n.deregister("b").unwrap();
+        assert_eq!(n.register("c", JobHints::default()).unwrap(), 0xFF00_0003);
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub mod flags {
     pub const DELETE_AFTER_READ: u16 = 1 << 1;
     /// Response: the node closes the connection after this frame.
     pub const CLOSING: u16 = 1 << 15;
+    /// `Enumerate` response: the listing was cut at the body limit; ask again
+    /// with the last name returned.
+    pub const MORE: u16 = 1 << 14;
     /// Bits a request may carry; any other bit is malformed.
     pub const REQUEST_MASK: u16 = PERSIST | DELETE_AFTER_READ;
 }

@@ -262,6 +262,9 @@ pub struct DirEntry {
     pub flags: u16,
 }
 
+/// Bytes of an encoded entry besides its name.
+pub const ENTRY_FIXED_LEN: usize = 13;
+
 pub fn encode_entries(entries: &[DirEntry], out: &mut Vec<u8>) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for e in entries {
@@ -346,13 +349,16 @@ pub fn split_job_key(key: &[u8]) -> Result<(&str, &str), DecodeError> {
     if job.is_empty() {
         return Err(DecodeError("job name is empty"));
     }
-    if job.bytes().any(|b| b.is_ascii_control()) {
+    if job.chars().any(char::is_control) {
         return Err(DecodeError("job name has control characters"));
+    }
+    if job == "." || job == ".." {
+        return Err(DecodeError("'.' and '..' are not job names"));
     }
     if !path.is_empty() && path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
         return Err(DecodeError("path has an empty, '.' or '..' segment"));
     }
-    if path.bytes().any(|b| b.is_ascii_control()) {
+    if path.chars().any(char::is_control) {
         return Err(DecodeError("path has control characters"));
     }
     Ok((job, path))
@@ -419,6 +425,8 @@ mod tests {
         assert!(split_job_key(b"j/a//b").is_err());
         assert!(split_job_key(b"j/../b").is_err());
         assert!(split_job_key(&[0xff]).is_err());
+        assert!(split_job_key("j/a\u{85}b".as_bytes()).is_err(), "Unicode controls too");
+        assert!(split_job_key(b"../x").is_err());
     }
 
     #[test]
