@@ -134,6 +134,9 @@ pub struct CoreRow {
     /// The CPU the core is pinned to, if pinned.
     pub cpu: Option<usize>,
     pub port: u16,
+    /// The network backend the node's cores run on.
+    pub net: NetBackend,
+    pub poll_mode: PollMode,
     /// Fraction of time the core spent working (0.0 ..= 1.0) between the
     /// node's last two heartbeats; for the first heartbeat, since the node
     /// started. `None` when no time was accounted on a running core between

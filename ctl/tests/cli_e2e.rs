@@ -160,6 +160,10 @@ fn pollen_up_serves_pollenctl_end_to_end() {
     let cores: CoresResponse = up.ctl_json(&["--controller", &lc.controller, "cores", "--json"]);
     assert_eq!(cores.cores.len(), 1);
     assert_eq!(cores.cores[0].node_id, "node-0");
+    assert_eq!(cores.cores[0].net.to_string(), net, "cores reports the network backend");
+    assert_eq!(cores.cores[0].poll_mode, PollMode::Adaptive);
+    let table = String::from_utf8_lossy(&up.ctl_ok(&["cores"]).stdout).into_owned();
+    assert!(table.contains("NET") && table.contains(net), "{table}");
 
     // put / get of a 5 MiB random file, byte for byte.
     let data = random_bytes(5 << 20, 0x5eed_cafe_f00d_0001);

@@ -190,6 +190,8 @@ impl Cluster {
                     core: c.core,
                     cpu: c.cpu,
                     port: c.port,
+                    net: rec.report.net,
+                    poll_mode: rec.report.poll_mode,
                     busy: rec.busy.get(&c.core).copied(),
                     parked: c.parked,
                     connections: c.connections,
