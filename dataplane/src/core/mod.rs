@@ -550,7 +550,9 @@ impl State {
                     }
                 }
             }
-            Release::Job { job, keep } => {
+            Release::Job { job, keep, drop } => {
+                // By id first: covers blocks allocated under an earlier id.
+                self.release(Release::Blocks(drop));
                 let keep: Arc<HashSet<proto::BlockId>> = Arc::new(keep.into_iter().collect());
                 self.dram.free_owner(job, &keep);
                 for o in self.links.out.iter_mut().flatten() {

@@ -24,10 +24,13 @@ fn err(status: Status, message: impl Into<String>) -> MetaError {
 pub enum Release {
     None,
     Blocks(Vec<BlockId>),
-    /// Free everything job `job` allocated on every core, except `keep`.
+    /// Free the blocks of the job's dropped objects (`drop`, by id, whatever
+    /// id allocated them) and everything job `job` allocated on every core,
+    /// except `keep`.
     Job {
         job: u32,
         keep: Vec<BlockId>,
+        drop: Vec<BlockId>,
     },
 }
 
@@ -149,10 +152,13 @@ impl Namespaces {
     pub fn deregister(&mut self, name: &str) -> Result<Release, MetaError> {
         let job = self.job_mut(name)?;
         let mut keep = Vec::new();
+        let mut drop = Vec::new();
         let mut keep_dirs = std::collections::HashSet::new();
         for (path, e) in &job.entries {
             if let Entry::Object(m) = e {
-                if m.flags & flags::PERSIST != 0 {
+                if m.flags & flags::PERSIST == 0 {
+                    drop.extend_from_slice(&m.blocks);
+                } else {
                     keep.extend_from_slice(&m.blocks);
                     let mut p = path.as_str();
                     while let Some(i) = p.rfind('/') {
@@ -174,7 +180,7 @@ impl Namespaces {
         if empty {
             self.jobs.remove(name);
         }
-        Ok(Release::Job { job: id, keep })
+        Ok(Release::Job { job: id, keep, drop })
     }
 
     pub fn info(&self, name: &str) -> Result<JobInfo, MetaError> {
@@ -382,7 +388,7 @@ mod tests {
         n.put("j", "d/e/deep", obj(64, flags::PERSIST, 300)).unwrap();
         assert_eq!(
             n.deregister("j").unwrap(),
-            Release::Job { job: id, keep: vec![BlockId(300), BlockId(100)] }
+            Release::Job { job: id, keep: vec![BlockId(300), BlockId(100)], drop: vec![BlockId(200)] }
         );
         assert_eq!(n.lookup("j", "keep").unwrap_err().status, Status::NotFound);
         let again = n.register("j", JobHints::default()).unwrap();

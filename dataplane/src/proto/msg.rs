@@ -13,7 +13,7 @@ use super::Status;
 pub struct BlockId(pub u64);
 
 impl BlockId {
-    /// Slots per tier and core.
+    /// Highest slot index (2^24 slots per tier and core).
     pub const MAX_INDEX: u32 = (1 << 24) - 1;
     pub const MAX_GENERATION: u32 = (1 << 24) - 1;
 
