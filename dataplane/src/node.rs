@@ -163,7 +163,6 @@ pub struct Node {
     cfg: NodeConfig,
     addr: SocketAddr,
     core_addrs: Vec<SocketAddr>,
-    cpus: Vec<Option<usize>>,
     net: NetBackend,
     net_fallback_reason: Option<String>,
     started: Instant,
@@ -281,7 +280,7 @@ impl Node {
                 }
             }
         }
-        let node = Node { cfg, addr, core_addrs, cpus, net, net_fallback_reason, started, stop, threads };
+        let node = Node { cfg, addr, core_addrs, net, net_fallback_reason, started, stop, threads };
         if let Some(e) = failure {
             node.shutdown();
             return Err(e);
@@ -328,7 +327,10 @@ impl Node {
         for (i, c) in self.stop.cores.iter().enumerate() {
             cores.push(CoreReport {
                 core: i,
-                cpu: self.cpus[i],
+                cpu: match c.pinned_cpu.load(r) {
+                    u64::MAX => None,
+                    cpu => Some(cpu as usize),
+                },
                 port: self.core_addrs[i].port(),
                 busy_ns: c.busy_ns.load(r),
                 total_ns: self.started.elapsed().as_nanos() as u64,
@@ -407,8 +409,9 @@ impl CoreStart {
     fn run(self, ready: mpsc::Sender<(usize, Result<(), String>)>) {
         let id = self.cfg.id as usize;
         if let Some(cpu) = self.cpu {
-            if let Err(e) = pin_current_thread(cpu) {
-                tracing::warn!(core = id, cpu, error = %e, "could not pin core");
+            match pin_current_thread(cpu) {
+                Ok(()) => self.peers[id].pinned_cpu.store(cpu as u64, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => tracing::warn!(core = id, cpu, error = %e, "could not pin core; it runs unpinned"),
             }
         }
         let dram = match DramTier::new(self.cfg.id, self.block_size, self.dram) {

@@ -24,6 +24,8 @@ pub struct NodeReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoreReport {
     pub core: usize,
+    /// The CPU the core is pinned to; `None` when it runs unpinned (not
+    /// requested, or the pin failed).
     pub cpu: Option<usize>,
     pub port: u16,
     /// Cumulative nanoseconds spent in passes that did work; the busy fraction

@@ -477,3 +477,24 @@ on_both_backends!(
     client_recovers_after_errors,
     large_directories_page,
 );
+
+#[test]
+fn reports_the_cpu_a_core_is_really_pinned_to() {
+    let unpinned = node(1, NetBackend::Epoll, BS, 4);
+    assert_eq!(unpinned.report().cores[0].cpu, None);
+    unpinned.shutdown();
+    let cfg = dataplane::node::NodeConfig {
+        port: 0,
+        core_port_base: 0,
+        cores: 1,
+        pin: true,
+        cpu_offset: 0,
+        net: NetBackend::Epoll,
+        block_size: BS,
+        dram_bytes_per_core: 4 * BS as u64,
+        ..Default::default()
+    };
+    let pinned = Node::start(cfg).unwrap();
+    assert_eq!(pinned.report().cores[0].cpu, Some(0));
+    pinned.shutdown();
+}

@@ -37,6 +37,9 @@ pub struct CoreShared {
     pub waker: Waker,
     pub parked: AtomicBool,
     pub busy_ns: AtomicU64,
+    /// The CPU the core thread is pinned to; `u64::MAX` when it is not (not
+    /// asked, or pinning failed).
+    pub pinned_cpu: AtomicU64,
     pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub forwarded: AtomicU64,
@@ -54,6 +57,7 @@ impl CoreShared {
             waker: Waker::new()?,
             parked: AtomicBool::new(false),
             busy_ns: AtomicU64::new(0),
+            pinned_cpu: AtomicU64::new(u64::MAX),
             connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
