@@ -28,6 +28,12 @@ pub const TX_HIGH_WATER: usize = 4 << 20;
 pub const MAX_AWAITING: u32 = 256;
 /// Messages taken from one inbound ring per pass.
 const RING_BATCH: usize = 256;
+/// Forwarding buffers a core keeps for reuse. A request's buffer travels to
+/// the owning core, carries the response back, and returns to this pool, so
+/// forwarding allocates nothing in steady state.
+const FRAME_POOL: usize = 256;
+/// Larger forwarding buffers are not kept (bounds the pool to 32 MiB).
+const POOLED_FRAME_MAX: usize = 128 << 10;
 /// Minimum interval between publications of the job list.
 const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
 
@@ -132,6 +138,8 @@ struct State {
     /// Connections handed output this pass (to refresh `Conn::unsent`).
     sent: Vec<ConnId>,
     scratch: Vec<u8>,
+    /// Recycled forwarding buffers (see `FRAME_POOL`).
+    frames: Vec<Vec<u8>>,
     requests: u64,
     forwarded: u64,
     bytes_in: u64,
@@ -176,6 +184,7 @@ impl<T: Transport> Core<T> {
                 held: Vec::new(),
                 sent: Vec::new(),
                 scratch: Vec::new(),
+                frames: Vec::new(),
                 requests: 0,
                 forwarded: 0,
                 bytes_in: 0,
@@ -387,15 +396,19 @@ impl State {
                 }
             }
             Msg::Response { conn, gen, frame } => {
-                let Some(c) = self.conns.get_mut(conn) else { return };
-                if !c.live || c.gen != gen {
-                    return;
+                if let Some(c) = self.conns.get_mut(conn) {
+                    if c.live && c.gen == gen {
+                        debug_assert!(c.awaiting > 0, "response for conn {conn} that awaits none");
+                        c.awaiting = c.awaiting.saturating_sub(1);
+                        if !c.closing {
+                            c.tx.extend_from_slice(&frame);
+                            self.mark_dirty(conn);
+                        }
+                    }
                 }
-                debug_assert!(c.awaiting > 0, "response for conn {conn} that awaits none");
-                c.awaiting = c.awaiting.saturating_sub(1);
-                if !c.closing {
-                    c.tx.extend_from_slice(&frame);
-                    self.mark_dirty(conn);
+                // Responses come back to the core that sent the request: its buffer returns home.
+                if self.frames.len() < FRAME_POOL && frame.capacity() <= POOLED_FRAME_MAX {
+                    self.frames.push(frame);
                 }
             }
             Msg::FreeBlocks(blocks) => {
@@ -501,8 +514,14 @@ impl State {
             return false;
         }
         let Some(out) = self.links.out[owner].as_mut() else { return true };
-        let m = Msg::Request { origin: self.cfg.id, conn: id, gen, frame: frame.to_vec() };
-        if out.try_push(m).is_err() {
+        let mut buf = self.frames.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        let m = Msg::Request { origin: self.cfg.id, conn: id, gen, frame: buf };
+        if let Err(m) = out.try_push(m) {
+            if let Msg::Request { frame, .. } = m {
+                self.frames.push(frame);
+            }
             return false;
         }
         self.conns[id].awaiting += 1;
