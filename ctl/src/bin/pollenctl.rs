@@ -105,6 +105,15 @@ fn main() -> ExitCode {
     pollen_ctl::cli::init_tracing("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`pollenctl ls … | head`) is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("pollenctl: error: {}", pollen_ctl::cli::error_message(&e));
             ExitCode::FAILURE
