@@ -43,6 +43,8 @@ impl BlockId {
 /// Tier numbers in `BlockId::tier`.
 pub mod tier {
     pub const DRAM: u8 = 0;
+    pub const FLASH: u8 = 1;
+    pub const DISK: u8 = 2;
 }
 
 /// Reads little-endian integers from a byte slice, failing instead of panicking.

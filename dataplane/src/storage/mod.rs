@@ -3,9 +3,11 @@
 
 mod arena;
 mod dram;
+pub mod flash;
 
 pub use arena::Arena;
 pub use dram::{DramTier, PERSISTED_OWNER};
+pub use flash::{Completion, FlashConfig, FlashEngine, IoMode, ReadBuf, TierPolicy};
 
 use crate::proto::Status;
 
@@ -19,6 +21,14 @@ pub enum StorageError {
     PastBlockEnd { end: u64, block_size: u32 },
     #[error("offset {offset} is past the block's {len} bytes of data")]
     PastData { offset: u32, len: u32 },
+    /// The tier's queue is full: retry on a later pass. Never sent to a
+    /// client by design (the core retries), mapped to `Internal` if it is.
+    #[error("storage queue full")]
+    Busy,
+    /// The device failed the I/O (EIO, ENOSPC, ...). ENOSPC and EDQUOT map
+    /// to `NoCapacity`, the rest to `Internal`.
+    #[error("I/O error: {}", std::io::Error::from_raw_os_error(*errno))]
+    Io { errno: i32 },
 }
 
 impl StorageError {
@@ -28,6 +38,11 @@ impl StorageError {
             StorageError::NoCapacity => Status::NoCapacity,
             StorageError::PastBlockEnd { .. } => Status::TooLarge,
             StorageError::PastData { .. } => Status::Malformed,
+            StorageError::Busy => Status::Internal,
+            StorageError::Io { errno } if *errno == nix::libc::ENOSPC || *errno == nix::libc::EDQUOT => {
+                Status::NoCapacity
+            }
+            StorageError::Io { .. } => Status::Internal,
         }
     }
 }
