@@ -168,6 +168,22 @@ pub struct TierRow {
     pub blocks_total: u64,
     pub blocks_used: u64,
     pub huge_pages: bool,
+    /// Flash and disk: the backing file or device, the ring's mode, and
+    /// operations and bytes over the last second (absent or 0 for DRAM).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub read_ops: u64,
+    #[serde(default)]
+    pub write_ops: u64,
+    #[serde(default)]
+    pub read_bytes: u64,
+    #[serde(default)]
+    pub write_bytes: u64,
+    #[serde(default)]
+    pub io_errors: u64,
 }
 
 /// `GET /v1/tiers`, sorted by node id, tier, core.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use dataplane::node::{NetBackend, NodeConfig, PollMode};
+use dataplane::node::{NetBackend, NodeConfig, PollMode, TierSpec};
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -45,6 +45,9 @@ override the file; the file overrides the defaults shown here. An unknown key is
     spin_us = 100              # adaptive polling: spin this long idle before parking
     max_conns_per_core = 4096
     max_body = \"1MiB\"          # largest request body (raised to block_size if smaller)
+    flash = \"/mnt/nvme/pollen.flash:64GiB\"  # flash tier: PATH[:SIZE], a file or block device [default: off]
+    disk = \"/mnt/hdd/pollen.disk:1TiB\"      # disk tier, same form [default: off]
+    sqpoll = false             # a kernel thread polls the flash/disk submission queues
 
     # pollen up only
     data_dir = \"pollen-data\"   # relative to the current directory
@@ -127,6 +130,16 @@ pub struct NodeFlags {
     /// Largest request body a node accepts (raised to the block size if smaller) [default: 1MiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub max_body: Option<u64>,
+    /// Flash tier: a file (created and sized if missing) or a block device, split into one
+    /// region per core; SIZE such as 4GiB (a missing file needs one) [default: off]
+    #[arg(long, value_name = "PATH[:SIZE]", value_parser = parse_tier_arg)]
+    pub flash: Option<TierSpec>,
+    /// Disk tier (HDD or SATA SSD; shallow queue, large requests), same form as --flash [default: off]
+    #[arg(long, value_name = "PATH[:SIZE]", value_parser = parse_tier_arg)]
+    pub disk: Option<TierSpec>,
+    /// Ask for a kernel thread that polls the flash and disk submission queues (SQPOLL)
+    #[arg(long)]
+    pub sqpoll: bool,
 }
 
 /// `pollen up`'s flags.
@@ -194,6 +207,11 @@ pub struct FileConfig {
     pub max_conns_per_core: Option<usize>,
     #[serde(default, deserialize_with = "de_size")]
     pub max_body: Option<u64>,
+    #[serde(default, deserialize_with = "de_tier")]
+    pub flash: Option<TierSpec>,
+    #[serde(default, deserialize_with = "de_tier")]
+    pub disk: Option<TierSpec>,
+    pub sqpoll: Option<bool>,
     // `pollen up` only; spanned to say where a misplaced one is.
     pub data_dir: Option<Spanned<PathBuf>>,
     pub ctl_port: Option<Spanned<u16>>,
@@ -325,6 +343,10 @@ impl NodeFlags {
             max_body: max_body.context("the max body is too large")?,
             max_conns_per_core: self.max_conns.or(file.max_conns_per_core).unwrap_or(base.max_conns_per_core),
             node_id: self.node_id.clone().or_else(|| file.node_id.clone()).unwrap_or(base.node_id),
+            // Tiers are off unless a flag or the file names them.
+            flash: self.flash.clone().or_else(|| file.flash.clone()),
+            disk: self.disk.clone().or_else(|| file.disk.clone()),
+            sqpoll: self.sqpoll || file.sqpoll.unwrap_or(base.sqpoll),
         };
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
         anyhow::ensure!(heartbeat_ms >= 1, "the heartbeat interval must be at least 1 ms");
@@ -403,6 +425,25 @@ fn parse_gb_arg(s: &str) -> Result<f64, String> {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `PATH[:SIZE]`, SIZE in the units `--block-size` takes (64GiB, 4G, 4096);
+/// a colon whose tail is not a size belongs to the path.
+pub fn parse_tier_arg(s: &str) -> Result<TierSpec, String> {
+    if let Some((path, tail)) = s.rsplit_once(':') {
+        if let Ok(size) = parse_size(tail) {
+            if path.is_empty() {
+                return Err(format!("{s:?}: no path"));
+            }
+            return Ok(TierSpec { path: PathBuf::from(path), size: Some(size) });
+        }
+    }
+    TierSpec::parse(s)
+}
+
+fn de_tier<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TierSpec>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_tier_arg(&s).map(Some).map_err(de::Error::custom)
 }
 
 fn de_gb<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
@@ -491,6 +532,8 @@ mod tests {
         spin_us = 7
         max_conns_per_core = 12
         max_body = 131072
+        flash = "/tmp/f.flash:1GiB"
+        sqpoll = true
         data_dir = "file-data"
         ctl_port = 9070
     "#;
@@ -509,6 +552,7 @@ mod tests {
         assert_eq!(n.listen, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(s.heartbeat, Duration::from_millis(1000));
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("pollen-data"), 7070));
+        assert_eq!((&n.flash, &n.disk, n.sqpoll), (&None, &None, false), "tiers are off by default");
 
         let s = node_flags(&[]).merge(&FileConfig::default()).unwrap();
         assert_eq!(s.controller, "http://127.0.0.1:7070");
@@ -539,6 +583,26 @@ mod tests {
         assert_eq!(n.node_id, "from-file");
         assert_eq!(s.heartbeat, Duration::from_millis(250));
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("file-data"), 9070));
+        let flash = TierSpec { path: PathBuf::from("/tmp/f.flash"), size: Some(1 << 30) };
+        assert_eq!((&n.flash, &n.disk, n.sqpoll), (&Some(flash), &None, true));
+    }
+
+    #[test]
+    fn tier_specs() {
+        let spec = |s| parse_tier_arg(s);
+        assert_eq!(spec("/a/b:64GiB"), Ok(TierSpec { path: "/a/b".into(), size: Some(64 << 30) }));
+        assert_eq!(spec("/a/b:4G"), Ok(TierSpec { path: "/a/b".into(), size: Some(4 << 30) }));
+        assert_eq!(spec("/dev/nvme0n1"), Ok(TierSpec { path: "/dev/nvme0n1".into(), size: None }));
+        assert_eq!(spec("/odd:name"), Ok(TierSpec { path: "/odd:name".into(), size: None }));
+        assert!(spec(":4G").is_err() && spec("").is_err());
+        let s = up_flags(&["--flash", "/x:1MiB", "--disk", "/y", "--sqpoll"])
+            .merge(&file("flash = \"/z:2MiB\"\nsqpoll = false", Command::Up))
+            .unwrap();
+        assert_eq!(s.node.flash, Some(TierSpec { path: "/x".into(), size: Some(1 << 20) }), "the flag wins");
+        assert_eq!(s.node.disk, Some(TierSpec { path: "/y".into(), size: None }));
+        assert!(s.node.sqpoll);
+        let err = file_err("flash = \":1G\"", Command::Node);
+        assert!(err.contains("line 1") && err.contains("no path"), "{err}");
     }
 
     #[test]

@@ -424,3 +424,41 @@ fn separate_controller_and_node_processes() {
     let exit = ctl.terminate();
     assert!(exit.success(), "pollen controller exited with {exit}");
 }
+
+/// `pollen up --flash PATH:SIZE`: the flash tier's region shows in
+/// `pollenctl tiers`, with its path and mode.
+#[test]
+fn pollen_up_with_a_flash_tier() {
+    // Under target/ rather than /tmp: O_DIRECT does not work on tmpfs.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let flash = dir.path().join("pollen.flash");
+    let spec = format!("{}:8MiB", flash.display());
+    let (mut up, _lc) = PollenUp::start_with(
+        &["--cores", "1", "--port", "0", "--ctl-port", "0", "--dram-gb", "0.0625", "--flash", &spec],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tiers = loop {
+        let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
+        if t.tiers.iter().any(|r| r.tier == "flash") || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rows: Vec<_> = tiers.tiers.iter().filter(|r| r.tier == "flash").collect();
+    assert_eq!(rows.len(), 1, "one core, one flash region: {tiers:?}");
+    let f = rows[0];
+    assert_eq!(f.path.as_deref(), Some(flash.to_str().unwrap()), "{tiers:?}");
+    assert!(
+        matches!(f.mode.as_deref(), Some("interrupt" | "sqpoll" | "iopoll" | "sqpoll+iopoll")),
+        "{tiers:?}"
+    );
+    assert!(f.capacity_bytes > 0 && f.capacity_bytes <= 8 << 20, "{tiers:?}");
+    assert_eq!(f.blocks_used, 0);
+    assert_eq!(std::fs::metadata(&flash).unwrap().len(), 8 << 20, "the file is created at its size");
+    let table = String::from_utf8(up.ctl_ok(&["tiers"]).stdout).unwrap();
+    assert!(table.contains("flash") && table.contains("pollen.flash"), "{table}");
+
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
+}

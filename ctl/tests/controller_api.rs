@@ -155,6 +155,7 @@ fn report(node_id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
             blocks_total: 4096,
             blocks_used: 16,
             huge_pages: false,
+            ..TierReport::default()
         })
         .collect();
     NodeReport {
@@ -398,4 +399,14 @@ fn bind_reports_a_taken_port() {
         .err()
         .expect("binding a taken port fails");
     assert!(err.to_string().contains("cannot listen on"), "{err}");
+}
+
+/// A tier row from a node that predates the flash and disk fields still parses.
+#[test]
+fn old_tier_reports_parse() {
+    let old = r#"{"tier":"dram","core":1,"capacity_bytes":8192,"used_bytes":4096,
+        "blocks_total":2,"blocks_used":1,"huge_pages":false}"#;
+    let t: TierReport = serde_json::from_str(old).unwrap();
+    assert_eq!((t.tier.as_str(), t.core, t.blocks_used), ("dram", 1, 1));
+    assert_eq!((t.path, t.mode, t.read_ops, t.write_bytes), (None, None, 0, 0));
 }

@@ -1,6 +1,7 @@
 //! A node: configuration, start-up of its pinned cores, reports, shutdown.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -14,7 +15,8 @@ use crate::core::ring::{mesh, Links};
 use crate::core::{Core, CoreConfig, CoreShared};
 use crate::proto::{Limits, NodeInfo};
 use crate::report::{CoreReport, JobReport, NodeReport, TierReport};
-use crate::storage::DramTier;
+use crate::storage::flash::{prepare_backing, Backing, Region};
+use crate::storage::{DramTier, FlashConfig, FlashEngine};
 use crate::transport::epoll::EpollTransport;
 use crate::transport::uring::{self, UringTransport};
 
@@ -76,6 +78,29 @@ pub struct NodeConfig {
     pub max_body: usize,
     pub max_conns_per_core: usize,
     pub node_id: String,
+    /// The flash tier's file or device (off when `None`).
+    pub flash: Option<TierSpec>,
+    /// The disk tier's file or device (off when `None`).
+    pub disk: Option<TierSpec>,
+    /// Ask for a submission-polling kernel thread on the flash and disk rings.
+    pub sqpoll: bool,
+}
+
+/// Where a flash or disk tier lives: a file (created and sized if missing)
+/// or a block device, and how many bytes of it to use (`None`: the whole
+/// device, or the existing file's size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierSpec {
+    pub path: PathBuf,
+    pub size: Option<u64>,
+}
+
+impl TierSpec {
+    /// Parses `PATH[:SIZE]` (see `storage::flash::parse_spec`).
+    pub fn parse(spec: &str) -> Result<TierSpec, String> {
+        let (path, size) = crate::storage::flash::parse_spec(spec)?;
+        Ok(TierSpec { path, size })
+    }
 }
 
 impl Default for NodeConfig {
@@ -96,6 +121,9 @@ impl Default for NodeConfig {
             max_body: 1 << 20,
             max_conns_per_core: 4096,
             node_id: "node-0".to_string(),
+            flash: None,
+            disk: None,
+            sqpoll: false,
         }
     }
 }
@@ -206,6 +234,19 @@ impl Node {
             ls.push(l);
         }
 
+        // One backing per tier, split into a region per core; each core opens
+        // its own engine on its region (engines are not Send).
+        let mut tiers: Vec<(u8, Backing, Vec<Region>)> = Vec::new();
+        for (t, spec) in [(crate::proto::tier::FLASH, &cfg.flash), (crate::proto::tier::DISK, &cfg.disk)] {
+            let Some(spec) = spec else { continue };
+            let name = tier_name(t);
+            let backing = prepare_backing(&spec.path, spec.size)
+                .map_err(io_err(format!("{name} tier {}", spec.path.display())))?;
+            let regions =
+                backing.regions(n as u32).map_err(io_err(format!("{name} tier {}", spec.path.display())))?;
+            tiers.push((t, backing, regions));
+        }
+
         let (net, net_fallback_reason) = match cfg.net {
             NetBackend::Epoll => (NetBackend::Epoll, None),
             NetBackend::Uring => match uring::probe() {
@@ -258,6 +299,8 @@ impl Node {
                 dram: cfg.dram_bytes_per_core,
                 max_conns: cfg.max_conns_per_core,
                 max_frame: crate::proto::HEADER_LEN + crate::proto::MAX_KEY_LEN + cfg.max_body,
+                storage: tiers.iter().map(|(t, b, r)| (*t, b.clone(), r[i])).collect(),
+                sqpoll: cfg.sqpoll,
                 stop: stop.stop.clone(),
                 peers: shared.clone(),
             };
@@ -351,7 +394,11 @@ impl Node {
                 blocks_total: total,
                 blocks_used: used,
                 huge_pages: c.huge_pages.load(r),
+                ..TierReport::default()
             });
+            if let Ok(s) = c.storage.lock() {
+                tiers.extend(s.iter().cloned());
+            }
             if let Ok(j) = c.jobs.lock() {
                 jobs.extend(j.iter().map(|s| JobReport {
                     name: s.name.clone(),
@@ -401,6 +448,9 @@ struct CoreStart {
     dram: u64,
     max_conns: usize,
     max_frame: usize,
+    /// (tier, backing, this core's region) of each flash or disk tier.
+    storage: Vec<(u8, Backing, Region)>,
+    sqpoll: bool,
     stop: Arc<AtomicBool>,
     peers: Arc<Vec<Arc<CoreShared>>>,
 }
@@ -425,6 +475,27 @@ impl CoreStart {
         let usage = dram.usage();
         self.peers[id].blocks_total.store(usage.blocks_total, std::sync::atomic::Ordering::Relaxed);
         self.peers[id].huge_pages.store(usage.huge_pages, std::sync::atomic::Ordering::Relaxed);
+        let mut engines: Vec<FlashEngine> = Vec::new();
+        for (t, backing, region) in &self.storage {
+            let mut fc = FlashConfig::new(*t, self.cfg.id, self.block_size);
+            fc.sqpoll = self.sqpoll;
+            match FlashEngine::open(backing, *region, &fc) {
+                Ok(e) => engines.push(e),
+                Err(e) => {
+                    let what = format!(
+                        "{} tier {} (region {})",
+                        tier_name(*t),
+                        backing.path.display(),
+                        region.index
+                    );
+                    let _ = ready.send((id, Err(format!("{what}: {e}"))));
+                    return;
+                }
+            }
+        }
+        if let Ok(mut s) = self.peers[id].storage.lock() {
+            *s = engines.iter().map(|e| crate::core::storage_report(id, e)).collect();
+        }
         let waker_fd = self.peers[id].waker.fd();
         // Receive buffers hold at least one whole frame.
         let rx = self.max_frame.clamp(256 << 10, 4 << 20);
@@ -432,7 +503,7 @@ impl CoreStart {
             NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
                 Ok(t) => {
                     let _ = ready.send((id, Ok(())));
-                    Core::new(self.cfg, t, self.links, dram, self.stop, self.peers).run();
+                    Core::new(self.cfg, t, self.links, dram, engines, self.stop, self.peers).run();
                 }
                 Err(e) => {
                     let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
@@ -441,12 +512,22 @@ impl CoreStart {
             NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
                 Ok(t) => {
                     let _ = ready.send((id, Ok(())));
-                    Core::new(self.cfg, t, self.links, dram, self.stop, self.peers).run();
+                    Core::new(self.cfg, t, self.links, dram, engines, self.stop, self.peers).run();
                 }
                 Err(e) => {
                     let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
                 }
             },
         }
+    }
+}
+
+/// The name of a tier number in reports and messages.
+pub fn tier_name(t: u8) -> &'static str {
+    match t {
+        crate::proto::tier::DRAM => "dram",
+        crate::proto::tier::FLASH => "flash",
+        crate::proto::tier::DISK => "disk",
+        _ => "unknown",
     }
 }

@@ -41,7 +41,10 @@ pub struct CoreReport {
     pub parked: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One tier's region on one core. The fields after `huge_pages` describe
+/// flash and disk tiers; they default (for DRAM, and in reports from nodes
+/// that predate them).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TierReport {
     pub tier: String,
     pub core: usize,
@@ -50,6 +53,24 @@ pub struct TierReport {
     pub blocks_total: u64,
     pub blocks_used: u64,
     pub huge_pages: bool,
+    /// The file or device backing the tier.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// How the tier's ring runs: interrupt, sqpoll, iopoll or sqpoll+iopoll.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Operations and bytes completed in the last full second.
+    #[serde(default)]
+    pub read_ops: u64,
+    #[serde(default)]
+    pub write_ops: u64,
+    #[serde(default)]
+    pub read_bytes: u64,
+    #[serde(default)]
+    pub write_bytes: u64,
+    /// I/O errors since the node started.
+    #[serde(default)]
+    pub io_errors: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -21,6 +21,33 @@ pub fn node(cores: usize, net: NetBackend, block_size: usize, dram_blocks: u64) 
     Node::start(cfg).expect("node starts")
 }
 
+/// A fresh directory for flash and disk tier files, under the target
+/// directory (O_DIRECT does not work on tmpfs, which /tmp may be); removed
+/// on drop.
+pub struct TierDir(pub std::path::PathBuf);
+
+impl TierDir {
+    pub fn new(name: &str) -> TierDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/tmp")
+            .join(format!("pollen-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("tier dir");
+        TierDir(d)
+    }
+
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TierDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

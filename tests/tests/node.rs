@@ -3,11 +3,11 @@
 use std::collections::HashSet;
 
 use dataplane::client::{Client, ClientError, PutOptions};
-use dataplane::node::{NetBackend, Node};
+use dataplane::node::{NetBackend, Node, NodeConfig, TierSpec};
 use dataplane::proto::{flags, meta_core, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC};
 use dataplane::transport::uring as uring_transport;
 use pollen_tests::raw::Raw;
-use pollen_tests::{bytes, node};
+use pollen_tests::{bytes, node, TierDir};
 
 const BS: usize = 4096;
 
@@ -497,4 +497,47 @@ fn reports_the_cpu_a_core_is_really_pinned_to() {
     let pinned = Node::start(cfg).unwrap();
     assert_eq!(pinned.report().cores[0].cpu, Some(0));
     pinned.shutdown();
+}
+
+/// A node started with flash and disk files reports a region of each per
+/// core, with the path and the ring's mode.
+#[test]
+fn a_node_reports_its_flash_and_disk_tiers() {
+    let dir = TierDir::new("report");
+    let cfg = NodeConfig {
+        port: 0,
+        core_port_base: 0,
+        cores: 2,
+        pin: false,
+        block_size: BS,
+        dram_bytes_per_core: 16 * BS as u64,
+        flash: Some(TierSpec { path: dir.file("flash"), size: Some(4 << 20) }),
+        disk: Some(TierSpec { path: dir.file("disk"), size: Some(2 << 20) }),
+        ..NodeConfig::default()
+    };
+    let n = Node::start(cfg).expect("node with flash and disk starts");
+    let r = n.report();
+    for tier in ["flash", "disk"] {
+        let rows: Vec<_> = r.tiers.iter().filter(|t| t.tier == tier).collect();
+        assert_eq!(rows.len(), 2, "one {tier} region per core: {:?}", r.tiers);
+        for (core, t) in rows.iter().enumerate() {
+            assert_eq!(t.core, core);
+            assert_eq!(t.path.as_deref(), Some(dir.file(tier).to_str().unwrap()));
+            assert!(t.mode.is_some() && t.blocks_total > 0 && t.blocks_used == 0, "{t:?}");
+            assert_eq!(t.capacity_bytes, t.blocks_total * BS as u64);
+        }
+    }
+    n.shutdown();
+
+    // A tier that cannot be opened fails the start, naming the tier and path.
+    let bad = NodeConfig {
+        port: 0,
+        core_port_base: 0,
+        cores: 1,
+        pin: false,
+        flash: Some(TierSpec { path: dir.file("missing-dir/flash"), size: Some(1 << 20) }),
+        ..NodeConfig::default()
+    };
+    let err = Node::start(bad).err().expect("a flash file in a missing directory").to_string();
+    assert!(err.contains("flash tier") && err.contains("missing-dir"), "{err}");
 }

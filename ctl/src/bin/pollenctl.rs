@@ -340,9 +340,28 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
         return print_json(&ctl.get::<serde_json::Value>("/v1/tiers")?);
     }
     let r: TiersResponse = ctl.get("/v1/tiers")?;
-    let mut t =
-        Table::new(["NODE", "TIER", "CORE", "USED", "CAPACITY", "USE", "BLOCKS USED/TOTAL", "HUGE PAGES"]);
+    let mut t = Table::new([
+        "NODE",
+        "TIER",
+        "CORE",
+        "USED",
+        "CAPACITY",
+        "USE",
+        "BLOCKS USED/TOTAL",
+        "HUGE PAGES",
+        "MODE",
+        "IOPS R/W",
+        "BW R/W (/s)",
+        "PATH",
+    ]);
     for r in &r.tiers {
+        let (iops, bw) = match r.mode {
+            Some(_) => (
+                format!("{}/{}", r.read_ops, r.write_ops),
+                format!("{}/{}", Bytes(r.read_bytes), Bytes(r.write_bytes)),
+            ),
+            None => ("-".to_string(), "-".to_string()),
+        };
         t.row([
             r.node_id.clone(),
             r.tier.clone(),
@@ -352,6 +371,10 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
             percent(r.used_bytes, r.capacity_bytes),
             format!("{}/{}", r.blocks_used, r.blocks_total),
             if r.huge_pages { "yes" } else { "no" }.to_string(),
+            r.mode.clone().unwrap_or_else(|| "-".into()),
+            iops,
+            bw,
+            r.path.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     print_table_or(&t, "No tiers: no node has sent a heartbeat yet.");

@@ -224,6 +224,13 @@ impl Cluster {
                     blocks_total: t.blocks_total,
                     blocks_used: t.blocks_used,
                     huge_pages: t.huge_pages,
+                    path: t.path.clone(),
+                    mode: t.mode.clone(),
+                    read_ops: t.read_ops,
+                    write_ops: t.write_ops,
+                    read_bytes: t.read_bytes,
+                    write_bytes: t.write_bytes,
+                    io_errors: t.io_errors,
                 })
                 .collect();
             rows.sort_by(|a, b| (&a.tier, a.core).cmp(&(&b.tier, b.core)));
@@ -405,6 +412,7 @@ mod tests {
             blocks_total: 16,
             blocks_used: used / 65536,
             huge_pages: false,
+            ..TierReport::default()
         }
     }
 

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use crate::meta::{JobSummary, Namespaces};
 use crate::node::PollMode;
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
-use crate::storage::{DramTier, TierUsage};
+use crate::report::TierReport;
+use crate::storage::{DramTier, FlashEngine, TierUsage};
 use crate::transport::{ConnId, EventSink, Transport};
 use ring::{Links, Msg};
 use waker::Waker;
@@ -36,6 +37,8 @@ const FRAME_POOL: usize = 256;
 const POOLED_FRAME_MAX: usize = 128 << 10;
 /// Minimum interval between publications of the job list.
 const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
+/// Minimum interval between publications of the flash and disk tiers' figures.
+const PUBLISH_STORAGE_EVERY: Duration = Duration::from_millis(100);
 
 /// What other threads may see of a core: lock-free counters, its waker, and a
 /// job list it publishes off the request path.
@@ -55,6 +58,8 @@ pub struct CoreShared {
     pub blocks_total: AtomicU64,
     pub huge_pages: AtomicBool,
     pub jobs: Mutex<Vec<JobSummary>>,
+    /// The core's flash and disk regions, published off the request path.
+    pub storage: Mutex<Vec<TierReport>>,
 }
 
 impl CoreShared {
@@ -73,6 +78,7 @@ impl CoreShared {
             blocks_total: AtomicU64::new(0),
             huge_pages: AtomicBool::new(false),
             jobs: Mutex::new(Vec::new()),
+            storage: Mutex::new(Vec::new()),
         })
     }
 }
@@ -124,6 +130,8 @@ struct State {
     shared: Arc<CoreShared>,
     links: Links,
     dram: DramTier,
+    /// Flash and disk engines of this core, at most one per tier.
+    engines: Vec<FlashEngine>,
     ns: Namespaces,
     ns_changed: bool,
     conns: Vec<Conn>,
@@ -160,6 +168,7 @@ impl<T: Transport> Core<T> {
         transport: T,
         links: Links,
         dram: DramTier,
+        engines: Vec<FlashEngine>,
         stop: Arc<AtomicBool>,
         peers: Arc<Vec<Arc<CoreShared>>>,
     ) -> Self {
@@ -175,6 +184,7 @@ impl<T: Transport> Core<T> {
                 shared,
                 links,
                 dram,
+                engines,
                 ns,
                 ns_changed: false,
                 conns: Vec::new(),
@@ -202,6 +212,8 @@ impl<T: Transport> Core<T> {
         let busy_mode = self.st.cfg.poll_mode == PollMode::Busy;
         let mut idle_since: Option<Instant> = None;
         let mut last_jobs_publish = Instant::now();
+        let mut last_storage_publish = Instant::now();
+        self.st.publish_storage();
         let mut busy_ns = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let pass = Instant::now();
@@ -233,6 +245,10 @@ impl<T: Transport> Core<T> {
                     self.st.ns_changed = false;
                     last_jobs_publish = now;
                 }
+            }
+            if !self.st.engines.is_empty() && now - last_storage_publish >= PUBLISH_STORAGE_EVERY {
+                self.st.publish_storage();
+                last_storage_publish = now;
             }
             self.st.publish(busy_ns);
         }
@@ -347,6 +363,17 @@ impl State {
         s.connections.store(self.connections, Ordering::Relaxed);
         let TierUsage { blocks_used, .. } = self.dram.usage();
         s.blocks_used.store(blocks_used, Ordering::Relaxed);
+    }
+
+    /// Publishes the flash and disk figures (skipped if a reader holds the lock).
+    fn publish_storage(&self) {
+        if self.engines.is_empty() {
+            return;
+        }
+        if let Ok(mut s) = self.shared.storage.try_lock() {
+            s.clear();
+            s.extend(self.engines.iter().map(|e| storage_report(self.cfg.id as usize, e)));
+        }
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
@@ -583,6 +610,28 @@ impl State {
                 }
             }
         }
+    }
+}
+
+/// A flash or disk engine's figures as a report row.
+pub fn storage_report(core: usize, e: &FlashEngine) -> TierReport {
+    let u = e.usage();
+    let bs = u.tier.block_size;
+    TierReport {
+        tier: crate::node::tier_name(e.tier()).to_string(),
+        core,
+        capacity_bytes: u.tier.blocks_total * bs,
+        used_bytes: u.tier.blocks_used * bs,
+        blocks_total: u.tier.blocks_total,
+        blocks_used: u.tier.blocks_used,
+        huge_pages: u.tier.huge_pages,
+        path: Some(u.path.display().to_string()),
+        mode: Some(u.mode.name().to_string()),
+        read_ops: u.last_second.read_ops,
+        write_ops: u.last_second.write_ops,
+        read_bytes: u.last_second.read_bytes,
+        write_bytes: u.last_second.write_bytes,
+        io_errors: u.errors,
     }
 }
 

@@ -888,6 +888,11 @@ impl FlashEngine {
         self.geo.block_size
     }
 
+    /// The tier number in this engine's block ids.
+    pub fn tier(&self) -> u8 {
+        self.tier
+    }
+
     pub fn usage(&self) -> FlashUsage {
         FlashUsage {
             tier: TierUsage {
