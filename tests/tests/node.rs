@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use dataplane::client::{Client, ClientError, PutOptions};
 use dataplane::node::{NetBackend, Node, NodeConfig, TierSpec};
-use dataplane::proto::{flags, meta_core, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC};
+use dataplane::proto::{
+    flags, meta_core, tier, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC,
+};
 use dataplane::transport::uring as uring_transport;
 use pollen_tests::raw::Raw;
 use pollen_tests::{bytes, node, TierDir};
@@ -449,6 +451,208 @@ fn large_directories_page(net: NetBackend) {
     n.shutdown();
 }
 
+/// A node with a flash tier of `flash_blocks` blocks per core (and DRAM),
+/// on a file in `dir`.
+fn start_flash(net: NetBackend, cores: usize, dir: &TierDir, flash_blocks: u64) -> Node {
+    Node::start(flash_cfg(net, cores, dir, flash_blocks)).expect("node with a flash tier starts")
+}
+
+fn flash_cfg(net: NetBackend, cores: usize, dir: &TierDir, flash_blocks: u64) -> NodeConfig {
+    // Per core: the superblock and header table take a few sectors beside the blocks.
+    let per_core = (flash_blocks + 4) * BS as u64;
+    NodeConfig {
+        port: 0,
+        core_port_base: 0,
+        cores,
+        pin: false,
+        spin_us: 50,
+        net,
+        block_size: BS,
+        dram_bytes_per_core: 64 * BS as u64,
+        max_body: 64 << 10,
+        flash: Some(TierSpec { path: dir.file("flash"), size: Some(per_core * cores as u64) }),
+        ..NodeConfig::default()
+    }
+}
+
+/// Read-after-write on the flash tier at random offsets and odd sizes,
+/// on every core; a tier the node lacks is `NotFound`.
+fn flash_read_after_write(net: NetBackend) {
+    let dir = TierDir::new("flash-raw");
+    let n = start_flash(net, 2, &dir, 32);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("flash", JobHints::default()).unwrap();
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    for core in 0..2 {
+        let b = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
+        assert_eq!((b.tier(), b.core() as usize), (tier::FLASH, core));
+        // A model of the block, grown and overwritten like the node's.
+        let mut model: Vec<u8> = Vec::new();
+        for round in 0..40 {
+            let off = next(model.len() as u64 + 1) as usize;
+            let len = (next(BS as u64 - off as u64) as usize + 1).min(BS - off);
+            let data = bytes(len, (core * 100 + round) as u64 + 1);
+            let new_len = c.write_block(b, off as u32, &data).unwrap();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].copy_from_slice(&data);
+            assert_eq!(new_len as usize, model.len());
+            let roff = next(model.len() as u64) as usize;
+            let rlen = next((model.len() - roff) as u64 + 1) as u32;
+            assert_eq!(c.read_block(b, roff as u32, rlen).unwrap(), &model[roff..roff + rlen as usize]);
+        }
+        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), model, "core {core}");
+        // Odd sizes by append, across sector boundaries.
+        let a = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
+        let mut all = Vec::new();
+        for (i, len) in [1usize, 2047, 2, 511, 1000].into_iter().enumerate() {
+            let d = bytes(len, 77 + i as u64);
+            all.extend_from_slice(&d);
+            assert_eq!(c.append_block(a, &d).unwrap() as usize, all.len());
+        }
+        assert_eq!(c.read_block(a, 0, BlockKey::TO_END).unwrap(), all);
+        assert_eq!(
+            c.write_block(a, all.len() as u32 + 1, b"x").unwrap_err().status(),
+            Some(Status::Malformed)
+        );
+        assert_eq!(c.append_block(a, &vec![0; BS]).unwrap_err().status(), Some(Status::TooLarge));
+        c.free_block(a).unwrap();
+        assert_eq!(c.read_block(a, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+    }
+    // Through the main port: requests for a flash block on the other core are forwarded.
+    let b = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
+    let mut r = Raw::connect(n.addr());
+    let key = BlockKey { block: b, offset: 0, len: 5 }.encode();
+    r.send(&Raw::frame(Opcode::BlockWrite, 0, 1, &key, b"hello"));
+    let key = BlockKey { block: b, offset: 0, len: BlockKey::TO_END }.encode();
+    r.send(&Raw::frame(Opcode::BlockRead, 0, 2, &key, &[]));
+    let mut got = [r.recv().unwrap(), r.recv().unwrap()];
+    got.sort_by_key(|x| x.header.request_id);
+    assert_eq!(got[0].header.status, Status::Ok as u16);
+    assert_eq!((got[1].header.status, got[1].body.as_slice()), (Status::Ok as u16, &b"hello"[..]));
+    // No disk tier on this node.
+    let err = c.alloc_block_on(&job, 0, tier::DISK).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NotFound));
+    assert!(err.to_string().contains("no disk tier"), "{err}");
+    assert_eq!(c.alloc_block_on(&job, 0, 9).unwrap_err().status(), Some(Status::NotFound));
+    n.shutdown();
+}
+
+/// A full flash tier answers `no capacity`; freeing makes room again.
+fn flash_tier_fills(net: NetBackend) {
+    let dir = TierDir::new("flash-full");
+    let n = start_flash(net, 1, &dir, 8);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("full", JobHints::default()).unwrap();
+    let total = n.report().tiers.iter().find(|t| t.tier == "flash").unwrap().blocks_total;
+    assert!(total >= 1);
+    let mut blocks = Vec::new();
+    for _ in 0..total {
+        blocks.push(c.alloc_block_on(&job, 0, tier::FLASH).unwrap());
+    }
+    let err = c.alloc_block_on(&job, 0, tier::FLASH).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NoCapacity), "{err}");
+    // DRAM is unaffected.
+    c.alloc_block(&job, 0).unwrap();
+    c.free_block(blocks.pop().unwrap()).unwrap();
+    let b = c.alloc_block_on(&job, 0, tier::FLASH).unwrap();
+    assert_eq!(c.write_block(b, 0, b"room").unwrap(), 4);
+    n.shutdown();
+}
+
+/// Several clients on several cores write and read flash blocks at once,
+/// pipelined enough to fill the engines' queues (Busy is retried, not sent).
+fn flash_concurrent_clients(net: NetBackend) {
+    let dir = TierDir::new("flash-conc");
+    let n = start_flash(net, 2, &dir, 256);
+    let addr = n.addr();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr).unwrap();
+                let job = c.register_job(&format!("conc-{t}"), JobHints::default()).unwrap();
+                let mut mine = Vec::new();
+                for i in 0..40u64 {
+                    let b = c.alloc_block_on(&job, (i % 2) as usize, tier::FLASH).unwrap();
+                    let d = bytes(1 + (i as usize * 97) % BS, t * 1000 + i);
+                    c.write_block(b, 0, &d).unwrap();
+                    mine.push((b, d));
+                }
+                for (b, d) in &mine {
+                    assert_eq!(&c.read_block(*b, 0, BlockKey::TO_END).unwrap(), d);
+                }
+            })
+        })
+        .collect();
+    // A raw pipeline of 200 writes and reads on one block through the main port.
+    let mut c = Client::connect(addr).unwrap();
+    let job = c.register_job("pipe", JobHints::default()).unwrap();
+    let b = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
+    c.write_block(b, 0, &[0u8; 64]).unwrap();
+    let mut r = Raw::connect(addr);
+    let mut batch = Vec::new();
+    for i in 0..200u64 {
+        let key = BlockKey { block: b, offset: (i % 64) as u32, len: 1 }.encode();
+        batch.extend(Raw::frame(Opcode::BlockWrite, 0, 2 * i, &key, &[i as u8]));
+        let key = BlockKey { block: b, offset: (i % 64) as u32, len: 1 }.encode();
+        batch.extend(Raw::frame(Opcode::BlockRead, 0, 2 * i + 1, &key, &[]));
+    }
+    r.send(&batch);
+    for _ in 0..400 {
+        let resp = r.recv().expect("every pipelined request is answered");
+        assert_eq!(resp.header.status, Status::Ok as u16, "{:?}", String::from_utf8_lossy(&resp.body));
+        let id = resp.header.request_id;
+        if id % 2 == 1 {
+            // Requests on one block run in order: each read sees its write.
+            assert_eq!(resp.body, [(id / 2) as u8], "request {id}");
+        }
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    n.shutdown();
+}
+
+/// A node restarted on an existing flash file starts cleanly and serves no
+/// stale data: the old run's block ids are not found.
+fn flash_restart(net: NetBackend) {
+    let dir = TierDir::new("flash-restart");
+    let n = start_flash(net, 2, &dir, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("r", JobHints::default()).unwrap();
+    let mut old = Vec::new();
+    for core in 0..2 {
+        let b = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
+        c.write_block(b, 0, b"old data").unwrap();
+        old.push(b);
+    }
+    drop(c);
+    n.shutdown();
+
+    let n = start_flash(net, 2, &dir, 16);
+    let used: u64 = n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.blocks_used).sum();
+    assert_eq!(used, 0, "ephemeral blocks do not survive a restart");
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("r", JobHints::default()).unwrap();
+    for b in &old {
+        assert_eq!(c.read_block(*b, 0, 1).unwrap_err().status(), Some(Status::NotFound), "{b:?}");
+        assert_eq!(c.write_block(*b, 0, b"x").unwrap_err().status(), Some(Status::NotFound));
+    }
+    // New blocks start empty, even where they reuse the old slots.
+    for core in 0..2 {
+        let b = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
+        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), b"");
+    }
+    n.shutdown();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -476,6 +680,10 @@ on_both_backends!(
     forwarding_floods_are_answered,
     client_recovers_after_errors,
     large_directories_page,
+    flash_read_after_write,
+    flash_tier_fills,
+    flash_concurrent_clients,
+    flash_restart,
 );
 
 #[test]

@@ -537,6 +537,15 @@ impl Client {
         Ok(BlockId(u64_body(&body)?))
     }
 
+    /// Allocates a block for `job` on `core` in tier `tier` (`proto::tier`:
+    /// DRAM, FLASH or DISK). `NotFound` if the node has no such tier.
+    pub fn alloc_block_on(&mut self, job: &Job, core: usize, tier: u8) -> Result<BlockId, ClientError> {
+        let mut key = job.id.to_le_bytes().to_vec();
+        key.push(tier);
+        let body = self.call(core, Opcode::BlockAlloc, 0, &key, &[])?;
+        Ok(BlockId(u64_body(&body)?))
+    }
+
     /// Writes at `offset` (no holes); returns the block's new data length.
     pub fn write_block(&mut self, b: BlockId, offset: u32, data: &[u8]) -> Result<u32, ClientError> {
         let key = BlockKey { block: b, offset, len: data.len() as u32 }.encode();

@@ -1,13 +1,37 @@
 //! Executing one request on the core that owns its data. Every call appends
 //! exactly one response frame to `out`.
 
-use super::State;
+use super::{PendingIo, ReplyTo, State};
 use crate::meta::MetaError;
 use crate::proto::{
-    self, encode_header, flags, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader, Status,
-    HEADER_LEN,
+    self, encode_header, flags, tier, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader,
+    Status, HEADER_LEN,
 };
-use crate::storage::StorageError;
+use crate::storage::{Completion, FlashEngine, StorageError};
+
+/// What executing a request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    /// The response frame is in `out`.
+    Done,
+    /// Submitted to a flash or disk engine: the response is written when
+    /// I/O slot `.0` completes.
+    Pending(u32),
+    /// The tier's queue is full: nothing was done and nothing was written;
+    /// run the request again later.
+    Busy,
+}
+
+/// Appends the response to a flash or disk request that completed.
+pub fn respond_io(out: &mut Vec<u8>, request_id: u64, opcode: u8, r: Result<Completion, StorageError>) {
+    match r {
+        Ok(Completion::Written { len }) => respond(out, request_id, opcode, Status::Ok, &len.to_le_bytes()),
+        // One copy, from the registered buffer into the connection's output.
+        Ok(Completion::Read(buf)) => respond(out, request_id, opcode, Status::Ok, buf.bytes()),
+        Ok(Completion::Persisted) => respond(out, request_id, opcode, Status::Ok, &[]),
+        Err(e) => respond(out, request_id, opcode, e.status(), e.to_string().as_bytes()),
+    }
+}
 
 /// Appends a response frame with `body`.
 pub fn respond(out: &mut Vec<u8>, request_id: u64, opcode: u8, status: Status, body: &[u8]) {
@@ -74,19 +98,39 @@ fn malformed(msg: &str) -> Fail {
 }
 
 impl State {
-    pub(super) fn execute(&mut self, h: &Header, key: &[u8], body: &[u8], out: &mut Vec<u8>) {
+    /// Executes a request, answering into `out` now or, for flash and disk
+    /// block I/O, when the device completes (to `to`).
+    pub(super) fn execute(
+        &mut self,
+        h: &Header,
+        key: &[u8],
+        body: &[u8],
+        out: &mut Vec<u8>,
+        to: ReplyTo,
+    ) -> Exec {
         let start = out.len();
-        if let Err(Fail(status, msg)) = self.try_execute(h, key, body, out) {
-            out.truncate(start);
-            let mut end = msg.len().min(256);
-            while !msg.is_char_boundary(end) {
-                end -= 1;
+        match self.try_execute(h, key, body, out, to) {
+            Ok(e) => e,
+            Err(Fail(status, msg)) => {
+                out.truncate(start);
+                let mut end = msg.len().min(256);
+                while !msg.is_char_boundary(end) {
+                    end -= 1;
+                }
+                respond(out, h.request_id, h.opcode, status, &msg.as_bytes()[..end]);
+                Exec::Done
             }
-            respond(out, h.request_id, h.opcode, status, &msg.as_bytes()[..end]);
         }
     }
 
-    fn try_execute(&mut self, h: &Header, key: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), Fail> {
+    fn try_execute(
+        &mut self,
+        h: &Header,
+        key: &[u8],
+        body: &[u8],
+        out: &mut Vec<u8>,
+        to: ReplyTo,
+    ) -> Result<Exec, Fail> {
         let (id, opc) = (h.request_id, h.opcode);
         let ok = Status::Ok;
         let Some(op) = h.op() else { return Err(malformed("unknown opcode")) };
@@ -158,17 +202,24 @@ impl State {
                 no_body(body)?;
                 let mut r = Reader::new(key);
                 let job = r.u32("job id")?;
-                r.end("BlockAlloc key is a 4-byte job id")?;
+                let t = if key.len() > 4 { r.u8("tier")? } else { tier::DRAM };
+                r.end("BlockAlloc key is a 4-byte job id, optionally followed by a 1-byte tier")?;
                 if job >= crate::storage::PERSISTED_OWNER {
                     return Err(malformed("job ids 0xfffffffe and 0xffffffff are reserved"));
                 }
-                let b = self.dram.alloc(job)?;
+                let b = match t {
+                    tier::DRAM => self.dram.alloc(job)?,
+                    t => engine(&mut self.engines, t)?.alloc(job)?,
+                };
                 respond(out, id, opc, ok, &b.0.to_le_bytes());
             }
             Opcode::BlockWrite => {
                 let k = BlockKey::decode(key)?;
                 if k.len as usize != body.len() {
                     return Err(malformed("BlockWrite key length differs from the body length"));
+                }
+                if k.block.tier() != tier::DRAM {
+                    return self.submit_io(h, k, body, to);
                 }
                 let len = self.dram.write(k.block, k.offset, body)?;
                 respond(out, id, opc, ok, &len.to_le_bytes());
@@ -178,12 +229,18 @@ impl State {
                 if k.offset != 0 || k.len as usize != body.len() {
                     return Err(malformed("BlockAppend key needs offset 0 and the body length"));
                 }
+                if k.block.tier() != tier::DRAM {
+                    return self.submit_io(h, k, body, to);
+                }
                 let len = self.dram.append(k.block, body)?;
                 respond(out, id, opc, ok, &len.to_le_bytes());
             }
             Opcode::BlockRead => {
                 no_body(body)?;
                 let k = BlockKey::decode(key)?;
+                if k.block.tier() != tier::DRAM {
+                    return self.submit_io(h, k, body, to);
+                }
                 let data = self.dram.read(k.block, k.offset, k.len)?;
                 respond(out, id, opc, ok, data);
             }
@@ -193,21 +250,71 @@ impl State {
                 if k.offset != 0 || k.len != 0 {
                     return Err(malformed("BlockFree key needs offset 0 and length 0"));
                 }
-                self.dram.free(k.block)?;
+                match k.block.tier() {
+                    tier::DRAM => self.dram.free(k.block)?,
+                    t => engine(&mut self.engines, t)?.free(k.block)?,
+                }
                 respond(out, id, opc, ok, &[]);
             }
         }
-        Ok(())
+        Ok(Exec::Done)
+    }
+
+    /// Hands a flash or disk block write, append or read (checked) to its
+    /// engine; the answer goes to `to` when it completes.
+    fn submit_io(&mut self, h: &Header, k: BlockKey, body: &[u8], to: ReplyTo) -> Result<Exec, Fail> {
+        let e = engine(&mut self.engines, k.block.tier())?;
+        let Some(slot) = self.io_free.pop() else { return Ok(Exec::Busy) };
+        let token = slot as u64;
+        let r = match h.op() {
+            Some(Opcode::BlockWrite) => e.submit_write(token, k.block, k.offset, body),
+            Some(Opcode::BlockAppend) => e.submit_append(token, k.block, body),
+            Some(Opcode::BlockRead) => e.submit_read(token, k.block, k.offset, k.len),
+            _ => unreachable!("only block I/O is submitted"),
+        };
+        match r {
+            Ok(()) => {
+                debug_assert!(self.io[slot as usize].is_none(), "I/O slot {slot} in use");
+                self.io[slot as usize] =
+                    Some(PendingIo { to, request_id: h.request_id, opcode: h.opcode, frame: None });
+                Ok(Exec::Pending(slot))
+            }
+            Err(StorageError::Busy) => {
+                self.io_free.push(slot);
+                Ok(Exec::Busy)
+            }
+            Err(err) => {
+                self.io_free.push(slot);
+                Err(err.into())
+            }
+        }
     }
 
     /// Block ids named by an object must be able to exist on this node.
     fn check_blocks(&self, blocks: &[BlockId]) -> Result<(), Fail> {
         for b in blocks {
-            if b.tier() != proto::tier::DRAM || b.core() as usize >= self.cfg.cores {
+            let tier_here = b.tier() == tier::DRAM || self.engines.iter().any(|e| e.tier() == b.tier());
+            if !tier_here || b.core() as usize >= self.cfg.cores {
                 return Err(Fail(Status::Malformed, format!("block {:#x} is not on this node", b.0)));
             }
         }
         Ok(())
+    }
+}
+
+/// This core's engine for tier `t` (flash or disk), or `NotFound` saying
+/// the node has no such tier.
+fn engine(engines: &mut [FlashEngine], t: u8) -> Result<&mut FlashEngine, Fail> {
+    match engines.iter_mut().find(|e| e.tier() == t) {
+        Some(e) => Ok(e),
+        None => {
+            let name = match t {
+                tier::FLASH => "flash",
+                tier::DISK => "disk",
+                _ => return Err(Fail(Status::NotFound, format!("tier {t} does not exist"))),
+            };
+            Err(Fail(Status::NotFound, format!("this node has no {name} tier")))
+        }
     }
 }
 

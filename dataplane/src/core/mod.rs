@@ -8,7 +8,7 @@ pub mod pin;
 pub mod ring;
 pub mod waker;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +17,9 @@ use crate::meta::{JobSummary, Namespaces};
 use crate::node::PollMode;
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
-use crate::storage::{DramTier, FlashEngine, TierUsage};
+use crate::storage::{Completion, DramTier, FlashEngine, StorageError, TierUsage};
 use crate::transport::{ConnId, EventSink, Transport};
+use exec::Exec;
 use ring::{Links, Msg};
 use waker::Waker;
 
@@ -37,6 +38,9 @@ const FRAME_POOL: usize = 256;
 const POOLED_FRAME_MAX: usize = 128 << 10;
 /// Minimum interval between publications of the job list.
 const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
+/// Flash and disk requests a core keeps in flight per engine, at most (the
+/// engines' own queue depths are lower, so this bound is never the one hit).
+const IO_SLOTS_PER_ENGINE: usize = 256;
 /// Minimum interval between publications of the flash and disk tiers' figures.
 const PUBLISH_STORAGE_EVERY: Duration = Duration::from_millis(100);
 
@@ -123,6 +127,32 @@ struct Conn {
     awaiting: u32,
 }
 
+/// Where the answer to a flash or disk request goes when it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplyTo {
+    /// A connection of this core.
+    Local { conn: ConnId, gen: u32 },
+    /// A connection of core `origin`, which forwarded the request.
+    Remote { origin: u8, conn: ConnId, gen: u32 },
+}
+
+/// A flash or disk request in flight, by its engine token.
+pub(crate) struct PendingIo {
+    pub to: ReplyTo,
+    pub request_id: u64,
+    pub opcode: u8,
+    /// A forwarded request's buffer, which carries the response back.
+    pub frame: Option<Vec<u8>>,
+}
+
+/// A forwarded request that found its tier's queue full, kept in arrival order.
+struct Deferred {
+    origin: u8,
+    conn: ConnId,
+    gen: u32,
+    frame: Vec<u8>,
+}
+
 /// The part of a core that network events act on, split from the transport
 /// so the transport can call into it during `poll`.
 struct State {
@@ -132,6 +162,14 @@ struct State {
     dram: DramTier,
     /// Flash and disk engines of this core, at most one per tier.
     engines: Vec<FlashEngine>,
+    /// Flash and disk requests in flight, indexed by engine token.
+    io: Vec<Option<PendingIo>>,
+    io_free: Vec<u32>,
+    /// Completions taken from an engine, answered right after.
+    io_done: Vec<(u64, Result<Completion, StorageError>)>,
+    /// Forwarded requests waiting for room in a tier's queue; while any
+    /// wait, later forwarded requests queue behind them (order is kept).
+    deferred: VecDeque<Deferred>,
     ns: Namespaces,
     ns_changed: bool,
     conns: Vec<Conn>,
@@ -177,6 +215,7 @@ impl<T: Transport> Core<T> {
         shared.blocks_total.store(u.blocks_total, Ordering::Relaxed);
         shared.huge_pages.store(u.huge_pages, Ordering::Relaxed);
         let ns = Namespaces::new(cfg.id, u.block_size);
+        let io_slots = engines.len() * IO_SLOTS_PER_ENGINE;
         Core {
             transport,
             st: State {
@@ -185,6 +224,10 @@ impl<T: Transport> Core<T> {
                 links,
                 dram,
                 engines,
+                io: (0..io_slots).map(|_| None).collect(),
+                io_free: (0..io_slots as u32).rev().collect(),
+                io_done: Vec::with_capacity(IO_SLOTS_PER_ENGINE),
+                deferred: VecDeque::new(),
                 ns,
                 ns_changed: false,
                 conns: Vec::new(),
@@ -217,7 +260,8 @@ impl<T: Transport> Core<T> {
         let mut busy_ns = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let pass = Instant::now();
-            let mut work = self.st.drain_rings();
+            let mut work = self.st.retry_deferred();
+            work += self.st.drain_rings();
             work += self.st.retry_stalled();
             match self.transport.poll(Some(Duration::ZERO), &mut self.st) {
                 Ok(n) => work += n,
@@ -226,6 +270,7 @@ impl<T: Transport> Core<T> {
                     break;
                 }
             }
+            work += self.st.reap_storage();
             work += self.finish_pass();
 
             let now = Instant::now();
@@ -341,6 +386,10 @@ impl<T: Transport> Core<T> {
         let pending = self.st.links.inbound.iter().any(|c| !c.is_empty())
             || self.st.links.out.iter().flatten().any(|o| !o.overflow.is_empty())
             || !self.st.retry.is_empty()
+            || !self.st.deferred.is_empty()
+            // Storage completions do not wake a parked core (IOPOLL ones
+            // signal nothing): stay awake while any I/O is in flight.
+            || self.st.engines.iter().any(|e| e.has_work())
             || self.stop.load(Ordering::SeqCst);
         if !pending {
             if let Err(e) = self.transport.poll(None, &mut self.st) {
@@ -390,7 +439,12 @@ impl State {
             for _ in 0..RING_BATCH {
                 let Ok(m) = self.links.inbound[i].pop() else { break };
                 n += 1;
-                self.on_message(m);
+                match m {
+                    Msg::Request { origin, conn, gen, frame } if !self.deferred.is_empty() => {
+                        self.deferred.push_back(Deferred { origin, conn, gen, frame });
+                    }
+                    m => self.on_message(m),
+                }
             }
         }
         n
@@ -398,28 +452,9 @@ impl State {
 
     fn on_message(&mut self, m: Msg) {
         match m {
-            Msg::Request { origin, conn, gen, mut frame } => {
-                self.requests += 1;
-                let mut out = std::mem::take(&mut self.scratch);
-                out.clear();
-                match proto::decode_header(&frame, &self.cfg.limits, true) {
-                    Ok(Some(h)) if h.frame_len() == frame.len() => {
-                        let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
-                        self.execute(&h, key, body, &mut out);
-                    }
-                    _ => exec::respond(
-                        &mut out,
-                        frame_id(&frame),
-                        frame.get(3).copied().unwrap_or(0),
-                        Status::Internal,
-                        b"corrupt forwarded frame",
-                    ),
-                }
-                frame.clear();
-                frame.extend_from_slice(&out);
-                self.scratch = out;
-                if let Some(o) = self.links.out[origin as usize].as_mut() {
-                    o.push(Msg::Response { conn, gen, frame });
+            Msg::Request { origin, conn, gen, frame } => {
+                if let Err(frame) = self.run_forwarded(origin, conn, gen, frame) {
+                    self.deferred.push_back(Deferred { origin, conn, gen, frame });
                 }
             }
             Msg::Response { conn, gen, frame } => {
@@ -441,12 +476,134 @@ impl State {
             Msg::FreeBlocks(blocks) => {
                 for b in blocks {
                     // A block already freed (e.g. by its job's deregistration) is fine.
-                    let _ = self.dram.free(b);
+                    if b.tier() == proto::tier::DRAM {
+                        let _ = self.dram.free(b);
+                    } else if let Some(e) = self.engines.iter_mut().find(|e| e.tier() == b.tier()) {
+                        let _ = e.free(b);
+                    }
                 }
             }
             Msg::FreeJob { job, keep } => {
-                self.dram.free_owner(job, &keep);
+                self.free_owner(job, &keep);
             }
+        }
+    }
+
+    /// Executes a request forwarded by core `origin` and sends the answer
+    /// back, now or when its I/O completes. Gives the frame back when the
+    /// tier's queue is full.
+    fn run_forwarded(
+        &mut self,
+        origin: u8,
+        conn: ConnId,
+        gen: u32,
+        mut frame: Vec<u8>,
+    ) -> Result<(), Vec<u8>> {
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let done = match proto::decode_header(&frame, &self.cfg.limits, true) {
+            Ok(Some(h)) if h.frame_len() == frame.len() => {
+                let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
+                self.execute(&h, key, body, &mut out, ReplyTo::Remote { origin, conn, gen })
+            }
+            _ => {
+                exec::respond(
+                    &mut out,
+                    frame_id(&frame),
+                    frame.get(3).copied().unwrap_or(0),
+                    Status::Internal,
+                    b"corrupt forwarded frame",
+                );
+                Exec::Done
+            }
+        };
+        match done {
+            Exec::Busy => {
+                self.scratch = out;
+                return Err(frame);
+            }
+            Exec::Pending(slot) => {
+                if let Some(p) = self.io[slot as usize].as_mut() {
+                    p.frame = Some(frame);
+                }
+            }
+            Exec::Done => {
+                frame.clear();
+                frame.extend_from_slice(&out);
+                if let Some(o) = self.links.out[origin as usize].as_mut() {
+                    o.push(Msg::Response { conn, gen, frame });
+                }
+            }
+        }
+        self.requests += 1;
+        self.scratch = out;
+        Ok(())
+    }
+
+    /// Runs deferred forwarded requests in order until one is still refused.
+    fn retry_deferred(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(d) = self.deferred.pop_front() {
+            if let Err(frame) = self.run_forwarded(d.origin, d.conn, d.gen, d.frame) {
+                self.deferred.push_front(Deferred { frame, ..d });
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Moves every engine's I/O along and answers the requests that completed.
+    fn reap_storage(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.engines.len() {
+            let mut done = std::mem::take(&mut self.io_done);
+            self.engines[i].poll_completions(|token, r| done.push((token, r)));
+            for (token, r) in done.drain(..) {
+                self.complete_io(token, r);
+                n += 1;
+            }
+            self.io_done = done;
+        }
+        n
+    }
+
+    fn complete_io(&mut self, token: u64, r: Result<Completion, StorageError>) {
+        let slot = token as usize;
+        let Some(p) = self.io.get_mut(slot).and_then(Option::take) else {
+            debug_assert!(false, "completion for I/O slot {slot}, which is not in flight");
+            return;
+        };
+        self.io_free.push(slot as u32);
+        match p.to {
+            ReplyTo::Local { conn, gen } => {
+                let Some(c) = self.conns.get_mut(conn) else { return };
+                if !c.live || c.gen != gen {
+                    return;
+                }
+                debug_assert!(c.awaiting > 0, "I/O answer for conn {conn} that awaits none");
+                c.awaiting = c.awaiting.saturating_sub(1);
+                if !c.closing {
+                    exec::respond_io(&mut c.tx, p.request_id, p.opcode, r);
+                    self.mark_dirty(conn);
+                }
+            }
+            ReplyTo::Remote { origin, conn, gen } => {
+                let mut frame = p.frame.unwrap_or_default();
+                frame.clear();
+                exec::respond_io(&mut frame, p.request_id, p.opcode, r);
+                if let Some(o) = self.links.out[origin as usize].as_mut() {
+                    o.push(Msg::Response { conn, gen, frame });
+                }
+            }
+        }
+    }
+
+    /// Frees every block `job` allocated on this core, on every tier, but `keep`.
+    fn free_owner(&mut self, job: u32, keep: &HashSet<proto::BlockId>) {
+        self.dram.free_owner(job, keep);
+        for e in &mut self.engines {
+            e.free_owner(job, keep);
         }
     }
 
@@ -529,11 +686,17 @@ impl State {
         let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
         let owner = self.owner(h, key);
         if owner == self.cfg.id as usize {
-            self.requests += 1;
             let mut tx = std::mem::take(&mut self.conns[id].tx);
-            self.execute(h, key, body, &mut tx);
+            let gen = self.conns[id].gen;
+            let done = self.execute(h, key, body, &mut tx, ReplyTo::Local { conn: id, gen });
             self.conns[id].tx = tx;
-            self.mark_dirty(id);
+            match done {
+                // Stalled like a full ring: parsed again next pass.
+                Exec::Busy => return false,
+                Exec::Pending(_) => self.conns[id].awaiting += 1,
+                Exec::Done => self.mark_dirty(id),
+            }
+            self.requests += 1;
             return true;
         }
         let (gen, awaiting) = (self.conns[id].gen, self.conns[id].awaiting);
@@ -604,7 +767,7 @@ impl State {
                 // By id first: covers blocks allocated under an earlier id.
                 self.release(Release::Blocks(drop));
                 let keep: Arc<HashSet<proto::BlockId>> = Arc::new(keep.into_iter().collect());
-                self.dram.free_owner(job, &keep);
+                self.free_owner(job, &keep);
                 for o in self.links.out.iter_mut().flatten() {
                     o.push(Msg::FreeJob { job, keep: keep.clone() });
                 }
