@@ -459,6 +459,26 @@ fn pollen_up_with_a_flash_tier() {
     let table = String::from_utf8(up.ctl_ok(&["tiers"]).stdout).unwrap();
     assert!(table.contains("flash") && table.contains("pollen.flash"), "{table}");
 
+    // An object put on the flash tier comes back byte for byte and uses flash blocks.
+    let data = random_bytes(300 << 10, 11);
+    std::fs::write(up.path("in.bin"), &data).unwrap();
+    up.ctl_ok(&["put", "fj", "obj", "in.bin", "--tier", "flash"]);
+    up.ctl_ok(&["get", "fj", "obj", "out.bin"]);
+    assert!(std::fs::read(up.path("out.bin")).unwrap() == data, "flash object round-trips");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
+        let used: u64 = t.tiers.iter().filter(|r| r.tier == "flash").map(|r| r.used_bytes).sum();
+        if used >= 300 << 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flash use never showed: {t:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let no_disk = up.ctl(&["put", "fj", "obj2", "in.bin", "--tier", "disk"]);
+    assert!(!no_disk.status.success());
+    assert!(stderr_of(&no_disk).contains("no disk tier"), "{}", stderr_of(&no_disk));
+
     let status = up.proc.terminate();
     assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
 }

@@ -653,6 +653,60 @@ fn flash_restart(net: NetBackend) {
     n.shutdown();
 }
 
+/// Objects on the flash tier: a put naming the tier round-trips and its
+/// blocks are flash blocks; an object whose blocks span DRAM and flash is
+/// readable; deleting frees the flash blocks.
+fn flash_objects(net: NetBackend) {
+    let dir = TierDir::new("flash-obj");
+    let n = start_flash(net, 2, &dir, 64);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("objs", JobHints::default()).unwrap();
+    let flash = PutOptions { tier: Some(tier::FLASH), ..PutOptions::default() };
+    for (i, size) in [0usize, 1, BS - 1, BS + 1, 9 * BS + 123].into_iter().enumerate() {
+        let data = bytes(size, 500 + i as u64);
+        let name = format!("f-{size}");
+        c.put_buffer(&job, &name, &data, flash).unwrap();
+        let meta = c.lookup(&job, &name).unwrap();
+        assert!(meta.blocks.iter().all(|b| b.tier() == tier::FLASH), "{meta:?}");
+        assert_eq!(c.get_buffer(&job, &name).unwrap(), data, "size {size}");
+    }
+    let flash_used =
+        |n: &Node| n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.blocks_used).sum::<u64>();
+    let before = flash_used(&n);
+    assert!(before >= 13, "{before}");
+    c.delete(&job, &format!("f-{}", 9 * BS + 123)).unwrap();
+    for _ in 0..200 {
+        if flash_used(&n) == before - 10 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(flash_used(&n), before - 10, "deleting an object frees its flash blocks");
+
+    // An object spanning tiers: block 0 in DRAM on core 0, block 1 on flash on core 1.
+    let (d0, d1) = (bytes(BS, 1), bytes(100, 2));
+    let b0 = c.alloc_block(&job, 0).unwrap();
+    let b1 = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
+    c.write_block(b0, 0, &d0).unwrap();
+    c.write_block(b1, 0, &d1).unwrap();
+    let meta = dataplane::proto::ObjectMeta { size: (BS + 100) as u64, flags: 0, blocks: vec![b0, b1] };
+    let mut body = Vec::new();
+    meta.encode(&mut body);
+    let mut r = Raw::connect(n.addr());
+    r.send(&Raw::frame(Opcode::PutObject, 0, 9, b"objs/mixed", &body));
+    let resp = r.recv().unwrap();
+    assert_eq!(resp.header.status, Status::Ok as u16, "{}", String::from_utf8_lossy(&resp.body));
+    let mut want = d0.clone();
+    want.extend_from_slice(&d1);
+    assert_eq!(c.get_buffer(&job, "mixed").unwrap(), want);
+
+    // A tier the node lacks fails the put.
+    let disk = PutOptions { tier: Some(tier::DISK), ..PutOptions::default() };
+    let err = c.put_buffer(&job, "nodisk", b"x", disk).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NotFound), "{err}");
+    n.shutdown();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -684,6 +738,7 @@ on_both_backends!(
     flash_tier_fills,
     flash_concurrent_clients,
     flash_restart,
+    flash_objects,
 );
 
 #[test]

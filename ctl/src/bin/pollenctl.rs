@@ -77,6 +77,9 @@ enum Cmd {
         /// Delete the object after its first complete read
         #[arg(long)]
         delete_after_read: bool,
+        /// The storage tier for the object's blocks (the node must have it) [default: dram]
+        #[arg(long, value_enum)]
+        tier: Option<TierArg>,
     },
     /// Fetch object NAME of JOB into a local FILE ('-' = standard output)
     Get {
@@ -133,8 +136,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Cores => cores(&ctl, json),
         Cmd::Tiers => tiers(&ctl, json),
         Cmd::Jobs => jobs(&ctl, json),
-        Cmd::Put { job, name, file, persist, delete_after_read } => {
-            put(&ctl, json, &job, &name, &file, PutOptions { persist, delete_after_read })
+        Cmd::Put { job, name, file, persist, delete_after_read, tier } => {
+            let tier = tier.map(TierArg::number);
+            put(&ctl, json, &job, &name, &file, PutOptions { persist, delete_after_read, tier })
         }
         Cmd::Get { job, name, file } => get(&ctl, json, &job, &name, &file),
         Cmd::Ls { job, dir } => ls(&ctl, json, &job, dir.as_deref().unwrap_or("")),
@@ -333,6 +337,24 @@ fn cores(ctl: &Controller, json: bool) -> Result<()> {
     }
     print_table_or(&t, "No cores: no node has sent a heartbeat yet.");
     Ok(())
+}
+
+/// `pollenctl put --tier`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TierArg {
+    Dram,
+    Flash,
+    Disk,
+}
+
+impl TierArg {
+    fn number(self) -> u8 {
+        match self {
+            TierArg::Dram => dataplane::proto::tier::DRAM,
+            TierArg::Flash => dataplane::proto::tier::FLASH,
+            TierArg::Disk => dataplane::proto::tier::DISK,
+        }
+    }
 }
 
 fn tiers(ctl: &Controller, json: bool) -> Result<()> {

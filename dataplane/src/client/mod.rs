@@ -72,6 +72,10 @@ pub struct PutOptions {
     pub persist: bool,
     /// Delete the object after its first complete read.
     pub delete_after_read: bool,
+    /// The tier the object's blocks go to (`proto::tier`: DRAM, FLASH or
+    /// DISK); `None` is the node's default (DRAM). A tier the node lacks
+    /// fails the put with `NotFound`.
+    pub tier: Option<u8>,
 }
 
 impl PutOptions {
@@ -357,7 +361,7 @@ impl Client {
         let bs = self.block_size();
         let n = size.div_ceil(bs) as usize;
         let mut blocks: Vec<Option<BlockId>> = vec![None; n];
-        let written = self.write_blocks(job, size, &src, &mut blocks);
+        let written = self.write_blocks(job, size, &src, &mut blocks, opts.tier);
         let result = written.and_then(|()| {
             let meta = ObjectMeta {
                 size,
@@ -392,6 +396,7 @@ impl Client {
         size: u64,
         src: &Source,
         blocks: &mut [Option<BlockId>],
+        tier: Option<u8>,
     ) -> Result<(), ClientError> {
         let bs = self.block_size();
         let cores = self.cores();
@@ -409,6 +414,9 @@ impl Client {
             let mut written = vec![0usize; cores]; // per core: writes sent
             loop {
                 let mut inflight: Vec<HashMap<u64, (bool, usize)>> = vec![HashMap::new(); cores];
+                // BlockAlloc's key: the job id, then the tier if one is asked for.
+                let mut alloc_key = job.id.to_le_bytes().to_vec();
+                alloc_key.extend(tier);
                 for core in 0..cores {
                     let idx = &plan[core];
                     // Writes for blocks whose ids are known...
@@ -429,7 +437,7 @@ impl Client {
                     let more = (allocated[core]..idx.len()).take(window).collect::<Vec<_>>();
                     for k in more {
                         let c = self.conn(core)?;
-                        let id = c.send(Opcode::BlockAlloc, 0, &job.id.to_le_bytes(), &[])?;
+                        let id = c.send(Opcode::BlockAlloc, 0, &alloc_key, &[])?;
                         inflight[core].insert(id, (true, idx[k]));
                         allocated[core] = k + 1;
                     }

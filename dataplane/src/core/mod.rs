@@ -380,6 +380,8 @@ impl<T: Transport> Core<T> {
 
     /// Sleeps in the transport until a network event or a wake-up.
     fn park(&mut self) {
+        // Figures published on a timer would go stale while parked.
+        self.st.publish_storage();
         self.st.shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         // Overflowed messages only move when this core runs: never park on them.
