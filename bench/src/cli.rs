@@ -11,6 +11,10 @@ use clap::{Parser, ValueEnum};
 /// larger block than the default 64 KiB; 1 MiB keeps every target comfortable.
 pub const MAX_SIZE: usize = 1 << 20;
 
+/// Block size of the in-process node for the block workloads (the node's
+/// default): a 4 KiB request reads or writes one 4 KiB piece of a 64 KiB block.
+pub const BLOCK_SIZE: usize = 64 << 10;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "pollen-bench",
@@ -25,21 +29,52 @@ pub const MAX_SIZE: usize = 1 << 20;
         its queueing delay (coordinated omission).\n\n\
         get = Pollen BlockRead of --size bytes from a pre-written block / Redis GET / echo of a \
         40-byte request answered with 24+size bytes. put = Pollen BlockWrite of --size bytes at offset 0 / \
-        Redis SET / echo of 40+size bytes answered with 28 bytes. Each connection has its own block / key.",
+        Redis SET / echo of 40+size bytes answered with 28 bytes. Each connection has its own block / key.\n\n\
+        randread, randwrite, mixed (70/30) = random BlockRead/BlockWrite of --size bytes over a working set \
+        of 64 KiB blocks filling --tier-size on --tier, at queue depth QD = --conns x --pipeline; with \
+        --tier flash or disk, fio (io_uring, O_DIRECT, iodepth QD) then runs on the same bytes of the same \
+        file once the node has stopped, and the report gives Pollen IOPS / fio IOPS and Pollen's p50 \
+        against fio's p50 plus the echo floor's.",
     after_help = "Examples:\n  \
         pollen-bench --op get --size 1024 --conns 1 --duration 10s\n  \
         pollen-bench --op get --size 1024 --conns 32 --pipeline 4 --duration 10s --json\n  \
         pollen-bench --mode open --rate 20000 --conns 4 --duration 10s --peers echo\n  \
-        pollen-bench --quick --pollen off --peers echo"
+        pollen-bench --quick --pollen off --peers echo\n  \
+        pollen-bench --op randread --size 4k --tier flash --conns 32 --duration 20s --rounds 10"
 )]
 pub struct Args {
-    /// Operation: get (read --size bytes) or put (write --size bytes).
+    /// Operation: get (read --size bytes at offset 0 of the connection's block) or put (write them);
+    /// randread, randwrite, mixed (70% reads, 30% writes): block workloads over a working set of
+    /// blocks on --tier, each request at a random block and a random --size-aligned offset in it.
     #[arg(long, value_enum, default_value_t = Op::Get)]
     pub op: Op,
 
-    /// Value size in bytes (suffixes k/KiB, m/MiB accepted), 1 B ..= 1 MiB.
+    /// Value size in bytes (suffixes k/KiB, m/MiB accepted), 1 B ..= 1 MiB; for the block
+    /// workloads a multiple of 4 KiB up to the block size (64 KiB), e.g. 4k or 64k.
     #[arg(long, default_value = "1024", value_parser = parse_size)]
     pub size: usize,
+
+    /// Tier Pollen's blocks are allocated on (BlockAlloc's tier byte). flash and disk are
+    /// backed by --tier-file in the in-process node.
+    #[arg(long, value_enum, default_value_t = TierArg::Dram)]
+    pub tier: TierArg,
+
+    /// File (or block device) backing the in-process node's flash or disk tier, and the
+    /// file fio measures. Default: pollen-bench-tier/<tier>.img next to the bench binary
+    /// (under the target dir; $TMPDIR if that is tmpfs, where O_DIRECT fails), recreated
+    /// on every run.
+    #[arg(long)]
+    pub tier_file: Option<PathBuf>,
+
+    /// Size of the tier file; the block workloads use all of it (as many blocks as fit)
+    /// as their working set, and fio uses the same bytes. Suffixes k, m, g.
+    #[arg(long, default_value = "256m", value_parser = parse_bytes)]
+    pub tier_size: u64,
+
+    /// fio binary (looked up on PATH when it has no '/'), measured after Pollen's rounds
+    /// on the same file for the block workloads on flash and disk.
+    #[arg(long, default_value = "fio")]
+    pub fio: PathBuf,
 
     /// Number of TCP connections per target.
     #[arg(long, default_value_t = 1)]
@@ -83,10 +118,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
 
-    /// Peers measured alongside Pollen, comma separated: echo, redis, or none.
-    /// Redis is skipped (and said so) when redis-server is not found.
-    #[arg(long, default_value = "echo,redis", value_parser = parse_peers)]
-    pub peers: Peers,
+    /// Peers measured alongside Pollen, comma separated: echo, redis, fio, or none.
+    /// Default: echo,redis for get and put; echo,fio for the block workloads.
+    /// Redis and fio are skipped (and said so) when not found or not applicable.
+    #[arg(long, value_parser = parse_peers)]
+    pub peers: Option<Peers>,
 
     /// Pollen target: "inproc" starts a one-core node inside the bench, pinned to
     /// --server-cpu; "off" skips Pollen; HOST:PORT uses a running node's main port.
@@ -134,6 +170,62 @@ pub struct Args {
 pub enum Op {
     Get,
     Put,
+    Randread,
+    Randwrite,
+    Mixed,
+}
+
+impl Op {
+    /// A random-access workload over a working set of blocks (vs one block per connection).
+    pub fn is_block(self) -> bool {
+        matches!(self, Op::Randread | Op::Randwrite | Op::Mixed)
+    }
+
+    /// Percentage of requests that read.
+    pub fn read_pct(self) -> u32 {
+        match self {
+            Op::Get | Op::Randread => 100,
+            Op::Put | Op::Randwrite => 0,
+            Op::Mixed => 70,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Randread => "randread",
+            Op::Randwrite => "randwrite",
+            Op::Mixed => "mixed",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierArg {
+    Dram,
+    Flash,
+    Disk,
+}
+
+impl TierArg {
+    /// BlockAlloc's tier byte (docs/protocol.md).
+    pub fn byte(self) -> u8 {
+        match self {
+            TierArg::Dram => dataplane::proto::tier::DRAM,
+            TierArg::Flash => dataplane::proto::tier::FLASH,
+            TierArg::Disk => dataplane::proto::tier::DISK,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TierArg::Dram => "dram",
+            TierArg::Flash => "flash",
+            TierArg::Disk => "disk",
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -155,6 +247,7 @@ pub enum NetArg {
 pub enum Peer {
     Echo,
     Redis,
+    Fio,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +268,10 @@ pub enum PollenTarget {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub args: Args,
+    /// `--peers`, or the default for the operation.
+    pub peers: Vec<Peer>,
+    /// Requests in flight at once: conns x pipeline (fio's --iodepth).
+    pub queue_depth: usize,
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
     pub warmup: Duration,
@@ -239,8 +336,26 @@ impl Args {
         if self.max_time.is_zero() {
             bail!("--max-time must be positive");
         }
+        if self.op.is_block() {
+            if !self.size.is_multiple_of(4096) || self.size > BLOCK_SIZE {
+                bail!(
+                    "--op {} needs a --size that is a multiple of 4 KiB up to {} KiB (4k or 64k)",
+                    self.op.name(),
+                    BLOCK_SIZE >> 10
+                );
+            }
+            if self.tier_size < BLOCK_SIZE as u64 * 4 || !self.tier_size.is_multiple_of(4096) {
+                bail!("--tier-size must be a multiple of 4 KiB and hold a few 64 KiB blocks");
+            }
+        }
+        let peers = match &self.peers {
+            Some(p) => p.0.clone(),
+            None if self.op.is_block() => vec![Peer::Echo, Peer::Fio],
+            None => vec![Peer::Echo, Peer::Redis],
+        };
         let warmup = self.warmup.unwrap_or(dflt_warmup);
-        Ok(Plan { requests: self.requests, duration, warmup, args: self })
+        let queue_depth = self.conns * self.pipeline;
+        Ok(Plan { requests: self.requests, duration, warmup, peers, queue_depth, args: self })
     }
 }
 
@@ -254,8 +369,9 @@ fn parse_peers(s: &str) -> Result<Peers, String> {
         let p = match part {
             "echo" | "floor" => Peer::Echo,
             "redis" => Peer::Redis,
+            "fio" => Peer::Fio,
             "none" => continue,
-            other => return Err(format!("unknown peer {other:?} (expected echo, redis or none)")),
+            other => return Err(format!("unknown peer {other:?} (expected echo, redis, fio or none)")),
         };
         if !v.contains(&p) {
             v.push(p);
@@ -303,6 +419,26 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
+/// A byte count for files: `256m`, `1g`, `65536` (binary multiples).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown size unit in {s:?} (use k, m or g)")),
+    };
+    let v = n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))?;
+    if v == 0 {
+        return Err("size must be positive".into());
+    }
+    Ok(v)
+}
+
 /// `10s`, `500ms`, `250us`, `2m`, `1.5s`. A bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -336,6 +472,9 @@ mod tests {
         assert!(parse_size("2m").is_err());
         assert!(parse_size("x").is_err());
         assert!(parse_size("3q").is_err());
+        assert_eq!(parse_bytes("256m"), Ok(256 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert!(parse_bytes("0").is_err());
     }
 
     #[test]
@@ -353,6 +492,7 @@ mod tests {
         assert_eq!(parse_peers("echo,redis"), Ok(Peers(vec![Peer::Echo, Peer::Redis])));
         assert_eq!(parse_peers("none"), Ok(Peers(vec![])));
         assert_eq!(parse_peers(""), Ok(Peers(vec![])));
+        assert_eq!(parse_peers("echo,fio"), Ok(Peers(vec![Peer::Echo, Peer::Fio])));
         assert!(parse_peers("memcached").is_err());
         assert_eq!(parse_pollen("off"), Ok(PollenTarget::Off));
         assert_eq!(parse_pollen("127.0.0.1:7400"), Ok(PollenTarget::Remote("127.0.0.1:7400".into())));
@@ -373,5 +513,21 @@ mod tests {
         let p = a.plan().unwrap();
         assert_eq!(p.duration, Some(Duration::from_secs(1)));
         assert_eq!(p.warmup, Duration::from_millis(200));
+        assert_eq!(p.peers, vec![Peer::Echo, Peer::Redis]);
+    }
+
+    #[test]
+    fn block_workloads() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["pollen-bench", "--client-cpu", "0"];
+            v.extend_from_slice(extra);
+            Args::try_parse_from(v).unwrap().plan()
+        };
+        let p = parse(&["--op", "randread", "--size", "4k", "--conns", "8", "--pipeline", "4"]).unwrap();
+        assert_eq!((p.queue_depth, p.peers.clone()), (32, vec![Peer::Echo, Peer::Fio]));
+        assert!(parse(&["--op", "randread", "--size", "1000"]).is_err());
+        assert!(parse(&["--op", "mixed", "--size", "128k"]).is_err());
+        assert!(parse(&["--op", "randwrite", "--size", "64k", "--tier-size", "64k"]).is_err());
+        assert_eq!(Op::Mixed.read_pct(), 70);
     }
 }

@@ -1,8 +1,10 @@
 //! `pollen-bench`: Pollen's block gets and puts, measured in the same run and
-//! with the same load generator as a TCP echo floor and Redis.
+//! with the same load generator as a TCP echo floor and Redis; and random
+//! block reads and writes on any tier, side by side with fio on the same file.
 
 mod cli;
 mod echo;
+mod fio;
 mod load;
 mod pin;
 mod pollen;
@@ -20,10 +22,10 @@ use clap::Parser;
 use dataplane::node::NetBackend;
 use dataplane::proto::BlockId;
 
-use cli::{Args, NetArg, Op, Peer, Plan, PollenTarget};
+use cli::{Args, NetArg, Peer, Plan, PollenTarget, TierArg};
 use load::{LoadResult, LoadSpec};
-use report::{Measured, Report, Round, Target};
-use wire::{FrameWire, RespWire, Wire};
+use report::{BlockSummary, Measured, Report, Round, Target};
+use wire::{BlockWire, FrameWire, RespWire, Wire};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -81,22 +83,40 @@ fn run(args: Args) -> anyhow::Result<bool> {
         spin: Duration::from_micros(a.spin_us),
     };
 
+    // The flash or disk tier's file: the in-process node's, and fio's.
+    let tier_file = tier_file(&plan)?;
+    let mut block = a.op.is_block().then(|| BlockSummary {
+        file: tier_file.as_ref().map(|f| f.display().to_string()),
+        queue_depth: plan.queue_depth,
+        ..BlockSummary::default()
+    });
+
     // Start every server first; a target that cannot start is reported, not fatal.
     let mut done: Vec<Target> = Vec::new();
     let mut started: Vec<(&'static str, anyhow::Result<Prepared>)> = Vec::new();
     match &a.pollen {
         PollenTarget::Off => {}
-        PollenTarget::InProc => started.push(("pollen", prepare_pollen_inproc(&plan))),
-        PollenTarget::Remote(addr) => started.push(("pollen", prepare_pollen_remote(&plan, addr))),
+        PollenTarget::InProc => {
+            started.push(("pollen", prepare_pollen_inproc(&plan, tier_file.clone(), &mut block)))
+        }
+        PollenTarget::Remote(addr) => {
+            started.push(("pollen", prepare_pollen_remote(&plan, addr, &mut block)))
+        }
     }
-    for peer in &a.peers.0 {
+    let mut fio_job = None;
+    for peer in &plan.peers {
         match peer {
             Peer::Echo => started.push(("echo", prepare_echo(&plan))),
-            Peer::Redis => match redis::find(&a.redis_server) {
+            Peer::Redis if !a.op.is_block() => match redis::find(&a.redis_server) {
                 Some(bin) => started.push(("redis", prepare_redis(&plan, &bin))),
                 None => {
                     done.push(Target::skipped("redis", format!("{} not found", a.redis_server.display())))
                 }
+            },
+            Peer::Redis => done.push(Target::skipped("redis", "redis has no block workload (--op get|put)")),
+            Peer::Fio => match fio_plan(&plan, tier_file.as_deref(), block.as_ref()) {
+                Ok(job) => fio_job = Some(job),
+                Err(why) => done.push(Target::skipped("fio", why)),
             },
         }
     }
@@ -122,14 +142,41 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Report in the order the targets were named, Pollen first.
     let mut targets: Vec<Target> = Vec::new();
+    // Finishing stops the in-process node, so fio has the file to itself.
     for t in ready {
         targets.push(finish(t, a.size, a.threads));
     }
+    if let Some(job) = fio_job {
+        eprintln!("pollen-bench: measuring fio ({:.1} s)", (job.ramp + job.runtime).as_secs_f64());
+        let command = job.command_line();
+        if let Some(b) = block.as_mut() {
+            b.fio_command = Some(command.clone());
+        }
+        let server = format!(
+            "fio {} on CPU {}, io_uring + O_DIRECT on the tier's file after the node stopped",
+            fio_version(&job.bin),
+            a.server_cpu
+        );
+        let mut t = match job.run() {
+            Ok(m) => Target::measured("fio", server, a.size, a.size, m),
+            Err(e) => Target::failed("fio", Some(server), &e),
+        };
+        t.request_bytes = None;
+        t.response_bytes = None;
+        t.command = Some(command);
+        targets.push(t);
+    }
     targets.extend(done);
-    let order = |n: &str| ["pollen", "echo", "redis"].iter().position(|x| *x == n).unwrap_or(usize::MAX);
+    let order =
+        |n: &str| ["pollen", "echo", "fio", "redis"].iter().position(|x| *x == n).unwrap_or(usize::MAX);
     targets.sort_by_key(|t| order(t.name));
 
-    let report = Report::new(&plan, targets);
+    // The bench's own tier file goes with the run (--tier-file stays).
+    if let (Some(f), None) = (&tier_file, &a.tier_file) {
+        let _ = std::fs::remove_file(f);
+    }
+
+    let report = Report::new(&plan, targets, block);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).context("encoding the JSON report")?);
     } else {
@@ -211,18 +258,113 @@ fn server_ns(g: &Guard) -> Option<(u64, u64)> {
     }
 }
 
-fn prepare_pollen_inproc(plan: &Plan) -> anyhow::Result<Prepared> {
+/// The flash or disk tier's backing file: `--tier-file`, or a file of the
+/// bench's own (created for this run and removed at its end) on a file system
+/// that supports O_DIRECT.
+fn tier_file(plan: &Plan) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let a = &plan.args;
+    if a.tier == TierArg::Dram {
+        return Ok(None);
+    }
+    if let Some(f) = &a.tier_file {
+        return Ok(Some(f.clone()));
+    }
+    let near_binary = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("pollen-bench-tier")))
+        .filter(|d| std::fs::create_dir_all(d).is_ok() && !is_tmpfs(d));
+    let dir = match near_binary {
+        Some(d) => d,
+        None => {
+            let t = std::env::temp_dir();
+            if is_tmpfs(&t) {
+                std::path::PathBuf::from("/var/tmp")
+            } else {
+                t
+            }
+        }
+    };
+    let file = dir.join(format!("{}-{}.img", a.tier.name(), std::process::id()));
+    // A left-over file of an earlier run may hold another layout: start afresh.
+    let _ = std::fs::remove_file(&file);
+    Ok(Some(file))
+}
+
+/// O_DIRECT opens fail on tmpfs.
+fn is_tmpfs(dir: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// fio's job for this run, or why fio is skipped. The working set's place in
+/// the file is filled in once Pollen's set-up has allocated it.
+fn fio_plan(
+    plan: &Plan,
+    file: Option<&std::path::Path>,
+    block: Option<&BlockSummary>,
+) -> Result<fio::FioJob, String> {
+    let a = &plan.args;
+    if !a.op.is_block() {
+        return Err("fio runs with the block workloads (--op randread|randwrite|mixed)".into());
+    }
+    let Some(file) = file else {
+        return Err("the DRAM tier has no file for fio (use --tier flash or disk)".into());
+    };
+    if matches!(a.pollen, PollenTarget::Remote(_)) && a.tier_file.is_none() {
+        return Err("a running node's tier file is unknown: give it as --tier-file".into());
+    }
+    let bin = fio::find(&a.fio).ok_or_else(|| format!("{} not found", a.fio.display()))?;
+    // The bytes Pollen's blocks occupy: the last blocks x block size bytes of
+    // the tier (the block area ends the region; with one core, the file).
+    let (offset, size) = match block {
+        Some(b) if b.working_set_bytes > 0 => (b.file_offset.unwrap_or(0), b.working_set_bytes),
+        _ => (0, a.tier_size),
+    };
+    let duration = plan.duration.unwrap_or(a.max_time);
+    Ok(fio::FioJob {
+        bin,
+        file: file.to_path_buf(),
+        op: a.op,
+        bs: a.size,
+        iodepth: plan.queue_depth,
+        offset,
+        size,
+        runtime: duration,
+        ramp: plan.warmup,
+        cpu: a.server_cpu,
+    })
+}
+
+fn fio_version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("fio-").to_string())
+        .unwrap_or_default()
+}
+
+fn prepare_pollen_inproc(
+    plan: &Plan,
+    file: Option<std::path::PathBuf>,
+    block: &mut Option<BlockSummary>,
+) -> anyhow::Result<Prepared> {
     let a = &plan.args;
     let net = match a.pollen_net {
         NetArg::Uring => NetBackend::Uring,
         NetArg::Epoll => NetBackend::Epoll,
     };
-    let node = pollen::InProcNode::start(a.server_cpu, net, a.spin_us, a.size, a.conns)?;
+    let tier = pollen::TierPlan { tier: a.tier, file, tier_size: a.tier_size };
+    let node = pollen::InProcNode::start(a.server_cpu, net, a.spin_us, a.size, a.conns, &tier)?;
     let r = node.node().report();
     let mut server = format!(
         "in-process node, 1 core on CPU {}, {} backend, {} poll (spin {} µs)",
         a.server_cpu, r.net, r.poll_mode, a.spin_us
     );
+    if let Some(t) = r.tiers.iter().find(|t| t.tier == a.tier.name()) {
+        if let Some(mode) = &t.mode {
+            server.push_str(&format!(", {} tier in {mode} mode", t.tier));
+        }
+    }
     if let Some(why) = &r.net_fallback_reason {
         server.push_str(&format!(" [io_uring unavailable: {why}]"));
     }
@@ -231,12 +373,16 @@ fn prepare_pollen_inproc(plan: &Plan) -> anyhow::Result<Prepared> {
         server.push_str(&format!(" [{w}]"));
     }
     let main = node.node().addr();
-    prepare_pollen(plan, main, server, Some(node))
+    prepare_pollen(plan, main, server, Some(node), block)
 }
 
-fn prepare_pollen_remote(plan: &Plan, addr: &str) -> anyhow::Result<Prepared> {
+fn prepare_pollen_remote(
+    plan: &Plan,
+    addr: &str,
+    block: &mut Option<BlockSummary>,
+) -> anyhow::Result<Prepared> {
     let main = pollen::resolve(addr)?;
-    prepare_pollen(plan, main, format!("running node at {main}, core 0"), None)
+    prepare_pollen(plan, main, format!("running node at {main}, core 0"), None, block)
 }
 
 fn prepare_pollen(
@@ -244,18 +390,37 @@ fn prepare_pollen(
     main: SocketAddr,
     server: String,
     node: Option<pollen::InProcNode>,
+    block: &mut Option<BlockSummary>,
 ) -> anyhow::Result<Prepared> {
     let a = &plan.args;
-    let setup = pollen::setup(main, 0, a.op, a.size, a.conns)?;
+    if a.op.is_block() {
+        eprintln!("pollen-bench: allocating and writing the working set on the {} tier", a.tier.name());
+    }
+    let setup = pollen::setup(main, 0, a.op, a.size, a.conns, a.tier, a.tier_size)?;
     let server = format!("{server}; direct path via core port {}", setup.core_addr.port());
-    let wire = FrameWire::new(a.op, a.size, &setup.blocks);
+    let (wire, request_bytes, response_bytes): (Arc<dyn Wire>, usize, usize) = if a.op.is_block() {
+        let ws = setup.blocks.len() as u64 * setup.block_size as u64;
+        if let Some(b) = block.as_mut() {
+            b.block_size = setup.block_size;
+            b.blocks = setup.blocks.len();
+            b.working_set_bytes = ws;
+            b.file_offset = (a.tier != TierArg::Dram).then(|| a.tier_size.saturating_sub(ws) / 4096 * 4096);
+        }
+        let w = BlockWire::new(a.op, a.size, setup.block_size, setup.blocks.clone());
+        let (req, resp) = (w.request_len(), w.response_len());
+        (Arc::new(w), req, resp)
+    } else {
+        let w = FrameWire::new(a.op, a.size, &setup.blocks);
+        let (req, resp) = (w.request_len(), w.response_len());
+        (Arc::new(w), req, resp)
+    };
     Ok(Prepared {
         name: "pollen",
         server,
         addrs: vec![setup.core_addr; a.conns],
-        request_bytes: wire.request_len(),
-        response_bytes: wire.response_len(),
-        wire: Arc::new(wire),
+        request_bytes,
+        response_bytes,
+        wire,
         guard: Guard::Pollen { _setup: pollen::SetupGuard(setup), node: node.map(Box::new) },
         result: None,
         rounds: Vec::new(),
@@ -268,11 +433,10 @@ fn prepare_echo(plan: &Plan) -> anyhow::Result<Prepared> {
     // The same frames Pollen gets: a 40-byte BlockRead answered with the value,
     // or a BlockWrite carrying the value answered with a 4-byte length.
     let blocks: Vec<BlockId> = (0..a.conns as u64).map(BlockId).collect();
+    // For the block workloads, the frames of a read (randread, mixed) or of
+    // a write (randwrite): the floor answers every request alike.
     let wire = FrameWire::new(a.op, a.size, &blocks);
-    let response_body = match a.op {
-        Op::Get => a.size,
-        Op::Put => 4,
-    };
+    let response_body = if a.op.read_pct() > 0 { a.size } else { 4 };
     let spin = Duration::from_micros(a.spin_us);
     let echo = echo::EchoServer::start(Some(a.server_cpu), response_body, a.size.max(4096), spin)?;
     Ok(Prepared {
@@ -299,16 +463,14 @@ fn prepare_redis(plan: &Plan, bin: &std::path::Path) -> anyhow::Result<Prepared>
     if let Some(w) = pin::check_pinned("redis-server", Some(redis.proc_dir()), a.server_cpu) {
         server.push_str(&format!(" [{w}]"));
     }
-    if a.op == Op::Get {
+    if a.op.read_pct() > 0 {
         redis.preload(a.conns, &wire::fill(a.size))?;
     }
     let wire = RespWire::new(a.op, a.size, a.conns);
     let mut req = Vec::new();
     wire.encode(0, 0, &mut req);
-    let response_bytes = match a.op {
-        Op::Get => format!("${}\r\n", a.size).len() + a.size + 2,
-        Op::Put => "+OK\r\n".len(),
-    };
+    let response_bytes =
+        if a.op.read_pct() > 0 { format!("${}\r\n", a.size).len() + a.size + 2 } else { "+OK\r\n".len() };
     Ok(Prepared {
         name: "redis",
         server,

@@ -6,12 +6,12 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use dataplane::node::{NetBackend, Node, NodeConfig, PollMode};
+use dataplane::node::{NetBackend, Node, NodeConfig, PollMode, TierSpec};
 use dataplane::proto::{
     decode_header, encode_frame, BlockId, BlockKey, Header, Limits, NodeInfo, Opcode, Status, HEADER_LEN,
 };
 
-use crate::cli::Op;
+use crate::cli::{Op, TierArg};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -22,8 +22,20 @@ pub struct PollenSetup {
     main: SocketAddr,
     /// The port of the core that owns the blocks: requests take the direct path.
     pub core_addr: SocketAddr,
-    /// One block per connection.
+    /// One block per connection (get, put), or the working set (block workloads).
     pub blocks: Vec<BlockId>,
+    /// The node's block size.
+    pub block_size: usize,
+}
+
+/// Where the in-process node's blocks live.
+pub struct TierPlan {
+    pub tier: TierArg,
+    /// The flash or disk tier's backing file, `tier_size` bytes.
+    pub file: Option<std::path::PathBuf>,
+    /// Bytes of the tier file; for the DRAM tier, the block workloads'
+    /// working set (added to the DRAM arena).
+    pub tier_size: u64,
 }
 
 /// A node started inside the bench; its cores stop when it is dropped.
@@ -36,8 +48,17 @@ impl InProcNode {
         spin_us: u64,
         size: usize,
         conns: usize,
+        tier: &TierPlan,
     ) -> anyhow::Result<Self> {
         let block_size = size.next_power_of_two().max(64 << 10);
+        let mut dram = (block_size as u64 * (conns as u64 + 16)).max(64 << 20);
+        let spec = tier.file.as_ref().map(|p| TierSpec { path: p.clone(), size: Some(tier.tier_size) });
+        let (mut flash, mut disk) = (None, None);
+        match tier.tier {
+            TierArg::Dram => dram += tier.tier_size,
+            TierArg::Flash => flash = spec,
+            TierArg::Disk => disk = spec,
+        }
         let cfg = NodeConfig {
             port: 0,
             core_port_base: 0,
@@ -48,9 +69,11 @@ impl InProcNode {
             spin_us,
             net,
             block_size,
-            // Every connection's block, with room to spare.
-            dram_bytes_per_core: (block_size as u64 * (conns as u64 + 16)).max(64 << 20),
+            // Every connection's block (and a DRAM working set), with room to spare.
+            dram_bytes_per_core: dram,
             node_id: "bench".into(),
+            flash,
+            disk,
             ..NodeConfig::default()
         };
         let node = Node::start(cfg).map_err(|e| anyhow!("starting the in-process node: {e}"))?;
@@ -134,14 +157,20 @@ pub fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .ok_or_else(|| anyhow!("{addr} resolves to no address"))
 }
 
-/// Registers a job, allocates one block per connection on core `core` through
-/// that core's own port and, for gets, writes `size` bytes into each.
+/// Registers a job and allocates blocks on tier `tier` of core `core` through
+/// that core's own port: for get and put one block per connection (for gets
+/// with `size` bytes written into each); for the block workloads as many
+/// blocks as fit in `working_set` bytes (fewer if the tier fills first), each
+/// written whole, so every read hits data and every byte of the file that the
+/// workload touches has been written.
 pub fn setup(
     main: SocketAddr,
     core: usize,
     op: Op,
     size: usize,
     conns: usize,
+    tier: TierArg,
+    working_set: u64,
 ) -> anyhow::Result<PollenSetup> {
     let mut m = RawConn::connect(main)?;
     let info = NodeInfo::decode(&m.call(Opcode::NodeInfo, &[], &[])?)
@@ -163,19 +192,49 @@ pub fn setup(
     let id_body = m.call(Opcode::RegisterJob, job.as_bytes(), &[]).context("registering the bench job")?;
     let job_id: [u8; 4] =
         id_body.as_slice().try_into().map_err(|_| anyhow!("RegisterJob answered {} bytes", id_body.len()))?;
-    let mut setup = PollenSetup { job, main, core_addr, blocks: Vec::new() };
+    let block_size = info.block_size as usize;
+    let mut setup = PollenSetup { job, main, core_addr, blocks: Vec::new(), block_size };
+    let mut alloc_key = job_id.to_vec();
+    if tier != TierArg::Dram {
+        alloc_key.push(tier.byte());
+    }
 
     let result = (|| -> anyhow::Result<()> {
         let mut c = RawConn::connect(core_addr)?;
+        if op.is_block() {
+            if block_size > info.max_body as usize {
+                bail!("the node's block size {block_size} is above its max body {}", info.max_body);
+            }
+            let want = (working_set / block_size as u64).max(1);
+            let value = crate::wire::fill(block_size);
+            while (setup.blocks.len() as u64) < want {
+                let b = match c.try_call(Opcode::BlockAlloc, &alloc_key, &[])? {
+                    (Status::Ok, b) => b,
+                    (Status::NoCapacity, _) if !setup.blocks.is_empty() => break,
+                    (st, msg) => bail!(
+                        "BlockAlloc on the {} tier failed: {st} ({})",
+                        tier.name(),
+                        String::from_utf8_lossy(&msg)
+                    ),
+                };
+                let block = block_id(&b, core)?;
+                setup.blocks.push(block);
+                let key = BlockKey { block, offset: 0, len: block_size as u32 }.encode();
+                c.call(Opcode::BlockWrite, &key, &value)?;
+            }
+            // Spot-check the first and the last block.
+            for &block in [setup.blocks[0], setup.blocks[setup.blocks.len() - 1]].iter() {
+                let key = BlockKey { block, offset: 0, len: block_size as u32 }.encode();
+                if c.call(Opcode::BlockRead, &key, &[])? != value {
+                    bail!("block {:#x} does not read back what was written", block.0);
+                }
+            }
+            return Ok(());
+        }
         let value = crate::wire::fill(size);
         for _ in 0..conns {
-            let b = c.call(Opcode::BlockAlloc, &job_id, &[])?;
-            let raw: [u8; 8] =
-                b.as_slice().try_into().map_err(|_| anyhow!("BlockAlloc answered {} bytes", b.len()))?;
-            let block = BlockId(u64::from_le_bytes(raw));
-            if block.core() as usize != core {
-                bail!("BlockAlloc on core {core}'s port returned a block of core {}", block.core());
-            }
+            let b = c.call(Opcode::BlockAlloc, &alloc_key, &[])?;
+            let block = block_id(&b, core)?;
             if op == Op::Get {
                 let key = BlockKey { block, offset: 0, len: size as u32 }.encode();
                 let len = c.call(Opcode::BlockWrite, &key, &value)?;
@@ -197,6 +256,16 @@ pub fn setup(
         return Err(e.context("setting up the Pollen blocks"));
     }
     Ok(setup)
+}
+
+/// The block id in a `BlockAlloc` response, checked to be on `core`.
+fn block_id(body: &[u8], core: usize) -> anyhow::Result<BlockId> {
+    let raw: [u8; 8] = body.try_into().map_err(|_| anyhow!("BlockAlloc answered {} bytes", body.len()))?;
+    let block = BlockId(u64::from_le_bytes(raw));
+    if block.core() as usize != core {
+        bail!("BlockAlloc on core {core}'s port returned a block of core {}", block.core());
+    }
+    Ok(block)
 }
 
 /// Frees the set-up's blocks when dropped.

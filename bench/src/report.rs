@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::cli::{Mode, Op, Plan};
+use crate::cli::{Mode, Op, Plan, TierArg};
 use crate::load::LoadResult;
 
 #[derive(Serialize)]
@@ -16,6 +16,9 @@ pub struct Report {
     pub targets: Vec<Target>,
     /// Pollen's numbers divided by each peer's, keyed by peer name.
     pub ratios: Vec<Ratios>,
+    /// The block workloads: working set, fio's command, and the issue's two targets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockSummary>,
     /// Every requested target that could run finished without errors.
     pub ok: bool,
 }
@@ -31,9 +34,12 @@ pub struct Machine {
 pub struct Config {
     pub op: Op,
     pub size: usize,
+    pub tier: TierArg,
     pub mode: Mode,
     pub conns: usize,
     pub pipeline: usize,
+    /// conns x pipeline: requests in flight (fio's --iodepth).
+    pub queue_depth: usize,
     pub rate: Option<u64>,
     pub duration_s: Option<f64>,
     pub requests: Option<u64>,
@@ -67,9 +73,47 @@ pub struct Target {
     pub server: Option<String>,
     pub request_bytes: Option<usize>,
     pub response_bytes: Option<usize>,
+    /// The exact command line, for a peer run as a program (fio).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     pub result: Option<Measured>,
 }
 
+/// What the block workloads add to the report.
+#[derive(Serialize, Clone, Default)]
+pub struct BlockSummary {
+    /// The file (or device) behind the tier, when there is one.
+    pub file: Option<String>,
+    pub block_size: usize,
+    /// Blocks of the working set (allocated and written during set-up).
+    pub blocks: usize,
+    pub working_set_bytes: u64,
+    /// The bytes of the file the working set occupies, as given to fio.
+    pub file_offset: Option<u64>,
+    pub queue_depth: usize,
+    pub fio_command: Option<String>,
+    /// Pollen IOPS / fio IOPS.
+    pub iops_ratio: Option<f64>,
+    pub pollen_p50_ns: Option<u64>,
+    pub fio_p50_ns: Option<u64>,
+    pub echo_p50_ns: Option<u64>,
+    /// Pollen p50 - (fio p50 + echo floor p50), in µs: what the network
+    /// path adds beyond moving the bytes through an epoll server and the
+    /// device's own latency.
+    pub p50_excess_us: Option<f64>,
+    /// The issue's targets; `met` is set when the run's configuration is the
+    /// one a target is stated for and every figure it needs was measured.
+    pub targets: Vec<IssueTarget>,
+}
+
+#[derive(Serialize, Clone)]
+pub struct IssueTarget {
+    pub name: &'static str,
+    pub applies: bool,
+    pub value: Option<f64>,
+    pub limit: f64,
+    pub met: Option<bool>,
+}
 #[derive(Serialize, Clone)]
 pub struct Measured {
     /// Successful responses in the measured window.
@@ -178,6 +222,7 @@ impl Target {
             server: None,
             request_bytes: None,
             response_bytes: None,
+            command: None,
             result: None,
         }
     }
@@ -190,6 +235,7 @@ impl Target {
             server,
             request_bytes: None,
             response_bytes: None,
+            command: None,
             result: None,
         }
     }
@@ -214,6 +260,7 @@ impl Target {
             server: Some(server),
             request_bytes: Some(request_bytes),
             response_bytes: Some(response_bytes),
+            command: None,
             result: Some(m),
         }
     }
@@ -249,7 +296,7 @@ impl Measured {
 }
 
 impl Report {
-    pub fn new(plan: &Plan, targets: Vec<Target>) -> Report {
+    pub fn new(plan: &Plan, targets: Vec<Target>, block: Option<BlockSummary>) -> Report {
         let a = &plan.args;
         let pollen = targets.iter().find(|t| t.name == "pollen").and_then(|t| usable(t));
         let ratios = match pollen {
@@ -274,6 +321,7 @@ impl Report {
                 .collect(),
         };
         let ok = targets.iter().all(|t| matches!(t.status, Status::Ok | Status::Skipped));
+        let block = block.map(|b| b.complete(plan, &targets));
         Report {
             bench: "pollen-bench",
             version: env!("CARGO_PKG_VERSION"),
@@ -281,9 +329,11 @@ impl Report {
             config: Config {
                 op: a.op,
                 size: a.size,
+                tier: a.tier,
                 mode: a.mode,
                 conns: a.conns,
                 pipeline: a.pipeline,
+                queue_depth: plan.queue_depth,
                 rate: a.rate,
                 duration_s: plan.duration.map(|d| d.as_secs_f64()),
                 requests: plan.requests,
@@ -296,6 +346,7 @@ impl Report {
             },
             targets,
             ratios,
+            block,
             ok,
         }
     }
@@ -304,9 +355,10 @@ impl Report {
     pub fn human(&self) -> String {
         let c = &self.config;
         let mut s = String::new();
-        let what = match c.op {
-            Op::Get => "get",
-            Op::Put => "put",
+        let what = if c.op.is_block() {
+            format!("{} on the {} tier (QD {})", c.op.name(), c.tier.name(), c.queue_depth)
+        } else {
+            c.op.name().to_string()
         };
         let mode = match (c.mode, c.rate) {
             (Mode::Open, Some(r)) => format!("open loop at {r} req/s"),
@@ -416,6 +468,45 @@ impl Report {
             }
             let _ = writeln!(s, "(latency ratio < 1 and throughput ratio > 1 favour Pollen)");
         }
+        if let Some(b) = &self.block {
+            let _ = writeln!(s);
+            let file = match (&b.file, b.file_offset) {
+                (Some(f), Some(o)) => format!(" of {f} at offset {o}"),
+                (Some(f), None) => format!(" of {f}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "working set: {} blocks of {} KiB = {:.1} MiB{file}",
+                b.blocks,
+                b.block_size >> 10,
+                b.working_set_bytes as f64 / (1 << 20) as f64
+            );
+            if let Some(r) = b.iops_ratio {
+                let _ = writeln!(s, "Pollen IOPS / fio IOPS: {r:.2}");
+            }
+            if let (Some(p), Some(f), Some(e), Some(x)) =
+                (b.pollen_p50_ns, b.fio_p50_ns, b.echo_p50_ns, b.p50_excess_us)
+            {
+                let _ = writeln!(
+                    s,
+                    "p50: Pollen {:.1} µs vs fio {:.1} + echo floor {:.1} = {:.1} µs: Pollen {x:+.1} µs",
+                    p as f64 / 1e3,
+                    f as f64 / 1e3,
+                    e as f64 / 1e3,
+                    (f + e) as f64 / 1e3
+                );
+            }
+            for t in b.targets.iter().filter(|t| t.applies) {
+                let verdict = match t.met {
+                    Some(true) => "MET",
+                    Some(false) => "NOT MET",
+                    None => "not measured",
+                };
+                let v = t.value.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+                let _ = writeln!(s, "issue target: {} ({v}, limit {}): {verdict}", t.name, t.limit);
+            }
+        }
         let _ = writeln!(s);
         for t in &self.targets {
             if let Some(srv) = &t.server {
@@ -424,6 +515,9 @@ impl Report {
                     _ => String::new(),
                 };
                 let _ = writeln!(s, "{}: {srv}{sizes}", t.name);
+            }
+            if let Some(cmd) = &t.command {
+                let _ = writeln!(s, "  command: {cmd}");
             }
             if let Some(m) = &t.result {
                 if let Some(b) = m.server_busy {
@@ -458,6 +552,43 @@ impl Report {
             }
         }
         s
+    }
+}
+
+impl BlockSummary {
+    /// Fills in the comparison with fio and the echo floor from the results.
+    fn complete(mut self, plan: &Plan, targets: &[Target]) -> BlockSummary {
+        let a = &plan.args;
+        let get = |name: &str| targets.iter().find(|t| t.name == name).and_then(usable);
+        let (p, f, e) = (get("pollen"), get("fio"), get("echo"));
+        self.iops_ratio = p.zip(f).map(|(p, f)| ratio(p.throughput_ops, f.throughput_ops));
+        self.pollen_p50_ns = p.map(|m| m.latency_ns.p50);
+        self.fio_p50_ns = f.map(|m| m.latency_ns.p50);
+        self.echo_p50_ns = e.map(|m| m.latency_ns.p50);
+        self.p50_excess_us = match (self.pollen_p50_ns, self.fio_p50_ns, self.echo_p50_ns) {
+            (Some(p), Some(f), Some(e)) => Some((p as f64 - (f + e) as f64) / 1e3),
+            _ => None,
+        };
+        let randread_4k = a.op == Op::Randread && a.size == 4096 && a.tier != TierArg::Dram;
+        let iops_applies = randread_4k && plan.queue_depth == 32 && a.mode == Mode::Closed;
+        let lat_applies = randread_4k && plan.queue_depth == 1 && a.mode == Mode::Closed;
+        self.targets = vec![
+            IssueTarget {
+                name: "4 KiB randread at QD 32: Pollen IOPS >= 0.8 x fio IOPS",
+                applies: iops_applies,
+                value: self.iops_ratio,
+                limit: 0.8,
+                met: iops_applies.then_some(self.iops_ratio.map(|r| r >= 0.8)).flatten(),
+            },
+            IssueTarget {
+                name: "4 KiB randread at QD 1: Pollen p50 <= fio p50 + echo floor p50 + 30 µs",
+                applies: lat_applies,
+                value: self.p50_excess_us,
+                limit: 30.0,
+                met: lat_applies.then_some(self.p50_excess_us.map(|x| x <= 30.0)).flatten(),
+            },
+        ];
+        self
     }
 }
 

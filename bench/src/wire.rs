@@ -47,9 +47,10 @@ impl FrameWire {
     /// (connection `i` addresses `blocks[i]`).
     pub fn new(op: Op, size: usize, blocks: &[BlockId]) -> FrameWire {
         assert!(!blocks.is_empty());
-        let (opcode, body, ok_body) = match op {
-            Op::Get => (Opcode::BlockRead, Vec::new(), size),
-            Op::Put => (Opcode::BlockWrite, fill(size), 4),
+        let (opcode, body, ok_body) = if op.read_pct() > 0 {
+            (Opcode::BlockRead, Vec::new(), size)
+        } else {
+            (Opcode::BlockWrite, fill(size), 4)
         };
         let templates = blocks
             .iter()
@@ -115,6 +116,104 @@ impl Wire for FrameWire {
     }
 }
 
+/// Pollen frames for the block workloads: every request picks a block of the
+/// working set and a `size`-aligned offset inside it at random, and reads or
+/// writes there (reads with probability `read_pct` %).
+pub struct BlockWire {
+    blocks: Vec<BlockId>,
+    /// `size`-sized slots per block.
+    slots: u32,
+    size: usize,
+    read_pct: u32,
+    value: Vec<u8>,
+    limits: Limits,
+}
+
+impl BlockWire {
+    pub fn new(op: Op, size: usize, block_size: usize, blocks: Vec<BlockId>) -> BlockWire {
+        assert!(!blocks.is_empty() && size > 0 && block_size.is_multiple_of(size));
+        BlockWire {
+            blocks,
+            slots: (block_size / size) as u32,
+            size,
+            read_pct: op.read_pct(),
+            value: fill(size),
+            limits: Limits::new(size.max(4096)),
+        }
+    }
+
+    /// Bytes of a read request (a write adds `size`).
+    pub fn request_len(&self) -> usize {
+        HEADER_LEN + BlockKey::LEN + if self.read_pct > 0 { 0 } else { self.size }
+    }
+
+    /// Bytes of a read response (a write's is 28).
+    pub fn response_len(&self) -> usize {
+        HEADER_LEN + if self.read_pct > 0 { self.size } else { 4 }
+    }
+}
+
+/// SplitMix64: a well-mixed 64-bit hash, so (connection, request id) gives
+/// an independent random choice per request without any shared state.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Wire for BlockWire {
+    fn encode(&self, conn: usize, id: u64, out: &mut Vec<u8>) {
+        let r = mix64(((conn as u64) << 44) ^ id);
+        let block = self.blocks[((r >> 32) % self.blocks.len() as u64) as usize];
+        let offset = ((r >> 8) as u32 % self.slots) * self.size as u32;
+        let read = (((r & 0xFF) * 100) >> 8) < self.read_pct as u64;
+        let key = BlockKey { block, offset, len: self.size as u32 }.encode();
+        let (op, body): (Opcode, &[u8]) =
+            if read { (Opcode::BlockRead, &[]) } else { (Opcode::BlockWrite, &self.value) };
+        let h = Header::request(op, 0, id, key.len(), body.len());
+        encode_frame(out, &h, &key, body);
+    }
+
+    fn parse(&self, buf: &[u8]) -> anyhow::Result<Option<Parsed>> {
+        let h = match decode_header(buf, &self.limits, false) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(None),
+            Err(e) => bail!("undecodable response header: {e}"),
+        };
+        let len = h.frame_len();
+        if buf.len() < len {
+            return Ok(None);
+        }
+        let body = &buf[HEADER_LEN + h.key_len as usize..len];
+        let expect = if h.opcode == Opcode::BlockRead as u8 {
+            Some(self.size)
+        } else if h.opcode == Opcode::BlockWrite as u8 {
+            Some(4)
+        } else {
+            None
+        };
+        let error = if h.status != Status::Ok as u16 {
+            let name = h.status().map(|s| s.name()).unwrap_or("unknown status");
+            Some(format!("status {} ({name}): {}", h.status, String::from_utf8_lossy(body)))
+        } else if let Some(n) = expect.filter(|&n| n != body.len()) {
+            Some(format!("response body of {} bytes, expected {n}", body.len()))
+        } else if expect.is_none() {
+            Some(format!("response opcode {:#04x}, expected a block read or write", h.opcode))
+        } else {
+            None
+        };
+        if h.flags & flags::CLOSING != 0 {
+            bail!("the server is closing the connection: {}", error.as_deref().unwrap_or("no reason given"));
+        }
+        Ok(Some(Parsed { len, id: Some(h.request_id), error }))
+    }
+
+    fn max_response(&self) -> usize {
+        HEADER_LEN + self.limits.max_key + self.limits.max_body
+    }
+}
+
 /// RESP `GET`/`SET` of one key per connection.
 pub struct RespWire {
     templates: Vec<Vec<u8>>,
@@ -131,9 +230,9 @@ impl RespWire {
     pub fn new(op: Op, size: usize, conns: usize) -> RespWire {
         let value = fill(size);
         let templates = (0..conns)
-            .map(|c| match op {
-                Op::Get => resp_command(&[b"GET", redis_key(c).as_bytes()]),
-                Op::Put => resp_command(&[b"SET", redis_key(c).as_bytes(), &value]),
+            .map(|c| match op.read_pct() {
+                0 => resp_command(&[b"SET", redis_key(c).as_bytes(), &value]),
+                _ => resp_command(&[b"GET", redis_key(c).as_bytes()]),
             })
             .collect();
         RespWire { templates, op, size }
@@ -177,8 +276,8 @@ impl Wire for RespWire {
         let text = || String::from_utf8_lossy(line).into_owned();
         match kind {
             b'+' => {
-                let error = match (self.op, line) {
-                    (Op::Put, b"OK") => None,
+                let error = match (self.op.read_pct(), line) {
+                    (0, b"OK") => None,
                     _ => Some(format!("unexpected reply +{}", text())),
                 };
                 Ok(Some(Parsed { len: eol + 2, id: None, error }))
@@ -209,8 +308,8 @@ impl Wire for RespWire {
                 if &buf[len - 2..len] != b"\r\n" {
                     bail!("bulk reply not terminated by CRLF");
                 }
-                let error = match self.op {
-                    Op::Get if n == self.size => None,
+                let error = match self.op.read_pct() {
+                    100 if n == self.size => None,
                     _ => Some(format!("bulk reply of {n} bytes, expected {}", self.size)),
                 };
                 Ok(Some(Parsed { len, id: None, error }))
@@ -271,6 +370,46 @@ mod tests {
         w.encode(0, 1, &mut out);
         assert_eq!(out.len(), HEADER_LEN + 16 + 100);
         assert_eq!(w.response_len(), HEADER_LEN + 4);
+    }
+
+    #[test]
+    fn block_requests_spread_over_blocks_offsets_and_ops() {
+        let blocks: Vec<BlockId> = (0..8).map(BlockId).collect();
+        let w = BlockWire::new(Op::Mixed, 4096, 65536, blocks);
+        let (mut reads, mut seen_blocks, mut seen_offsets) = (0, [false; 8], [false; 16]);
+        for id in 0..2000u64 {
+            let mut out = Vec::new();
+            w.encode((id % 3) as usize, id, &mut out);
+            let h = decode_header(&out, &Limits::new(1 << 20), true).unwrap().unwrap();
+            assert_eq!(h.request_id, id);
+            let k = BlockKey::decode(&out[HEADER_LEN..HEADER_LEN + 16]).unwrap();
+            assert_eq!(k.len, 4096);
+            assert_eq!(k.offset % 4096, 0);
+            seen_blocks[k.block.0 as usize] = true;
+            seen_offsets[(k.offset / 4096) as usize] = true;
+            if h.opcode == Opcode::BlockRead as u8 {
+                reads += 1;
+                assert_eq!(out.len(), HEADER_LEN + 16);
+            } else {
+                assert_eq!(out.len(), HEADER_LEN + 16 + 4096);
+            }
+        }
+        assert!(seen_blocks.iter().all(|&b| b) && seen_offsets.iter().all(|&b| b));
+        assert!((1250..1550).contains(&reads), "{reads} reads of 2000, expected about 70%");
+        // Responses of either kind parse.
+        let mut resp = Vec::new();
+        let rh = Header {
+            opcode: Opcode::BlockWrite as u8,
+            flags: 0,
+            status: 0,
+            request_id: 3,
+            key_len: 0,
+            body_len: 4,
+        };
+        encode_frame(&mut resp, &rh, &[], &[0, 16, 0, 0]);
+        assert!(w.parse(&resp).unwrap().unwrap().error.is_none());
+        let reads_only = BlockWire::new(Op::Randread, 65536, 65536, vec![BlockId(1)]);
+        assert_eq!(reads_only.response_len(), HEADER_LEN + 65536);
     }
 
     #[test]

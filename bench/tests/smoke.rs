@@ -86,6 +86,94 @@ fn open_loop_put_against_the_floor() {
     assert_eq!(target(&r, "echo")["response_bytes"], 24 + 4);
 }
 
+/// fio's result when fio is installed; `None` (and checked to be skipped) when not.
+fn check_fio(report: &Value) -> Option<&Value> {
+    let fio = target(report, "fio");
+    match fio["status"].as_str().unwrap() {
+        "ok" => {
+            check_measured_peer(fio, "fio");
+            let cmd = fio["command"].as_str().expect("fio's command line");
+            for flag in
+                ["--ioengine=io_uring", "--direct=1", "--numjobs=1", "--time_based", "--cpus_allowed=0"]
+            {
+                assert!(cmd.contains(flag), "{flag} missing from {cmd}");
+            }
+            assert_eq!(report["block"]["fio_command"].as_str(), Some(cmd));
+            Some(fio)
+        }
+        "skipped" => {
+            assert!(fio["reason"].as_str().unwrap().contains("not found"), "{fio:#}");
+            None
+        }
+        other => panic!("fio {other}: {fio:#}"),
+    }
+}
+
+/// A peer measured by another program: counts and ordered percentiles only.
+fn check_measured_peer(t: &Value, name: &str) {
+    let r = &t["result"];
+    assert!(r["requests"].as_u64().unwrap() > 0, "{name}: no requests");
+    assert_eq!(r["errors"].as_u64(), Some(0), "{name}: {r:#}");
+    assert!(r["throughput_ops"].as_f64().unwrap() > 0.0);
+    let l = &r["latency_ns"];
+    let ps: Vec<u64> =
+        ["min", "p50", "p90", "p99", "p99_9", "max"].iter().map(|k| l[*k].as_u64().unwrap()).collect();
+    assert!(ps[0] > 0 && ps.windows(2).all(|w| w[0] <= w[1]), "{name}: percentiles {ps:?}");
+}
+
+#[test]
+fn flash_tier_random_reads_beside_the_floor_and_fio() {
+    let r = bench(&[
+        "--op",
+        "randread",
+        "--size",
+        "4k",
+        "--tier",
+        "flash",
+        "--tier-size",
+        "4m",
+        "--conns",
+        "2",
+        "--pipeline",
+        "2",
+    ]);
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!((r["config"]["tier"].as_str(), r["config"]["queue_depth"].as_u64()), (Some("flash"), Some(4)));
+    check_measured(&r, "pollen");
+    check_measured(&r, "echo");
+    assert_eq!(target(&r, "pollen")["response_bytes"], 24 + 4096);
+    assert!(target(&r, "pollen")["server"].as_str().unwrap().contains("flash tier in"));
+    let b = &r["block"];
+    let blocks = b["blocks"].as_u64().unwrap();
+    assert!(blocks > 0 && blocks <= 64, "{b:#}");
+    assert_eq!(b["working_set_bytes"].as_u64(), Some(blocks * b["block_size"].as_u64().unwrap()));
+    assert!(b["targets"].as_array().unwrap().iter().all(|t| t["applies"] == false));
+    if let Some(fio) = check_fio(&r) {
+        assert!(b["iops_ratio"].as_f64().unwrap() > 0.0);
+        assert!(b["p50_excess_us"].as_f64().is_some());
+        let cmd = fio["command"].as_str().unwrap();
+        assert!(cmd.contains("--rw=randread") && cmd.contains("--bs=4096") && cmd.contains("--iodepth=4"));
+        assert!(cmd.contains(&format!("--size={}", b["working_set_bytes"])), "{cmd}");
+    }
+}
+
+#[test]
+fn mixed_writes_and_reads_on_flash_and_dram() {
+    let r =
+        bench(&["--op", "mixed", "--size", "64k", "--tier", "flash", "--tier-size", "4m", "--peers", "fio"]);
+    assert_eq!(r["ok"], true, "{r:#}");
+    check_measured(&r, "pollen");
+    if let Some(fio) = check_fio(&r) {
+        assert!(fio["command"].as_str().unwrap().contains("--rw=randrw --rwmixread=70"));
+    }
+    // The DRAM tier has no file: fio is skipped and said so.
+    let r = bench(&["--op", "randwrite", "--size", "4k", "--tier", "dram", "--tier-size", "4m"]);
+    assert_eq!(r["ok"], true, "{r:#}");
+    check_measured(&r, "pollen");
+    check_measured(&r, "echo");
+    assert!(target(&r, "fio")["reason"].as_str().unwrap().contains("DRAM"));
+}
+
 #[test]
 fn bad_arguments_fail_cleanly() {
     let out = Command::new(env!("CARGO_BIN_EXE_pollen-bench"))
