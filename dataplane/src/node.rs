@@ -171,6 +171,14 @@ impl NodeConfig {
     }
 }
 
+/// How often one core went to sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ParkCounts {
+    pub parks: u64,
+    /// Parks with flash or disk I/O in flight, woken by its completion.
+    pub with_io: u64,
+}
+
 /// Stops a running node from any thread.
 #[derive(Clone)]
 pub struct StopHandle {
@@ -360,6 +368,23 @@ impl Node {
         self.join();
     }
 
+    /// Per core: how often it went to sleep, and how often with flash or
+    /// disk I/O in flight (see `PollMode::Adaptive`).
+    pub fn park_counts(&self) -> Vec<ParkCounts> {
+        let r = Ordering::Relaxed;
+        self.stop
+            .cores
+            .iter()
+            .map(|c| ParkCounts { parks: c.parks.load(r), with_io: c.parks_with_io.load(r) })
+            .collect()
+    }
+
+    /// The Linux thread id of each core thread, to read its CPU time in
+    /// `/proc/self/task/<tid>/stat`.
+    pub fn core_thread_ids(&self) -> Vec<u64> {
+        self.stop.cores.iter().map(|c| c.tid.load(Ordering::Relaxed)).collect()
+    }
+
     /// A snapshot of counters, capacity and jobs; lock-free but for the job
     /// lists, which cores publish at most every 50 ms.
     pub fn report(&self) -> NodeReport {
@@ -458,6 +483,8 @@ struct CoreStart {
 impl CoreStart {
     fn run(self, ready: mpsc::Sender<(usize, Result<(), String>)>) {
         let id = self.cfg.id as usize;
+        let tid = nix::unistd::gettid().as_raw() as u64;
+        self.peers[id].tid.store(tid, std::sync::atomic::Ordering::Relaxed);
         if let Some(cpu) = self.cpu {
             match pin_current_thread(cpu) {
                 Ok(()) => self.peers[id].pinned_cpu.store(cpu as u64, std::sync::atomic::Ordering::Relaxed),

@@ -707,6 +707,91 @@ fn flash_objects(net: NetBackend) {
     n.shutdown();
 }
 
+/// CPU time (user + system, in clock ticks) thread `tid` of this process has used.
+fn thread_ticks(tid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("thread stat");
+    // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Waits up to a second for core `core` to report itself parked.
+fn parks_soon(n: &Node, core: usize) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < deadline {
+        if n.report().cores[core].parked {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
+}
+
+/// An adaptive core with no spin budget sleeps while its flash I/O is in
+/// flight and is woken by the completion: a read-after-write workload
+/// completes, the core parks with I/O in flight, and it is parked between
+/// requests.
+fn flash_io_parks_the_core(net: NetBackend) {
+    let dir = TierDir::new("flash-park");
+    for spin_us in [0, 1] {
+        let cfg = NodeConfig { spin_us, ..flash_cfg(net, 1, &dir, 64) };
+        let n = Node::start(cfg).expect("node with a flash tier starts");
+        let mut c = Client::connect(n.addr()).unwrap();
+        let job = c.register_job("park", JobHints::default()).unwrap();
+        let blocks: Vec<BlockId> = (0..8).map(|_| c.alloc_block_on(&job, 0, tier::FLASH).unwrap()).collect();
+        let before = n.park_counts()[0];
+        let mut parked_between = 0;
+        for i in 0..200usize {
+            let b = blocks[i % blocks.len()];
+            let off = (i * 389) % (BS - 700);
+            let d = bytes(1 + (i * 131) % 600, i as u64 + 3);
+            c.write_block(b, 0, &vec![0u8; off]).unwrap();
+            c.write_block(b, off as u32, &d).unwrap();
+            assert_eq!(c.read_block(b, off as u32, d.len() as u32).unwrap(), d, "round {i}");
+            if i % 10 == 0 && parks_soon(&n, 0) {
+                parked_between += 1;
+            }
+        }
+        let after = n.park_counts()[0];
+        assert_eq!(parked_between, 20, "spin {spin_us} µs: the core sleeps between requests");
+        assert!(
+            after.with_io > before.with_io,
+            "spin {spin_us} µs: the core never slept with I/O in flight ({before:?} -> {after:?})"
+        );
+        n.shutdown();
+    }
+}
+
+/// A node with a flash tier that has served flash I/O uses next to no CPU
+/// once idle: its core sleeps instead of spinning.
+fn flash_idle_core_sleeps(net: NetBackend) {
+    let dir = TierDir::new("flash-idle");
+    let n = start_flash(net, 1, &dir, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("idle", JobHints::default()).unwrap();
+    let b = c.alloc_block_on(&job, 0, tier::FLASH).unwrap();
+    for i in 0..20u8 {
+        c.write_block(b, 0, &[i; 100]).unwrap();
+        assert_eq!(c.read_block(b, 0, 100).unwrap(), [i; 100]);
+    }
+    assert!(parks_soon(&n, 0), "the core parks once idle");
+    let tid = n.core_thread_ids()[0];
+    assert_ne!(tid, 0);
+    let (t0, r0, p0) = (thread_ticks(tid), n.report(), n.park_counts()[0]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (t1, r1, p1) = (thread_ticks(tid), n.report(), n.park_counts()[0]);
+    let ticks = t1 - t0;
+    // 100 ticks a second is typical; a spinning core would use them all.
+    assert!(ticks <= 5, "an idle core used {ticks} clock ticks of CPU in one second");
+    let busy = (r1.cores[0].busy_ns - r0.cores[0].busy_ns) as f64
+        / (r1.cores[0].total_ns - r0.cores[0].total_ns) as f64;
+    assert!(busy < 0.01, "busy fraction {busy} while idle");
+    assert!(p1.parks - p0.parks <= 5, "an idle core keeps waking: {p0:?} -> {p1:?}");
+    assert!(r1.cores[0].parked);
+    n.shutdown();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -739,6 +824,8 @@ on_both_backends!(
     flash_concurrent_clients,
     flash_restart,
     flash_objects,
+    flash_io_parks_the_core,
+    flash_idle_core_sleeps,
 );
 
 #[test]

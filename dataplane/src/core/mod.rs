@@ -61,6 +61,13 @@ pub struct CoreShared {
     pub blocks_used: AtomicU64,
     pub blocks_total: AtomicU64,
     pub huge_pages: AtomicBool,
+    /// Times the core went to sleep, and how many of those with flash or
+    /// disk I/O in flight (woken by its completion).
+    pub parks: AtomicU64,
+    pub parks_with_io: AtomicU64,
+    /// The core thread's Linux thread id (0 until it runs), for tests and
+    /// tools that read its CPU time.
+    pub tid: AtomicU64,
     pub jobs: Mutex<Vec<JobSummary>>,
     /// The core's flash and disk regions, published off the request path.
     pub storage: Mutex<Vec<TierReport>>,
@@ -81,6 +88,9 @@ impl CoreShared {
             blocks_used: AtomicU64::new(0),
             blocks_total: AtomicU64::new(0),
             huge_pages: AtomicBool::new(false),
+            parks: AtomicU64::new(0),
+            parks_with_io: AtomicU64::new(0),
+            tid: AtomicU64::new(0),
             jobs: Mutex::new(Vec::new()),
             storage: Mutex::new(Vec::new()),
         })
@@ -206,11 +216,20 @@ impl<T: Transport> Core<T> {
         transport: T,
         links: Links,
         dram: DramTier,
-        engines: Vec<FlashEngine>,
+        mut engines: Vec<FlashEngine>,
         stop: Arc<AtomicBool>,
         peers: Arc<Vec<Arc<CoreShared>>>,
     ) -> Self {
         let shared = peers[cfg.id as usize].clone();
+        if cfg.poll_mode == PollMode::Adaptive {
+            // Completions wake the core when it sleeps with I/O in flight.
+            // A busy core never sleeps: it is spared the eventfd signals.
+            for e in &mut engines {
+                if let Err(error) = e.register_waker(shared.waker.fd()) {
+                    tracing::warn!(core = cfg.id, %error, "storage completions cannot wake the core; it stays awake while I/O is in flight");
+                }
+            }
+        }
         let u = dram.usage();
         shared.blocks_total.store(u.blocks_total, Ordering::Relaxed);
         shared.huge_pages.store(u.huge_pages, Ordering::Relaxed);
@@ -389,11 +408,19 @@ impl<T: Transport> Core<T> {
             || self.st.links.out.iter().flatten().any(|o| !o.overflow.is_empty())
             || !self.st.retry.is_empty()
             || !self.st.deferred.is_empty()
-            // Storage completions do not wake a parked core (IOPOLL ones
-            // signal nothing): stay awake while any I/O is in flight.
-            || self.st.engines.iter().any(|e| e.has_work())
+            // Interrupt-driven completions signal the waker, so the core may
+            // sleep with such I/O in flight. A completion that lands after
+            // this pass's reap (which followed the transport's drain of the
+            // eventfd) leaves the eventfd readable: the poll below returns at
+            // once, no wake-up is lost. Polled (IOPOLL) completions signal
+            // nothing, and work an engine can move without one needs a pass.
+            || !self.st.engines.iter().all(|e| e.can_park())
             || self.stop.load(Ordering::SeqCst);
         if !pending {
+            self.st.shared.parks.fetch_add(1, Ordering::Relaxed);
+            if self.st.engines.iter().any(|e| e.has_work()) {
+                self.st.shared.parks_with_io.fetch_add(1, Ordering::Relaxed);
+            }
             if let Err(e) = self.transport.poll(None, &mut self.st) {
                 tracing::error!(error = %e, "parked poll failed");
             }

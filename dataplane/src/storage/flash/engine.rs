@@ -354,6 +354,9 @@ pub struct FlashEngine {
     report: OpenReport,
     /// Skip the clean close (tests simulate a crash).
     crashed: bool,
+    /// `register_waker` succeeded: interrupt-driven completions signal the
+    /// core's eventfd.
+    waker: bool,
     #[cfg(test)]
     inject: VecDeque<i32>,
 }
@@ -569,6 +572,7 @@ impl FlashEngine {
                 corrupt_entries: 0,
             },
             crashed: false,
+            waker: false,
             #[cfg(test)]
             inject: VecDeque::new(),
         };
@@ -1126,12 +1130,7 @@ impl FlashEngine {
             self.finish(idx, Err(StorageError::NotFound));
             return true;
         }
-        let io = self.sio[slot as usize];
-        let conflict = match kind {
-            Kind::Read | Kind::Persist => io.writing,
-            Kind::Write | Kind::Append => io.writing || io.reads > 0,
-        };
-        if conflict {
+        if self.conflicts(kind, slot) {
             return false;
         }
         match kind {
@@ -1140,6 +1139,15 @@ impl FlashEngine {
             Kind::Persist => self.start_persist(idx),
         }
         true
+    }
+
+    /// Whether a `kind` request on `slot` must wait for I/O already on the block.
+    fn conflicts(&self, kind: Kind, slot: u32) -> bool {
+        let io = self.sio[slot as usize];
+        match kind {
+            Kind::Read | Kind::Persist => io.writing,
+            Kind::Write | Kind::Append => io.writing || io.reads > 0,
+        }
     }
 
     fn start_read(&mut self, idx: u32) {
@@ -1729,7 +1737,7 @@ impl FlashEngine {
     /// Own ring: makes completions signal `eventfd`, so a parked core
     /// wakes for them. Polled completions (IOPOLL) signal nothing: a core
     /// must not park while `has_work` in that mode.
-    pub fn register_waker(&self, eventfd: std::os::fd::RawFd) -> io::Result<()> {
+    pub fn register_waker(&mut self, eventfd: std::os::fd::RawFd) -> io::Result<()> {
         let Some(rings) = self.rings.as_ref() else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -1742,7 +1750,43 @@ impl FlashEngine {
         if !rings.mode.iopoll() {
             rings.data.submitter().register_eventfd(eventfd)?;
         }
+        self.waker = true;
         Ok(())
+    }
+
+    /// Whether the core may sleep on its waker now: the engine can make no
+    /// progress until a completion arrives, and every operation in flight
+    /// signals the registered eventfd (polled IOPOLL data reads and writes
+    /// do not). Meaningful right after `poll_completions`, before anything
+    /// else is submitted.
+    pub fn can_park(&self) -> bool {
+        if !self.has_work() {
+            return true;
+        }
+        let Some(rings) = self.rings.as_ref() else { return false };
+        if !self.waker || (rings.mode.iopoll() && self.data_in_ring > 0) {
+            return false;
+        }
+        // Something to submit or hand back: only this core's next pass moves it.
+        if !self.ready.is_empty() || !self.hdr.ready.is_empty() || !self.done.is_empty() {
+            return false;
+        }
+        if !self.hdr.dirty.is_empty() && !self.hdr.free.is_empty() {
+            return false;
+        }
+        // A waiting request that could start (the first on its block decides,
+        // as in `schedule`).
+        let startable = self.deferred.iter().enumerate().any(|(i, &idx)| {
+            let r = &self.reqs[idx as usize];
+            let first = !self.deferred.iter().take(i).any(|&j| self.reqs[j as usize].slot == r.slot);
+            first && (!self.slots.live(r.slot, r.gen) || !self.conflicts(r.kind, r.slot))
+        });
+        if startable {
+            return false;
+        }
+        // Whatever still waits, waits for an operation in a ring.
+        debug_assert!(self.data_in_ring + self.meta_in_ring > 0, "engine work that nothing will complete");
+        self.data_in_ring + self.meta_in_ring > 0
     }
 
     /// The buffer pool's index in the ring's registered-buffer table

@@ -721,6 +721,49 @@ fn completions_wake_a_registered_eventfd() {
     assert_eq!(written(got.pop().unwrap().1), Ok(4));
 }
 
+/// `can_park`: idle engines allow it; with work, only a registered waker
+/// on interrupt-driven completions does, and never with polled I/O.
+#[test]
+fn parking_needs_a_waker_for_the_io_in_flight() {
+    need_uring!();
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let dir = TestDir::new("can-park");
+    let b = file(&dir, "t", 1 << 20);
+    let mut c = cfg(16384, 4);
+    c.iopoll = false;
+    let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+    assert!(e.can_park(), "an idle engine");
+    let id = e.alloc(1).unwrap();
+    e.submit_write(1, id, 0, b"x").unwrap();
+    assert!(!e.can_park(), "submitted but not in the ring");
+    let n = e.poll_completions(|_, _| {});
+    if e.has_work() {
+        assert!(!e.can_park(), "no waker: the completion would signal nothing");
+    }
+    collect(&mut e, 1 - n);
+    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+    e.register_waker(std::os::fd::AsRawFd::as_raw_fd(&efd)).unwrap();
+    e.submit_write(2, id, 0, b"y").unwrap();
+    let n = e.poll_completions(|_, _| {});
+    if e.has_work() {
+        assert!(e.can_park(), "in the ring, with a waker");
+    }
+    collect(&mut e, 1 - n);
+    assert!(e.can_park());
+    drop(e);
+    super::engine::FORCE_IOPOLL.with(|f| f.set(true));
+    let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+    super::engine::FORCE_IOPOLL.with(|f| f.set(false));
+    e.register_waker(std::os::fd::AsRawFd::as_raw_fd(&efd)).unwrap();
+    let id = e.alloc(1).unwrap();
+    e.submit_write(3, id, 0, b"z").unwrap();
+    let n = e.poll_completions(|_, _| {});
+    if e.has_work() {
+        assert!(!e.can_park(), "polled completions signal nothing");
+    }
+    collect(&mut e, 1 - n);
+}
+
 #[test]
 fn read_buffers_outlive_the_engine() {
     need_uring!();
