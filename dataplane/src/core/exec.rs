@@ -1,7 +1,8 @@
 //! Executing one request on the core that owns its data. Every call appends
 //! exactly one response frame to `out`.
 
-use super::{PendingIo, ReplyTo, State};
+use super::ring::Msg;
+use super::{PendingIo, ReplyTo, State, Undo};
 use crate::meta::MetaError;
 use crate::proto::{
     self, encode_header, flags, tier, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader,
@@ -173,8 +174,18 @@ impl State {
                     return Err(malformed("object flags in the body differ from the header flags"));
                 }
                 self.check_blocks(&meta.blocks)?;
+                let persist =
+                    meta.flags & flags::PERSIST != 0 && meta.blocks.iter().any(|b| b.tier() != tier::DRAM);
+                if persist && self.io_free.is_empty() {
+                    return Ok(Exec::Busy);
+                }
+                let blocks = if persist { meta.blocks.clone() } else { Vec::new() };
                 self.ns.put(job, path, meta)?;
                 self.ns_changed = true;
+                if persist {
+                    let undo = Undo { job: job.to_string(), path: path.to_string(), blocks };
+                    return Ok(self.persist(h, undo, to));
+                }
                 respond(out, id, opc, ok, &[]);
             }
             Opcode::Lookup => {
@@ -275,8 +286,7 @@ impl State {
         match r {
             Ok(()) => {
                 debug_assert!(self.io[slot as usize].is_none(), "I/O slot {slot} in use");
-                self.io[slot as usize] =
-                    Some(PendingIo { to, request_id: h.request_id, opcode: h.opcode, frame: None });
+                self.io[slot as usize] = Some(PendingIo::new(to, h.request_id, h.opcode, 1));
                 Ok(Exec::Pending(slot))
             }
             Err(StorageError::Busy) => {
@@ -288,6 +298,33 @@ impl State {
                 Err(err.into())
             }
         }
+    }
+
+    /// A PERSIST object is committed: its owning cores mark its flash and
+    /// disk blocks persistent, and the put is answered once every mark is
+    /// on the device (or undone if one fails). A slot must be free.
+    fn persist(&mut self, h: &Header, undo: Undo, to: ReplyTo) -> Exec {
+        let mut by_core: Vec<Vec<BlockId>> = vec![Vec::new(); self.cfg.cores];
+        for &b in undo.blocks.iter().filter(|b| b.tier() != tier::DRAM) {
+            by_core[b.core() as usize].push(b);
+        }
+        let cores = by_core.iter().filter(|v| !v.is_empty()).count() as u32;
+        let slot = self.io_free.pop().expect("the caller checked for a free slot");
+        debug_assert!(self.io[slot as usize].is_none(), "I/O slot {slot} in use");
+        let mut p = PendingIo::new(to, h.request_id, h.opcode, cores);
+        p.undo = Some(Box::new(undo));
+        self.io[slot as usize] = Some(p);
+        let me = self.cfg.id;
+        for (core, blocks) in by_core.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let m = Msg::Persist { origin: me, slot, blocks };
+            if core == me as usize {
+                // Queued: handed to the engine on the next pass.
+                self.on_message(m);
+            } else if let Some(o) = self.links.out[core].as_mut() {
+                o.push(m);
+            }
+        }
+        Exec::Pending(slot)
     }
 
     /// Block ids named by an object must be able to exist on this node.

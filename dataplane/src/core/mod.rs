@@ -8,7 +8,7 @@ pub mod pin;
 pub mod ring;
 pub mod waker;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use crate::meta::{JobSummary, Namespaces};
 use crate::node::PollMode;
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
-use crate::storage::{Completion, DramTier, FlashEngine, StorageError, TierUsage};
+use crate::storage::{Completion, DramTier, FlashEngine, StorageError, TierUsage, PERSISTED_OWNER};
 use crate::transport::{ConnId, EventSink, Transport};
 use exec::Exec;
 use ring::{Links, Msg};
@@ -144,6 +144,9 @@ pub(crate) enum ReplyTo {
     Local { conn: ConnId, gen: u32 },
     /// A connection of core `origin`, which forwarded the request.
     Remote { origin: u8, conn: ConnId, gen: u32 },
+    /// Core `origin`'s PutObject in I/O slot `slot`, waiting for this core's
+    /// persistence marks (`Msg::Persisted`).
+    Marks { origin: u8, slot: u32 },
 }
 
 /// A flash or disk request in flight, by its engine token.
@@ -153,6 +156,40 @@ pub(crate) struct PendingIo {
     pub opcode: u8,
     /// A forwarded request's buffer, which carries the response back.
     pub frame: Option<Vec<u8>>,
+    /// Completions still to come before the answer: 1 for block I/O; for a
+    /// PERSIST PutObject, one per core marking its blocks; for a core's
+    /// marks, one per block.
+    pub remaining: u32,
+    /// The first failure among them, which is the answer.
+    pub failed: Option<StorageError>,
+    /// A PERSIST PutObject: the object to take back out of the namespace if
+    /// its blocks cannot be made persistent.
+    pub undo: Option<Box<Undo>>,
+}
+
+impl PendingIo {
+    pub(crate) fn new(to: ReplyTo, request_id: u64, opcode: u8, remaining: u32) -> PendingIo {
+        debug_assert!(remaining > 0);
+        PendingIo { to, request_id, opcode, frame: None, remaining, failed: None, undo: None }
+    }
+}
+
+/// An object committed before its blocks were marked persistent.
+pub(crate) struct Undo {
+    pub job: String,
+    pub path: String,
+    pub blocks: Vec<proto::BlockId>,
+}
+
+/// Blocks this core marks persistent for core `origin`'s PutObject (slot `slot`).
+struct MarkJob {
+    origin: u8,
+    slot: u32,
+    blocks: Vec<proto::BlockId>,
+    /// Blocks handed to their engine so far.
+    next: usize,
+    /// This core's I/O slot counting the marks, once taken.
+    local: Option<u32>,
 }
 
 /// A forwarded request that found its tier's queue full, kept in arrival order.
@@ -180,6 +217,8 @@ struct State {
     /// Forwarded requests waiting for room in a tier's queue; while any
     /// wait, later forwarded requests queue behind them (order is kept).
     deferred: VecDeque<Deferred>,
+    /// Persistence marks to hand to the engines, in arrival order.
+    marks: VecDeque<MarkJob>,
     ns: Namespaces,
     ns_changed: bool,
     conns: Vec<Conn>,
@@ -221,6 +260,21 @@ impl<T: Transport> Core<T> {
         peers: Arc<Vec<Arc<CoreShared>>>,
     ) -> Self {
         let shared = peers[cfg.id as usize].clone();
+        // Persistent blocks of an earlier run stay allocated, owned by no job
+        // of this one: job ids start over with the node, and a new job with
+        // an old id must not free them when it deregisters.
+        for e in &mut engines {
+            let mut by_owner: HashMap<u32, HashSet<proto::BlockId>> = HashMap::new();
+            for &(id, owner, _) in e.recovered_persistent() {
+                if owner < PERSISTED_OWNER {
+                    by_owner.entry(owner).or_default().insert(id);
+                }
+            }
+            for (owner, keep) in by_owner {
+                let freed = e.free_owner(owner, &keep);
+                debug_assert_eq!(freed, 0, "only recovered blocks are allocated at start");
+            }
+        }
         if cfg.poll_mode == PollMode::Adaptive {
             // Completions wake the core when it sleeps with I/O in flight.
             // A busy core never sleeps: it is spared the eventfd signals.
@@ -247,6 +301,7 @@ impl<T: Transport> Core<T> {
                 io_free: (0..io_slots as u32).rev().collect(),
                 io_done: Vec::with_capacity(IO_SLOTS_PER_ENGINE),
                 deferred: VecDeque::new(),
+                marks: VecDeque::new(),
                 ns,
                 ns_changed: false,
                 conns: Vec::new(),
@@ -280,6 +335,7 @@ impl<T: Transport> Core<T> {
         while !self.stop.load(Ordering::Relaxed) {
             let pass = Instant::now();
             let mut work = self.st.retry_deferred();
+            work += self.st.run_marks();
             work += self.st.drain_rings();
             work += self.st.retry_stalled();
             match self.transport.poll(Some(Duration::ZERO), &mut self.st) {
@@ -408,6 +464,7 @@ impl<T: Transport> Core<T> {
             || self.st.links.out.iter().flatten().any(|o| !o.overflow.is_empty())
             || !self.st.retry.is_empty()
             || !self.st.deferred.is_empty()
+            || !self.st.marks.is_empty()
             // Interrupt-driven completions signal the waker, so the core may
             // sleep with such I/O in flight. A completion that lands after
             // this pass's reap (which followed the transport's drain of the
@@ -515,7 +572,57 @@ impl State {
             Msg::FreeJob { job, keep } => {
                 self.free_owner(job, &keep);
             }
+            Msg::Persist { origin, slot, blocks } => {
+                debug_assert!(!blocks.is_empty());
+                // Run from the loop, never inside the PutObject that sent it.
+                self.marks.push_back(MarkJob { origin, slot, blocks, next: 0, local: None });
+            }
+            Msg::Persisted { slot, result } => {
+                self.complete_io(slot as u64, result.map(|()| Completion::Persisted));
+            }
         }
+    }
+
+    /// Hands queued persistence marks to the engines until a queue is full
+    /// or I/O slots run out. Returns the marks handed over.
+    fn run_marks(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(mut m) = self.marks.pop_front() {
+            let t = match m.local {
+                Some(t) => t,
+                None => {
+                    let Some(t) = self.io_free.pop() else {
+                        self.marks.push_front(m);
+                        break;
+                    };
+                    debug_assert!(self.io[t as usize].is_none(), "I/O slot {t} in use");
+                    let to = ReplyTo::Marks { origin: m.origin, slot: m.slot };
+                    self.io[t as usize] = Some(PendingIo::new(to, 0, 0, m.blocks.len() as u32));
+                    m.local = Some(t);
+                    t
+                }
+            };
+            while m.next < m.blocks.len() {
+                let b = m.blocks[m.next];
+                let r = match self.engines.iter_mut().find(|e| e.tier() == b.tier()) {
+                    Some(e) => e.mark_persistent(t as u64, b),
+                    None => Err(StorageError::NotFound),
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(StorageError::Busy) => break,
+                    // Freed meanwhile, say: counts as this block's answer.
+                    Err(e) => self.complete_io(t as u64, Err(e)),
+                }
+                m.next += 1;
+                n += 1;
+            }
+            if m.next < m.blocks.len() {
+                self.marks.push_front(m);
+                break;
+            }
+        }
+        n
     }
 
     /// Executes a request forwarded by core `origin` and sends the answer
@@ -599,12 +706,43 @@ impl State {
 
     fn complete_io(&mut self, token: u64, r: Result<Completion, StorageError>) {
         let slot = token as usize;
-        let Some(p) = self.io.get_mut(slot).and_then(Option::take) else {
+        let Some(p) = self.io.get_mut(slot).and_then(Option::as_mut) else {
             debug_assert!(false, "completion for I/O slot {slot}, which is not in flight");
             return;
         };
+        if let Err(e) = &r {
+            p.failed.get_or_insert_with(|| e.clone());
+        }
+        debug_assert!(p.remaining > 0, "I/O slot {slot} expects no completion");
+        p.remaining = p.remaining.saturating_sub(1);
+        if p.remaining > 0 {
+            return;
+        }
+        let Some(mut p) = self.io[slot].take() else { return };
         self.io_free.push(slot as u32);
+        let r = match p.failed.take() {
+            Some(e) => Err(e),
+            None => r,
+        };
+        if let (Some(u), Err(e)) = (p.undo.take(), &r) {
+            // The object must not outlive its promise: take it back out
+            // (unless it changed meanwhile) and free its blocks, which
+            // clears the marks that did land.
+            tracing::warn!(job = %u.job, path = %u.path, error = %e, "PERSIST object could not be marked; put undone");
+            if let Some(rel) = self.ns.remove_object(&u.job, &u.path, &u.blocks) {
+                self.ns_changed = true;
+                self.release(rel);
+            }
+        }
         match p.to {
+            ReplyTo::Marks { origin, slot } => {
+                let result = r.map(drop);
+                if origin == self.cfg.id {
+                    self.complete_io(slot as u64, result.map(|()| Completion::Persisted));
+                } else if let Some(o) = self.links.out[origin as usize].as_mut() {
+                    o.push(Msg::Persisted { slot, result });
+                }
+            }
             ReplyTo::Local { conn, gen } => {
                 let Some(c) = self.conns.get_mut(conn) else { return };
                 if !c.live || c.gen != gen {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rtrb::{Consumer, Producer, RingBuffer};
 
 use crate::proto::BlockId;
+use crate::storage::StorageError;
 use crate::transport::ConnId;
 
 pub enum Msg {
@@ -19,6 +20,12 @@ pub enum Msg {
     FreeBlocks(Vec<BlockId>),
     /// A job was deregistered: free its blocks on the receiving core except `keep`.
     FreeJob { job: u32, keep: Arc<HashSet<BlockId>> },
+    /// Flash or disk blocks of a PERSIST object, on the receiving core: mark
+    /// them persistent, then answer `Persisted` with `slot` to `origin`.
+    Persist { origin: u8, slot: u32, blocks: Vec<BlockId> },
+    /// Every block of a `Persist` is marked on the device, or the first
+    /// failure; `slot` is the PutObject's I/O slot on the receiving core.
+    Persisted { slot: u32, result: Result<(), StorageError> },
 }
 
 /// Outbound side towards one peer: the ring plus an overflow queue used only

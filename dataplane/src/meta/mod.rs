@@ -306,6 +306,20 @@ impl Namespaces {
         }
     }
 
+    /// Takes object `path` back out if it still names exactly `blocks` (a
+    /// put that could not be completed); its blocks are the caller's to free.
+    pub fn remove_object(&mut self, name: &str, path: &str, blocks: &[BlockId]) -> Option<Release> {
+        let job = self.jobs.get_mut(name)?;
+        match job.entries.get(path) {
+            Some(Entry::Object(m)) if m.blocks == blocks => {}
+            _ => return None,
+        }
+        let Some(Entry::Object(m)) = job.entries.remove(path) else { unreachable!("checked above") };
+        job.objects -= 1;
+        job.bytes -= m.size;
+        Some(Release::Blocks(m.blocks))
+    }
+
     pub fn summaries(&self) -> Vec<JobSummary> {
         let mut v: Vec<_> = self
             .jobs
