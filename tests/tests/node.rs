@@ -790,6 +790,96 @@ fn flash_persist_survives_restart(net: NetBackend) {
     n.shutdown();
 }
 
+/// A loop device over a file, detached on drop.
+struct LoopDev {
+    dev: String,
+    file: std::path::PathBuf,
+}
+
+impl LoopDev {
+    /// Attaches `file` (created with `size` bytes), or says why it cannot.
+    fn attach(file: std::path::PathBuf, size: u64) -> Result<LoopDev, String> {
+        // Only root attaches loop devices (losetup says so otherwise).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if !status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")) {
+            return Err("not running as root".into());
+        }
+        std::fs::File::create(&file).and_then(|f| f.set_len(size)).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(LoopDev { dev: String::from_utf8_lossy(&out.stdout).trim().to_string(), file })
+    }
+
+    /// Shrinks the backing file to `size` bytes and the device with it:
+    /// writes past the new end fail (ENOSPC), reads there find nothing (EIO).
+    fn shrink(&self, size: u64) {
+        std::fs::OpenOptions::new().write(true).open(&self.file).unwrap().set_len(size).unwrap();
+        let st = std::process::Command::new("losetup").args(["--set-capacity", &self.dev]).status().unwrap();
+        assert!(st.success(), "losetup --set-capacity {}", self.dev);
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["--detach", &self.dev]).status();
+    }
+}
+
+/// A flash tier whose device fails underneath the node (a loop device
+/// shrunk to its first sectors): flash requests get an error status, not a
+/// hang or a panic, and the node keeps serving DRAM requests.
+fn flash_device_errors_reach_the_client(net: NetBackend) {
+    let dir = TierDir::new("flash-eio");
+    let dev = match LoopDev::attach(dir.file("backing"), 64 * BS as u64) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: no loop device ({why})");
+            return;
+        }
+    };
+    let cfg = NodeConfig {
+        flash: Some(TierSpec { path: dev.dev.clone().into(), size: None }),
+        ..flash_cfg(net, 1, &dir, 0)
+    };
+    let n = Node::start(cfg).expect("node on a loop device starts");
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("eio", JobHints::default()).unwrap();
+    let blocks: Vec<BlockId> = (0..4).map(|_| c.alloc_block_on(&job, 0, tier::FLASH).unwrap()).collect();
+    for &b in &blocks[..2] {
+        c.write_block(b, 0, b"before the failure").unwrap();
+    }
+    // Keep the superblock and header table; lose every block.
+    dev.shrink(2 * BS as u64);
+    let err = c.read_block(blocks[0], 0, BlockKey::TO_END).unwrap_err();
+    assert_eq!(err.status(), Some(Status::Internal), "a read the device cannot serve: {err}");
+    assert!(err.to_string().contains("I/O error"), "{err}");
+    let err = c.write_block(blocks[2], 0, b"after").unwrap_err();
+    assert!(matches!(err.status(), Some(Status::NoCapacity | Status::Internal)), "a failed write: {err}");
+    let err = c.append_block(blocks[1], b" and after").unwrap_err();
+    assert!(err.status().is_some(), "a failed append: {err}");
+    let r = c.put_buffer(
+        &job,
+        "on-flash",
+        &bytes(BS + 1, 4),
+        PutOptions { tier: Some(tier::FLASH), ..PutOptions::default() },
+    );
+    assert!(r.unwrap_err().status().is_some(), "a put on the failed tier gets a status");
+    // DRAM is unaffected.
+    let data = bytes(3 * BS + 7, 5);
+    c.put_buffer(&job, "in-dram", &data, PutOptions::default()).unwrap();
+    assert_eq!(c.get_buffer(&job, "in-dram").unwrap(), data);
+    let errors: u64 = n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.io_errors).sum();
+    assert!(errors >= 1, "I/O errors are counted in the tier's report");
+    drop(c);
+    n.shutdown();
+}
+
 /// CPU time (user + system, in clock ticks) thread `tid` of this process has used.
 fn thread_ticks(tid: u64) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("thread stat");
@@ -910,6 +1000,7 @@ on_both_backends!(
     flash_io_parks_the_core,
     flash_idle_core_sleeps,
     flash_persist_survives_restart,
+    flash_device_errors_reach_the_client,
 );
 
 #[test]
