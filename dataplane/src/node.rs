@@ -271,6 +271,9 @@ impl Node {
             max_body: cfg.max_body as u32,
             main_port: addr.port(),
             core_ports: core_addrs.iter().map(|a| a.port()).collect(),
+            tiers: tiers.iter().fold(crate::proto::tier::bit(crate::proto::tier::DRAM), |b, (t, ..)| {
+                b | crate::proto::tier::bit(*t)
+            }),
         };
         let mut info_body = Vec::new();
         info.encode(&mut info_body);

@@ -88,13 +88,20 @@ fn namespace_rules(net: NetBackend) {
     let job = c
         .register_job(
             "ns",
-            JobHints { latency_sensitive: true, max_workers: 4, capacity: 1 << 20, peak_throughput: 0 },
+            JobHints {
+                latency_sensitive: true,
+                spill_over: true,
+                max_workers: 4,
+                capacity: 1 << 20,
+                peak_throughput: 0,
+            },
         )
         .unwrap();
     let st = |r: Result<(), ClientError>| r.unwrap_err().status();
     assert_eq!(c.register_job("ns", JobHints::default()).unwrap_err().status(), Some(Status::Exists));
     assert_eq!(c.job("ns").unwrap(), job);
-    assert!(c.job_info("ns").unwrap().hints.latency_sensitive);
+    let hints = c.job_info("ns").unwrap().hints;
+    assert!(hints.latency_sensitive && hints.spill_over, "{hints:?}");
     assert_eq!(st(c.put_buffer(&job, "nodir/x", b"1", PutOptions::default())), Some(Status::NotFound));
     c.create_dir(&job, "a").unwrap();
     c.create_dir(&job, "a/b").unwrap();
@@ -114,7 +121,7 @@ fn namespace_rules(net: NetBackend) {
     assert_eq!(c.get_buffer(&job, "a/b/x").unwrap_err().status(), Some(Status::NotFound));
     assert_eq!(c.enumerate(&job, "a/b").unwrap_err().status(), Some(Status::NotFound));
     wait_used(&n, 0);
-    let other = dataplane::client::Job { name: "ghost".into(), id: 5 };
+    let other = dataplane::client::Job { name: "ghost".into(), id: 5, hints: JobHints::default() };
     assert_eq!(c.lookup(&other, "x").unwrap_err().status(), Some(Status::NotFound));
     n.shutdown();
 }
@@ -872,10 +879,138 @@ fn flash_device_errors_reach_the_client(net: NetBackend) {
     assert!(r.unwrap_err().status().is_some(), "a put on the failed tier gets a status");
     // DRAM is unaffected.
     let data = bytes(3 * BS + 7, 5);
-    c.put_buffer(&job, "in-dram", &data, PutOptions::default()).unwrap();
+    let dram = PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() };
+    c.put_buffer(&job, "in-dram", &data, dram).unwrap();
     assert_eq!(c.get_buffer(&job, "in-dram").unwrap(), data);
     let errors: u64 = n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.io_errors).sum();
     assert!(errors >= 1, "I/O errors are counted in the tier's report");
+    drop(c);
+    n.shutdown();
+}
+
+fn dram_used(n: &Node) -> u64 {
+    n.report().tiers.iter().filter(|t| t.tier == "dram").map(|t| t.blocks_used).sum()
+}
+
+fn dram_total(n: &Node) -> u64 {
+    n.report().tiers.iter().filter(|t| t.tier == "dram").map(|t| t.blocks_total).sum()
+}
+
+/// One core with `dram_blocks` DRAM blocks and `flash_blocks` flash blocks.
+fn start_small(net: NetBackend, dir: &TierDir, dram_blocks: u64, flash_blocks: u64) -> Node {
+    let cfg =
+        NodeConfig { dram_bytes_per_core: dram_blocks * BS as u64, ..flash_cfg(net, 1, dir, flash_blocks) };
+    Node::start(cfg).expect("node with a flash tier starts")
+}
+
+/// Pocket's placement for a latency-sensitive job larger than DRAM: the
+/// first blocks in DRAM, the rest on flash, without asking for spill-over.
+fn latency_sensitive_job_fills_dram_then_flash(net: NetBackend) {
+    let dir = TierDir::new("place-ls");
+    let n = start_small(net, &dir, 8, 32);
+    let dram = dram_total(&n);
+    assert!((1..20).contains(&dram), "{dram}");
+    let mut c = Client::connect(n.addr()).unwrap();
+    assert!(c.node_info().has_tier(tier::FLASH) && !c.node_info().has_tier(tier::DISK));
+    let hints = JobHints { latency_sensitive: true, ..JobHints::default() };
+    let job = c.register_job("ls", hints).unwrap();
+    let data = bytes(20 * BS + 5, 31);
+    c.put_buffer(&job, "big", &data, PutOptions::default()).unwrap();
+    let meta = c.lookup(&job, "big").unwrap();
+    let tiers: Vec<u8> = meta.blocks.iter().map(|b| b.tier()).collect();
+    let split = dram as usize;
+    assert!(tiers[..split].iter().all(|&t| t == tier::DRAM), "{tiers:?}");
+    assert!(tiers[split..].iter().all(|&t| t == tier::FLASH), "{tiers:?}");
+    assert_eq!(c.get_buffer(&job, "big").unwrap(), data);
+    // The job as looked up by name carries the same hints, so the same placement.
+    let again = c.job("ls").unwrap();
+    assert_eq!(again.hints, hints);
+    assert_eq!(c.placement(&again, None), tier::DRAM | tier::SPILL);
+    c.delete(&job, "big").unwrap();
+    wait_used(&n, 0);
+    n.shutdown();
+}
+
+/// A full tier: `no capacity` without spill-over, with nothing left
+/// allocated and earlier data intact; with spill-over the rest goes one
+/// tier down, and a tier with nothing below it still fills.
+fn full_tier_spills_only_when_allowed(net: NetBackend) {
+    let dir = TierDir::new("place-spill");
+    let n = start_small(net, &dir, 8, 16);
+    let (dram, flash) =
+        (dram_total(&n), n.report().tiers.iter().find(|t| t.tier == "flash").unwrap().blocks_total);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let strict = c.register_job("strict", JobHints::default()).unwrap();
+    let spill = c.register_job("spill", JobHints { spill_over: true, ..JobHints::default() }).unwrap();
+    let on_dram = PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() };
+    let kept = bytes(2 * BS, 40);
+    c.put_buffer(&strict, "kept", &kept, on_dram).unwrap();
+
+    // Without spill-over: no capacity, and the blocks the put took are given back.
+    let big = bytes((dram as usize + 2) * BS, 41);
+    let err = c.put_buffer(&strict, "big", &big, on_dram).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NoCapacity), "{err}");
+    assert_eq!(c.lookup(&strict, "big").unwrap_err().status(), Some(Status::NotFound));
+    wait_used(&n, 2);
+    assert_eq!((dram_used(&n), flash_used(&n)), (2, 0), "nothing leaked, nothing spilled");
+    assert_eq!(c.get_buffer(&strict, "kept").unwrap(), kept, "earlier data is intact");
+
+    // With spill-over: the DRAM that is left, then flash.
+    c.put_buffer(&spill, "big", &big, on_dram).unwrap();
+    let meta = c.lookup(&spill, "big").unwrap();
+    let on_flash = meta.blocks.iter().filter(|b| b.tier() == tier::FLASH).count() as u64;
+    assert_eq!(on_flash, 4, "{meta:?}");
+    assert_eq!(dram_used(&n), dram);
+    assert_eq!(c.get_buffer(&spill, "big").unwrap(), big);
+
+    // The bare protocol: the flag on a full tier answers a block one tier down.
+    let b = c.alloc_block_on(&strict, 0, tier::DRAM | tier::SPILL).unwrap();
+    assert_eq!(b.tier(), tier::FLASH);
+    c.free_block(b).unwrap();
+    let err = c.alloc_block_on(&strict, 0, tier::DRAM).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NoCapacity), "{err}");
+
+    // Flash has nothing below it on this node: spill-over cannot help.
+    let rest = flash - 4;
+    let err = c.put_buffer(&spill, "too-big", &bytes((rest as usize + 1) * BS, 42), PutOptions::default());
+    assert_eq!(err.unwrap_err().status(), Some(Status::NoCapacity));
+    wait_flash_used(&n, 4);
+    assert_eq!(c.get_buffer(&spill, "big").unwrap(), big, "spilled data is intact");
+    drop(c);
+    n.shutdown();
+}
+
+/// A job that is not latency-sensitive lands on flash when the node has
+/// it, else on DRAM; a latency-sensitive job on a node without flash stays
+/// in DRAM and fills it.
+fn default_placement_follows_the_node(net: NetBackend) {
+    let dir = TierDir::new("place-default");
+    let n = start_small(net, &dir, 8, 16);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("batch", JobHints::default()).unwrap();
+    let data = bytes(3 * BS + 1, 50);
+    c.put_buffer(&job, "x", &data, PutOptions::default()).unwrap();
+    let meta = c.lookup(&job, "x").unwrap();
+    assert!(meta.blocks.iter().all(|b| b.tier() == tier::FLASH), "{meta:?}");
+    assert_eq!(c.get_buffer(&job, "x").unwrap(), data);
+    // A put naming a tier still gets it.
+    c.put_buffer(&job, "y", &data, PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() }).unwrap();
+    assert!(c.lookup(&job, "y").unwrap().blocks.iter().all(|b| b.tier() == tier::DRAM));
+    drop(c);
+    n.shutdown();
+
+    let n = start(net, 2, 8);
+    let mut c = Client::connect(n.addr()).unwrap();
+    assert!(!c.node_info().has_tier(tier::FLASH));
+    let job = c.register_job("batch", JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", &data, PutOptions::default()).unwrap();
+    assert!(c.lookup(&job, "x").unwrap().blocks.iter().all(|b| b.tier() == tier::DRAM));
+    assert_eq!(c.get_buffer(&job, "x").unwrap(), data);
+    let ls = c.register_job("ls", JobHints { latency_sensitive: true, ..JobHints::default() }).unwrap();
+    assert_eq!(c.placement(&ls, None), tier::DRAM, "no flash to spill to");
+    let err = c.put_buffer(&ls, "big", &bytes(16 * BS, 51), PutOptions::default()).unwrap_err();
+    assert_eq!(err.status(), Some(Status::NoCapacity), "{err}");
+    wait_used(&n, 4);
     drop(c);
     n.shutdown();
 }
@@ -1001,6 +1136,9 @@ on_both_backends!(
     flash_idle_core_sleeps,
     flash_persist_survives_restart,
     flash_device_errors_reach_the_client,
+    latency_sensitive_job_fills_dram_then_flash,
+    full_tier_spills_only_when_allowed,
+    default_placement_follows_the_node,
 );
 
 #[test]

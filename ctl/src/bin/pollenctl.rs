@@ -77,7 +77,8 @@ enum Cmd {
         /// Delete the object after its first complete read
         #[arg(long)]
         delete_after_read: bool,
-        /// The storage tier for the object's blocks (the node must have it) [default: dram]
+        /// The storage tier for the object's blocks (the node must have it) [default: the job's
+        /// placement: DRAM then flash for latency-sensitive jobs, else flash if the node has it]
         #[arg(long, value_enum)]
         tier: Option<TierArg>,
     },

@@ -33,7 +33,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::proto::{
-    self, flags, BlockId, BlockKey, DirEntry, JobHints, JobInfo, NodeInfo, ObjectMeta, Opcode, Status,
+    self, flags, tier, BlockId, BlockKey, DirEntry, JobHints, JobInfo, NodeInfo, ObjectMeta, Opcode, Status,
 };
 use conn::{Conn, Response};
 
@@ -64,6 +64,9 @@ impl ClientError {
 pub struct Job {
     pub name: String,
     pub id: u32,
+    /// The hints the job was registered with (as of `register_job` or
+    /// `job`); they choose where its puts place blocks (`PutOptions::tier`).
+    pub hints: JobHints,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,8 +76,12 @@ pub struct PutOptions {
     /// Delete the object after its first complete read.
     pub delete_after_read: bool,
     /// The tier the object's blocks go to (`proto::tier`: DRAM, FLASH or
-    /// DISK); `None` is the node's default (DRAM). A tier the node lacks
-    /// fails the put with `NotFound`.
+    /// DISK). `None` is the job's placement: a latency-sensitive job's
+    /// blocks go to DRAM, and to flash once the core's DRAM is full (when
+    /// the node has flash); other jobs' to flash when the node has it, else
+    /// DRAM. With the job's `spill_over` hint a block whose tier is full goes
+    /// to the next tier down; without it the put fails with `NoCapacity`.
+    /// A tier the node lacks fails the put with `NotFound`.
     pub tier: Option<u8>,
 }
 
@@ -236,12 +243,13 @@ impl Client {
     pub fn register_job(&mut self, name: &str, hints: JobHints) -> Result<Job, ClientError> {
         check_job_name(name)?;
         let body = self.meta_call(name, Opcode::RegisterJob, 0, name.as_bytes(), &hints.encode())?;
-        Ok(Job { name: name.to_string(), id: u32_body(&body)? })
+        Ok(Job { name: name.to_string(), id: u32_body(&body)?, hints })
     }
 
     /// A job registered earlier (by this or another client).
     pub fn job(&mut self, name: &str) -> Result<Job, ClientError> {
-        Ok(Job { name: name.to_string(), id: self.job_info(name)?.id })
+        let info = self.job_info(name)?;
+        Ok(Job { name: name.to_string(), id: info.id, hints: info.hints })
     }
 
     pub fn job_info(&mut self, name: &str) -> Result<JobInfo, ClientError> {
@@ -361,7 +369,8 @@ impl Client {
         let bs = self.block_size();
         let n = size.div_ceil(bs) as usize;
         let mut blocks: Vec<Option<BlockId>> = vec![None; n];
-        let written = self.write_blocks(job, size, &src, &mut blocks, opts.tier);
+        let tier = self.placement(job, opts.tier);
+        let written = self.write_blocks(job, size, &src, &mut blocks, tier);
         let result = written.and_then(|()| {
             let meta = ObjectMeta {
                 size,
@@ -388,15 +397,31 @@ impl Client {
         result
     }
 
+    /// `BlockAlloc`'s tier byte for a put of `job` (Pocket's placement
+    /// within a node, see `PutOptions::tier`): the tier, with
+    /// `tier::SPILL` when a full tier may hand the block to the next one down.
+    pub fn placement(&self, job: &Job, asked: Option<u8>) -> u8 {
+        let spill = if job.hints.spill_over { tier::SPILL } else { 0 };
+        let has_flash = self.info.has_tier(tier::FLASH);
+        match asked {
+            Some(t) => t | spill,
+            // A DRAM share, the rest on flash.
+            None if job.hints.latency_sensitive && has_flash => tier::DRAM | tier::SPILL,
+            None if job.hints.latency_sensitive => tier::DRAM | spill,
+            None if has_flash => tier::FLASH | spill,
+            None => tier::DRAM | spill,
+        }
+    }
+
     /// Allocates and writes every block, spread round-robin over the cores,
-    /// `window` requests in flight per core.
+    /// `window` requests in flight per core; `tier` is `BlockAlloc`'s tier byte.
     fn write_blocks(
         &mut self,
         job: &Job,
         size: u64,
         src: &Source,
         blocks: &mut [Option<BlockId>],
-        tier: Option<u8>,
+        tier: u8,
     ) -> Result<(), ClientError> {
         let bs = self.block_size();
         let cores = self.cores();
@@ -414,9 +439,9 @@ impl Client {
             let mut written = vec![0usize; cores]; // per core: writes sent
             loop {
                 let mut inflight: Vec<HashMap<u64, (bool, usize)>> = vec![HashMap::new(); cores];
-                // BlockAlloc's key: the job id, then the tier if one is asked for.
+                // BlockAlloc's key: the job id, then the tier byte.
                 let mut alloc_key = job.id.to_le_bytes().to_vec();
-                alloc_key.extend(tier);
+                alloc_key.push(tier);
                 for core in 0..cores {
                     let idx = &plan[core];
                     // Writes for blocks whose ids are known...

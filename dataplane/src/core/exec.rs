@@ -218,10 +218,17 @@ impl State {
                 if job >= crate::storage::PERSISTED_OWNER {
                     return Err(malformed("job ids 0xfffffffe and 0xffffffff are reserved"));
                 }
-                let b = match t {
-                    tier::DRAM => self.dram.alloc(job)?,
-                    t => engine(&mut self.engines, t)?.alloc(job)?,
+                let (t, spill) = (t & !tier::SPILL, t & tier::SPILL != 0);
+                let b = match self.alloc_on(t, job) {
+                    // One step down, to the next tier this node has; its
+                    // answer (a block, or its own `no capacity`) is final.
+                    Err(Fail(Status::NoCapacity, msg)) if spill => match self.tier_below(t) {
+                        Some(lower) => self.alloc_on(lower, job)?,
+                        None => return Err(Fail(Status::NoCapacity, msg)),
+                    },
+                    r => r?,
                 };
+                debug_assert!(b.tier() == t || (spill && b.tier() > t), "allocated on tier {}", b.tier());
                 respond(out, id, opc, ok, &b.0.to_le_bytes());
             }
             Opcode::BlockWrite => {
@@ -325,6 +332,19 @@ impl State {
             }
         }
         Exec::Pending(slot)
+    }
+
+    /// A block for `job` on tier `t` of this core.
+    fn alloc_on(&mut self, t: u8, job: u32) -> Result<BlockId, Fail> {
+        Ok(match t {
+            tier::DRAM => self.dram.alloc(job)?,
+            t => engine(&mut self.engines, t)?.alloc(job)?,
+        })
+    }
+
+    /// The next tier down from `t` (DRAM → flash → disk) that this node has.
+    fn tier_below(&self, t: u8) -> Option<u8> {
+        (t.saturating_add(1)..=tier::DISK).find(|&l| self.engines.iter().any(|e| e.tier() == l))
     }
 
     /// Block ids named by an object must be able to exist on this node.

@@ -45,6 +45,15 @@ pub mod tier {
     pub const DRAM: u8 = 0;
     pub const FLASH: u8 = 1;
     pub const DISK: u8 = 2;
+    /// Flag on `BlockAlloc`'s tier byte: when the named tier is full on the
+    /// core, allocate on the next tier down that the node has (one step:
+    /// DRAM → flash, or disk when there is no flash; flash → disk).
+    pub const SPILL: u8 = 0x80;
+    /// Bit `1 << t` of `NodeInfo::tiers` says the node has tier `t`.
+    pub fn bit(t: u8) -> u8 {
+        debug_assert!(t <= DISK);
+        1 << t
+    }
 }
 
 /// Reads little-endian integers from a byte slice, failing instead of panicking.
@@ -141,7 +150,13 @@ impl BlockKey {
 /// Pocket's job hints (`RegisterJob` body: empty, or exactly 32 bytes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobHints {
+    /// Placement: DRAM first, the rest on flash (Pocket's rule for
+    /// latency-sensitive jobs); otherwise flash when the node has it.
     pub latency_sensitive: bool,
+    /// When the job's tier is full, a block may go to the next tier down
+    /// instead of the put failing with `no capacity`.
+    #[serde(default)]
+    pub spill_over: bool,
     /// Maximum concurrent workers (lambdas); 0 = unknown.
     pub max_workers: u32,
     /// Total capacity in bytes; 0 = unknown.
@@ -152,10 +167,15 @@ pub struct JobHints {
 
 impl JobHints {
     pub const LEN: usize = 32;
+    /// Bits of the first u32.
+    const LATENCY_SENSITIVE: u32 = 1;
+    const SPILL_OVER: u32 = 2;
 
     pub fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
-        b[0..4].copy_from_slice(&(self.latency_sensitive as u32).to_le_bytes());
+        let bits = (if self.latency_sensitive { Self::LATENCY_SENSITIVE } else { 0 })
+            | (if self.spill_over { Self::SPILL_OVER } else { 0 });
+        b[0..4].copy_from_slice(&bits.to_le_bytes());
         b[4..8].copy_from_slice(&self.max_workers.to_le_bytes());
         b[8..16].copy_from_slice(&self.capacity.to_le_bytes());
         b[16..24].copy_from_slice(&self.peak_throughput.to_le_bytes());
@@ -170,12 +190,13 @@ impl JobHints {
             return Err(DecodeError("job hints must be empty or 32 bytes"));
         }
         let mut r = Reader::new(body);
-        let ls = r.u32("latency flag")?;
-        if ls > 1 {
-            return Err(DecodeError("latency flag must be 0 or 1"));
+        let bits = r.u32("hint flags")?;
+        if bits & !(Self::LATENCY_SENSITIVE | Self::SPILL_OVER) != 0 {
+            return Err(DecodeError("hint flags other than bits 0 and 1 must be zero"));
         }
         let h = JobHints {
-            latency_sensitive: ls == 1,
+            latency_sensitive: bits & Self::LATENCY_SENSITIVE != 0,
+            spill_over: bits & Self::SPILL_OVER != 0,
             max_workers: r.u32("workers")?,
             capacity: r.u64("capacity")?,
             peak_throughput: r.u64("throughput")?,
@@ -303,13 +324,15 @@ pub fn decode_entries(body: &[u8]) -> Result<Vec<DirEntry>, DecodeError> {
 }
 
 /// `NodeInfo` response body: block size u32, max body u32, core count u16,
-/// main port u16, then per core its own port u16.
+/// main port u16, per core its own port u16, then the tier bitmap u8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub block_size: u32,
     pub max_body: u32,
     pub main_port: u16,
     pub core_ports: Vec<u16>,
+    /// Bit `tier::bit(t)` set: the node has tier `t`. DRAM is always there.
+    pub tiers: u8,
 }
 
 impl NodeInfo {
@@ -321,6 +344,12 @@ impl NodeInfo {
         for p in &self.core_ports {
             out.extend_from_slice(&p.to_le_bytes());
         }
+        out.push(self.tiers);
+    }
+
+    /// Whether the node has tier `t`.
+    pub fn has_tier(&self, t: u8) -> bool {
+        t <= tier::DISK && self.tiers & tier::bit(t) != 0
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
@@ -329,14 +358,18 @@ impl NodeInfo {
         let max_body = r.u32("max body")?;
         let n = r.u16("core count")? as usize;
         let main_port = r.u16("main port")?;
-        if n == 0 || r.remaining() != n * 2 {
+        if n == 0 || r.remaining() != n * 2 + 1 {
             return Err(DecodeError("core count does not match the body"));
         }
         let mut core_ports = Vec::with_capacity(n);
         for _ in 0..n {
             core_ports.push(r.u16("core port")?);
         }
-        Ok(NodeInfo { block_size, max_body, main_port, core_ports })
+        let tiers = r.u8("tiers")?;
+        if tiers & tier::bit(tier::DRAM) == 0 || tiers & !0b111 != 0 {
+            return Err(DecodeError("tier bitmap must have bit 0 (DRAM) and no bit above 2"));
+        }
+        Ok(NodeInfo { block_size, max_body, main_port, core_ports, tiers })
     }
 }
 
@@ -433,12 +466,51 @@ mod tests {
 
     #[test]
     fn hints_round_trip_and_reject_bad() {
-        let h = JobHints { latency_sensitive: true, max_workers: 9, capacity: 1 << 30, peak_throughput: 5 };
+        let h = JobHints {
+            latency_sensitive: true,
+            spill_over: false,
+            max_workers: 9,
+            capacity: 1 << 30,
+            peak_throughput: 5,
+        };
         assert_eq!(JobHints::decode(&h.encode()).unwrap(), h);
         assert_eq!(JobHints::decode(&[]).unwrap(), JobHints::default());
         assert!(JobHints::decode(&[0; 31]).is_err());
         let mut b = h.encode();
         b[0] = 2;
-        assert!(JobHints::decode(&b).is_err());
+        let spill = JobHints::decode(&b).unwrap();
+        assert!(spill.spill_over && !spill.latency_sensitive, "bit 1 is spill_over");
+        for bad in [4u8, 0x80] {
+            b[0] = bad;
+            assert!(JobHints::decode(&b).is_err(), "bit {bad:#x} must be zero");
+        }
+        b[0] = 0;
+        b[3] = 1;
+        assert!(JobHints::decode(&b).is_err(), "high bits of the flags word must be zero");
+    }
+
+    #[test]
+    fn node_info_carries_tiers_and_is_strict() {
+        let i = NodeInfo {
+            block_size: 4096,
+            max_body: 1 << 20,
+            main_port: 7400,
+            core_ports: vec![7401, 7402],
+            tiers: 0b011,
+        };
+        let mut v = Vec::new();
+        i.encode(&mut v);
+        assert_eq!(v.len(), 12 + 2 * 2 + 1);
+        let d = NodeInfo::decode(&v).unwrap();
+        assert_eq!(d, i);
+        assert!(d.has_tier(tier::FLASH) && !d.has_tier(tier::DISK) && !d.has_tier(9));
+        assert!(NodeInfo::decode(&v[..v.len() - 1]).is_err(), "the tier byte is required");
+        let mut long = v.clone();
+        long.push(0);
+        assert!(NodeInfo::decode(&long).is_err());
+        for bad in [0b010u8, 0b1001] {
+            *v.last_mut().unwrap() = bad;
+            assert!(NodeInfo::decode(&v).is_err(), "tiers {bad:#b}");
+        }
     }
 }
