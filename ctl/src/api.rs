@@ -156,34 +156,14 @@ pub struct CoresResponse {
     pub cores: Vec<CoreRow>,
 }
 
-/// One tier region of one core in `GET /v1/tiers`.
+/// One tier region of one core in `GET /v1/tiers`: the node's own report of
+/// it, flattened beside the node's id and state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierRow {
     pub node_id: String,
     pub node_state: NodeState,
-    pub tier: String,
-    pub core: usize,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    pub blocks_total: u64,
-    pub blocks_used: u64,
-    pub huge_pages: bool,
-    /// Flash and disk: the backing file or device, the ring's mode, and
-    /// operations and bytes over the last second (absent or 0 for DRAM).
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub mode: Option<String>,
-    #[serde(default)]
-    pub read_ops: u64,
-    #[serde(default)]
-    pub write_ops: u64,
-    #[serde(default)]
-    pub read_bytes: u64,
-    #[serde(default)]
-    pub write_bytes: u64,
-    #[serde(default)]
-    pub io_errors: u64,
+    #[serde(flatten)]
+    pub region: dataplane::report::TierReport,
 }
 
 /// `GET /v1/tiers`, sorted by node id, tier, core.

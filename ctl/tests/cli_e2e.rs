@@ -310,16 +310,20 @@ fn pollen_up_reads_a_config_file() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let tiers = loop {
         let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
-        if t.tiers.iter().any(|r| r.capacity_bytes > 0) || Instant::now() > deadline {
+        if t.tiers.iter().any(|r| r.region.capacity_bytes > 0) || Instant::now() > deadline {
             break t;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let dram: Vec<_> = tiers.tiers.iter().filter(|r| r.tier == "dram").collect();
+    let dram: Vec<_> = tiers.tiers.iter().filter(|r| r.region.tier == "dram").collect();
     assert_eq!(dram.len(), 1, "one core, one DRAM region: {tiers:?}");
     let (capacity, blocks) = (64u64 << 20, (64u64 << 20) / (16 << 10));
-    assert_eq!((dram[0].node_id.as_str(), dram[0].capacity_bytes), ("from-file", capacity), "{tiers:?}");
-    assert_eq!(dram[0].blocks_total, blocks, "{tiers:?}");
+    assert_eq!(
+        (dram[0].node_id.as_str(), dram[0].region.capacity_bytes),
+        ("from-file", capacity),
+        "{tiers:?}"
+    );
+    assert_eq!(dram[0].region.blocks_total, blocks, "{tiers:?}");
 
     let s: StatusResponse = up.ctl_json(&["status", "--json"]);
     assert_eq!(s.nodes[0].block_size, 16 << 10);
@@ -440,21 +444,21 @@ fn pollen_up_with_a_flash_tier() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let tiers = loop {
         let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
-        if t.tiers.iter().any(|r| r.tier == "flash") || Instant::now() > deadline {
+        if t.tiers.iter().any(|r| r.region.tier == "flash") || Instant::now() > deadline {
             break t;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let rows: Vec<_> = tiers.tiers.iter().filter(|r| r.tier == "flash").collect();
+    let rows: Vec<_> = tiers.tiers.iter().filter(|r| r.region.tier == "flash").collect();
     assert_eq!(rows.len(), 1, "one core, one flash region: {tiers:?}");
     let f = rows[0];
-    assert_eq!(f.path.as_deref(), Some(flash.to_str().unwrap()), "{tiers:?}");
+    assert_eq!(f.region.path.as_deref(), Some(flash.to_str().unwrap()), "{tiers:?}");
     assert!(
-        matches!(f.mode.as_deref(), Some("interrupt" | "sqpoll" | "iopoll" | "sqpoll+iopoll")),
+        matches!(f.region.mode.as_deref(), Some("interrupt" | "sqpoll" | "iopoll" | "sqpoll+iopoll")),
         "{tiers:?}"
     );
-    assert!(f.capacity_bytes > 0 && f.capacity_bytes <= 8 << 20, "{tiers:?}");
-    assert_eq!(f.blocks_used, 0);
+    assert!(f.region.capacity_bytes > 0 && f.region.capacity_bytes <= 8 << 20, "{tiers:?}");
+    assert_eq!(f.region.blocks_used, 0);
     assert_eq!(std::fs::metadata(&flash).unwrap().len(), 8 << 20, "the file is created at its size");
     let table = String::from_utf8(up.ctl_ok(&["tiers"]).stdout).unwrap();
     assert!(table.contains("flash") && table.contains("pollen.flash"), "{table}");
@@ -468,7 +472,8 @@ fn pollen_up_with_a_flash_tier() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let t: TiersResponse = up.ctl_json(&["tiers", "--json"]);
-        let used: u64 = t.tiers.iter().filter(|r| r.tier == "flash").map(|r| r.used_bytes).sum();
+        let used: u64 =
+            t.tiers.iter().filter(|r| r.region.tier == "flash").map(|r| r.region.used_bytes).sum();
         if used >= 300 << 10 {
             break;
         }

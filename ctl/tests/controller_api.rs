@@ -214,7 +214,7 @@ fn status_reflects_the_latest_heartbeat() {
 
     let tiers: TiersResponse = c.get("/v1/tiers");
     assert_eq!(tiers.tiers.len(), 2);
-    assert_eq!((tiers.tiers[1].core, tiers.tiers[1].blocks_total), (1, 4096));
+    assert_eq!((tiers.tiers[1].region.core, tiers.tiers[1].region.blocks_total), (1, 4096));
 
     let jobs: JobsResponse = c.get("/v1/jobs");
     assert_eq!(jobs.jobs.len(), 1);

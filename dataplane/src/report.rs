@@ -44,7 +44,7 @@ pub struct CoreReport {
 /// One tier's region on one core. The fields after `huge_pages` describe
 /// flash and disk tiers; they default (for DRAM, and in reports from nodes
 /// that predate them).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierReport {
     pub tier: String,
     pub core: usize,

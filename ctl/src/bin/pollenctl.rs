@@ -377,7 +377,8 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
         "BW R/W (/s)",
         "PATH",
     ]);
-    for r in &r.tiers {
+    for row in &r.tiers {
+        let r = &row.region;
         let (iops, bw) = match r.mode {
             Some(_) => (
                 format!("{}/{}", r.read_ops, r.write_ops),
@@ -386,7 +387,7 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
             None => ("-".to_string(), "-".to_string()),
         };
         t.row([
-            r.node_id.clone(),
+            row.node_id.clone(),
             r.tier.clone(),
             r.core.to_string(),
             Bytes(r.used_bytes).to_string(),

@@ -214,26 +214,9 @@ impl Cluster {
                 .report
                 .tiers
                 .iter()
-                .map(|t| TierRow {
-                    node_id: id.clone(),
-                    node_state: rec.state,
-                    tier: t.tier.clone(),
-                    core: t.core,
-                    capacity_bytes: t.capacity_bytes,
-                    used_bytes: t.used_bytes,
-                    blocks_total: t.blocks_total,
-                    blocks_used: t.blocks_used,
-                    huge_pages: t.huge_pages,
-                    path: t.path.clone(),
-                    mode: t.mode.clone(),
-                    read_ops: t.read_ops,
-                    write_ops: t.write_ops,
-                    read_bytes: t.read_bytes,
-                    write_bytes: t.write_bytes,
-                    io_errors: t.io_errors,
-                })
+                .map(|t| TierRow { node_id: id.clone(), node_state: rec.state, region: t.clone() })
                 .collect();
-            rows.sort_by(|a, b| (&a.tier, a.core).cmp(&(&b.tier, b.core)));
+            rows.sort_by(|a, b| (&a.region.tier, a.region.core).cmp(&(&b.region.tier, b.region.core)));
             tiers.extend(rows);
         }
         TiersResponse { tiers }
