@@ -57,6 +57,8 @@ pub struct EpollTransport {
     dirty: Vec<ConnId>,
     /// Connections with a close under way.
     closes: CloseList,
+    /// Closes past their deadline, found by `CloseList::expire` (reused).
+    expired: Vec<ConnId>,
     timeouts: CloseTimeouts,
     waker_fd: RawFd,
 }
@@ -88,6 +90,7 @@ impl EpollTransport {
             revisit: Vec::new(),
             dirty: Vec::new(),
             closes: CloseList::new(),
+            expired: Vec::new(),
             timeouts: CloseTimeouts::DEFAULT,
             waker_fd,
         })
@@ -263,39 +266,20 @@ impl EpollTransport {
     /// Ends closes past their deadline; returns `timeout` shortened to the
     /// next deadline.
     fn expire_closes(&mut self, timeout: Option<Duration>) -> Option<Duration> {
-        if self.closes.is_empty() {
-            return timeout;
+        let conns = &self.conns;
+        let deadline = |id| {
+            let c: &Conn = conns.get(id)?;
+            debug_assert!(c.closing && (c.dead || c.deadline.is_some()));
+            c.deadline.filter(|_| !c.dead)
+        };
+        let timeout = self.closes.expire(timeout, deadline, &mut self.expired);
+        for id in self.expired.drain(..) {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            tracing::debug!(conn = id, shut = c.shut, unsent = c.out.len() - c.sent, "close timed out");
+            c.dead = true;
+            self.revisit.push(id);
         }
-        let now = Instant::now();
-        if self.closes.due(now) {
-            let mut earliest: Option<Instant> = None;
-            for &id in self.closes.ids() {
-                let Some(c) = self.conns.get_mut(id) else {
-                    debug_assert!(false, "listed close {id} has no connection");
-                    continue;
-                };
-                debug_assert!(c.closing);
-                if c.dead {
-                    continue;
-                }
-                match c.deadline {
-                    Some(d) if d <= now => {
-                        tracing::debug!(
-                            conn = id,
-                            shut = c.shut,
-                            unsent = c.out.len() - c.sent,
-                            "close timed out"
-                        );
-                        c.dead = true;
-                        self.revisit.push(id);
-                    }
-                    Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
-                    None => debug_assert!(false, "closing connection {id} without a deadline"),
-                }
-            }
-            self.closes.set_earliest(earliest);
-        }
-        self.closes.wait(now, timeout)
+        timeout
     }
 
     fn drop_conn(&mut self, id: ConnId, sink: &mut dyn EventSink) {

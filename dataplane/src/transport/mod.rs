@@ -68,14 +68,6 @@ impl CloseList {
         CloseList { ids: Vec::new(), earliest: None }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    pub(crate) fn ids(&self) -> &[ConnId] {
-        &self.ids
-    }
-
     /// Lists `id`; returns the slot its owner keeps for `remove`.
     pub(crate) fn insert(&mut self, id: ConnId, deadline: Instant) -> usize {
         self.note(deadline);
@@ -99,14 +91,33 @@ impl CloseList {
         self.ids.get(slot).copied()
     }
 
-    /// Whether a deadline may have passed by `now`.
-    pub(crate) fn due(&self, now: Instant) -> bool {
-        self.earliest.is_some_and(|e| e <= now)
-    }
-
-    /// After a check: the earliest deadline still ahead, if any.
-    pub(crate) fn set_earliest(&mut self, earliest: Option<Instant>) {
-        self.earliest = earliest;
+    /// Once a deadline may have passed, appends to `expired` every listed
+    /// connection whose deadline (`deadline(id)`; `None` for one already
+    /// dying) is past and re-arms the earliest of the rest. Returns `timeout`
+    /// shortened so a parked poll wakes for that earliest deadline. The
+    /// caller ends the expired connections; both backends share this scan.
+    pub(crate) fn expire(
+        &mut self,
+        timeout: Option<Duration>,
+        deadline: impl Fn(ConnId) -> Option<Instant>,
+        expired: &mut Vec<ConnId>,
+    ) -> Option<Duration> {
+        if self.ids.is_empty() {
+            return timeout;
+        }
+        let now = Instant::now();
+        if self.earliest.is_some_and(|e| e <= now) {
+            let mut earliest: Option<Instant> = None;
+            for &id in &self.ids {
+                match deadline(id) {
+                    Some(d) if d <= now => expired.push(id),
+                    Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
+                    None => {}
+                }
+            }
+            self.earliest = earliest;
+        }
+        self.wait(now, timeout)
     }
 
     /// `timeout`, shortened so a parked poll wakes for the earliest deadline.

@@ -569,6 +569,8 @@ pub struct UringTransport {
     free: Vec<ConnId>,
     /// Connections with a close under way.
     closes: CloseList,
+    /// Closes past their deadline, found by `CloseList::expire` (reused).
+    expired: Vec<ConnId>,
     timeouts: CloseTimeouts,
     /// Reused list storage, so passes do not allocate.
     spare: Vec<ConnId>,
@@ -632,6 +634,7 @@ impl UringTransport {
             dirty: Vec::new(),
             free: Vec::new(),
             closes: CloseList::new(),
+            expired: Vec::new(),
             timeouts: CloseTimeouts::DEFAULT,
             spare: Vec::new(),
             cqes: Vec::with_capacity(CQE_BATCH),
@@ -850,35 +853,22 @@ impl UringTransport {
     /// Ends closes past their deadline; returns `timeout` shortened to the
     /// next deadline.
     fn expire_closes(&mut self, timeout: Option<Duration>) -> Option<Duration> {
-        if self.closes.is_empty() {
-            return timeout;
+        let conns = &self.conns;
+        let deadline = |id| {
+            let c: &Conn = conns.get(id)?;
+            debug_assert!(c.closing && (c.dead || c.deadline.is_some()));
+            c.deadline.filter(|_| !c.dead)
+        };
+        let mut expired = std::mem::take(&mut self.expired);
+        let timeout = self.closes.expire(timeout, deadline, &mut expired);
+        for id in expired.drain(..) {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            tracing::debug!(conn = id, shut = c.wr_shut, unsent = c.unsent(), "close timed out");
+            c.dead = true;
+            self.advance(id);
         }
-        let now = Instant::now();
-        if self.closes.due(now) {
-            let mut earliest: Option<Instant> = None;
-            for i in 0..self.closes.ids().len() {
-                let id = self.closes.ids()[i];
-                let Some(c) = self.conns.get_mut(id) else {
-                    debug_assert!(false, "listed close {id} has no connection");
-                    continue;
-                };
-                debug_assert!(c.closing);
-                if c.dead {
-                    continue;
-                }
-                match c.deadline {
-                    Some(d) if d <= now => {
-                        tracing::debug!(conn = id, shut = c.wr_shut, unsent = c.unsent(), "close timed out");
-                        c.dead = true;
-                        self.advance(id);
-                    }
-                    Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
-                    None => debug_assert!(false, "closing connection {id} without a deadline"),
-                }
-            }
-            self.closes.set_earliest(earliest);
-        }
-        self.closes.wait(now, timeout)
+        self.expired = expired;
+        timeout
     }
 
     /// Frees connections that finished dying and reports them closed.
