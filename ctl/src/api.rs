@@ -12,6 +12,10 @@
 //! | GET    | `/v1/cores`          | → [`CoresResponse`]                   |
 //! | GET    | `/v1/tiers`          | → [`TiersResponse`]                   |
 //! | GET    | `/v1/jobs`           | → [`JobsResponse`]                    |
+//! | POST   | `/v1/jobs`           | [`RegisterJobRequest`] → [`JobEntry`] |
+//! | GET    | `/v1/jobs/{name}`    | → [`JobEntry`]                        |
+//! | DELETE | `/v1/jobs/{name}`    | → [`DeregisterResponse`]              |
+//! | GET    | `/v1/events`         | `?since=SEQ&limit=N` → [`EventsResponse`] |
 //!
 //! Every error is an [`ErrorBody`] with a 4xx/5xx status. Readers ignore
 //! fields they do not know, so fields can be added without breaking clients.
@@ -185,10 +189,100 @@ pub struct JobRow {
     pub bytes: u64,
 }
 
-/// `GET /v1/jobs`, sorted by job name then node id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `GET /v1/jobs`: what the nodes report (sorted by job name then node id)
+/// and the jobs registered through the controller (sorted by name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobsResponse {
     pub jobs: Vec<JobRow>,
+    #[serde(default)]
+    pub registered: Vec<JobEntry>,
+}
+
+/// `POST /v1/jobs`: a job's name and Pocket's hints, every hint optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterJobRequest {
+    pub name: String,
+    #[serde(default)]
+    pub hints: Hints,
+}
+
+pub use crate::controller::policy::{Allocation, Hints};
+
+/// A job as the controller knows it (`GET /v1/jobs/{name}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    pub name: String,
+    /// The node that holds the job's namespace (its metadata), chosen by load.
+    pub node_id: String,
+    /// That node's data address, `ip:port`; empty when the node is unknown.
+    pub node_addr: String,
+    pub node_state: Option<NodeState>,
+    /// False for a job the controller did not register (it learnt of it
+    /// from a node's report): no hints, allocation or weights.
+    pub managed: bool,
+    pub hints: Hints,
+    pub allocation: Option<Allocation>,
+    /// Node id → weight in [0, 1]; sums to 1 over live nodes.
+    pub weights: std::collections::BTreeMap<String, f64>,
+    /// The live nodes could not hold the allocation: it is spread over them anyway.
+    pub overcommitted: bool,
+    pub registered_unix_ms: u64,
+}
+
+/// `DELETE /v1/jobs/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeregisterResponse {
+    pub name: String,
+    pub node_id: String,
+    /// The node freed the job's blocks (all but PERSIST objects).
+    pub freed: bool,
+    /// Why the node did not free them, when it did not.
+    pub note: Option<String>,
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    NodeJoined,
+    NodeDown,
+    NodeRecovered,
+    NodeRestarted,
+    JobRegistered,
+    Allocation,
+    Weights,
+    JobDeregistered,
+    Scale,
+    Drain,
+    Cores,
+    Error,
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+/// One entry of the controller's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event, from 1.
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub kind: EventKind,
+    pub node: Option<String>,
+    pub job: Option<String>,
+    pub message: String,
+}
+
+/// `GET /v1/events`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsResponse {
+    /// The newest sequence number recorded (0 when none).
+    pub last_seq: u64,
+    pub events: Vec<Event>,
 }
 
 // ---- pollenctl --json output of the data commands -------------------------

@@ -153,6 +153,9 @@ pub struct UpArgs {
     /// The controller's HTTP port on 127.0.0.1 (0 = a free port) [default: 7070]
     #[arg(long, value_name = "PORT")]
     pub ctl_port: Option<u16>,
+    /// The controller's allocation and scaling constants, a TOML file (docs/control-plane.md)
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
 
 /// `pollen node`'s flags.
@@ -279,6 +282,7 @@ impl FileConfig {
 /// What `pollen up` runs.
 #[derive(Debug)]
 pub struct UpSettings {
+    pub policy: Option<PathBuf>,
     pub node: NodeConfig,
     pub heartbeat: Duration,
     pub data_dir: PathBuf,
@@ -366,6 +370,7 @@ impl UpArgs {
     pub fn merge(&self, file: &FileConfig) -> Result<UpSettings> {
         let (node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
         Ok(UpSettings {
+            policy: self.policy.clone(),
             node,
             heartbeat,
             data_dir: self
@@ -461,7 +466,7 @@ fn de_heartbeat_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Er
 }
 
 /// A size as a number of bytes (`65536`) or a string with a unit (`"64KiB"`).
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+pub(crate) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     struct Size;
     impl de::Visitor<'_> for Size {
         type Value = u64;
@@ -479,6 +484,11 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         }
     }
     d.deserialize_any(Size).map(Some)
+}
+
+/// A required size, in the forms [`de_size`] takes.
+pub(crate) fn de_size_req<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    de_size(d).map(|s| s.unwrap_or(0))
 }
 
 #[cfg(test)]

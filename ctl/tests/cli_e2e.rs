@@ -2,15 +2,16 @@
 //! then `pollenctl` status / put / get / ls / rm against it, then SIGTERM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use pollen_ctl::api::{
     CoresResponse, LsOutput, NodeState, PollMode, PutOutput, StatusResponse, TiersResponse,
 };
 use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
+
+mod common;
+use common::Reaper;
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
@@ -331,36 +332,6 @@ fn pollen_up_reads_a_config_file() {
 
     let status = up.proc.terminate();
     assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
-}
-
-/// Kills the child on drop unless it was already reaped.
-struct Reaper(Option<Child>);
-
-impl Reaper {
-    /// SIGTERM, then the exit status (within 15 s).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.0.take().expect("running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("process did not exit within 15 s of SIGTERM");
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]

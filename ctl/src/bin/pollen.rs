@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::node::{Node, NodeConfig};
 use pollen_ctl::config::{NodeArgs, UpArgs, FILE_HELP};
+use pollen_ctl::controller::policy::Policy;
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
 use pollen_ctl::heartbeat::{self, HeartbeatHandle};
 use pollen_ctl::local::{self, LocalCluster};
@@ -60,6 +61,9 @@ struct ControllerArgs {
     /// Silent heartbeat intervals after which a node is declared down
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     missed_heartbeats: u32,
+    /// Allocation and scaling constants, a TOML file (see docs/control-plane.md) [default: built in]
+    #[arg(long, value_name = "FILE")]
+    policy: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -208,6 +212,7 @@ fn up(a: UpArgs) -> Result<()> {
     let ctl_cfg = ControllerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
         heartbeat: interval,
+        policy: load_policy(a.policy.as_deref())?,
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -318,11 +323,19 @@ fn node(a: NodeArgs) -> Result<()> {
     Ok(())
 }
 
+fn load_policy(path: Option<&Path>) -> Result<Policy> {
+    match path {
+        Some(p) => Policy::load(p).map_err(anyhow::Error::msg),
+        None => Ok(Policy::default()),
+    }
+}
+
 fn controller(a: ControllerArgs) -> Result<()> {
     let cfg = ControllerConfig {
         listen: a.listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         missed_heartbeats: a.missed_heartbeats,
+        policy: load_policy(a.policy.as_deref())?,
         ..ControllerConfig::default()
     };
     let rt = runtime()?;

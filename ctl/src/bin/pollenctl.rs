@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dataplane::client::{Client, ClientError, Job, PutOptions};
-use dataplane::proto::{flags, JobHints, Status};
+use dataplane::proto::{flags, Status};
 use pollen_ctl::api::{
-    CoresResponse, ErrorBody, GetOutput, JobsResponse, LsEntry, LsOutput, NodeState, NodeSummary, PutOutput,
-    RmOutput, StatusResponse, TiersResponse,
+    CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, GetOutput, Hints, JobEntry, JobsResponse,
+    LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, StatusResponse,
+    TiersResponse,
 };
 use pollen_ctl::local::{self, UrlSource};
 use pollen_ctl::size::Bytes;
@@ -29,8 +30,9 @@ use serde::de::DeserializeOwned;
     version,
     about = "Inspect and use a Pollen cluster",
     long_about = "Inspect and use a Pollen cluster.\n\n\
-        status, cores, tiers and jobs ask the controller; put, get, ls and rm ask the controller \
-        for a live node and then move data to and from that node directly.\n\n\
+        status, nodes, cores, tiers, jobs, job, weights and events ask the controller; put, get, \
+        ls and rm ask the controller for the node holding the job and then move data to and from \
+        that node directly.\n\n\
         The controller is found through --controller, else $POLLEN_CONTROLLER, \
         else ./pollen-data/pollen.json (written by `pollen up`), else http://127.0.0.1:7070.",
     after_help = "Examples:\n  \
@@ -40,6 +42,9 @@ use serde::de::DeserializeOwned;
         pollenctl ls demo results\n  \
         pollenctl get demo results/part-0 ./copy.bin\n  \
         pollenctl rm demo results/part-0\n  \
+        pollenctl job register sort --lambdas 64 --latency-sensitive\n  \
+        pollenctl weights sort\n  \
+        pollenctl events\n  \
         pollenctl cores --json"
 )]
 struct Cli {
@@ -61,8 +66,23 @@ enum Cmd {
     Cores,
     /// Capacity and use of every storage tier, per node and core
     Tiers,
-    /// Jobs known to the nodes, with their objects and bytes
+    /// Jobs: those registered with the controller (allocation, weights) and those the nodes hold
     Jobs,
+    /// Register or deregister a job
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+    /// A job's weight map: the share of its new data each node takes
+    Weights { job: String },
+    /// Storage nodes: state, cores, capacity, jobs
+    Nodes,
+    /// The controller's event log: registrations, allocations, node failures, scaling
+    Events {
+        /// Only events after this sequence number
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        since: u64,
+    },
     /// Store a local FILE ('-' = standard input) as object NAME of JOB; registers JOB if needed
     Put {
         /// The job; registered with default hints if it does not exist
@@ -104,6 +124,38 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Register a job with Pocket's hints (none at all: a conservative default allocation)
+    Register {
+        name: String,
+        /// The job's data is latency-sensitive: DRAM first, the rest on flash
+        #[arg(long)]
+        latency_sensitive: bool,
+        /// Maximum concurrent workers (lambdas)
+        #[arg(long, value_name = "N")]
+        lambdas: Option<u32>,
+        /// Total capacity, e.g. 10GiB
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        capacity: Option<u64>,
+        /// Peak throughput in bytes per second, e.g. 500MB or 500MB/s
+        #[arg(long, value_name = "RATE", value_parser = parse_rate_arg)]
+        peak_throughput: Option<u64>,
+    },
+    /// Deregister a job: its blocks are freed except those of PERSIST objects
+    Deregister { name: String },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    pollen_ctl::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_rate_arg(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    pollen_ctl::size::parse_size(t).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     pollen_ctl::cli::init_tracing("warn");
@@ -137,6 +189,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Cores => cores(&ctl, json),
         Cmd::Tiers => tiers(&ctl, json),
         Cmd::Jobs => jobs(&ctl, json),
+        Cmd::Job {
+            cmd: JobCmd::Register { name, latency_sensitive, lambdas, capacity, peak_throughput },
+        } => {
+            let hints = Hints {
+                latency_sensitive: latency_sensitive.then_some(true),
+                lambdas,
+                capacity,
+                peak_throughput,
+            };
+            job_register(&ctl, json, &name, hints)
+        }
+        Cmd::Job { cmd: JobCmd::Deregister { name } } => job_deregister(&ctl, json, &name),
+        Cmd::Weights { job } => weights(&ctl, json, &job),
+        Cmd::Nodes => nodes(&ctl, json),
+        Cmd::Events { since } => events(&ctl, json, since),
         Cmd::Put { job, name, file, persist, delete_after_read, tier } => {
             let tier = tier.map(TierArg::number);
             put(&ctl, json, &job, &name, &file, PutOptions { persist, delete_after_read, tier })
@@ -184,6 +251,55 @@ impl Controller {
             .with_context(|| format!("unexpected reply from {url}: is this a Pollen controller?"))
     }
 
+    /// Sends a request; a success decodes as `T`, an error reply becomes
+    /// `Err((status, message))`.
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<std::result::Result<T, (u16, String)>> {
+        let url = format!("{}{path}", self.url);
+        let sent = match (method, body) {
+            ("POST", Some(b)) => self.agent.post(&url).send_json(b),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            _ => self.agent.get(&url).call(),
+        };
+        let mut resp = sent.map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let detail = resp
+                .body_mut()
+                .read_json::<ErrorBody>()
+                .map(|b| b.error)
+                .unwrap_or_else(|_| "no error message".into());
+            return Ok(Err((status.as_u16(), detail)));
+        }
+        resp.body_mut()
+            .read_json::<T>()
+            .map(Ok)
+            .with_context(|| format!("unexpected reply from {url}: is this a Pollen controller?"))
+    }
+
+    /// A job's entry; `None` when the controller knows no such job.
+    fn job(&self, name: &str) -> Result<Option<JobEntry>> {
+        match self.call::<JobEntry>("GET", &format!("/v1/jobs/{}", path_segment(name)), None)? {
+            Ok(j) => Ok(Some(j)),
+            Err((404, _)) => Ok(None),
+            Err((code, msg)) => bail!("controller at {} answered {code} for job {name}: {msg}", self.url),
+        }
+    }
+
+    /// Registers a job; `Ok(None)` when it already exists.
+    fn register(&self, name: &str, hints: Hints) -> Result<Option<JobEntry>> {
+        let req = serde_json::to_value(RegisterJobRequest { name: name.into(), hints })?;
+        match self.call::<JobEntry>("POST", "/v1/jobs", Some(&req))? {
+            Ok(j) => Ok(Some(j)),
+            Err((409, _)) => Ok(None),
+            Err((code, msg)) => bail!("register job {name}: the controller answered {code}: {msg}"),
+        }
+    }
+
     fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
         let from = match &self.source {
             UrlSource::Default => String::new(),
@@ -205,19 +321,6 @@ impl Controller {
 
     fn status(&self) -> Result<StatusResponse> {
         self.get("/v1/status")
-    }
-
-    /// A live node to send data commands to.
-    fn data_node(&self) -> Result<NodeSummary> {
-        let s = self.status()?;
-        let total = s.nodes.len();
-        s.nodes.into_iter().find(|n| n.state == NodeState::Up).ok_or_else(|| {
-            if total == 0 {
-                anyhow!("the controller at {} knows no nodes yet", self.url)
-            } else {
-                anyhow!("none of the {total} node(s) known to the controller at {} is up", self.url)
-            }
-        })
     }
 }
 
@@ -410,19 +513,170 @@ fn jobs(ctl: &Controller, json: bool) -> Result<()> {
         return print_json(&ctl.get::<serde_json::Value>("/v1/jobs")?);
     }
     let r: JobsResponse = ctl.get("/v1/jobs")?;
-    let mut t = Table::new(["JOB", "ID", "NODE", "REGISTERED", "OBJECTS", "BYTES"]);
-    for j in &r.jobs {
+    let mut t = Table::new([
+        "JOB",
+        "NODE",
+        "REGISTERED",
+        "OBJECTS",
+        "BYTES",
+        "THROUGHPUT",
+        "CAPACITY",
+        "DRAM",
+        "FLASH",
+        "NODES",
+    ]);
+    let mut listed = std::collections::BTreeSet::new();
+    for j in &r.registered {
+        let on_node = r.jobs.iter().find(|row| row.name == j.name && row.node_id == j.node_id);
+        let a = j.allocation.as_ref();
+        let spread = j.weights.values().filter(|&&w| w > 0.0).count();
         t.row([
             j.name.clone(),
-            j.id.to_string(),
             j.node_id.clone(),
-            if j.registered { "yes" } else { "no (persisted objects)" }.to_string(),
+            "controller".to_string(),
+            on_node.map_or("-".into(), |r| r.objects.to_string()),
+            on_node.map_or("-".into(), |r| Bytes(r.bytes).to_string()),
+            a.map_or("-".into(), |a| format!("{}/s", Bytes(a.throughput))),
+            a.map_or("-".into(), |a| Bytes(a.capacity).to_string()),
+            a.map_or("-".into(), |a| Bytes(a.dram).to_string()),
+            a.map_or("-".into(), |a| Bytes(a.flash).to_string()),
+            format!("{spread}{}", if j.overcommitted { " (overcommitted)" } else { "" }),
+        ]);
+        listed.insert((j.name.as_str(), j.node_id.as_str()));
+    }
+    for j in r.jobs.iter().filter(|j| !listed.contains(&(j.name.as_str(), j.node_id.as_str()))) {
+        t.row([
+            j.name.clone(),
+            j.node_id.clone(),
+            if j.registered { "node only" } else { "no (persisted objects)" }.to_string(),
             j.objects.to_string(),
             Bytes(j.bytes).to_string(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
         ]);
     }
     print_table_or(&t, "No jobs.");
     Ok(())
+}
+
+fn job_register(ctl: &Controller, json: bool, name: &str, hints: Hints) -> Result<()> {
+    let j = ctl.register(name, hints)?.ok_or_else(|| anyhow!("job {name} is already registered"))?;
+    if json {
+        return print_json(&j);
+    }
+    println!("registered job {} on {} ({})", j.name, j.node_id, j.node_addr);
+    if let Some(a) = &j.allocation {
+        println!(
+            "allocation: {}/s, {} ({} DRAM, {} flash){}",
+            Bytes(a.throughput),
+            Bytes(a.capacity),
+            Bytes(a.dram),
+            Bytes(a.flash),
+            if a.latency_sensitive { ", latency-sensitive" } else { "" }
+        );
+        for b in &a.basis {
+            println!("  {b}");
+        }
+    }
+    if j.overcommitted {
+        println!("note: the live nodes lack room for the whole allocation: it is spread over them anyway");
+    }
+    print_weights(&j);
+    Ok(())
+}
+
+fn job_deregister(ctl: &Controller, json: bool, name: &str) -> Result<()> {
+    let r: DeregisterResponse = match ctl.call("DELETE", &format!("/v1/jobs/{}", path_segment(name)), None)? {
+        Ok(r) => r,
+        Err((404, _)) => bail!("no job `{name}`"),
+        Err((code, msg)) => bail!("deregister job {name}: the controller answered {code}: {msg}"),
+    };
+    if json {
+        return print_json(&r);
+    }
+    match &r.note {
+        None => println!("deregistered job {name}: blocks freed on {} (PERSIST objects kept)", r.node_id),
+        Some(n) => println!("deregistered job {name}; note: {n}"),
+    }
+    Ok(())
+}
+
+fn print_weights(j: &JobEntry) {
+    let mut t = Table::new(["NODE", "WEIGHT"]);
+    for (node, w) in &j.weights {
+        t.row([node.clone(), format!("{w:.3}")]);
+    }
+    print_table_or(
+        &t,
+        "No weights: the controller did not place this job (it was registered on a node directly).",
+    );
+}
+
+fn weights(ctl: &Controller, json: bool, job: &str) -> Result<()> {
+    let j = ctl.job(job)?.ok_or_else(|| anyhow!("no job `{job}`"))?;
+    if json {
+        return print_json(&serde_json::json!({ "job": j.name, "weights": j.weights }));
+    }
+    print_weights(&j);
+    Ok(())
+}
+
+fn nodes(ctl: &Controller, json: bool) -> Result<()> {
+    if json {
+        return print_json(&ctl.get::<serde_json::Value>("/v1/nodes")?);
+    }
+    let r: NodesResponse = ctl.get("/v1/nodes")?;
+    let mut t = Table::new(["NODE", "ADDR", "STATE", "CORES", "JOBS", "USED / CAPACITY", "LAST HEARTBEAT"]);
+    for n in &r.nodes {
+        let used: u64 = n.report.tiers.iter().map(|t| t.used_bytes).sum();
+        let cap: u64 = n.report.tiers.iter().map(|t| t.capacity_bytes).sum();
+        t.row([
+            n.report.node_id.clone(),
+            n.report.addr.clone(),
+            n.state.to_string(),
+            n.report.cores.len().to_string(),
+            n.report.jobs.iter().filter(|j| j.registered).count().to_string(),
+            format!("{} / {}", Bytes(used), Bytes(cap)),
+            format!("{} ago", duration(n.last_heartbeat_ms_ago)),
+        ]);
+    }
+    print_table_or(&t, "No nodes: none has sent a heartbeat yet.");
+    Ok(())
+}
+
+fn events(ctl: &Controller, json: bool, since: u64) -> Result<()> {
+    let r: EventsResponse = ctl.get(&format!("/v1/events?since={since}"))?;
+    if json {
+        return print_json(&r);
+    }
+    let mut t = Table::new(["SEQ", "TIME (UTC)", "KIND", "NODE", "JOB", "MESSAGE"]);
+    for e in &r.events {
+        t.row([
+            e.seq.to_string(),
+            utc(e.unix_ms),
+            e.kind.to_string(),
+            e.node.clone().unwrap_or_else(|| "-".into()),
+            e.job.clone().unwrap_or_else(|| "-".into()),
+            e.message.clone(),
+        ]);
+    }
+    print_table_or(&t, "No events.");
+    Ok(())
+}
+
+/// `HH:MM:SS.mmm` of a Unix time in milliseconds.
+fn utc(unix_ms: u64) -> String {
+    let day_ms = unix_ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
 }
 
 fn print_table_or(t: &Table, empty: &str) {
@@ -452,12 +706,38 @@ fn duration(ms: u64) -> String {
 
 // ---- data commands -------------------------------------------------------
 
-/// A client connected to a live node.
-fn connect(ctl: &Controller) -> Result<(Client, String)> {
-    let node = ctl.data_node()?;
-    let client = Client::connect(node.addr.as_str())
-        .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", node.node_id, node.addr))?;
-    Ok((client, node.addr))
+/// A client connected to the node that holds `job`'s namespace, and that
+/// node's address. With `register`, a job the controller does not know is
+/// registered first, without hints; the bool says whether it was.
+fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, String, bool)> {
+    let (entry, registered) = match ctl.job(job)? {
+        Some(e) => (e, false),
+        None if register => match ctl.register(job, Hints::default())? {
+            Some(e) => (e, true),
+            // Registered by someone else meanwhile.
+            None => (ctl.job(job)?.ok_or_else(|| anyhow!("job {job} vanished while registering it"))?, false),
+        },
+        None => bail!("no job `{job}` (`pollenctl job register {job}` or `pollenctl put` registers it)"),
+    };
+    if entry.node_state != Some(NodeState::Up) || entry.node_addr.is_empty() {
+        bail!("job {job}: its node {} is down", entry.node_id);
+    }
+    let client = Client::connect(entry.node_addr.as_str())
+        .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", entry.node_id, entry.node_addr))?;
+    Ok((client, entry.node_addr, registered))
+}
+
+/// Percent-encodes a job name for a URL path segment.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Names a failed data operation in its error: `what` is e.g. "get demo/a".
@@ -476,24 +756,6 @@ fn existing_job(client: &mut Client, name: &str) -> Result<Job> {
         Some(Status::NotFound) => anyhow!("no job `{name}` (`pollenctl put` registers a job)"),
         _ => op_error(&format!("job {name}"), e),
     })
-}
-
-/// The job, registered with default hints when it does not exist yet.
-/// Returns whether this call registered it.
-fn job_or_register(client: &mut Client, name: &str) -> Result<(Job, bool)> {
-    match client.job(name) {
-        Ok(j) => return Ok((j, false)),
-        Err(e) if e.status() == Some(Status::NotFound) => {}
-        Err(e) => return Err(op_error(&format!("job {name}"), e)),
-    }
-    match client.register_job(name, JobHints::default()) {
-        Ok(j) => Ok((j, true)),
-        // Registered by someone else between the two calls.
-        Err(e) if e.status() == Some(Status::Exists) => {
-            Ok((client.job(name).map_err(|e| op_error(&format!("job {name}"), e))?, false))
-        }
-        Err(e) => Err(op_error(&format!("register job {name}"), e)),
-    }
 }
 
 /// Creates the directories above object `name` (`a/b` for `a/b/c`).
@@ -534,8 +796,8 @@ fn put(ctl: &Controller, json: bool, job: &str, name: &str, file: &Path, opts: P
         }
         None
     };
-    let (mut client, node) = connect(ctl)?;
-    let (j, registered_job) = job_or_register(&mut client, job)?;
+    let (mut client, node, registered_job) = connect_job(ctl, job, true)?;
+    let j = existing_job(&mut client, job)?;
     create_parents(&mut client, &j, name)?;
     let started = Instant::now();
     let result = match &data {
@@ -570,7 +832,7 @@ fn put(ctl: &Controller, json: bool, job: &str, name: &str, file: &Path, opts: P
 
 fn get(ctl: &Controller, json: bool, job: &str, name: &str, file: &Path) -> Result<()> {
     let what = format!("get {job}/{name}");
-    let (mut client, node) = connect(ctl)?;
+    let (mut client, node, _) = connect_job(ctl, job, false)?;
     let j = existing_job(&mut client, job)?;
     let started = Instant::now();
     let bytes = if is_stdio(file) {
@@ -640,7 +902,7 @@ fn get_to_file(client: &mut Client, job: &Job, name: &str, dst: &Path, what: &st
 }
 
 fn ls(ctl: &Controller, json: bool, job: &str, dir: &str) -> Result<()> {
-    let (mut client, node) = connect(ctl)?;
+    let (mut client, node, _) = connect_job(ctl, job, false)?;
     let j = existing_job(&mut client, job)?;
     let dir = dir.trim_matches('/');
     let what = if dir.is_empty() { format!("ls {job}") } else { format!("ls {job}/{dir}") };
@@ -679,7 +941,7 @@ fn ls(ctl: &Controller, json: bool, job: &str, dir: &str) -> Result<()> {
 }
 
 fn rm(ctl: &Controller, json: bool, job: &str, name: &str) -> Result<()> {
-    let (mut client, node) = connect(ctl)?;
+    let (mut client, node, _) = connect_job(ctl, job, false)?;
     let j = existing_job(&mut client, job)?;
     client.delete(&j, name).map_err(|e| op_error(&format!("rm {job}/{name}"), e))?;
     if json {

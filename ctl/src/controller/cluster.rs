@@ -2,16 +2,18 @@
 //! changes it. The HTTP layer reads and writes through these methods; time is
 //! passed in, so every rule here is tested without sleeping.
 //!
-//! Today it holds nodes and their latest reports. Jobs, weight maps and
-//! scaling decisions join it as further fields and methods.
+//! It holds nodes and their latest reports, the jobs registered through the
+//! controller with their allocations and weight maps, and the event log.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::events::{EventLog, DEFAULT_CAPACITY};
+use super::policy::{self, Allocation, Hints, NodeRoom, Policy, TierRoom};
 use crate::api::{
-    CoreRow, CoresResponse, JobRow, JobsResponse, NodeEntry, NodeReport, NodeState, NodeSummary,
-    NodesResponse, TierRow, TierTotals, TiersResponse,
+    CoreRow, CoresResponse, EventKind, EventsResponse, JobEntry, JobRow, JobsResponse, NodeEntry, NodeReport,
+    NodeState, NodeSummary, NodesResponse, TierRow, TierTotals, TiersResponse,
 };
 
 /// Limits on what a heartbeat may describe, checked before it is stored.
@@ -19,6 +21,47 @@ pub const MAX_NODE_ID_LEN: usize = 128;
 pub const MAX_CORES: usize = 4096;
 pub const MAX_TIER_REGIONS: usize = 64 * 1024;
 pub const MAX_JOBS_PER_NODE: usize = 1 << 20;
+/// Jobs the controller registers at most, and the longest job name.
+pub const MAX_JOBS: usize = 100_000;
+pub const MAX_JOB_NAME_LEN: usize = 200;
+
+/// Why a job was not registered or found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("job names are 1..={MAX_JOB_NAME_LEN} bytes without '/', spaces or control characters, and not '.' or '..'")]
+    BadName,
+    #[error("job `{0}` is already registered")]
+    Exists(String),
+    #[error("no job `{0}`")]
+    NotFound(String),
+    #[error("no live node to place the job on")]
+    NoNodes,
+    #[error("the controller already holds {MAX_JOBS} jobs")]
+    TooMany,
+}
+
+/// A job registered through the controller.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub name: String,
+    pub hints: Hints,
+    pub alloc: Allocation,
+    /// Node id → weight; nodes absent from the map have weight 0.
+    pub weights: BTreeMap<String, f64>,
+    /// The node holding the job's namespace.
+    pub node_id: String,
+    pub overcommitted: bool,
+    pub registered_unix_ms: u64,
+    /// Planned, not yet registered on its node.
+    pub pending: bool,
+}
+
+/// What registering a planned job on its node needs.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    pub node_id: String,
+    pub node_addr: String,
+}
 
 /// Why a heartbeat's report was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,13 +104,31 @@ pub struct Cluster {
     heartbeat: Duration,
     missed_heartbeats: u32,
     nodes: BTreeMap<String, NodeRecord>,
+    policy: Policy,
+    jobs: BTreeMap<String, JobRecord>,
+    events: EventLog,
 }
 
 impl Cluster {
     pub fn new(heartbeat: Duration, missed_heartbeats: u32) -> Cluster {
+        Cluster::with_policy(heartbeat, missed_heartbeats, Policy::default())
+    }
+
+    pub fn with_policy(heartbeat: Duration, missed_heartbeats: u32, policy: Policy) -> Cluster {
         assert!(!heartbeat.is_zero(), "heartbeat interval must be positive");
         assert!(missed_heartbeats > 0, "missed_heartbeats must be positive");
-        Cluster { heartbeat, missed_heartbeats, nodes: BTreeMap::new() }
+        Cluster {
+            heartbeat,
+            missed_heartbeats,
+            nodes: BTreeMap::new(),
+            policy,
+            jobs: BTreeMap::new(),
+            events: EventLog::new(DEFAULT_CAPACITY),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -124,6 +185,7 @@ impl Cluster {
                 rec.state = NodeState::Up;
             }
         }
+        self.on_transitions(&transitions);
         Ok(transitions)
     }
 
@@ -139,6 +201,7 @@ impl Cluster {
                 out.push(Transition::Down { node_id: id.clone(), silent_for });
             }
         }
+        self.on_transitions(&out);
         out
     }
 
@@ -239,8 +302,332 @@ impl Cluster {
             })
             .collect();
         jobs.sort_by(|a, b| (&a.name, &a.node_id).cmp(&(&b.name, &b.node_id)));
-        JobsResponse { jobs }
+        let registered = self.jobs.values().filter(|j| !j.pending).map(|j| self.job_entry(j)).collect();
+        JobsResponse { jobs, registered }
     }
+}
+
+// ---- jobs, weight maps and events --------------------------------------------
+
+impl Cluster {
+    fn is_live(&self, node_id: &str) -> bool {
+        self.nodes.get(node_id).is_some_and(|r| r.state == NodeState::Up)
+    }
+
+    /// What each live node can offer, after the reservations of every job
+    /// (`except` left out, for re-packing it).
+    fn rooms(&self, except: Option<&str>) -> Vec<NodeRoom> {
+        let tp_per_core = self.policy.allocation.core_throughput;
+        let mut rooms: Vec<NodeRoom> = self
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.state == NodeState::Up)
+            .map(|(id, r)| {
+                let tier_cap = |name: &str| -> u64 {
+                    r.report.tiers.iter().filter(|t| t.tier == name).map(|t| t.capacity_bytes).sum()
+                };
+                NodeRoom {
+                    node_id: id.clone(),
+                    active: false,
+                    closed: false,
+                    throughput_cap: tp_per_core.saturating_mul(r.report.cores.len() as u64),
+                    dram_cap: tier_cap("dram"),
+                    flash_cap: tier_cap("flash"),
+                    ..NodeRoom::default()
+                }
+            })
+            .collect();
+        for j in self.jobs.values().filter(|j| Some(j.name.as_str()) != except) {
+            for room in rooms.iter_mut() {
+                let w = j.weights.get(&room.node_id).copied().unwrap_or(0.0);
+                if w > 0.0 {
+                    room.active = true;
+                    room.throughput_reserved += (j.alloc.throughput as f64 * w) as u64;
+                    room.dram_reserved += (j.alloc.dram as f64 * w) as u64;
+                    room.flash_reserved += (j.alloc.flash as f64 * w) as u64;
+                }
+            }
+        }
+        rooms
+    }
+
+    fn tier_room(rooms: &[NodeRoom]) -> TierRoom {
+        TierRoom {
+            dram_free: rooms.iter().map(|r| r.dram_cap.saturating_sub(r.dram_reserved)).sum(),
+            has_flash: rooms.iter().any(|r| r.flash_cap > 0),
+        }
+    }
+
+    /// Allocates and packs a new job and picks the node for its namespace
+    /// (the live node holding the fewest jobs, then the most free DRAM). The
+    /// job is recorded as pending until [`Cluster::commit_job`].
+    pub fn plan_job(&mut self, name: &str, hints: Hints) -> Result<JobPlan, JobError> {
+        if !valid_job_name(name) {
+            return Err(JobError::BadName);
+        }
+        if self.jobs.contains_key(name) {
+            return Err(JobError::Exists(name.to_string()));
+        }
+        if self.jobs.len() >= MAX_JOBS {
+            return Err(JobError::TooMany);
+        }
+        let hints = hints.normalized();
+        let rooms = self.rooms(None);
+        let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
+        let packing = policy::pack(&alloc, &rooms).ok_or(JobError::NoNodes)?;
+        let home = rooms
+            .iter()
+            .filter(|r| !r.closed)
+            .min_by_key(|r| {
+                let homed = self.jobs.values().filter(|j| j.node_id == r.node_id).count();
+                (homed, std::cmp::Reverse(r.dram_cap.saturating_sub(r.dram_reserved)))
+            })
+            .ok_or(JobError::NoNodes)?;
+        let node_id = home.node_id.clone();
+        let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
+        let registered_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.jobs.insert(
+            name.to_string(),
+            JobRecord {
+                name: name.to_string(),
+                hints,
+                alloc,
+                weights: packing.weights,
+                node_id: node_id.clone(),
+                overcommitted: packing.overcommitted,
+                registered_unix_ms,
+                pending: true,
+            },
+        );
+        Ok(JobPlan { node_id, node_addr })
+    }
+
+    pub fn job_record(&self, name: &str) -> Option<&JobRecord> {
+        self.jobs.get(name)
+    }
+
+    /// The planned job is registered on its node: it becomes visible, and
+    /// its allocation is recorded as events.
+    pub fn commit_job(&mut self, name: &str) -> Option<JobEntry> {
+        let j = self.jobs.get_mut(name)?;
+        j.pending = false;
+        let j = j.clone();
+        let hints = if j.hints.is_empty() {
+            "no hints".to_string()
+        } else {
+            serde_json::to_string(&j.hints).unwrap_or_default()
+        };
+        self.events.push(
+            EventKind::JobRegistered,
+            Some(&j.node_id),
+            Some(name),
+            format!("job {name} registered ({hints}); namespace on {}", j.node_id),
+        );
+        let a = &j.alloc;
+        self.events.push(
+            EventKind::Allocation,
+            None,
+            Some(name),
+            format!(
+                "{name}: {} B/s, {} B ({} DRAM, {} flash); weights {}{}",
+                a.throughput,
+                a.capacity,
+                a.dram,
+                a.flash,
+                weights_text(&j.weights),
+                if j.overcommitted { " (overcommitted: live nodes lack room)" } else { "" }
+            ),
+        );
+        Some(self.job_entry(&j))
+    }
+
+    /// Drops a planned job that its node refused.
+    pub fn abort_job(&mut self, name: &str, why: &str) {
+        if self.jobs.get(name).is_some_and(|j| j.pending) {
+            self.jobs.remove(name);
+            self.events.push(EventKind::Error, None, Some(name), format!("registering {name} failed: {why}"));
+        }
+    }
+
+    /// Forgets a registered job; returns it (for its node).
+    pub fn remove_job(&mut self, name: &str) -> Option<JobRecord> {
+        if self.jobs.get(name).is_some_and(|j| j.pending) {
+            return None;
+        }
+        self.jobs.remove(name)
+    }
+
+    /// Records the outcome of a deregistration.
+    pub fn record_deregistered(&mut self, name: &str, node_id: &str, outcome: &str) {
+        self.events.push(
+            EventKind::JobDeregistered,
+            Some(node_id),
+            Some(name),
+            format!("job {name} deregistered: {outcome}"),
+        );
+    }
+
+    /// A job by name: a registered one, else one a node reports (registered
+    /// directly with the node, or holding PERSIST objects), preferring a
+    /// live node where the job is registered.
+    pub fn job(&self, name: &str) -> Option<JobEntry> {
+        if let Some(j) = self.jobs.get(name).filter(|j| !j.pending) {
+            return Some(self.job_entry(j));
+        }
+        let mut found: Vec<(&String, &NodeRecord, bool)> = self
+            .nodes
+            .iter()
+            .filter_map(|(id, r)| {
+                r.report.jobs.iter().find(|j| j.name == name).map(|j| (id, r, j.registered))
+            })
+            .collect();
+        found.sort_by_key(|(id, r, registered)| (r.state != NodeState::Up, !registered, (*id).clone()));
+        let (id, r, _) = found.first()?;
+        Some(JobEntry {
+            name: name.to_string(),
+            node_id: (*id).clone(),
+            node_addr: r.report.addr.clone(),
+            node_state: Some(r.state),
+            managed: false,
+            hints: Hints::default(),
+            allocation: None,
+            weights: BTreeMap::new(),
+            overcommitted: false,
+            registered_unix_ms: 0,
+        })
+    }
+
+    fn job_entry(&self, j: &JobRecord) -> JobEntry {
+        // Every known node appears, with weight 0 when the job has none there.
+        let weights = self
+            .nodes
+            .keys()
+            .map(|id| {
+                let w = if self.is_live(id) { j.weights.get(id).copied().unwrap_or(0.0) } else { 0.0 };
+                (id.clone(), w)
+            })
+            .collect();
+        let node = self.nodes.get(&j.node_id);
+        JobEntry {
+            name: j.name.clone(),
+            node_id: j.node_id.clone(),
+            node_addr: node.map(|r| r.report.addr.clone()).unwrap_or_default(),
+            node_state: node.map(|r| r.state),
+            managed: true,
+            hints: j.hints.clone(),
+            allocation: Some(j.alloc.clone()),
+            weights,
+            overcommitted: j.overcommitted,
+            registered_unix_ms: j.registered_unix_ms,
+        }
+    }
+
+    pub fn events(&self, since: u64, limit: usize) -> EventsResponse {
+        EventsResponse { last_seq: self.events.last_seq(), events: self.events.since(since, limit) }
+    }
+
+    pub fn event_log(&mut self) -> &mut EventLog {
+        &mut self.events
+    }
+
+    /// Records node state changes as events; a node that went down loses its
+    /// weight in every job, which is spread over the job's other nodes (or
+    /// the job is packed again over the live nodes).
+    fn on_transitions(&mut self, transitions: &[Transition]) {
+        for t in transitions {
+            match t {
+                Transition::Joined { node_id, addr } => {
+                    self.events.push(
+                        EventKind::NodeJoined,
+                        Some(node_id),
+                        None,
+                        format!("node {node_id} joined at {addr}"),
+                    );
+                }
+                Transition::Recovered { node_id, silent_for } => {
+                    self.events.push(
+                        EventKind::NodeRecovered,
+                        Some(node_id),
+                        None,
+                        format!("node {node_id} is back after {} ms of silence", silent_for.as_millis()),
+                    );
+                }
+                Transition::Restarted { node_id } => {
+                    self.events.push(
+                        EventKind::NodeRestarted,
+                        Some(node_id),
+                        None,
+                        format!("node {node_id} restarted (its counters went backwards)"),
+                    );
+                }
+                Transition::Down { node_id, silent_for } => {
+                    self.events.push(
+                        EventKind::NodeDown,
+                        Some(node_id),
+                        None,
+                        format!(
+                            "node {node_id} is dead: no heartbeat for {} ms ({} missed)",
+                            silent_for.as_millis(),
+                            self.missed_heartbeats
+                        ),
+                    );
+                    self.close_node(node_id);
+                }
+            }
+        }
+    }
+
+    /// Takes `node_id` out of every job's weight map.
+    fn close_node(&mut self, node_id: &str) {
+        let affected: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.weights.get(node_id).is_some_and(|&w| w > 0.0))
+            .map(|j| j.name.clone())
+            .collect();
+        for name in affected {
+            let spread = match self.jobs.get_mut(&name) {
+                Some(j) => policy::drop_node(&mut j.weights, node_id),
+                None => continue,
+            };
+            if !spread {
+                let rooms = self.rooms(Some(&name));
+                let packed = self.jobs.get(&name).and_then(|j| policy::pack(&j.alloc, &rooms));
+                if let Some(j) = self.jobs.get_mut(&name) {
+                    match packed {
+                        Some(p) => {
+                            j.weights = p.weights;
+                            j.overcommitted = p.overcommitted;
+                        }
+                        None => j.weights.clear(),
+                    }
+                }
+            }
+            let text = self.jobs.get(&name).map(|j| weights_text(&j.weights)).unwrap_or_default();
+            let text = if text.is_empty() { "none: no live node".to_string() } else { text };
+            self.events.push(
+                EventKind::Weights,
+                Some(node_id),
+                Some(&name),
+                format!("{name}: weight 0 on {node_id}; weights now {text}"),
+            );
+        }
+    }
+}
+
+fn weights_text(w: &BTreeMap<String, f64>) -> String {
+    w.iter().filter(|(_, &w)| w > 0.0).map(|(id, w)| format!("{id}={w:.3}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Job names as the nodes take them, with a length limit.
+pub fn valid_job_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_JOB_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| !c.is_control() && !c.is_whitespace() && c != '/')
 }
 
 fn validate(r: &NodeReport) -> Result<(), ReportError> {

@@ -5,17 +5,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{log_transitions, Shared};
+use super::cluster::JobError;
+use super::{nodeops, Shared};
 use crate::api::{
-    CoresResponse, ErrorBody, HeartbeatReply, JobsResponse, NodeEntry, NodeReport, NodesResponse,
-    StatusResponse, TiersResponse,
+    CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, HeartbeatReply, JobEntry, JobsResponse,
+    NodeEntry, NodeReport, NodeState, NodesResponse, RegisterJobRequest, StatusResponse, TiersResponse,
 };
+
+/// Events one `GET /v1/events` returns at most.
+const MAX_EVENTS_PER_REPLY: usize = 1000;
 
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     let max_body = shared.max_body;
@@ -26,7 +30,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes/{node_id}", get(node))
         .route("/v1/cores", get(cores))
         .route("/v1/tiers", get(tiers))
-        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs", get(jobs).post(register_job))
+        .route("/v1/jobs/{name}", get(job).delete(deregister_job))
+        .route("/v1/events", get(events))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -85,8 +91,8 @@ async fn heartbeat(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
     let node_id = report.node_id.clone();
     let mut c = s.cluster();
-    let transitions = c
-        .heartbeat(report, Instant::now())
+    // State changes become events inside `heartbeat`.
+    c.heartbeat(report, Instant::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
     let reply = HeartbeatReply {
         node_id,
@@ -94,7 +100,6 @@ async fn heartbeat(
         missed_heartbeats: c.missed_heartbeats(),
     };
     drop(c);
-    log_transitions(&transitions);
     s.accepted.send_modify(|n| *n += 1);
     Ok(Json(reply))
 }
@@ -134,4 +139,103 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
+
+async fn job(State(s): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Json<JobEntry>, ApiError> {
+    s.read(|c, _| c.job(&name))
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job `{name}`")))
+}
+
+fn job_error(e: JobError) -> ApiError {
+    let code = match e {
+        JobError::BadName => StatusCode::BAD_REQUEST,
+        JobError::Exists(_) => StatusCode::CONFLICT,
+        JobError::NotFound(_) => StatusCode::NOT_FOUND,
+        JobError::NoNodes | JobError::TooMany => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError(code, e.to_string())
+}
+
+/// Allocates and packs the job, then registers it on the node chosen for
+/// its namespace; the job is visible once that node has it.
+async fn register_job(
+    State(s): State<Arc<Shared>>,
+    JsonBytes(body): JsonBytes,
+) -> Result<(StatusCode, Json<JobEntry>), ApiError> {
+    let req: RegisterJobRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid job registration: {e}")))?;
+    let name = req.name;
+    let (plan, node_hints) = {
+        let mut c = s.cluster();
+        c.sweep(Instant::now());
+        let plan = c.plan_job(&name, req.hints).map_err(job_error)?;
+        let entry = c
+            .job_record(&name)
+            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into()))?;
+        (plan, nodeops::node_hints(&entry.hints, &entry.alloc))
+    };
+    let (addr, job_name) = (plan.node_addr.clone(), name.clone());
+    let done = tokio::task::spawn_blocking(move || nodeops::register(&addr, &job_name, node_hints)).await;
+    let outcome = match done {
+        Ok(r) => r,
+        Err(e) => Err(format!("registration task failed: {e}")),
+    };
+    let mut c = s.cluster();
+    match outcome {
+        Ok(()) => c
+            .commit_job(&name)
+            .map(|e| (StatusCode::CREATED, Json(e)))
+            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into())),
+        Err(why) => {
+            c.abort_job(&name, &why);
+            Err(ApiError(StatusCode::BAD_GATEWAY, why))
+        }
+    }
+}
+
+/// Forgets the job and deregisters it on its node, which frees its blocks
+/// except PERSIST objects. A job only a node knows (registered directly) is
+/// deregistered there too.
+async fn deregister_job(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<DeregisterResponse>, ApiError> {
+    let (node_id, addr, up) = {
+        let mut c = s.cluster();
+        c.sweep(Instant::now());
+        let entry =
+            c.job(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
+        c.remove_job(&name);
+        (entry.node_id, entry.node_addr, entry.node_state == Some(NodeState::Up))
+    };
+    let (freed, note) = if !up || addr.is_empty() {
+        (false, Some(format!("node {node_id} is down: its blocks of the job were not freed")))
+    } else {
+        let job_name = name.clone();
+        let done = tokio::task::spawn_blocking(move || nodeops::deregister(&addr, &job_name)).await;
+        match done {
+            Ok(Ok(true)) => (true, None),
+            Ok(Ok(false)) => (false, Some(format!("node {node_id} did not know the job"))),
+            Ok(Err(e)) => (false, Some(e)),
+            Err(e) => (false, Some(format!("deregistration task failed: {e}"))),
+        }
+    };
+    let outcome = match &note {
+        None => format!("blocks freed on {node_id} (PERSIST objects kept)"),
+        Some(n) => n.clone(),
+    };
+    s.cluster().record_deregistered(&name, &node_id, &outcome);
+    Ok(Json(DeregisterResponse { name, node_id, freed, note }))
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn events(State(s): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Json<EventsResponse> {
+    let limit = q.limit.unwrap_or(MAX_EVENTS_PER_REPLY).min(MAX_EVENTS_PER_REPLY);
+    Json(s.read(|c, _| c.events(q.since.unwrap_or(0), limit)))
 }

@@ -7,7 +7,10 @@
 //! in [`crate::api`]. It never touches a block.
 
 pub mod cluster;
+pub mod events;
 mod http;
+mod nodeops;
+pub mod policy;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +20,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{NodeState, StatusResponse};
-use cluster::{Cluster, Transition};
+use crate::api::{EventsResponse, JobEntry, NodeState, StatusResponse};
+use cluster::Cluster;
+use policy::Policy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -36,6 +40,8 @@ pub struct ControllerConfig {
     pub missed_heartbeats: u32,
     /// Request bodies larger than this are refused with 413.
     pub max_body: usize,
+    /// Hint mapping and packing constants (`--policy FILE`).
+    pub policy: Policy,
 }
 
 impl Default for ControllerConfig {
@@ -45,6 +51,7 @@ impl Default for ControllerConfig {
             heartbeat: DEFAULT_HEARTBEAT,
             missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
             max_body: DEFAULT_MAX_BODY,
+            policy: Policy::default(),
         }
     }
 }
@@ -81,7 +88,7 @@ impl Shared {
     fn read<T>(&self, f: impl FnOnce(&Cluster, Instant) -> T) -> T {
         let now = Instant::now();
         let mut c = self.cluster();
-        log_transitions(&c.sweep(now));
+        c.sweep(now);
         f(&c, now)
     }
 
@@ -101,25 +108,6 @@ impl Shared {
                 jobs: c.job_count(),
             }
         })
-    }
-}
-
-fn log_transitions(transitions: &[Transition]) {
-    for t in transitions {
-        match t {
-            Transition::Joined { node_id, addr } => tracing::info!(node = %node_id, %addr, "node joined"),
-            Transition::Recovered { node_id, silent_for } => {
-                tracing::info!(node = %node_id, silent_ms = silent_for.as_millis() as u64, "node is back up")
-            }
-            Transition::Restarted { node_id } => {
-                tracing::warn!(node = %node_id, "node restarted: its counters went backwards")
-            }
-            Transition::Down { node_id, silent_for } => tracing::warn!(
-                node = %node_id,
-                silent_ms = silent_for.as_millis() as u64,
-                "node down: missed heartbeats"
-            ),
-        }
     }
 }
 
@@ -143,13 +131,14 @@ impl Controller {
         if cfg.max_body < 1024 {
             return Err(ControllerError::Config("max_body must be at least 1 KiB".into()));
         }
+        cfg.policy.validate().map_err(ControllerError::Config)?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
         let addr =
             listener.local_addr().map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
         let shared = Arc::new(Shared {
-            cluster: Mutex::new(Cluster::new(cfg.heartbeat, cfg.missed_heartbeats)),
+            cluster: Mutex::new(Cluster::with_policy(cfg.heartbeat, cfg.missed_heartbeats, cfg.policy)),
             started: Instant::now(),
             max_body: cfg.max_body,
             accepted: watch::Sender::new(0),
@@ -197,8 +186,7 @@ async fn sweep(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let transitions = shared.cluster().sweep(Instant::now());
-        log_transitions(&transitions);
+        shared.cluster().sweep(Instant::now());
     }
 }
 
@@ -211,6 +199,14 @@ pub struct ControllerHandle {
 impl ControllerHandle {
     pub fn status(&self) -> StatusResponse {
         self.shared.status()
+    }
+
+    pub fn job(&self, name: &str) -> Option<JobEntry> {
+        self.shared.read(|c, _| c.job(name))
+    }
+
+    pub fn events(&self, since: u64) -> EventsResponse {
+        self.shared.read(|c, _| c.events(since, usize::MAX))
     }
 
     /// Waits until the controller has a report from `node_id`; false on timeout.

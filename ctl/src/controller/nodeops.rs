@@ -1,0 +1,56 @@
+//! The controller's calls to a node's data port, over the wire protocol
+//! (`dataplane::client`): registering and deregistering a job where its
+//! namespace lives. Blocking; the HTTP handlers run them with
+//! `spawn_blocking`, never holding the cluster lock.
+
+use std::time::Duration;
+
+use dataplane::client::Client;
+use dataplane::proto::{JobHints, Status};
+
+use super::policy::{Allocation, Hints};
+
+/// How long a node may take to answer one of these calls.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The hints a node keeps for a job: placement within the node follows the
+/// allocation's tier choice; a job with both DRAM and flash may spill over.
+pub fn node_hints(hints: &Hints, alloc: &Allocation) -> JobHints {
+    JobHints {
+        latency_sensitive: alloc.latency_sensitive,
+        spill_over: alloc.dram > 0 && alloc.flash > 0,
+        max_workers: hints.lambdas.unwrap_or(0),
+        capacity: hints.capacity.unwrap_or(0),
+        peak_throughput: hints.peak_throughput.unwrap_or(0),
+    }
+}
+
+fn connect(addr: &str) -> Result<Client, String> {
+    let mut c = Client::connect(addr).map_err(|e| format!("cannot reach node at {addr}: {e}"))?;
+    c.set_timeout(NODE_TIMEOUT);
+    Ok(c)
+}
+
+/// Registers `name` on the node at `addr`. A job the node already has
+/// (registered directly, or holding PERSIST objects) is taken over as is.
+pub fn register(addr: &str, name: &str, hints: JobHints) -> Result<(), String> {
+    let mut c = connect(addr)?;
+    match c.register_job(name, hints) {
+        Ok(_) => Ok(()),
+        Err(e) if e.status() == Some(Status::Exists) => Ok(()),
+        Err(e) => Err(format!("node at {addr} refused job {name}: {e}")),
+    }
+}
+
+/// Deregisters `name` on the node at `addr`, freeing its blocks except
+/// PERSIST ones. `Ok(false)` when the node does not know the job.
+pub fn deregister(addr: &str, name: &str) -> Result<bool, String> {
+    let mut c = connect(addr)?;
+    let job = match c.job(name) {
+        Ok(j) => j,
+        Err(e) if e.status() == Some(Status::NotFound) => return Ok(false),
+        Err(e) => return Err(format!("node at {addr}: job {name}: {e}")),
+    };
+    c.deregister_job(&job).map_err(|e| format!("node at {addr}: deregister {name}: {e}"))?;
+    Ok(true)
+}

@@ -1,0 +1,296 @@
+//! A controller and several `pollen node` processes over 127.0.0.1, driven
+//! through `pollenctl`: jobs with hints → allocation and weight map, data on
+//! the job's node, deregistration freeing blocks, a killed node declared dead
+//! and its weight spread over the live nodes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, Reaper};
+use pollen_ctl::api::{
+    DeregisterResponse, EventKind, EventsResponse, JobEntry, JobsResponse, NodeState, NodesResponse,
+    PutOutput,
+};
+
+const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
+const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+const MB: u64 = 1_000_000;
+const MIB: u64 = 1 << 20;
+
+/// Small constants so a few 16 MiB, one-core nodes fill up: a node serves
+/// 100 MB/s, a worker drives 10 MB/s.
+const POLICY: &str = r#"
+[allocation]
+per_worker_throughput = "10MB"
+default_workers = 4
+default_capacity = "8MiB"
+core_throughput = "100MB"
+"#;
+
+struct TestCluster {
+    dir: tempfile::TempDir,
+    url: String,
+    ctl: Reaper,
+    nodes: BTreeMap<String, Reaper>,
+}
+
+impl TestCluster {
+    /// A controller (100 ms heartbeats, 3 missed = dead) and `n` nodes
+    /// `n1..=n{n}`, each with one core and 16 MiB of DRAM.
+    fn start(n: usize) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+        let mut child = Command::new(POLLEN)
+            .args([
+                "controller",
+                "--listen",
+                "127.0.0.1:0",
+                "--heartbeat-ms",
+                "100",
+                "--policy",
+                "policy.toml",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(log("controller.err"))
+            .spawn()
+            .expect("spawn pollen controller");
+        let stdout = child.stdout.take().expect("stdout");
+        let ctl = Reaper(Some(child));
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {line:?}"))
+            .trim_end_matches(';')
+            .to_string();
+        let mut c = TestCluster { dir, url, ctl, nodes: BTreeMap::new() };
+        for i in 1..=n {
+            c.start_node(&format!("n{i}"));
+        }
+        c.wait_nodes_up(n);
+        c
+    }
+
+    fn start_node(&mut self, id: &str) {
+        let log = |name: &str| std::fs::File::create(self.dir.path().join(name)).expect("log file");
+        let child = Command::new(POLLEN)
+            .args(["node", "--port", "0", "--cores", "1", "--no-pin", "--dram-gb", "0.015625"])
+            .args(["--node-id", id, "--heartbeat-ms", "100", "--controller", &self.url])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log(&format!("{id}.err")))
+            .spawn()
+            .expect("spawn pollen node");
+        self.nodes.insert(id.to_string(), Reaper(Some(child)));
+    }
+
+    fn wait_nodes_up(&self, n: usize) {
+        wait_for(Duration::from_secs(30), "nodes up with capacity", || {
+            let r: NodesResponse = self.json(&["nodes"]);
+            let ready = r
+                .nodes
+                .iter()
+                .filter(|e| e.state == NodeState::Up && e.report.tiers.iter().any(|t| t.capacity_bytes > 0))
+                .count();
+            (ready == n).then_some(())
+        });
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(POLLENCTL)
+            .args(["--controller", &self.url])
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run pollenctl")
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "pollenctl {args:?} failed\nstdout: {}\nstderr: {}\ncontroller log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("controller.err")).unwrap_or_default()
+        );
+        out
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("pollenctl {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn events(&self) -> EventsResponse {
+        self.json(&["events"])
+    }
+}
+
+fn weight_sum(j: &JobEntry) -> f64 {
+    j.weights.values().sum()
+}
+
+fn assert_close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() < 1e-6, "{what}: {a} != {b}");
+}
+
+fn used_dram(c: &TestCluster, node: &str) -> u64 {
+    let r: NodesResponse = c.json(&["nodes"]);
+    let n = r.nodes.iter().find(|n| n.report.node_id == node).expect("node listed");
+    n.report.tiers.iter().filter(|t| t.tier == "dram").map(|t| t.used_bytes).sum()
+}
+
+#[test]
+fn jobs_with_hints_get_allocations_weights_and_survive_a_dead_node() {
+    let mut c = TestCluster::start(3);
+
+    // No hints at all: the conservative default (4 workers x 10 MB/s, 8 MiB, DRAM).
+    let j: JobEntry = c.json(&["job", "register", "plain"]);
+    let a = j.allocation.clone().expect("allocation");
+    assert_eq!(
+        (a.throughput, a.capacity, a.dram, a.flash, a.latency_sensitive),
+        (40 * MB, 8 * MIB, 8 * MIB, 0, true)
+    );
+    assert_close(weight_sum(&j), 1.0, "weights of plain");
+    assert_eq!(j.weights.len(), 3, "every live node is in the map");
+    let first =
+        j.weights.iter().find(|(_, &w)| w == 1.0).map(|(n, _)| n.clone()).expect("one node takes all");
+
+    // Lambdas: 25 x 10 MB/s = 250 MB/s. The active node (60 MB/s spare)
+    // fills first, then the others in order: 0.24 + 0.4 + 0.36.
+    let j: JobEntry = c.json(&["job", "register", "wide", "--lambdas", "25"]);
+    let a = j.allocation.clone().expect("allocation");
+    assert_eq!((a.throughput, a.capacity, a.latency_sensitive), (250 * MB, 8 * MIB, false));
+    assert_eq!((a.dram, a.flash), (8 * MIB, 0), "no node has flash: DRAM");
+    assert_close(weight_sum(&j), 1.0, "weights of wide");
+    assert_close(j.weights[&first], 0.24, "the active node takes its spare throughput first");
+    assert!(j.weights.values().all(|&w| w > 0.0), "250 MB/s needs all three nodes: {:?}", j.weights);
+
+    // Latency-sensitive with capacity and peak throughput: the hints win.
+    let j: JobEntry = c.json(&[
+        "job",
+        "register",
+        "fast",
+        "--latency-sensitive",
+        "--capacity",
+        "2MiB",
+        "--peak-throughput",
+        "5MB/s",
+    ]);
+    let a = j.allocation.clone().expect("allocation");
+    assert_eq!(
+        (a.throughput, a.capacity, a.dram, a.flash, a.latency_sensitive),
+        (5 * MB, 2 * MIB, 2 * MIB, 0, true)
+    );
+    assert_close(weight_sum(&j), 1.0, "weights of fast");
+    let w: serde_json::Value = c.json(&["weights", "fast"]);
+    assert_eq!(w["weights"].as_object().map(|m| m.len()), Some(3));
+
+    // A second registration of the same name is refused.
+    let out = c.ctl(&["job", "register", "plain"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already registered"));
+
+    // Data goes to the job's node; get returns it.
+    let plain = registered(&c, "plain");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(c.path("in.bin"), &data).unwrap();
+    let put: PutOutput = c.json(&["put", "plain", "dir/obj", &c.path("in.bin")]);
+    assert_eq!(
+        (put.bytes, put.node.as_str(), put.registered_job),
+        (300_000, plain.node_addr.as_str(), false)
+    );
+    c.ok(&["get", "plain", "dir/obj", &c.path("out.bin")]);
+    assert_eq!(std::fs::read(c.path("out.bin")).unwrap(), data);
+    // put registers an unknown job with the default allocation.
+    let put: PutOutput = c.json(&["put", "auto", "x", &c.path("in.bin")]);
+    assert!(put.registered_job);
+    let auto = registered(&c, "auto");
+    assert_eq!(auto.allocation.map(|a| a.capacity), Some(8 * MIB));
+
+    // Deregistering frees the job's blocks on its node.
+    let before = wait_for(Duration::from_secs(10), "the put's blocks in a report", || {
+        let u = used_dram(&c, &plain.node_id);
+        (u >= 300_000).then_some(u)
+    });
+    let d: DeregisterResponse = c.json(&["job", "deregister", "plain"]);
+    assert!(d.freed, "{d:?}");
+    wait_for(Duration::from_secs(10), "blocks freed after deregistration", || {
+        (used_dram(&c, &plain.node_id) + 300_000 <= before).then_some(())
+    });
+    assert!(!c.ctl(&["get", "plain", "dir/obj", &c.path("gone.bin")]).status.success());
+
+    // Kill a node that holds weight of `wide`: it is declared dead within a
+    // few heartbeats, its weight drops to 0 and the rest still sums to 1.
+    let victim = "n3";
+    c.nodes.get_mut(victim).expect("n3").sigkill();
+    let down = wait_for(Duration::from_secs(10), "node_down event", || {
+        c.events()
+            .events
+            .into_iter()
+            .find(|e| e.kind == EventKind::NodeDown && e.node.as_deref() == Some(victim))
+    });
+    assert!(down.message.contains("3 missed"), "{}", down.message);
+    let wide = registered(&c, "wide");
+    assert_eq!(wide.weights[victim], 0.0);
+    assert_close(weight_sum(&wide), 1.0, "wide's weights after the failure");
+    let ev = c.events();
+    assert!(ev.events.iter().any(|e| e.kind == EventKind::Weights && e.job.as_deref() == Some("wide")));
+    for kind in
+        [EventKind::NodeJoined, EventKind::JobRegistered, EventKind::Allocation, EventKind::JobDeregistered]
+    {
+        assert!(ev.events.iter().any(|e| e.kind == kind), "no {kind} event");
+    }
+    // The table form shows the same log.
+    let text = String::from_utf8_lossy(&c.ok(&["events"]).stdout).to_string();
+    assert!(text.contains("node_down") && text.contains(victim), "{text}");
+
+    // New jobs avoid the dead node.
+    let j: JobEntry = c.json(&["job", "register", "late", "--lambdas", "1"]);
+    assert_eq!(j.weights[victim], 0.0);
+    assert_close(weight_sum(&j), 1.0, "weights of late");
+    assert_ne!(j.node_id, victim);
+
+    for (_, mut n) in std::mem::take(&mut c.nodes) {
+        if n.0.is_some() {
+            assert!(n.terminate().success());
+        }
+    }
+    assert!(c.ctl.terminate().success());
+}
+
+/// A job registered with the controller, from `pollenctl jobs --json`.
+fn registered(c: &TestCluster, name: &str) -> JobEntry {
+    let r: JobsResponse = c.json(&["jobs"]);
+    r.registered.into_iter().find(|j| j.name == name).unwrap_or_else(|| panic!("job {name} not registered"))
+}
+
+#[test]
+fn bad_registrations_are_refused_with_clear_errors() {
+    let c = TestCluster::start(1);
+    let out = c.ctl(&["job", "register", "a b"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("400"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.ctl(&["job", "deregister", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job"));
+    let out = c.ctl(&["get", "nope", "x", "-"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job"));
+}
