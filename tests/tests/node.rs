@@ -882,8 +882,14 @@ fn flash_device_errors_reach_the_client(net: NetBackend) {
     let dram = PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() };
     c.put_buffer(&job, "in-dram", &data, dram).unwrap();
     assert_eq!(c.get_buffer(&job, "in-dram").unwrap(), data);
-    let errors: u64 = n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.io_errors).sum();
-    assert!(errors >= 1, "I/O errors are counted in the tier's report");
+    // Cores publish tier figures every 100 ms (and before parking).
+    let flash_errors =
+        || -> u64 { n.report().tiers.iter().filter(|t| t.tier == "flash").map(|t| t.io_errors).sum() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while flash_errors() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(flash_errors() >= 1, "I/O errors are counted in the tier's report");
     drop(c);
     n.shutdown();
 }

@@ -9,6 +9,7 @@ use crate::proto::{
     Status, HEADER_LEN,
 };
 use crate::storage::{Completion, FlashEngine, StorageError};
+use crate::transport::Output;
 
 /// What executing a request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +24,37 @@ pub enum Exec {
     Busy,
 }
 
-/// Appends the response to a flash or disk request that completed.
+/// Appends the response to a flash or disk request that completed to a
+/// connection's output. Read data stays in the buffer the device filled,
+/// spliced into the output so the transport sends it from there, while the
+/// engine's pool has buffers to spare; otherwise it is copied and the buffer
+/// goes back at once.
+pub fn respond_io_out(out: &mut Output, request_id: u64, opcode: u8, r: Result<Completion, StorageError>) {
+    match r {
+        Ok(Completion::Read(buf)) if buf.lendable() => {
+            let h = Header {
+                opcode,
+                flags: 0,
+                status: Status::Ok as u16,
+                request_id,
+                key_len: 0,
+                body_len: buf.len() as u32,
+            };
+            let bytes = out.bytes_mut();
+            let start = bytes.len();
+            bytes.resize(start + HEADER_LEN, 0);
+            encode_header(&h, &mut bytes[start..]);
+            out.push_buf(buf);
+        }
+        r => respond_io(out.bytes_mut(), request_id, opcode, r),
+    }
+}
+
+/// Appends the response to a flash or disk request that completed (read
+/// data copied: for responses that travel to another core).
 pub fn respond_io(out: &mut Vec<u8>, request_id: u64, opcode: u8, r: Result<Completion, StorageError>) {
     match r {
         Ok(Completion::Written { len }) => respond(out, request_id, opcode, Status::Ok, &len.to_le_bytes()),
-        // One copy, from the registered buffer into the connection's output.
         Ok(Completion::Read(buf)) => respond(out, request_id, opcode, Status::Ok, buf.bytes()),
         Ok(Completion::Persisted) => respond(out, request_id, opcode, Status::Ok, &[]),
         Err(e) => respond(out, request_id, opcode, e.status(), e.to_string().as_bytes()),

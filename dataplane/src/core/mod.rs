@@ -18,7 +18,7 @@ use crate::node::PollMode;
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
 use crate::storage::{Completion, DramTier, FlashEngine, StorageError, TierUsage, PERSISTED_OWNER};
-use crate::transport::{ConnId, EventSink, Transport};
+use crate::transport::{ConnId, EventSink, Output, Transport};
 use exec::Exec;
 use ring::{Links, Msg};
 use waker::Waker;
@@ -115,8 +115,9 @@ struct Conn {
     /// Received bytes not yet parsed (an incomplete frame, or input held back
     /// by backpressure).
     partial: Vec<u8>,
-    /// Responses produced this pass, handed to the transport after the poll.
-    tx: Vec<u8>,
+    /// Responses produced this pass, handed to the transport after the poll
+    /// (flash reads spliced in as their buffers, not copied).
+    tx: Output,
     dirty: bool,
     /// A fatal frame error was answered: discard input, close after sending.
     closing: bool,
@@ -394,7 +395,7 @@ impl<T: Transport> Core<T> {
             }
             if !c.tx.is_empty() {
                 st.bytes_out += c.tx.len() as u64;
-                self.transport.send(id, &mut c.tx);
+                self.transport.send_output(id, &mut c.tx);
                 st.sent.push(id);
                 work += 1;
             }
@@ -555,7 +556,7 @@ impl State {
                         debug_assert!(c.awaiting > 0, "response for conn {conn} that awaits none");
                         c.awaiting = c.awaiting.saturating_sub(1);
                         if !c.closing {
-                            c.tx.extend_from_slice(&frame);
+                            c.tx.bytes_mut().extend_from_slice(&frame);
                             self.mark_dirty(conn);
                         }
                     }
@@ -757,7 +758,7 @@ impl State {
                 debug_assert!(c.awaiting > 0, "I/O answer for conn {conn} that awaits none");
                 c.awaiting = c.awaiting.saturating_sub(1);
                 if !c.closing {
-                    exec::respond_io(&mut c.tx, p.request_id, p.opcode, r);
+                    exec::respond_io_out(&mut c.tx, p.request_id, p.opcode, r);
                     self.mark_dirty(conn);
                 }
             }
@@ -827,7 +828,7 @@ impl State {
                 Err(e) => {
                     let c = &mut self.conns[id];
                     exec::respond_fatal(
-                        &mut c.tx,
+                        c.tx.bytes_mut(),
                         frame_id(rest),
                         rest[3],
                         e.status(),
@@ -861,7 +862,7 @@ impl State {
         if owner == self.cfg.id as usize {
             let mut tx = std::mem::take(&mut self.conns[id].tx);
             let gen = self.conns[id].gen;
-            let done = self.execute(h, key, body, &mut tx, ReplyTo::Local { conn: id, gen });
+            let done = self.execute(h, key, body, tx.bytes_mut(), ReplyTo::Local { conn: id, gen });
             self.conns[id].tx = tx;
             match done {
                 // Stalled like a full ring: parsed again next pass.

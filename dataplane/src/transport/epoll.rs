@@ -1,6 +1,6 @@
 //! epoll transport through mio: the fallback when io_uring is unavailable.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -10,17 +10,21 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
+use super::{CloseList, CloseTimeouts, ConnId, EventSink, Output, Transport};
 use crate::node::NetBackend;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = usize::MAX - 64;
 /// Bytes read from one connection per poll before others get a turn.
 const READ_BUDGET: usize = 1 << 20;
+/// Pieces in one gathering write (header, data, header, data, …).
+const MAX_IOV: usize = 64;
 
 struct Conn {
     stream: TcpStream,
-    out: Vec<u8>,
+    /// Output; `sent` bytes of it are written. Read buffers spliced in go
+    /// out through a gathering write, with no copy.
+    out: Output,
     sent: usize,
     reading: bool,
     /// Edge-triggered readiness that has not been consumed yet.
@@ -120,7 +124,7 @@ impl EpollTransport {
                     }
                     entry.insert(Conn {
                         stream,
-                        out: Vec::new(),
+                        out: Output::new(),
                         sent: 0,
                         reading: true,
                         readable: true,
@@ -202,14 +206,34 @@ impl EpollTransport {
         }
     }
 
+    /// Where new output for `conn` goes (written at the next flush), or
+    /// `None` when the connection is gone or its write side shut.
+    fn output_of(&mut self, conn: ConnId) -> Option<&mut Output> {
+        let c = self.conns.get_mut(conn)?;
+        if c.dead || c.shut {
+            return None;
+        }
+        if c.out.is_empty() {
+            c.sent = 0;
+        }
+        self.dirty.push(conn);
+        Some(&mut c.out)
+    }
+
     fn write_conn(&mut self, id: ConnId, sink: Option<&mut dyn EventSink>) {
         let Some(c) = self.conns.get_mut(id) else { return };
         if c.dead {
             return;
         }
         let had = c.out.len() - c.sent;
+        let mut pieces: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
         while c.sent < c.out.len() {
-            match c.stream.write(&c.out[c.sent..]) {
+            let mut n = 0;
+            c.out.gather(c.sent, usize::MAX, MAX_IOV, |p| {
+                pieces[n] = IoSlice::new(p);
+                n += 1;
+            });
+            match c.stream.write_vectored(&pieces[..n]) {
                 Ok(0) => {
                     c.dead = true;
                     break;
@@ -358,22 +382,17 @@ impl Transport for EpollTransport {
     }
 
     fn send(&mut self, conn: ConnId, buf: &mut Vec<u8>) {
-        let Some(c) = self.conns.get_mut(conn) else {
-            buf.clear();
-            return;
-        };
-        if c.dead || c.shut {
-            buf.clear();
-            return;
+        match self.output_of(conn) {
+            Some(dst) => dst.append_bytes(buf),
+            None => buf.clear(),
         }
-        if c.out.is_empty() {
-            std::mem::swap(&mut c.out, buf);
-            c.sent = 0;
-        } else {
-            c.out.extend_from_slice(buf);
-            buf.clear();
+    }
+
+    fn send_output(&mut self, conn: ConnId, out: &mut Output) {
+        match self.output_of(conn) {
+            Some(dst) => dst.append(out),
+            None => out.clear(),
         }
-        self.dirty.push(conn);
     }
 
     fn unsent(&self, conn: ConnId) -> usize {

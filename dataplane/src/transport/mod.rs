@@ -3,7 +3,10 @@
 //! epoll, io_uring or (later) DPDK moves them.
 
 pub mod epoll;
+mod output;
 pub mod uring;
+
+pub use output::Output;
 
 #[cfg(test)]
 mod tests;
@@ -145,6 +148,15 @@ pub trait Transport {
     /// may be swapped with a drained buffer so no allocation happens).
     /// Bytes for a closed connection are dropped.
     fn send(&mut self, conn: ConnId, buf: &mut Vec<u8>);
+
+    /// Queues `out` (bytes with storage read buffers spliced in) for `conn`
+    /// and leaves it empty. Backends that gather send each buffer from where
+    /// it is and hold it until the kernel took its bytes; this default copies
+    /// the buffers into the byte stream.
+    fn send_output(&mut self, conn: ConnId, out: &mut Output) {
+        self.send(conn, out.flatten());
+        out.clear();
+    }
 
     /// Bytes queued for `conn` that the kernel has not taken yet.
     fn unsent(&self, conn: ConnId) -> usize;

@@ -7,9 +7,12 @@
 //!   to the ring as soon as the sink has seen its bytes; while a connection is
 //!   paused its receive is cancelled and buffers that still arrive are held, in
 //!   order, until reading resumes.
-//! - Sending: at most one send in flight per connection. Its buffer belongs to
-//!   the transport until the completion arrives; bytes queued meanwhile wait in
-//!   a second buffer. `flush` submits every queued send in one system call.
+//! - Sending: at most one send in flight per connection. Its output belongs
+//!   to the transport until the completion arrives; output queued meanwhile
+//!   waits in a second one. Output with storage read buffers spliced in
+//!   (`Output`) goes out as one gathering `sendmsg`, the data straight from
+//!   the buffer the device filled. `flush` submits every queued send in one
+//!   system call.
 //! - Waking: a multishot poll on the core's eventfd.
 //! - Closing: the receive stays armed to discard input; once the last send
 //!   completes the write side is shut, and the connection dies at the peer's
@@ -37,7 +40,7 @@ use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{self, sockopt, Shutdown};
 use slab::Slab;
 
-use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
+use super::{CloseList, CloseTimeouts, ConnId, EventSink, Output, Transport};
 use crate::node::NetBackend;
 
 const SQ_ENTRIES: u32 = 1024;
@@ -53,6 +56,8 @@ const BGID: u16 = 0;
 const RX_BUF_SIZE: usize = 32 << 10;
 /// The largest single send submitted (the length field is 32 bits).
 const MAX_SEND: usize = 1 << 30;
+/// Pieces in one gathering send (header, data, header, data, …).
+const MAX_IOV: usize = 64;
 /// How long dropping a transport waits for cancelled operations to finish.
 const DROP_GRACE: Duration = Duration::from_secs(2);
 
@@ -435,12 +440,15 @@ struct Conn {
     send_cancelled: bool,
     /// Length of the send in flight.
     send_len: usize,
-    /// Output being sent: `out[off..]` is not confirmed yet. While a send is
-    /// in flight the kernel reads this buffer, so nothing touches it.
-    out: Vec<u8>,
+    /// Output being sent: from byte `off` on it is not confirmed yet. While
+    /// a send is in flight the kernel reads it, so nothing touches it.
+    out: Output,
     off: usize,
     /// Output queued while a send was in flight.
-    queued: Vec<u8>,
+    queued: Output,
+    /// The gathering send's message and pieces, at a stable address while
+    /// the kernel reads them (made on first use).
+    msg: Option<Box<SendMsg>>,
     held: Held,
     /// In `pending`.
     listed: bool,
@@ -470,9 +478,10 @@ impl Conn {
             send_armed: false,
             send_cancelled: false,
             send_len: 0,
-            out: Vec::new(),
+            out: Output::new(),
             off: 0,
-            queued: Vec::new(),
+            queued: Output::new(),
+            msg: None,
             held: Held::EMPTY,
             listed: false,
             dirty: false,
@@ -484,6 +493,20 @@ impl Conn {
 
     fn unsent(&self) -> usize {
         self.out.len() - self.off + self.queued.len()
+    }
+}
+
+/// A `sendmsg`'s header and its pieces, filled before each gathering send.
+struct SendMsg {
+    hdr: libc::msghdr,
+    iov: [libc::iovec; MAX_IOV],
+}
+
+impl SendMsg {
+    fn new() -> Box<SendMsg> {
+        // SAFETY: both are plain C structs for which all-zero is valid
+        // (null pointers, zero lengths).
+        unsafe { Box::new(mem::zeroed()) }
     }
 }
 
@@ -759,6 +782,22 @@ impl UringTransport {
         }
     }
 
+    /// Where new output for `conn` goes (marked for the next flush), or
+    /// `None` when it is to be dropped: the connection is gone or its
+    /// write side shut, or there is nothing to send.
+    fn output_of(&mut self, conn: ConnId, nothing: bool) -> Option<&mut Output> {
+        let c = self.conns.get_mut(conn)?;
+        if c.dead || c.wr_shut || nothing {
+            return None;
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(conn);
+        }
+        // While a send is in flight the kernel reads `out`: queue behind it.
+        Some(if c.send_armed || !c.queued.is_empty() { &mut c.queued } else { &mut c.out })
+    }
+
     /// Queues a send for every connection with output and none in flight.
     fn push_sends(&mut self) {
         let mut work = mem::take(&mut self.spare);
@@ -772,21 +811,37 @@ impl UringTransport {
             if c.off == c.out.len() {
                 c.out.clear();
                 c.off = 0;
-                mem::swap(&mut c.out, &mut c.queued);
+                c.out.append(&mut c.queued);
             }
-            let len = (c.out.len() - c.off).min(MAX_SEND);
-            if len == 0 {
+            if c.off == c.out.len() {
                 continue;
             }
-            let e = opcode::Send::new(types::Fd(c.fd.as_raw_fd()), c.out[c.off..].as_ptr(), len as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(user_data(op::SEND, id, c.gen));
-            // SAFETY: the send reads `c.out[off..off + len]`. While
-            // `send_armed` is set nothing writes, grows or swaps `c.out` (new
-            // output goes to `c.queued`), and the connection — with its
-            // buffers — is freed only after the send's completion; a dropped
-            // transport waits for it or leaks the buffer.
+            let fd = types::Fd(c.fd.as_raw_fd());
+            let (e, len) = if !c.out.has_bufs() {
+                let len = (c.out.len() - c.off).min(MAX_SEND);
+                let mut at = std::ptr::null();
+                c.out.gather(c.off, len, 1, |p| at = p.as_ptr());
+                (opcode::Send::new(fd, at, len as u32).flags(libc::MSG_NOSIGNAL).build(), len)
+            } else {
+                let m = c.msg.get_or_insert_with(SendMsg::new);
+                let mut n = 0;
+                let len = c.out.gather(c.off, MAX_SEND, MAX_IOV, |p| {
+                    m.iov[n] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() };
+                    n += 1;
+                });
+                m.hdr.msg_iov = m.iov.as_mut_ptr();
+                m.hdr.msg_iovlen = n as _;
+                let hdr: *const libc::msghdr = &m.hdr;
+                (opcode::SendMsg::new(fd, hdr).flags(libc::MSG_NOSIGNAL as u32).build(), len)
+            };
+            let e = e.user_data(user_data(op::SEND, id, c.gen));
+            // SAFETY: the send reads `len` bytes of `c.out` from `off` (its
+            // byte stream and the read buffers spliced in), and a gathering
+            // send also `c.msg`, boxed at a stable address. While `send_armed`
+            // is set nothing writes, grows, swaps or clears `c.out` or
+            // `c.msg` (new output goes to `c.queued`), and the connection —
+            // with its buffers — is freed only after the send's completion; a
+            // dropped transport waits for it or leaks the memory.
             if unsafe { self.ring.push(&e) } {
                 c.send_armed = true;
                 c.send_cancelled = false;
@@ -1104,7 +1159,7 @@ impl UringTransport {
         if c.off >= c.out.len() {
             c.out.clear();
             c.off = 0;
-            mem::swap(&mut c.out, &mut c.queued);
+            c.out.append(&mut c.queued);
         }
         let left = c.unsent();
         if !c.dead && left > 0 && !c.dirty {
@@ -1139,25 +1194,16 @@ impl Transport for UringTransport {
     }
 
     fn send(&mut self, conn: ConnId, buf: &mut Vec<u8>) {
-        let Some(c) = self.conns.get_mut(conn) else {
-            buf.clear();
-            return;
-        };
-        if c.dead || c.wr_shut || buf.is_empty() {
-            buf.clear();
-            return;
+        match self.output_of(conn, buf.is_empty()) {
+            Some(dst) => dst.append_bytes(buf),
+            None => buf.clear(),
         }
-        // While a send is in flight the kernel reads `out`: queue behind it.
-        let dst = if c.send_armed || !c.queued.is_empty() { &mut c.queued } else { &mut c.out };
-        if dst.is_empty() {
-            mem::swap(dst, buf);
-        } else {
-            dst.extend_from_slice(buf);
-            buf.clear();
-        }
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(conn);
+    }
+
+    fn send_output(&mut self, conn: ConnId, out: &mut Output) {
+        match self.output_of(conn, out.is_empty()) {
+            Some(dst) => dst.append(out),
+            None => out.clear(),
         }
     }
 

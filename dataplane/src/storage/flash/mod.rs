@@ -66,5 +66,7 @@ pub use backing::{parse_spec, prepare_backing, Backing, Region};
 pub use engine::{
     Completion, FlashConfig, FlashEngine, FlashUsage, IoRates, OpenReport, RingSlots, TierPolicy,
 };
+#[cfg(test)]
+pub(crate) use pool::testing;
 pub use pool::{ReadBuf, WriteBuf};
 pub use ring::{tag, IoMode};

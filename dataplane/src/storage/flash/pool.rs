@@ -189,6 +189,13 @@ impl ReadBuf {
         self.len == 0
     }
 
+    /// Whether holding this buffer while a send goes out leaves the engine
+    /// enough to work with: at least half its pool is free. Buffers held by
+    /// slow connections must not starve every other request of I/O memory.
+    pub fn lendable(&self) -> bool {
+        self.pool.available() * 2 >= self.pool.count as usize
+    }
+
     /// Returns the buffer to the pool now (the same as dropping it).
     pub fn release(self) {}
 }
@@ -260,5 +267,26 @@ impl Drop for WriteBuf {
     fn drop(&mut self) {
         self.pool.give(self.buf);
         self.pool.unreserve();
+    }
+}
+
+/// A pool of `count` 4 KiB buffers and a way to fill them, for tests of code
+/// that holds `ReadBuf`s (the transports' gathering sends).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub(crate) fn pool(count: u32) -> Rc<BufPool> {
+        BufPool::new(SECTOR_USIZE, count, 1, 1).expect("test buffer pool")
+    }
+
+    /// A buffer holding `data` (at most 4 KiB); `None` when the pool is dry.
+    pub(crate) fn read_buf(pool: &Rc<BufPool>, data: &[u8]) -> Option<ReadBuf> {
+        assert!(data.len() <= pool.buf_size());
+        let b = pool.take()?;
+        // SAFETY: `b` was just taken from the free list: nothing else
+        // reads or writes it, and `data` fits (asserted).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), pool.buf_ptr(b, 0), data.len()) };
+        Some(ReadBuf::new(pool.clone(), b, 0, data.len() as u32))
     }
 }
