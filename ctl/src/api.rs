@@ -16,6 +16,9 @@
 //! | GET    | `/v1/jobs/{name}`    | → [`JobEntry`]                        |
 //! | DELETE | `/v1/jobs/{name}`    | → [`DeregisterResponse`]              |
 //! | GET    | `/v1/events`         | `?since=SEQ&limit=N` → [`EventsResponse`] |
+//! | POST   | `/v1/scale`          | [`ScaleRequest`] → [`ScaleResponse`]  |
+//! | POST   | `/v1/nodes/{id}/drain` | → [`ScaleResponse`]                 |
+//! | GET    | `/v1/provisioner`    | → [`crate::provision::ProvisionedNode`] list |
 //!
 //! Every error is an [`ErrorBody`] with a 4xx/5xx status. Readers ignore
 //! fields they do not know, so fields can be added without breaking clients.
@@ -117,6 +120,9 @@ pub struct StatusResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeEntry {
     pub state: NodeState,
+    /// Being drained: takes no new data, stopped once its blocks are freed.
+    #[serde(default)]
+    pub draining: bool,
     pub last_heartbeat_ms_ago: u64,
     /// Heartbeats received from this node since the controller started.
     pub heartbeats: u64,
@@ -238,6 +244,23 @@ pub struct DeregisterResponse {
     pub freed: bool,
     /// Why the node did not free them, when it did not.
     pub note: Option<String>,
+}
+
+/// `POST /v1/scale`: the number of live storage nodes wanted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub nodes: usize,
+}
+
+/// Reply to `POST /v1/scale` and `POST /v1/nodes/{id}/drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ScaleResponse {
+    /// Nodes started, each up (heartbeat received) when the reply is sent.
+    pub started: Vec<String>,
+    /// Nodes now draining; each stops once its blocks are freed.
+    pub draining: Vec<String>,
+    /// Live nodes taking new data after this call.
+    pub open_nodes: usize,
 }
 
 /// What an event is about.

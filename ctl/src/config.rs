@@ -156,6 +156,14 @@ pub struct UpArgs {
     /// The controller's allocation and scaling constants, a TOML file (docs/control-plane.md)
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Run N storage nodes as separate `pollen node` processes on free ports (started and
+    /// stopped by the controller's local provisioner, which `scale` and `drain` use) instead
+    /// of one node inside this process
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub nodes: Option<u64>,
+    /// With --nodes: the most nodes the provisioner runs when scaling up [default: N]
+    #[arg(long, value_name = "M", requires = "nodes", value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_nodes: Option<u64>,
 }
 
 /// `pollen node`'s flags.
@@ -283,6 +291,8 @@ impl FileConfig {
 #[derive(Debug)]
 pub struct UpSettings {
     pub policy: Option<PathBuf>,
+    /// Separate node processes (`--nodes`), and the provisioner's limit.
+    pub nodes: Option<(usize, usize)>,
     pub node: NodeConfig,
     pub heartbeat: Duration,
     pub data_dir: PathBuf,
@@ -369,8 +379,10 @@ impl UpArgs {
 
     pub fn merge(&self, file: &FileConfig) -> Result<UpSettings> {
         let (node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let nodes = self.nodes.map(|n| (n as usize, self.max_nodes.unwrap_or(n).max(n) as usize));
         Ok(UpSettings {
             policy: self.policy.clone(),
+            nodes,
             node,
             heartbeat,
             data_dir: self
@@ -403,6 +415,35 @@ impl NodeArgs {
             .unwrap_or_else(|| local::DEFAULT_CONTROLLER.to_string());
         Ok(NodeSettings { node, heartbeat, controller: local::normalize_url(&controller) })
     }
+}
+
+/// The `pollen node` flags that run a node like `cfg` (for nodes a
+/// provisioner starts): everything but the id, ports, pinning and controller.
+pub fn node_flags(cfg: &NodeConfig) -> Vec<String> {
+    let mut v = vec![
+        "--cores".to_string(),
+        cfg.cores.to_string(),
+        "--poll".into(),
+        cfg.poll_mode.to_string(),
+        "--net".into(),
+        cfg.net.to_string(),
+        "--spin-us".into(),
+        cfg.spin_us.to_string(),
+        "--dram-gb".into(),
+        format!("{}", cfg.dram_bytes_per_core as f64 / (1u64 << 30) as f64),
+        "--block-size".into(),
+        cfg.block_size.to_string(),
+        "--max-body".into(),
+        cfg.max_body.to_string(),
+        "--max-conns".into(),
+        cfg.max_conns_per_core.to_string(),
+        "--ip".into(),
+        cfg.listen.to_string(),
+    ];
+    if cfg.sqpoll {
+        v.push("--sqpoll".into());
+    }
+    v
 }
 
 /// GiB (binary: 0.25 is 256 MiB) to whole bytes, rounded down; the node

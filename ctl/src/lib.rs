@@ -11,5 +11,6 @@ pub mod config;
 pub mod controller;
 pub mod heartbeat;
 pub mod local;
+pub mod provision;
 pub mod size;
 pub mod table;

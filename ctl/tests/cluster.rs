@@ -10,7 +10,7 @@ use std::io::BufRead;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Reaper};
+use common::{wait_for, Pollenctl, Reaper};
 use pollen_ctl::api::{
     DeregisterResponse, EventKind, EventsResponse, JobEntry, JobsResponse, NodeState, NodesResponse,
     PutOutput,
@@ -103,34 +103,25 @@ impl TestCluster {
         });
     }
 
+    fn pollenctl(&self) -> Pollenctl {
+        Pollenctl {
+            bin: POLLENCTL,
+            url: self.url.clone(),
+            cwd: self.dir.path().to_path_buf(),
+            logs: vec![self.dir.path().join("controller.err")],
+        }
+    }
+
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(POLLENCTL)
-            .args(["--controller", &self.url])
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run pollenctl")
+        self.pollenctl().run(args)
     }
 
     fn ok(&self, args: &[&str]) -> Output {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "pollenctl {args:?} failed\nstdout: {}\nstderr: {}\ncontroller log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.dir.path().join("controller.err")).unwrap_or_default()
-        );
-        out
+        self.pollenctl().ok(args)
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("pollenctl {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
-        })
+        self.pollenctl().json(args)
     }
 
     fn path(&self, name: &str) -> String {

@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::node::{Node, NodeConfig};
-use pollen_ctl::config::{NodeArgs, UpArgs, FILE_HELP};
+use pollen_ctl::config::{node_flags, NodeArgs, UpArgs, UpSettings, FILE_HELP};
 use pollen_ctl::controller::policy::Policy;
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
 use pollen_ctl::heartbeat::{self, HeartbeatHandle};
 use pollen_ctl::local::{self, LocalCluster};
+use pollen_ctl::provision::{LocalConfig, LocalProvisioner, Provisioner};
 use pollen_ctl::size::Bytes;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -201,6 +202,9 @@ impl ServedController {
 
 fn up(a: UpArgs) -> Result<()> {
     let a = a.settings()?;
+    if let Some((n, max)) = a.nodes {
+        return up_nodes(a, n, max);
+    }
     let node_cfg = a.node;
     let node_id = node_cfg.node_id.clone();
     let interval = a.heartbeat;
@@ -272,6 +276,119 @@ fn up(a: UpArgs) -> Result<()> {
     node.stop();
     LocalCluster::remove_if_ours(&a.data_dir);
     served.stop(&rt)?;
+    tracing::info!("pollen stopped");
+    Ok(())
+}
+
+/// `pollen up --nodes N`: the controller in this process, N storage nodes
+/// as `pollen node` processes started by the local provisioner.
+fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating the data directory {}", a.data_dir.display()))?;
+    let pollen = std::env::current_exe().context("finding the pollen binary")?;
+    let prov = Arc::new(LocalProvisioner::new(LocalConfig {
+        pollen,
+        dir: a.data_dir.clone(),
+        controller_url: String::new(),
+        heartbeat_ms: a.heartbeat.as_millis() as u64,
+        node_args: node_flags(&a.node),
+        max_nodes,
+        pin: a.node.pin,
+        cores: a.node.cores,
+    }));
+    let rt = runtime()?;
+    let mut signals = rt.block_on(async { Signals::new() })?;
+    let ctl_cfg = ControllerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
+        heartbeat: a.heartbeat,
+        policy: load_policy(a.policy.as_deref())?,
+        provisioner: Some(prov.clone()),
+        ..ControllerConfig::default()
+    };
+    let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
+    let url = ctl.url();
+    prov.set_controller_url(&url);
+    let handle = ctl.handle();
+    let (stop_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(ctl.serve(async {
+        let _ = stopped.await;
+    }));
+    let served = ServedController { stop: stop_tx, server };
+    let stop_all = |served: ServedController| {
+        prov.stop_all();
+        served.stop(&rt)
+    };
+
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        match prov.start_node() {
+            Ok(node) => ids.push(node.node_id),
+            Err(e) => {
+                let _ = stop_all(served);
+                return Err(e).context("starting the storage nodes");
+            }
+        }
+    }
+    let wait = Duration::from_secs(20).max(a.heartbeat * 3);
+    let ready = rt.block_on(async {
+        tokio::select! {
+            ok = async {
+                for id in &ids {
+                    if !handle.wait_for_node(id, wait).await {
+                        return Some(id.clone());
+                    }
+                }
+                None
+            } => Ok(ok),
+            sig = signals.wait() => Err(sig),
+        }
+    });
+    match ready {
+        Ok(None) => {}
+        Ok(Some(id)) => {
+            let _ = stop_all(served);
+            bail!(
+                "node {id} sent no heartbeat within {} s (its log: {})",
+                wait.as_secs(),
+                a.data_dir.join("nodes").join(&id).join("node.log").display()
+            );
+        }
+        Err(sig) => {
+            tracing::info!(signal = sig, "stopping before start-up finished");
+            return stop_all(served);
+        }
+    }
+    let status = handle.status();
+    let first = status.nodes.first().cloned();
+    let lc = LocalCluster {
+        controller: url.clone(),
+        node: first.as_ref().map(|n| n.addr.clone()).unwrap_or_default(),
+        node_id: first.as_ref().map(|n| n.node_id.clone()).unwrap_or_default(),
+        pid: std::process::id(),
+    };
+    if let Err(e) = lc.write(&a.data_dir) {
+        let _ = stop_all(served);
+        return Err(e).with_context(|| format!("writing {}", LocalCluster::path(&a.data_dir).display()));
+    }
+    println!("Pollen is up.");
+    println!("  controller  {url}");
+    for node in &status.nodes {
+        println!("  node        {} at {} ({} cores)", node.node_id, node.addr, node.cores);
+    }
+    println!(
+        "  data dir    {} (wrote {}; node logs under nodes/)",
+        a.data_dir.display(),
+        LocalCluster::path(&a.data_dir).display()
+    );
+    println!("  scaling     up to {max_nodes} nodes (pollenctl scale --nodes N, pollenctl drain NODE)");
+    println!();
+    println!("Ctrl-C stops it and its nodes.");
+
+    let sig = rt.block_on(signals.wait());
+    tracing::info!(signal = sig, "stopping");
+    signals.exit_on_next(&rt);
+    LocalCluster::remove_if_ours(&a.data_dir);
+    stop_all(served)?;
     tracing::info!("pollen stopped");
     Ok(())
 }

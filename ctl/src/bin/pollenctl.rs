@@ -16,8 +16,8 @@ use dataplane::client::{Client, ClientError, Job, PutOptions};
 use dataplane::proto::{flags, Status};
 use pollen_ctl::api::{
     CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, GetOutput, Hints, JobEntry, JobsResponse,
-    LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, StatusResponse,
-    TiersResponse,
+    LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, ScaleRequest,
+    ScaleResponse, StatusResponse, TiersResponse,
 };
 use pollen_ctl::local::{self, UrlSource};
 use pollen_ctl::size::Bytes;
@@ -77,6 +77,13 @@ enum Cmd {
     Weights { job: String },
     /// Storage nodes: state, cores, capacity, jobs
     Nodes,
+    /// Start or drain nodes (through the controller's provisioner) until N take new data
+    Scale {
+        #[arg(long, value_name = "N")]
+        nodes: usize,
+    },
+    /// Drain a node: weight 0 for new data, stopped once its blocks are freed
+    Drain { node: String },
     /// The controller's event log: registrations, allocations, node failures, scaling
     Events {
         /// Only events after this sequence number
@@ -203,6 +210,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Job { cmd: JobCmd::Deregister { name } } => job_deregister(&ctl, json, &name),
         Cmd::Weights { job } => weights(&ctl, json, &job),
         Cmd::Nodes => nodes(&ctl, json),
+        Cmd::Scale { nodes } => scale(&ctl, json, nodes),
+        Cmd::Drain { node } => drain(&ctl, json, &node),
         Cmd::Events { since } => events(&ctl, json, since),
         Cmd::Put { job, name, file, persist, delete_after_read, tier } => {
             let tier = tier.map(TierArg::number);
@@ -262,6 +271,7 @@ impl Controller {
         let url = format!("{}{path}", self.url);
         let sent = match (method, body) {
             ("POST", Some(b)) => self.agent.post(&url).send_json(b),
+            ("POST", None) => self.agent.post(&url).send_empty(),
             ("DELETE", _) => self.agent.delete(&url).call(),
             _ => self.agent.get(&url).call(),
         };
@@ -636,7 +646,7 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
         t.row([
             n.report.node_id.clone(),
             n.report.addr.clone(),
-            n.state.to_string(),
+            if n.draining { format!("{} (draining)", n.state) } else { n.state.to_string() },
             n.report.cores.len().to_string(),
             n.report.jobs.iter().filter(|j| j.registered).count().to_string(),
             format!("{} / {}", Bytes(used), Bytes(cap)),
@@ -644,6 +654,41 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
         ]);
     }
     print_table_or(&t, "No nodes: none has sent a heartbeat yet.");
+    Ok(())
+}
+
+fn print_scale(r: &ScaleResponse) {
+    for id in &r.started {
+        println!("started {id}");
+    }
+    for id in &r.draining {
+        println!("draining {id}: weight 0 for new data; it stops once its blocks are freed");
+    }
+    println!("{} node(s) take new data", r.open_nodes);
+}
+
+fn scale(ctl: &Controller, json: bool, nodes: usize) -> Result<()> {
+    let body = serde_json::to_value(ScaleRequest { nodes })?;
+    let r: ScaleResponse = match ctl.call("POST", "/v1/scale", Some(&body))? {
+        Ok(r) => r,
+        Err((code, msg)) => bail!("scale to {nodes} nodes: the controller answered {code}: {msg}"),
+    };
+    if json {
+        return print_json(&r);
+    }
+    print_scale(&r);
+    Ok(())
+}
+
+fn drain(ctl: &Controller, json: bool, node: &str) -> Result<()> {
+    let r: ScaleResponse = match ctl.call("POST", &format!("/v1/nodes/{}/drain", path_segment(node)), None)? {
+        Ok(r) => r,
+        Err((code, msg)) => bail!("drain {node}: the controller answered {code}: {msg}"),
+    };
+    if json {
+        return print_json(&r);
+    }
+    print_scale(&r);
     Ok(())
 }
 

@@ -61,6 +61,8 @@ pub struct JobRecord {
 pub struct JobPlan {
     pub node_id: String,
     pub node_addr: String,
+    /// Nodes like the live ones that would hold what did not fit (0 when it fits).
+    pub extra_nodes: usize,
 }
 
 /// Why a heartbeat's report was refused.
@@ -107,6 +109,8 @@ pub struct Cluster {
     policy: Policy,
     jobs: BTreeMap<String, JobRecord>,
     events: EventLog,
+    /// Nodes being drained, with when the drain started.
+    draining: BTreeMap<String, Instant>,
 }
 
 impl Cluster {
@@ -124,6 +128,7 @@ impl Cluster {
             policy,
             jobs: BTreeMap::new(),
             events: EventLog::new(DEFAULT_CAPACITY),
+            draining: BTreeMap::new(),
         }
     }
 
@@ -233,11 +238,17 @@ impl Cluster {
     }
 
     pub fn nodes(&self, now: Instant) -> NodesResponse {
-        NodesResponse { nodes: self.nodes.values().map(|rec| entry(rec, now)).collect() }
+        NodesResponse {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(id, rec)| entry(rec, now, self.draining.contains_key(id)))
+                .collect(),
+        }
     }
 
     pub fn node(&self, node_id: &str, now: Instant) -> Option<NodeEntry> {
-        self.nodes.get(node_id).map(|rec| entry(rec, now))
+        self.nodes.get(node_id).map(|rec| entry(rec, now, self.draining.contains_key(node_id)))
     }
 
     pub fn cores(&self) -> CoresResponse {
@@ -329,7 +340,7 @@ impl Cluster {
                 NodeRoom {
                     node_id: id.clone(),
                     active: false,
-                    closed: false,
+                    closed: self.draining.contains_key(id),
                     throughput_cap: tp_per_core.saturating_mul(r.report.cores.len() as u64),
                     dram_cap: tier_cap("dram"),
                     flash_cap: tier_cap("flash"),
@@ -385,6 +396,8 @@ impl Cluster {
             .ok_or(JobError::NoNodes)?;
         let node_id = home.node_id.clone();
         let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
+        let extra_nodes =
+            if packing.overcommitted { extra_nodes(&alloc, &rooms, packing.shortfall) } else { 0 };
         let registered_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -401,7 +414,7 @@ impl Cluster {
                 pending: true,
             },
         );
-        Ok(JobPlan { node_id, node_addr })
+        Ok(JobPlan { node_id, node_addr, extra_nodes })
     }
 
     pub fn job_record(&self, name: &str) -> Option<&JobRecord> {
@@ -441,6 +454,13 @@ impl Cluster {
             ),
         );
         Some(self.job_entry(&j))
+    }
+
+    /// Drops a planned job to plan it again (after nodes were added).
+    pub fn unplan_job(&mut self, name: &str) {
+        if self.jobs.get(name).is_some_and(|j| j.pending) {
+            self.jobs.remove(name);
+        }
     }
 
     /// Drops a planned job that its node refused.
@@ -617,6 +637,117 @@ impl Cluster {
     }
 }
 
+// ---- draining ------------------------------------------------------------------
+
+impl Cluster {
+    pub fn is_draining(&self, node_id: &str) -> bool {
+        self.draining.contains_key(node_id)
+    }
+
+    /// Live nodes that take new data, sorted by id.
+    pub fn open_nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(id, r)| r.state == NodeState::Up && !self.draining.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Bytes a node holds over every tier, from its latest report.
+    pub fn used_bytes(&self, node_id: &str) -> Option<u64> {
+        self.nodes.get(node_id).map(|r| r.report.tiers.iter().map(|t| t.used_bytes).sum())
+    }
+
+    /// Of `candidates`, the node with the least data, then the least
+    /// reserved throughput (the one cheapest to drain).
+    pub fn least_used(&self, candidates: &[String]) -> Option<String> {
+        let rooms = self.rooms(None);
+        candidates
+            .iter()
+            .filter(|id| self.is_live(id))
+            .min_by_key(|id| {
+                let reserved = rooms.iter().find(|r| &r.node_id == *id).map_or(0, |r| r.throughput_reserved);
+                (self.used_bytes(id).unwrap_or(0), reserved, (*id).clone())
+            })
+            .cloned()
+    }
+
+    /// Starts draining a live node: weight 0 for new data (every job's map
+    /// drops it), kept running until its blocks are freed.
+    pub fn start_drain(&mut self, node_id: &str, why: &str, now: Instant) -> Result<(), String> {
+        match self.nodes.get(node_id) {
+            None => return Err(format!("no node `{node_id}`")),
+            Some(r) if r.state != NodeState::Up => return Err(format!("node {node_id} is down")),
+            Some(_) => {}
+        }
+        if self.draining.contains_key(node_id) {
+            return Err(format!("node {node_id} is already draining"));
+        }
+        self.draining.insert(node_id.to_string(), now);
+        let used = self.used_bytes(node_id).unwrap_or(0);
+        self.events.push(
+            EventKind::Drain,
+            Some(node_id),
+            None,
+            format!(
+                "draining {node_id} ({why}): weight 0 for new data; waiting for its {used} bytes to be freed"
+            ),
+        );
+        self.close_node(node_id);
+        Ok(())
+    }
+
+    /// Draining nodes ready to stop: no block in use in a report received
+    /// after the drain started, or dead.
+    pub fn drained(&self) -> Vec<String> {
+        self.draining
+            .iter()
+            .filter(|(id, since)| match self.nodes.get(*id) {
+                None => true,
+                Some(r) if r.state == NodeState::Down => true,
+                Some(r) => r.received > **since && r.report.tiers.iter().all(|t| t.blocks_used == 0),
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Forgets a node that was stopped on purpose, with an event.
+    pub fn forget(&mut self, node_id: &str, message: String) {
+        self.nodes.remove(node_id);
+        self.draining.remove(node_id);
+        for j in self.jobs.values_mut() {
+            j.weights.remove(node_id);
+        }
+        self.events.push(EventKind::Drain, Some(node_id), None, message);
+    }
+
+    /// Records a scaling decision or its outcome.
+    pub fn scale_event(&mut self, kind: EventKind, node: Option<&str>, message: String) {
+        self.events.push(kind, node, None, message);
+    }
+}
+
+/// How many nodes the size of the average open node would hold the
+/// `shortfall` fraction of `alloc`, in its scarcest dimension.
+fn extra_nodes(alloc: &Allocation, rooms: &[NodeRoom], shortfall: f64) -> usize {
+    let open: Vec<&NodeRoom> = rooms.iter().filter(|r| !r.closed).collect();
+    if open.is_empty() {
+        return 1;
+    }
+    let avg = |f: fn(&NodeRoom) -> u64| open.iter().map(|r| f(r) as f64).sum::<f64>() / open.len() as f64;
+    let dims = [
+        (alloc.throughput, avg(|r| r.throughput_cap)),
+        (alloc.dram, avg(|r| r.dram_cap)),
+        (alloc.flash, avg(|r| r.flash_cap)),
+    ];
+    let needed = dims
+        .iter()
+        .filter(|(need, _)| *need > 0)
+        .map(|&(need, cap)| if cap <= 0.0 { 1.0 } else { need as f64 * shortfall / cap })
+        .fold(0.0f64, f64::max);
+    (needed.ceil() as usize).max(1)
+}
+
 fn weights_text(w: &BTreeMap<String, f64>) -> String {
     w.iter().filter(|(_, &w)| w > 0.0).map(|(id, w)| format!("{id}={w:.3}")).collect::<Vec<_>>().join(" ")
 }
@@ -743,8 +874,9 @@ fn summary(rec: &NodeRecord, now: Instant) -> NodeSummary {
     }
 }
 
-fn entry(rec: &NodeRecord, now: Instant) -> NodeEntry {
+fn entry(rec: &NodeRecord, now: Instant, draining: bool) -> NodeEntry {
     NodeEntry {
+        draining,
         state: rec.state,
         last_heartbeat_ms_ago: age_ms(rec, now),
         heartbeats: rec.heartbeats,

@@ -12,11 +12,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::cluster::JobError;
+use super::scale::AddError;
 use super::{nodeops, Shared};
 use crate::api::{
     CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, HeartbeatReply, JobEntry, JobsResponse,
-    NodeEntry, NodeReport, NodeState, NodesResponse, RegisterJobRequest, StatusResponse, TiersResponse,
+    NodeEntry, NodeReport, NodeState, NodesResponse, RegisterJobRequest, ScaleRequest, ScaleResponse,
+    StatusResponse, TiersResponse,
 };
+use crate::provision::ProvisionedNode;
 
 /// Events one `GET /v1/events` returns at most.
 const MAX_EVENTS_PER_REPLY: usize = 1000;
@@ -33,6 +36,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs", get(jobs).post(register_job))
         .route("/v1/jobs/{name}", get(job).delete(deregister_job))
         .route("/v1/events", get(events))
+        .route("/v1/scale", post(scale))
+        .route("/v1/nodes/{node_id}/drain", post(drain))
+        .route("/v1/provisioner", get(provisioner))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -166,15 +172,34 @@ async fn register_job(
     let req: RegisterJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid job registration: {e}")))?;
     let name = req.name;
-    let (plan, node_hints) = {
+    let plan_now = |s: &Shared| {
         let mut c = s.cluster();
         c.sweep(Instant::now());
-        let plan = c.plan_job(&name, req.hints).map_err(job_error)?;
+        let plan = c.plan_job(&name, req.hints.clone()).map_err(job_error)?;
         let entry = c
             .job_record(&name)
             .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into()))?;
-        (plan, nodeops::node_hints(&entry.hints, &entry.alloc))
+        Ok::<_, ApiError>((plan, nodeops::node_hints(&entry.hints, &entry.alloc)))
     };
+    let (mut plan, mut node_hints) = plan_now(&s)?;
+    if plan.extra_nodes > 0 && s.provisioner.is_some() {
+        // The job cannot share the live nodes: start more and wait for them.
+        s.cluster().unplan_job(&name);
+        let _one_at_a_time = s.scaling.lock().await;
+        let why = format!("job {name} does not fit on the live nodes");
+        match s.add_nodes(plan.extra_nodes, &why).await {
+            Ok(_) => {}
+            Err(AddError::Timeout(e)) => {
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("registering {name}: waited for {} new node(s): {e}", plan.extra_nodes),
+                ))
+            }
+            // No room to add nodes: the job is overcommitted on the live ones (an event says why).
+            Err(AddError::NoRoom(_)) => {}
+        }
+        (plan, node_hints) = plan_now(&s)?;
+    }
     let (addr, job_name) = (plan.node_addr.clone(), name.clone());
     let done = tokio::task::spawn_blocking(move || nodeops::register(&addr, &job_name, node_hints)).await;
     let outcome = match done {
@@ -238,4 +263,33 @@ struct EventsQuery {
 async fn events(State(s): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Json<EventsResponse> {
     let limit = q.limit.unwrap_or(MAX_EVENTS_PER_REPLY).min(MAX_EVENTS_PER_REPLY);
     Json(s.read(|c, _| c.events(q.since.unwrap_or(0), limit)))
+}
+
+async fn scale(
+    State(s): State<Arc<Shared>>,
+    JsonBytes(body): JsonBytes,
+) -> Result<Json<ScaleResponse>, ApiError> {
+    let req: ScaleRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid scale request: {e}")))?;
+    if s.provisioner.is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this controller has no provisioner (`pollen up --nodes N` runs one)".into(),
+        ));
+    }
+    s.scale_to(req.nodes).await.map(Json).map_err(|e| ApiError(StatusCode::CONFLICT, e))
+}
+
+async fn drain(
+    State(s): State<Arc<Shared>>,
+    Path(node_id): Path<String>,
+) -> Result<Json<ScaleResponse>, ApiError> {
+    let _one_at_a_time = s.scaling.lock().await;
+    s.drain(&node_id, "asked by an operator").map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let open_nodes = s.cluster().open_nodes().len();
+    Ok(Json(ScaleResponse { started: vec![], draining: vec![node_id], open_nodes }))
+}
+
+async fn provisioner(State(s): State<Arc<Shared>>) -> Json<Vec<ProvisionedNode>> {
+    Json(s.provisioner.as_ref().map(|p| p.list()).unwrap_or_default())
 }

@@ -11,6 +11,7 @@ pub mod events;
 mod http;
 mod nodeops;
 pub mod policy;
+mod scale;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ use crate::api::{EventsResponse, JobEntry, NodeState, StatusResponse};
 use cluster::Cluster;
 use policy::Policy;
 
+use crate::provision::Provisioner;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
@@ -32,6 +35,11 @@ pub const DEFAULT_MAX_BODY: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
+    /// Starts and stops nodes for `scale`, `drain` and registrations that
+    /// do not fit; without one, the cluster is the nodes that report.
+    pub provisioner: Option<Arc<dyn Provisioner>>,
+    /// How long a registration or a scale-up waits for new nodes' first heartbeats.
+    pub node_start_timeout: Duration,
     /// Where the HTTP API listens; port 0 picks a free port.
     pub listen: SocketAddr,
     /// The interval at which nodes are expected to send heartbeats.
@@ -47,6 +55,8 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
+            provisioner: None,
+            node_start_timeout: Duration::from_secs(30),
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             heartbeat: DEFAULT_HEARTBEAT,
             missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
@@ -73,6 +83,10 @@ pub(crate) struct Shared {
     max_body: usize,
     /// Counts accepted heartbeats, so waiters wake when one arrives.
     accepted: watch::Sender<u64>,
+    provisioner: Option<Arc<dyn Provisioner>>,
+    node_start_timeout: Duration,
+    /// One scaling operation (scale, drain, a registration that starts nodes) at a time.
+    scaling: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -90,6 +104,26 @@ impl Shared {
         let mut c = self.cluster();
         c.sweep(now);
         f(&c, now)
+    }
+
+    /// Waits until every one of `ids` is up; false on timeout.
+    async fn wait_for_nodes(&self, ids: &[String], timeout: Duration) -> bool {
+        let mut accepted = self.accepted.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let all_up = || {
+            let c = self.cluster();
+            ids.iter().all(|id| c.state(id) == Some(NodeState::Up))
+        };
+        loop {
+            if all_up() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, accepted.changed()).await {
+                Ok(Ok(())) => continue,
+                // Timed out, or the controller is gone (sender dropped).
+                Ok(Err(_)) | Err(_) => return all_up(),
+            }
+        }
     }
 
     fn status(&self) -> StatusResponse {
@@ -142,6 +176,9 @@ impl Controller {
             started: Instant::now(),
             max_body: cfg.max_body,
             accepted: watch::Sender::new(0),
+            provisioner: cfg.provisioner,
+            node_start_timeout: cfg.node_start_timeout,
+            scaling: tokio::sync::Mutex::new(()),
         });
         Ok(Controller { listener, addr, shared })
     }
@@ -187,6 +224,7 @@ async fn sweep(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         shared.cluster().sweep(Instant::now());
+        shared.stop_drained().await;
     }
 }
 
@@ -211,17 +249,6 @@ impl ControllerHandle {
 
     /// Waits until the controller has a report from `node_id`; false on timeout.
     pub async fn wait_for_node(&self, node_id: &str, timeout: Duration) -> bool {
-        let mut accepted = self.shared.accepted.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.shared.cluster().contains(node_id) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, accepted.changed()).await {
-                Ok(Ok(())) => continue,
-                // Timed out, or the controller is gone (sender dropped).
-                Ok(Err(_)) | Err(_) => return self.shared.cluster().contains(node_id),
-            }
-        }
+        self.shared.wait_for_nodes(&[node_id.to_string()], timeout).await
     }
 }

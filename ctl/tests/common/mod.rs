@@ -1,7 +1,8 @@
 //! Helpers shared by the multi-process tests.
 #![allow(dead_code)]
 
-use std::process::Child;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -57,5 +58,64 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         }
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `pollenctl --controller URL` in a directory; on failure, the
+/// assertion message carries the given log files.
+pub struct Pollenctl {
+    pub bin: &'static str,
+    pub url: String,
+    pub cwd: PathBuf,
+    pub logs: Vec<PathBuf>,
+}
+
+impl Pollenctl {
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(self.bin)
+            .args(["--controller", &self.url])
+            .args(args)
+            .current_dir(&self.cwd)
+            .output()
+            .expect("run pollenctl")
+    }
+
+    /// Runs pollenctl and requires success.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        if !out.status.success() {
+            let logs: String = self
+                .logs
+                .iter()
+                .map(|p| format!("--- {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+                .collect();
+            panic!(
+                "pollenctl {args:?} failed\nstdout: {}\nstderr: {}\n{logs}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+        }
+        out
+    }
+
+    /// Runs pollenctl ARGS --json and decodes its output.
+    pub fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("pollenctl {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Runs pollenctl, requires failure, and returns its standard error.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "pollenctl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }

@@ -1,0 +1,144 @@
+//! Horizontal scaling through the provisioner: starting nodes (and waiting
+//! for their first heartbeats), draining them (weight 0 for new data, stop
+//! once their blocks are freed), and scaling to a node count.
+
+use std::time::Instant;
+
+use super::Shared;
+
+/// Why nodes were not added.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AddError {
+    /// No provisioner, or it could not start any node (e.g. at its limit).
+    #[error("{0}")]
+    NoRoom(String),
+    /// Nodes were started but did not report in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+use crate::api::{EventKind, ScaleResponse};
+
+impl Shared {
+    fn provisioned(&self) -> Vec<String> {
+        self.provisioner
+            .as_ref()
+            .map(|p| p.list().into_iter().map(|n| n.node_id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts `k` nodes through the provisioner and waits for their first
+    /// heartbeats. Returns the ids of the nodes that came up; an error when
+    /// none could be started or they did not report in time.
+    pub(super) async fn add_nodes(&self, k: usize, why: &str) -> Result<Vec<String>, AddError> {
+        let Some(prov) = self.provisioner.clone() else {
+            return Err(AddError::NoRoom(
+                "this controller has no provisioner (`pollen up --nodes N` runs one)".into(),
+            ));
+        };
+        let mut started = Vec::new();
+        for _ in 0..k {
+            let p = prov.clone();
+            match tokio::task::spawn_blocking(move || p.start_node()).await {
+                Ok(Ok(n)) => {
+                    self.cluster().scale_event(
+                        EventKind::Scale,
+                        Some(&n.node_id),
+                        format!("starting node {} ({why})", n.node_id),
+                    );
+                    started.push(n.node_id);
+                }
+                Ok(Err(e)) => {
+                    self.cluster().scale_event(
+                        EventKind::Error,
+                        None,
+                        format!("cannot add a node ({why}): {e}"),
+                    );
+                    if started.is_empty() {
+                        return Err(AddError::NoRoom(e.to_string()));
+                    }
+                    break;
+                }
+                Err(e) => return Err(AddError::NoRoom(format!("provisioner task failed: {e}"))),
+            }
+        }
+        if !self.wait_for_nodes(&started, self.node_start_timeout).await {
+            let msg = format!(
+                "new node(s) {} sent no heartbeat within {} ms",
+                started.join(", "),
+                self.node_start_timeout.as_millis()
+            );
+            self.cluster().scale_event(EventKind::Error, None, msg.clone());
+            return Err(AddError::Timeout(msg));
+        }
+        for id in &started {
+            self.cluster().scale_event(EventKind::Scale, Some(id), format!("node {id} is up ({why})"));
+        }
+        Ok(started)
+    }
+
+    /// Starts draining `node_id`; only nodes the provisioner started can be
+    /// drained (it stops them at the end).
+    pub(super) fn drain(&self, node_id: &str, why: &str) -> Result<(), String> {
+        if self.provisioner.is_none() {
+            return Err("this controller has no provisioner to stop drained nodes".into());
+        }
+        if !self.provisioned().iter().any(|id| id == node_id) {
+            return Err(format!("node {node_id} was not started by the provisioner; stop it yourself"));
+        }
+        self.cluster().start_drain(node_id, why, Instant::now())
+    }
+
+    /// Starts or drains nodes until `n` live nodes take new data.
+    pub(super) async fn scale_to(&self, n: usize) -> Result<ScaleResponse, String> {
+        if n == 0 {
+            return Err("a cluster keeps at least one node".into());
+        }
+        let _one_at_a_time = self.scaling.lock().await;
+        let open = self.cluster().open_nodes();
+        let mut resp = ScaleResponse::default();
+        if n > open.len() {
+            resp.started = self
+                .add_nodes(n - open.len(), &format!("scale to {n} nodes"))
+                .await
+                .map_err(|e| e.to_string())?;
+        } else if n < open.len() {
+            let mut candidates: Vec<String> =
+                self.provisioned().into_iter().filter(|id| open.contains(id)).collect();
+            for _ in n..open.len() {
+                let Some(id) = self.cluster().least_used(&candidates) else { break };
+                candidates.retain(|c| c != &id);
+                self.drain(&id, &format!("scale to {n} nodes"))?;
+                resp.draining.push(id);
+            }
+            if resp.draining.len() < open.len() - n {
+                self.cluster().scale_event(
+                    EventKind::Error,
+                    None,
+                    format!(
+                        "scale to {n} nodes: only {} node(s) were started by the provisioner and can be drained",
+                        resp.draining.len()
+                    ),
+                );
+            }
+        }
+        resp.open_nodes = self.cluster().open_nodes().len();
+        Ok(resp)
+    }
+
+    /// Stops the draining nodes whose blocks are all freed (or that died)
+    /// and forgets them.
+    pub(super) async fn stop_drained(&self) {
+        let ready = self.cluster().drained();
+        let Some(prov) = self.provisioner.clone() else { return };
+        for id in ready {
+            let p = prov.clone();
+            let node = id.clone();
+            let message = match tokio::task::spawn_blocking(move || p.stop_node(&node)).await {
+                Ok(Ok(())) => format!("node {id} drained: its blocks are freed; stopped"),
+                Ok(Err(e)) => format!("node {id} drained; stopping it failed: {e}"),
+                Err(e) => format!("node {id} drained; the stop task failed: {e}"),
+            };
+            self.cluster().forget(&id, message);
+        }
+    }
+}

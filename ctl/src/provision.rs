@@ -1,0 +1,197 @@
+//! Provisioners start and stop storage nodes for the controller's scaling
+//! decisions. The trait is narrow (start, stop, list) so that a Kubernetes
+//! provisioner can implement it later; [`LocalProvisioner`] runs
+//! `pollen node` processes on this machine.
+//!
+//! Calls block (process start-up, waiting for an exit): the controller runs
+//! them with `spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How long a stopped node may take to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("cannot start node {node_id}: {reason}")]
+    Start { node_id: String, reason: String },
+    #[error("node {0} was not started by this provisioner")]
+    Unknown(String),
+    #[error("stopping node {node_id}: {reason}")]
+    Stop { node_id: String, reason: String },
+    #[error("the provisioner already runs {0} nodes, its limit")]
+    Full(usize),
+}
+
+/// A node a provisioner started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedNode {
+    pub node_id: String,
+    /// The process id, for a local node.
+    pub pid: Option<u32>,
+    /// Where the node's files and log are, for a local node.
+    pub dir: Option<PathBuf>,
+    /// False once the process has exited on its own.
+    pub running: bool,
+}
+
+pub trait Provisioner: Send + Sync + std::fmt::Debug {
+    /// Starts one storage node that reports to the controller; returns at
+    /// once, before its first heartbeat.
+    fn start_node(&self) -> Result<ProvisionedNode, ProvisionError>;
+    /// Stops a node this provisioner started and waits for it to exit.
+    fn stop_node(&self, node_id: &str) -> Result<(), ProvisionError>;
+    /// The nodes this provisioner started and has not stopped.
+    fn list(&self) -> Vec<ProvisionedNode>;
+}
+
+/// Settings of [`LocalProvisioner`].
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// The `pollen` binary.
+    pub pollen: PathBuf,
+    /// Node `i` lives in `dir/nodes/node-i/` (its log: `node.log` there).
+    pub dir: PathBuf,
+    /// Where nodes send heartbeats; see [`LocalProvisioner::set_controller_url`].
+    pub controller_url: String,
+    pub heartbeat_ms: u64,
+    /// Further `pollen node` flags (cores, DRAM, block size, ...); the
+    /// provisioner sets `--node-id`, `--port 0`, `--controller` and
+    /// `--heartbeat-ms` itself.
+    pub node_args: Vec<String>,
+    /// Nodes it runs at most.
+    pub max_nodes: usize,
+    /// Pin node `i`'s cores from CPU `i * cores` on (else `--no-pin`).
+    pub pin: bool,
+    pub cores: usize,
+}
+
+/// Starts `pollen node` processes on this machine, on free ports.
+#[derive(Debug)]
+pub struct LocalProvisioner {
+    cfg: LocalConfig,
+    url: Mutex<String>,
+    children: Mutex<BTreeMap<String, (Child, PathBuf)>>,
+}
+
+impl LocalProvisioner {
+    pub fn new(cfg: LocalConfig) -> LocalProvisioner {
+        let url = Mutex::new(cfg.controller_url.clone());
+        LocalProvisioner { cfg, url, children: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Sets the controller URL nodes report to, once the controller's port
+    /// is known (it may be bound on port 0).
+    pub fn set_controller_url(&self, url: &str) {
+        *self.url.lock().unwrap_or_else(|p| p.into_inner()) = url.to_string();
+    }
+
+    fn children(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Child, PathBuf)>> {
+        // Every mutation is a single insert or remove: a poisoned map is consistent.
+        self.children.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops every node it started (on shutdown).
+    pub fn stop_all(&self) {
+        let ids: Vec<String> = self.children().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.stop_node(&id) {
+                tracing::warn!(error = %e, "stopping a local node");
+            }
+        }
+    }
+}
+
+impl Provisioner for LocalProvisioner {
+    fn start_node(&self) -> Result<ProvisionedNode, ProvisionError> {
+        let url = self.url.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut children = self.children();
+        if children.len() >= self.cfg.max_nodes {
+            return Err(ProvisionError::Full(self.cfg.max_nodes));
+        }
+        // The lowest free index, so ids stay small across scale-downs.
+        let node_id =
+            (0..).map(|i| format!("node-{i}")).find(|id| !children.contains_key(id)).unwrap_or_default();
+        let dir = self.cfg.dir.join("nodes").join(&node_id);
+        let err = |reason: String| ProvisionError::Start { node_id: node_id.clone(), reason };
+        if url.is_empty() {
+            return Err(err("no controller URL to report to".into()));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+        let log_path = dir.join("node.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| err(format!("creating {}: {e}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        let index: usize = node_id.trim_start_matches("node-").parse().unwrap_or(0);
+        let pinning = if self.cfg.pin {
+            vec!["--cpu-offset".to_string(), index.saturating_mul(self.cfg.cores).to_string()]
+        } else {
+            vec!["--no-pin".to_string()]
+        };
+        let child = Command::new(&self.cfg.pollen)
+            .arg("node")
+            .args(&self.cfg.node_args)
+            .args(&pinning)
+            .args(["--node-id", &node_id, "--port", "0", "--controller", &url])
+            .args(["--heartbeat-ms", &self.cfg.heartbeat_ms.to_string()])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| err(format!("running {}: {e}", self.cfg.pollen.display())))?;
+        let pid = child.id();
+        children.insert(node_id.clone(), (child, dir.clone()));
+        tracing::info!(node = %node_id, pid, dir = %dir.display(), "started a local node");
+        Ok(ProvisionedNode { node_id, pid: Some(pid), dir: Some(dir), running: true })
+    }
+
+    fn stop_node(&self, node_id: &str) -> Result<(), ProvisionError> {
+        let (mut child, _) =
+            self.children().remove(node_id).ok_or_else(|| ProvisionError::Unknown(node_id.into()))?;
+        let err = |reason: String| ProvisionError::Stop { node_id: node_id.to_string(), reason };
+        if child.try_wait().map_err(|e| err(e.to_string()))?.is_some() {
+            return Ok(());
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+            return Err(err(format!("SIGTERM: {e}")));
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if child.try_wait().map_err(|e| err(e.to_string()))?.is_some() {
+                tracing::info!(node = %node_id, "stopped a local node");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        tracing::warn!(node = %node_id, "a local node ignored SIGTERM for {STOP_GRACE:?}: killed");
+        Ok(())
+    }
+
+    fn list(&self) -> Vec<ProvisionedNode> {
+        self.children()
+            .iter_mut()
+            .map(|(id, (child, dir))| ProvisionedNode {
+                node_id: id.clone(),
+                pid: Some(child.id()),
+                dir: Some(dir.clone()),
+                running: matches!(child.try_wait(), Ok(None)),
+            })
+            .collect()
+    }
+}
+
+impl Drop for LocalProvisioner {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

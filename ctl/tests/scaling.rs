@@ -1,0 +1,176 @@
+//! `pollen up --nodes N`: the controller's local provisioner runs the
+//! storage nodes as processes; `pollenctl scale` and `drain` start and stop
+//! them, and a registration that does not fit starts a node first.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, Pollenctl, Reaper};
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use pollen_ctl::api::{
+    DeregisterResponse, EventKind, EventsResponse, JobEntry, JobsResponse, NodeState, NodesResponse,
+    ScaleResponse,
+};
+use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
+use pollen_ctl::provision::ProvisionedNode;
+
+const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
+const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+
+/// One-core nodes serve 100 MB/s; a worker drives 10 MB/s.
+const POLICY: &str = r#"
+[allocation]
+per_worker_throughput = "10MB"
+default_workers = 1
+default_capacity = "1MiB"
+core_throughput = "100MB"
+"#;
+
+struct Up {
+    proc: Reaper,
+    dir: tempfile::TempDir,
+    ctl: Pollenctl,
+}
+
+impl Up {
+    fn start(nodes: &str, max_nodes: &str) -> Up {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+        let child = Command::new(POLLEN)
+            .args(["up", "--nodes", nodes, "--max-nodes", max_nodes, "--policy", "policy.toml"])
+            .args([
+                "--cores",
+                "1",
+                "--no-pin",
+                "--dram-gb",
+                "0.015625",
+                "--ctl-port",
+                "0",
+                "--heartbeat-ms",
+                "100",
+            ])
+            .current_dir(dir.path())
+            .env_remove(CONTROLLER_ENV)
+            .stdin(Stdio::null())
+            .stdout(log("up.out"))
+            .stderr(log("up.err"))
+            .spawn()
+            .expect("spawn pollen up");
+        let mut proc = Reaper(Some(child));
+        let data = dir.path().join(DEFAULT_DATA_DIR);
+        let lc = wait_for(Duration::from_secs(30), "pollen up --nodes ready", || {
+            if let Ok(Some(status)) = proc.0.as_mut().expect("running").try_wait() {
+                panic!(
+                    "pollen up exited early with {status}: {}",
+                    std::fs::read_to_string(dir.path().join("up.err")).unwrap_or_default()
+                );
+            }
+            LocalCluster::read(&data).ok().flatten()
+        });
+        let ctl = Pollenctl {
+            bin: POLLENCTL,
+            url: lc.controller,
+            cwd: dir.path().to_path_buf(),
+            logs: vec![dir.path().join("up.err")],
+        };
+        Up { proc, dir, ctl }
+    }
+
+    fn nodes(&self) -> NodesResponse {
+        self.ctl.json(&["nodes"])
+    }
+
+    fn provisioned(&self) -> Vec<ProvisionedNode> {
+        let resp = ureq::get(format!("{}/v1/provisioner", self.ctl.url)).call().expect("GET /v1/provisioner");
+        resp.into_body().read_json().expect("provisioner JSON")
+    }
+
+    fn events(&self) -> EventsResponse {
+        self.ctl.json(&["events"])
+    }
+
+    fn wait_open_nodes(&self, n: usize, what: &str) {
+        wait_for(Duration::from_secs(30), what, || {
+            let r = self.nodes();
+            let open = r.nodes.iter().filter(|e| e.state == NodeState::Up && !e.draining).count();
+            let all = r.nodes.len();
+            (open == n && all == n).then_some(())
+        });
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+#[test]
+fn provisioner_scales_drains_and_grows_for_a_job() {
+    let mut up = Up::start("1", "3");
+    up.wait_open_nodes(1, "one node up");
+    assert_eq!(up.provisioned().len(), 1);
+
+    // 15 lambdas x 10 MB/s = 150 MB/s does not fit on one 100 MB/s node:
+    // registration starts a second node, waits for it, then packs over both.
+    let j: JobEntry = up.ctl.json(&["job", "register", "wide", "--lambdas", "15"]);
+    assert!(!j.overcommitted, "{j:?}");
+    assert_eq!(j.weights.len(), 2, "{:?}", j.weights);
+    let mut w: Vec<f64> = j.weights.values().copied().collect();
+    w.sort_by(f64::total_cmp);
+    assert!((w[0] - 1.0 / 3.0).abs() < 1e-6 && (w[1] - 2.0 / 3.0).abs() < 1e-6, "{w:?}");
+    let ev = up.events();
+    assert!(ev.events.iter().any(|e| e.kind == EventKind::Scale && e.message.contains("does not fit")));
+
+    // scale --nodes 3 starts a third; a fourth is over --max-nodes.
+    let r: ScaleResponse = up.ctl.json(&["scale", "--nodes", "3"]);
+    assert_eq!((r.started.len(), r.open_nodes), (1, 3));
+    up.wait_open_nodes(3, "three nodes up");
+    let err = up.ctl.fails(&["scale", "--nodes", "4"]);
+    assert!(err.contains("limit"), "{err}");
+
+    // Data on a job's node keeps a drained node running until the job's
+    // blocks are freed; then the provisioner stops it.
+    let data = vec![7u8; 200_000];
+    std::fs::write(up.dir.path().join("in.bin"), &data).unwrap();
+    let small: JobEntry = up.ctl.json(&["job", "register", "small"]);
+    let home = small.node_id.clone();
+    up.ctl.ok(&["put", "small", "obj", up.dir.path().join("in.bin").to_str().unwrap()]);
+    let pid = up.provisioned().iter().find(|n| n.node_id == home).and_then(|n| n.pid).expect("home pid");
+    let r: ScaleResponse = up.ctl.json(&["drain", &home]);
+    assert_eq!(r.draining, vec![home.clone()]);
+    let j: JobEntry = up.ctl.json(&["job", "register", "after-drain", "--lambdas", "1"]);
+    assert_eq!(j.weights.get(&home).copied().unwrap_or(0.0), 0.0, "a draining node takes no new data");
+    assert_ne!(j.node_id, home);
+    // Still there, still serving the job, while its blocks are in use.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(alive(pid), "the draining node stopped with blocks in use");
+    up.ctl.ok(&["get", "small", "obj", up.dir.path().join("out.bin").to_str().unwrap()]);
+    assert_eq!(std::fs::read(up.dir.path().join("out.bin")).unwrap(), data);
+    let d: DeregisterResponse = up.ctl.json(&["job", "deregister", "small"]);
+    assert!(d.freed);
+    wait_for(Duration::from_secs(20), "the drained node stopped", || (!alive(pid)).then_some(()));
+    up.wait_open_nodes(2, "two nodes after the drain");
+    assert!(up.events().events.iter().any(|e| e.kind == EventKind::Drain && e.message.contains("stopped")));
+
+    // scale --nodes 1 drains the least-used node; with no data it stops at once.
+    let r: ScaleResponse = up.ctl.json(&["scale", "--nodes", "1"]);
+    assert_eq!((r.draining.len(), r.open_nodes), (1, 1));
+    up.wait_open_nodes(1, "one node after scaling down");
+    let jobs: JobsResponse = up.ctl.json(&["jobs"]);
+    for j in &jobs.registered {
+        let sum: f64 = j.weights.values().sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{}: weights {:?}", j.name, j.weights);
+    }
+
+    // SIGTERM stops pollen up and every node it started.
+    let pids: Vec<u32> = up.provisioned().iter().filter_map(|n| n.pid).collect();
+    assert_eq!(pids.len(), 1);
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}");
+    for pid in pids {
+        assert!(!alive(pid), "node process {pid} outlived pollen up");
+    }
+}
