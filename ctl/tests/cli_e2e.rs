@@ -425,7 +425,10 @@ fn pollen_up_with_a_flash_tier() {
     let f = rows[0];
     assert_eq!(f.region.path.as_deref(), Some(flash.to_str().unwrap()), "{tiers:?}");
     assert!(
-        matches!(f.region.mode.as_deref(), Some("interrupt" | "sqpoll" | "iopoll" | "sqpoll+iopoll")),
+        matches!(
+            f.region.mode.as_deref(),
+            Some("interrupt" | "interrupt, shared ring" | "sqpoll" | "iopoll" | "sqpoll+iopoll")
+        ),
         "{tiers:?}"
     );
     assert!(f.region.capacity_bytes > 0 && f.region.capacity_bytes <= 8 << 20, "{tiers:?}");

@@ -15,10 +15,11 @@ use crate::core::ring::{mesh, Links};
 use crate::core::{Core, CoreConfig, CoreShared};
 use crate::proto::{Limits, NodeInfo};
 use crate::report::{CoreReport, JobReport, NodeReport, TierReport};
-use crate::storage::flash::{prepare_backing, Backing, Region};
+use crate::storage::flash::{prepare_backing, Backing, Region, RingSlots};
 use crate::storage::{DramTier, FlashConfig, FlashEngine};
 use crate::transport::epoll::EpollTransport;
-use crate::transport::uring::{self, UringTransport};
+use crate::transport::uring::{self, UringTransport, STORAGE_SLOTS};
+use crate::transport::Transport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -505,11 +506,48 @@ impl CoreStart {
         let usage = dram.usage();
         self.peers[id].blocks_total.store(usage.blocks_total, std::sync::atomic::Ordering::Relaxed);
         self.peers[id].huge_pages.store(usage.huge_pages, std::sync::atomic::Ordering::Relaxed);
+        let waker_fd = self.peers[id].waker.fd();
+        // Receive buffers hold at least one whole frame.
+        let rx = self.max_frame.clamp(256 << 10, 4 << 20);
+        let storage = StorageStart { tiers: &self.storage, block_size: self.block_size, sqpoll: self.sqpoll };
+        match self.net {
+            NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
+                Ok(t) => Self::serve(self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready),
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
+                }
+            },
+            NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
+                Ok(t) => Self::serve(self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready),
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
+                }
+            },
+        }
+    }
+
+    /// Opens the core's flash and disk regions — on the transport's ring
+    /// when it can carry them (`FlashEngine::open_for_core`) — then runs
+    /// the core until the node stops.
+    #[allow(clippy::too_many_arguments)]
+    fn serve<T: Transport>(
+        cfg: CoreConfig,
+        mut transport: T,
+        links: Links,
+        dram: DramTier,
+        storage: StorageStart<'_>,
+        stop: Arc<AtomicBool>,
+        peers: Arc<Vec<Arc<CoreShared>>>,
+        ready: mpsc::Sender<(usize, Result<(), String>)>,
+    ) {
+        let id = cfg.id as usize;
         let mut engines: Vec<FlashEngine> = Vec::new();
-        for (t, backing, region) in &self.storage {
-            let mut fc = FlashConfig::new(*t, self.cfg.id, self.block_size);
-            fc.sqpoll = self.sqpoll;
-            match FlashEngine::open(backing, *region, &fc) {
+        for (i, (t, backing, region)) in storage.tiers.iter().enumerate() {
+            let mut fc = FlashConfig::new(*t, cfg.id, storage.block_size);
+            fc.sqpoll = storage.sqpoll;
+            let slots = RingSlots { file: i as u32, buf: i as u16 };
+            let net = transport.shared_ring().map(|r| (&*r, slots)).filter(|_| i < STORAGE_SLOTS as usize);
+            match FlashEngine::open_for_core(backing, *region, &fc, net) {
                 Ok(e) => engines.push(e),
                 Err(e) => {
                     let what = format!(
@@ -523,33 +561,20 @@ impl CoreStart {
                 }
             }
         }
-        if let Ok(mut s) = self.peers[id].storage.lock() {
+        if let Ok(mut s) = peers[id].storage.lock() {
             *s = engines.iter().map(|e| crate::core::storage_report(id, e)).collect();
         }
-        let waker_fd = self.peers[id].waker.fd();
-        // Receive buffers hold at least one whole frame.
-        let rx = self.max_frame.clamp(256 << 10, 4 << 20);
-        match self.net {
-            NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => {
-                    let _ = ready.send((id, Ok(())));
-                    Core::new(self.cfg, t, self.links, dram, engines, self.stop, self.peers).run();
-                }
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
-                }
-            },
-            NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => {
-                    let _ = ready.send((id, Ok(())));
-                    Core::new(self.cfg, t, self.links, dram, engines, self.stop, self.peers).run();
-                }
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
-                }
-            },
-        }
+        let _ = ready.send((id, Ok(())));
+        Core::new(cfg, transport, links, dram, engines, stop, peers).run();
     }
+}
+
+/// A core's flash and disk tiers, to open once its transport is up.
+struct StorageStart<'a> {
+    /// (tier, backing, this core's region) of each flash or disk tier.
+    tiers: &'a [(u8, Backing, Region)],
+    block_size: u32,
+    sqpoll: bool,
 }
 
 /// The name of a tier number in reports and messages.

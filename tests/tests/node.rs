@@ -487,6 +487,12 @@ fn flash_cfg(net: NetBackend, cores: usize, dir: &TierDir, flash_blocks: u64) ->
 fn flash_read_after_write(net: NetBackend) {
     let dir = TierDir::new("flash-raw");
     let n = start_flash(net, 2, &dir, 32);
+    // On io_uring the flash engines run on each core's network ring (this
+    // file cannot poll); on epoll they have rings of their own.
+    for t in n.report().tiers.iter().filter(|t| t.tier == "flash") {
+        let want = if n.report().net == NetBackend::Uring { "interrupt, shared ring" } else { "interrupt" };
+        assert_eq!(t.mode.as_deref(), Some(want), "{t:?}");
+    }
     let mut c = Client::connect(n.addr()).unwrap();
     let job = c.register_job("flash", JobHints::default()).unwrap();
     let mut rng = 0x9e3779b97f4a7c15u64;

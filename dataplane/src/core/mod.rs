@@ -43,6 +43,8 @@ const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
 const IO_SLOTS_PER_ENGINE: usize = 256;
 /// Minimum interval between publications of the flash and disk tiers' figures.
 const PUBLISH_STORAGE_EVERY: Duration = Duration::from_millis(100);
+/// How long a stopping core waits for storage I/O on its network ring.
+const STORAGE_DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// What other threads may see of a core: lock-free counters, its waker, and a
 /// job list it publishes off the request path.
@@ -279,7 +281,8 @@ impl<T: Transport> Core<T> {
         if cfg.poll_mode == PollMode::Adaptive {
             // Completions wake the core when it sleeps with I/O in flight.
             // A busy core never sleeps: it is spared the eventfd signals.
-            for e in &mut engines {
+            // Those on the network's ring wake it by completing there.
+            for e in engines.iter_mut().filter(|e| !e.is_shared()) {
                 if let Err(error) = e.register_waker(shared.waker.fd()) {
                     tracing::warn!(core = cfg.id, %error, "storage completions cannot wake the core; it stays awake while I/O is in flight");
                 }
@@ -379,7 +382,24 @@ impl<T: Transport> Core<T> {
             }
             self.st.publish(busy_ns);
         }
+        self.drain_shared_storage();
         tracing::debug!(core = self.st.cfg.id, "core stopped");
+    }
+
+    /// Lets engines on the network's ring finish their I/O (and header
+    /// flushes) while the ring is still there: their completions only come
+    /// through the transport's poll. What is left after the grace period,
+    /// an engine leaks the buffers of when it closes.
+    fn drain_shared_storage(&mut self) {
+        let deadline = Instant::now() + STORAGE_DRAIN_GRACE;
+        while self.st.engines.iter().any(|e| e.is_shared() && e.has_work()) && Instant::now() < deadline {
+            self.finish_pass();
+            if let Err(e) = self.transport.poll(Some(Duration::from_millis(10)), &mut self.st) {
+                tracing::error!(core = self.st.cfg.id, error = %e, "network ring failed while draining storage");
+                break;
+            }
+            self.st.reap_storage();
+        }
     }
 
     /// Hands produced output to the transport, applies backpressure and wakes
@@ -407,6 +427,14 @@ impl<T: Transport> Core<T> {
             if c.closing && !c.close_requested {
                 c.close_requested = true;
                 self.transport.close(id);
+            }
+        }
+        // Storage on the network's ring goes in with this pass's sends: one
+        // system call submits both.
+        if let Some(ring) = self.transport.shared_ring() {
+            let mut sq = ring.submission();
+            for e in st.engines.iter_mut().filter(|e| e.is_shared()) {
+                work += e.push_submissions(&mut sq);
             }
         }
         let _ = self.transport.flush();
@@ -701,7 +729,13 @@ impl State {
         let mut n = 0;
         for i in 0..self.engines.len() {
             let mut done = std::mem::take(&mut self.io_done);
-            self.engines[i].poll_completions(|token, r| done.push((token, r)));
+            let e = &mut self.engines[i];
+            if e.is_shared() {
+                // Its completions came in through the transport's poll.
+                e.deliver(|token, r| done.push((token, r)));
+            } else {
+                e.poll_completions(|token, r| done.push((token, r)));
+            }
             for (token, r) in done.drain(..) {
                 self.complete_io(token, r);
                 n += 1;
@@ -963,7 +997,12 @@ pub fn storage_report(core: usize, e: &FlashEngine) -> TierReport {
         blocks_used: u.tier.blocks_used,
         huge_pages: u.tier.huge_pages,
         path: Some(u.path.display().to_string()),
-        mode: Some(u.mode.name().to_string()),
+        // "interrupt, shared ring": on the core's network ring.
+        mode: Some(if e.is_shared() {
+            format!("{}, shared ring", u.mode.name())
+        } else {
+            u.mode.name().to_string()
+        }),
         read_ops: u.last_second.read_ops,
         write_ops: u.last_second.write_ops,
         read_bytes: u.last_second.read_bytes,
@@ -1031,6 +1070,14 @@ impl EventSink for State {
 
     fn drained(&mut self, _conn: ConnId) {
         // Paused connections are checked after every pass.
+    }
+
+    fn storage(&mut self, user_data: u64, result: i32) {
+        let tier = crate::storage::flash::tag::engine(user_data);
+        match self.engines.iter_mut().find(|e| e.tier() == tier && e.is_shared()) {
+            Some(e) => e.complete(user_data, result),
+            None => debug_assert!(false, "storage completion {user_data:#x} for no engine of this core"),
+        }
     }
 
     fn closed(&mut self, conn: ConnId) {

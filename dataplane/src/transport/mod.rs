@@ -38,6 +38,13 @@ pub trait EventSink {
     /// `conn` is gone (a requested close completed, or an error or reset
     /// ended it) and its id may be reused.
     fn closed(&mut self, conn: ConnId);
+    /// A storage operation on the transport's ring completed
+    /// (`Transport::shared_ring`; its user data has
+    /// `storage::flash::tag::is_storage`). Only consumers that put storage
+    /// operations on that ring receive these.
+    fn storage(&mut self, user_data: u64, result: i32) {
+        debug_assert!(false, "storage completion {user_data:#x} ({result}) for a sink that submits none");
+    }
 }
 
 /// Bounds on a requested close (see `Transport::close`).
@@ -175,4 +182,14 @@ pub trait Transport {
 
     /// Pushes queued output to the kernel (one batch per loop pass).
     fn flush(&mut self) -> io::Result<()>;
+
+    /// The io_uring this transport runs on, when storage engines may share
+    /// it (`FlashEngine::open_on`, at the slots `uring::STORAGE_SLOTS`
+    /// reserves): the consumer pushes their submissions into its queue
+    /// before `flush` or `poll`, which submit them with the network's, and
+    /// gets their completions through `EventSink::storage`. A core then
+    /// polls, and sleeps on, one completion queue.
+    fn shared_ring(&mut self) -> Option<&mut io_uring::IoUring> {
+        None
+    }
 }

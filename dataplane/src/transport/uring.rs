@@ -14,6 +14,9 @@
 //!   the buffer the device filled. `flush` submits every queued send in one
 //!   system call.
 //! - Waking: a multishot poll on the core's eventfd.
+//! - Storage: flash and disk engines may run on the same ring
+//!   (`shared_ring`); their completions (user data with bit 63 set) go to
+//!   `EventSink::storage`, so one completion queue wakes the core for both.
 //! - Closing: the receive stays armed to discard input; once the last send
 //!   completes the write side is shut, and the connection dies at the peer's
 //!   EOF or a deadline (`CloseTimeouts`), checked at each poll.
@@ -60,6 +63,10 @@ const MAX_SEND: usize = 1 << 30;
 const MAX_IOV: usize = 64;
 /// How long dropping a transport waits for cancelled operations to finish.
 const DROP_GRACE: Duration = Duration::from_secs(2);
+
+/// Fixed-file and fixed-buffer table slots reserved for storage engines on
+/// this ring (`FlashEngine::open_on`): engine `i` of a core takes slot `i`.
+pub const STORAGE_SLOTS: u32 = 4;
 
 /// Operation kinds in the top byte of user data.
 mod op {
@@ -565,6 +572,9 @@ impl EventSink for NullSink {
     fn peer_closed(&mut self, _: ConnId) {}
     fn drained(&mut self, _: ConnId) {}
     fn closed(&mut self, _: ConnId) {}
+    /// Dropping: the engines drained their I/O before the transport went
+    /// (`Core::run`), or leak their buffers for what is left.
+    fn storage(&mut self, _: u64, _: i32) {}
 }
 
 /// One core's network: its listeners, connections and waker on one ring.
@@ -635,6 +645,15 @@ impl UringTransport {
         }
         let bufs = BufRing::new(size, count)?;
         bufs.register(&ring, BGID)?;
+        // Room for storage engines' files and buffer pools; without it they
+        // fall back to plain descriptors and buffers (`open_on`).
+        if let Err(error) = ring
+            .submitter()
+            .register_files_sparse(STORAGE_SLOTS)
+            .and_then(|()| ring.submitter().register_buffers_sparse(STORAGE_SLOTS))
+        {
+            tracing::debug!(%error, "no sparse file/buffer tables for storage on the network ring");
+        }
         let mut ls = Vec::with_capacity(listeners.len());
         for l in listeners {
             // The ring waits for connections; a blocking socket lets it park
@@ -997,6 +1016,10 @@ impl UringTransport {
     }
 
     fn complete(&mut self, e: &cqueue::Entry, sink: &mut dyn EventSink) -> usize {
+        if crate::storage::flash::tag::is_storage(e.user_data()) {
+            sink.storage(e.user_data(), e.result());
+            return 1;
+        }
         let (kind, id, gen) = decode(e.user_data());
         let (res, flags) = (e.result(), e.flags());
         let more = cqueue::more(flags);
@@ -1233,6 +1256,10 @@ impl Transport for UringTransport {
         c.deadline = Some(d);
         c.close_slot = self.closes.insert(conn, d);
         self.advance(conn);
+    }
+
+    fn shared_ring(&mut self) -> Option<&mut IoUring> {
+        Some(&mut self.ring.ring)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -377,32 +377,66 @@ impl FlashEngine {
     /// header table.
     pub fn open(backing: &Backing, region: Region, cfg: &FlashConfig) -> io::Result<FlashEngine> {
         let mut e = Self::open_region(backing, region, cfg)?;
-        // The probe reads the superblock, which `open_region` has just
-        // written: a sector a file system never wrote would be served as
-        // zeros without reaching the device, and pass for any device.
+        let iopoll = e.iopoll_works(region, cfg);
+        e.attach_own(cfg, iopoll)?;
+        Ok(e)
+    }
+
+    /// Opens `region` for a core whose network runs on `net` (an io_uring
+    /// with storage slots, `None` for other transports): on that ring when
+    /// a ring of its own gains nothing — no IOPOLL (the device cannot poll,
+    /// or `cfg.iopoll` is off) and no SQPOLL asked — so the core submits
+    /// network and storage in one system call and polls, and sleeps on, one
+    /// completion queue. Otherwise as `open`.
+    pub fn open_for_core(
+        backing: &Backing,
+        region: Region,
+        cfg: &FlashConfig,
+        net: Option<(&IoUring, RingSlots)>,
+    ) -> io::Result<FlashEngine> {
+        let Some((ring, slots)) = net.filter(|_| !cfg.sqpoll) else {
+            return Self::open(backing, region, cfg);
+        };
+        let mut e = Self::open_region(backing, region, cfg)?;
+        if e.iopoll_works(region, cfg) {
+            e.attach_own(cfg, true)?;
+        } else {
+            e.attach_shared(ring, slots)?;
+        }
+        Ok(e)
+    }
+
+    /// Whether polled completions work for this region (and are wanted).
+    /// The probe reads the superblock, which `open_region` has just
+    /// written: a sector a file system never wrote would be served as zeros
+    /// without reaching the device, and pass for any device.
+    fn iopoll_works(&self, region: Region, cfg: &FlashConfig) -> bool {
         #[cfg(test)]
         let forced = FORCE_IOPOLL.with(|f| f.get());
         #[cfg(not(test))]
         let forced = false;
-        let iopoll = forced
+        forced
             || cfg.iopoll
-                && match probe_iopoll(&e.file, region.start) {
+                && match probe_iopoll(&self.file, region.start) {
                     Ok(()) => true,
                     Err(why) => {
-                        tracing::info!(path = %e.path.display(), %why, "no polled completions; interrupts it is");
+                        tracing::info!(path = %self.path.display(), %why, "no polled completions; interrupts it is");
                         false
                     }
-                };
+                }
+    }
+
+    fn attach_own(&mut self, cfg: &FlashConfig, iopoll: bool) -> io::Result<()> {
         let entries = (cfg.policy.queue_depth + FLIGHTS + 2).next_power_of_two();
         let rings = OwnRings::new(entries, cfg.sqpoll, iopoll)?;
-        match rings.data.submitter().register_files(&[e.file.as_raw_fd()]) {
-            Ok(()) => e.fixed_file = Some(0),
+        match rings.data.submitter().register_files(&[self.file.as_raw_fd()]) {
+            Ok(()) => self.fixed_file = Some(0),
             Err(error) => tracing::warn!(%error, "cannot register the tier's file; using its descriptor"),
         }
-        e.fixed_buf = e.register_pool(&rings.data, 0, false);
-        e.mode = rings.mode;
-        e.rings = Some(rings);
-        Ok(e)
+        self.fixed_buf = self.register_pool(&rings.data, 0, false);
+        self.mode = rings.mode;
+        self.rings = Some(rings);
+        Ok(())
     }
 
     /// Opens `region` to run on `ring`, shared with the core's network: the
@@ -421,17 +455,22 @@ impl FlashEngine {
         ring: &IoUring,
         slots: RingSlots,
     ) -> io::Result<FlashEngine> {
+        let mut e = Self::open_region(backing, region, cfg)?;
+        e.attach_shared(ring, slots)?;
+        Ok(e)
+    }
+
+    fn attach_shared(&mut self, ring: &IoUring, slots: RingSlots) -> io::Result<()> {
         if ring.params().is_setup_iopoll() {
             return Err(invalid_input("a shared ring cannot be IOPOLL (sockets need interrupts)".into()));
         }
-        let mut e = Self::open_region(backing, region, cfg)?;
-        match ring.submitter().register_files_update(slots.file, &[e.file.as_raw_fd()]) {
-            Ok(_) => e.fixed_file = Some(slots.file),
+        match ring.submitter().register_files_update(slots.file, &[self.file.as_raw_fd()]) {
+            Ok(_) => self.fixed_file = Some(slots.file),
             Err(error) => tracing::warn!(%error, "cannot register the tier's file on the shared ring"),
         }
-        e.fixed_buf = e.register_pool(ring, slots.buf, true);
-        e.mode = if ring.params().is_setup_sqpoll() { IoMode::Sqpoll } else { IoMode::Interrupt };
-        Ok(e)
+        self.fixed_buf = self.register_pool(ring, slots.buf, true);
+        self.mode = if ring.params().is_setup_sqpoll() { IoMode::Sqpoll } else { IoMode::Interrupt };
+        Ok(())
     }
 
     fn register_pool(&self, ring: &IoUring, at: u16, update: bool) -> Option<u16> {
@@ -1734,6 +1773,13 @@ impl FlashEngine {
         }
     }
 
+    /// Whether the engine runs on a ring shared with the core's network
+    /// (`open_on`): the core pushes its submissions and routes its
+    /// completions.
+    pub fn is_shared(&self) -> bool {
+        self.rings.is_none()
+    }
+
     /// Own ring: makes completions signal `eventfd`, so a parked core
     /// wakes for them. Polled completions (IOPOLL) signal nothing: a core
     /// must not park while `has_work` in that mode.
@@ -1754,17 +1800,24 @@ impl FlashEngine {
         Ok(())
     }
 
-    /// Whether the core may sleep on its waker now: the engine can make no
-    /// progress until a completion arrives, and every operation in flight
+    /// Whether the core may sleep now: the engine can make no progress
+    /// until a completion arrives, and every operation in flight wakes a
+    /// sleeping core — it completes on the shared ring the core sleeps on, or
     /// signals the registered eventfd (polled IOPOLL data reads and writes
-    /// do not). Meaningful right after `poll_completions`, before anything
-    /// else is submitted.
+    /// do not). Meaningful right after `poll_completions` (own ring) or
+    /// `push_submissions` and `deliver` (shared ring), before anything else
+    /// is submitted.
     pub fn can_park(&self) -> bool {
         if !self.has_work() {
             return true;
         }
-        let Some(rings) = self.rings.as_ref() else { return false };
-        if !self.waker || (rings.mode.iopoll() && self.data_in_ring > 0) {
+        // On a shared ring completions land on the ring the core sleeps on;
+        // on an own ring they signal the waker, unless polled (IOPOLL).
+        let signalled = match self.rings.as_ref() {
+            None => true,
+            Some(rings) => self.waker && !(rings.mode.iopoll() && self.data_in_ring > 0),
+        };
+        if !signalled {
             return false;
         }
         // Something to submit or hand back: only this core's next pass moves it.
