@@ -48,9 +48,11 @@ override the file; the file overrides the defaults shown here. An unknown key is
     flash = \"/mnt/nvme/pollen.flash:64GiB\"  # flash tier: PATH[:SIZE], a file or block device [default: off]
     disk = \"/mnt/hdd/pollen.disk:1TiB\"      # disk tier, same form [default: off]
     sqpoll = false             # a kernel thread polls the flash/disk submission queues
+    data_dir = \"pollen-data\"   # pollen.json (pollen up) and the metadata log under DIR/meta,
+                               # relative to the current directory [default: pollen-data for
+                               # pollen up; none for pollen node: its namespaces are not durable]
 
     # pollen up only
-    data_dir = \"pollen-data\"   # relative to the current directory
     ctl_port = 7070
 
     # pollen node only
@@ -147,7 +149,8 @@ pub struct NodeFlags {
 pub struct UpArgs {
     #[command(flatten)]
     pub node: NodeFlags,
-    /// Directory for Pollen's files (pollen.json now; flash tiers and logs later) [default: pollen-data]
+    /// Directory for Pollen's files: pollen.json, and the metadata log (DIR/meta) that makes the
+    /// namespaces survive a restart [default: pollen-data]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// The controller's HTTP port on 127.0.0.1 (0 = a free port) [default: 7070]
@@ -177,6 +180,10 @@ pub struct NodeArgs {
     /// The IP address the node listens on [default: 127.0.0.1]
     #[arg(long, value_name = "IP")]
     pub ip: Option<IpAddr>,
+    /// Keep the metadata log in DIR/meta, so jobs, directories and objects survive a restart
+    /// [default: none; the namespaces live in memory only]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Which command reads the file: each takes a few keys the other does not.
@@ -223,8 +230,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_tier")]
     pub disk: Option<TierSpec>,
     pub sqpoll: Option<bool>,
-    // `pollen up` only; spanned to say where a misplaced one is.
     pub data_dir: Option<Spanned<PathBuf>>,
+    // `pollen up` only; spanned to say where a misplaced one is.
     pub ctl_port: Option<Spanned<u16>>,
     // `pollen node` only.
     pub controller: Option<Spanned<String>>,
@@ -279,7 +286,6 @@ impl FileConfig {
             }),
             _ => Ok(()),
         };
-        misplaced("data_dir", Command::Up, file.data_dir.as_ref().map(Spanned::span))?;
         misplaced("ctl_port", Command::Up, file.ctl_port.as_ref().map(Spanned::span))?;
         misplaced("controller", Command::Node, file.controller.as_ref().map(Spanned::span))?;
         misplaced("ip", Command::Node, file.ip.as_ref().map(Spanned::span))?;
@@ -361,6 +367,8 @@ impl NodeFlags {
             flash: self.flash.clone().or_else(|| file.flash.clone()),
             disk: self.disk.clone().or_else(|| file.disk.clone()),
             sqpoll: self.sqpoll || file.sqpoll.unwrap_or(base.sqpoll),
+            // Set by `pollen up` and `pollen node` (`--data-dir`).
+            data_dir: None,
         };
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
         anyhow::ensure!(heartbeat_ms >= 1, "the heartbeat interval must be at least 1 ms");
@@ -378,18 +386,20 @@ impl UpArgs {
     }
 
     pub fn merge(&self, file: &FileConfig) -> Result<UpSettings> {
-        let (node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let (mut node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
         let nodes = self.nodes.map(|n| (n as usize, self.max_nodes.unwrap_or(n).max(n) as usize));
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone().map(Spanned::into_inner))
+            .unwrap_or_else(|| PathBuf::from(local::DEFAULT_DATA_DIR));
+        node.data_dir = Some(data_dir.clone());
         Ok(UpSettings {
             policy: self.policy.clone(),
             nodes,
             node,
             heartbeat,
-            data_dir: self
-                .data_dir
-                .clone()
-                .or_else(|| file.data_dir.clone().map(Spanned::into_inner))
-                .unwrap_or_else(|| PathBuf::from(local::DEFAULT_DATA_DIR)),
+            data_dir,
             ctl_port: self
                 .ctl_port
                 .or(file.ctl_port.as_ref().map(|p| *p.get_ref()))
@@ -407,7 +417,8 @@ impl NodeArgs {
 
     pub fn merge(&self, file: &FileConfig) -> Result<NodeSettings> {
         let ip = self.ip.or(file.ip.as_ref().map(|ip| *ip.get_ref())).unwrap_or(DEFAULT_NODE_IP);
-        let (node, heartbeat) = self.node.merge(file, ip)?;
+        let (mut node, heartbeat) = self.node.merge(file, ip)?;
+        node.data_dir = self.data_dir.clone().or_else(|| file.data_dir.clone().map(Spanned::into_inner));
         let controller = self
             .controller
             .clone()

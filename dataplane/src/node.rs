@@ -12,8 +12,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::core::pin::{cpu_count, pin_current_thread};
 use crate::core::ring::{mesh, Links};
-use crate::core::{Core, CoreConfig, CoreShared};
-use crate::proto::{Limits, NodeInfo};
+use crate::core::{Core, CoreConfig, CoreShared, MetaStart};
+use crate::meta::log::{self as metalog, LogShape, MetaLog};
+use crate::meta::Namespaces;
+use crate::proto::{BlockId, Limits, NodeInfo};
 use crate::report::{CoreReport, JobReport, NodeReport, TierReport};
 use crate::storage::flash::{prepare_backing, Backing, Region, RingSlots};
 use crate::storage::{DramTier, FlashConfig, FlashEngine};
@@ -85,6 +87,9 @@ pub struct NodeConfig {
     pub disk: Option<TierSpec>,
     /// Ask for a submission-polling kernel thread on the flash and disk rings.
     pub sqpoll: bool,
+    /// Where the node keeps its metadata log (`<data_dir>/meta/`), so the
+    /// namespaces survive a restart; `None`: they live in memory only.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Where a flash or disk tier lives: a file (created and sized if missing)
@@ -125,6 +130,7 @@ impl Default for NodeConfig {
             flash: None,
             disk: None,
             sqpoll: false,
+            data_dir: None,
         }
     }
 }
@@ -137,6 +143,8 @@ pub enum NodeError {
     Io { what: String, source: std::io::Error },
     #[error("core {core} failed to start: {reason}")]
     Core { core: usize, reason: String },
+    #[error(transparent)]
+    MetaLog(#[from] metalog::LogError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -289,10 +297,15 @@ impl Node {
         let cpus: Vec<Option<usize>> =
             (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
 
+        let mut metas = replay_meta(&cfg)?;
+
         let started = Instant::now();
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Vec<BlockId>, String>)>();
         let mut threads = Vec::with_capacity(n);
+        let mut meta_txs = Vec::with_capacity(n);
         for (i, (listeners, links)) in per_core.into_iter().zip(mesh(n, 4096)).enumerate() {
+            let (meta_tx, meta_rx) = mpsc::channel::<MetaStart>();
+            meta_txs.push(meta_tx);
             let core_cfg = CoreConfig {
                 id: i as u8,
                 cores: n,
@@ -315,6 +328,7 @@ impl Node {
                 sqpoll: cfg.sqpoll,
                 stop: stop.stop.clone(),
                 peers: shared.clone(),
+                meta: meta_rx,
             };
             let tx = ready_tx.clone();
             let t = std::thread::Builder::new()
@@ -325,9 +339,11 @@ impl Node {
         }
         drop(ready_tx);
         let mut failure = None;
+        // Flash and disk blocks that survived the last run, from every core.
+        let mut survivors = std::collections::HashSet::new();
         for _ in 0..n {
             match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
+                Ok((_, Ok(ids))) => survivors.extend(ids),
                 Ok((core, Err(reason))) => failure = failure.or(Some(NodeError::Core { core, reason })),
                 Err(_) => {
                     failure = failure
@@ -335,6 +351,14 @@ impl Node {
                 }
             }
         }
+        let failure = match failure {
+            None => start_meta(&cfg, &mut metas, &survivors, &shared, meta_txs).err(),
+            // Cores waiting for their namespaces return when the senders go.
+            Some(e) => {
+                drop(meta_txs);
+                Some(e)
+            }
+        };
         let node = Node { cfg, addr, core_addrs, net, net_fallback_reason, started, stop, threads };
         if let Some(e) = failure {
             node.shutdown();
@@ -482,10 +506,12 @@ struct CoreStart {
     sqpoll: bool,
     stop: Arc<AtomicBool>,
     peers: Arc<Vec<Arc<CoreShared>>>,
+    /// The core's namespaces, sent once every core has opened its storage.
+    meta: mpsc::Receiver<MetaStart>,
 }
 
 impl CoreStart {
-    fn run(self, ready: mpsc::Sender<(usize, Result<(), String>)>) {
+    fn run(self, ready: mpsc::Sender<(usize, Result<Vec<BlockId>, String>)>) {
         let id = self.cfg.id as usize;
         let tid = nix::unistd::gettid().as_raw() as u64;
         self.peers[id].tid.store(tid, std::sync::atomic::Ordering::Relaxed);
@@ -512,13 +538,17 @@ impl CoreStart {
         let storage = StorageStart { tiers: &self.storage, block_size: self.block_size, sqpoll: self.sqpoll };
         match self.net {
             NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => Self::serve(self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready),
+                Ok(t) => Self::serve(
+                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
+                ),
                 Err(e) => {
                     let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
                 }
             },
             NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => Self::serve(self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready),
+                Ok(t) => Self::serve(
+                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
+                ),
                 Err(e) => {
                     let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
                 }
@@ -538,7 +568,8 @@ impl CoreStart {
         storage: StorageStart<'_>,
         stop: Arc<AtomicBool>,
         peers: Arc<Vec<Arc<CoreShared>>>,
-        ready: mpsc::Sender<(usize, Result<(), String>)>,
+        ready: mpsc::Sender<(usize, Result<Vec<BlockId>, String>)>,
+        meta: mpsc::Receiver<MetaStart>,
     ) {
         let id = cfg.id as usize;
         let mut engines: Vec<FlashEngine> = Vec::new();
@@ -564,8 +595,12 @@ impl CoreStart {
         if let Ok(mut s) = peers[id].storage.lock() {
             *s = engines.iter().map(|e| crate::core::storage_report(id, e)).collect();
         }
-        let _ = ready.send((id, Ok(())));
-        Core::new(cfg, transport, links, dram, engines, stop, peers).run();
+        let survivors: Vec<BlockId> =
+            engines.iter().flat_map(|e| e.recovered_persistent().iter().map(|r| r.0)).collect();
+        let _ = ready.send((id, Ok(survivors)));
+        // The namespaces come once every core has reported what survived.
+        let Ok(meta) = meta.recv() else { return };
+        Core::new(cfg, transport, links, dram, engines, stop, peers).with_meta(meta).run();
     }
 }
 
@@ -585,4 +620,97 @@ pub fn tier_name(t: u8) -> &'static str {
         crate::proto::tier::DISK => "disk",
         _ => "unknown",
     }
+}
+
+/// A core's namespaces before it starts, and its recovered log file.
+struct Replayed {
+    ns: Namespaces,
+    log: Option<(std::fs::File, u64)>,
+}
+
+fn log_shape(cfg: &NodeConfig, core: usize) -> LogShape {
+    LogShape { core: core as u16, cores: cfg.cores as u16, block_size: cfg.block_size as u32 }
+}
+
+/// Each core's namespaces: empty, or replayed from its log under the data
+/// directory.
+fn replay_meta(cfg: &NodeConfig) -> Result<Vec<Replayed>, NodeError> {
+    let bs = cfg.block_size as u64;
+    let Some(dir) = &cfg.data_dir else {
+        return Ok((0..cfg.cores)
+            .map(|i| Replayed { ns: Namespaces::new(i as u8, bs), log: None })
+            .collect());
+    };
+    let dir = dir.join("meta");
+    let mut out = Vec::with_capacity(cfg.cores);
+    for i in 0..cfg.cores {
+        let (rec, file) = metalog::recover(&dir, log_shape(cfg, i))?;
+        let mut ns = Namespaces::new(i as u8, bs);
+        let mut records = 0u64;
+        for r in rec.iter() {
+            records += 1;
+            if let Err(e) = ns.apply(&r) {
+                tracing::warn!(core = i, record = records, error = %e, "metadata log record does not apply; skipped");
+            }
+        }
+        tracing::info!(
+            core = i,
+            records,
+            truncated = rec.truncated_bytes,
+            jobs = ns.summaries().len(),
+            "metadata log replayed"
+        );
+        out.push(Replayed { ns, log: Some((file, rec.records.len() as u64)) });
+    }
+    Ok(out)
+}
+
+/// Settles the replayed namespaces against the blocks that survived
+/// (`survivors`, every core's persistent flash and disk blocks), starts each
+/// core's log writer and hands every core its namespaces.
+fn start_meta(
+    cfg: &NodeConfig,
+    metas: &mut Vec<Replayed>,
+    survivors: &std::collections::HashSet<BlockId>,
+    cores: &Arc<Vec<Arc<CoreShared>>>,
+    txs: Vec<mpsc::Sender<MetaStart>>,
+) -> Result<(), NodeError> {
+    let mut orphans: Vec<Vec<BlockId>> = vec![Vec::new(); cfg.cores];
+    if cfg.data_dir.is_some() {
+        // The log is the truth: a persistent block no object names belongs
+        // to a put that was never acknowledged, or a delete that was.
+        let mut named = std::collections::HashSet::new();
+        for m in metas.iter_mut() {
+            named.extend(m.ns.settle_after_restart(|b| survivors.contains(&b)));
+            let lost = m.ns.lost_objects();
+            if lost > 0 {
+                tracing::warn!(
+                    lost,
+                    "objects whose data did not survive the restart answer `data unavailable`"
+                );
+            }
+        }
+        for &b in survivors.iter().filter(|b| !named.contains(*b)) {
+            if let Some(v) = orphans.get_mut(b.core() as usize) {
+                v.push(b);
+            }
+        }
+    }
+    let dir = cfg.data_dir.as_ref().map(|d| d.join("meta"));
+    for (i, (tx, m)) in txs.into_iter().zip(metas.drain(..)).enumerate() {
+        let log = match (&dir, m.log) {
+            (Some(dir), Some((file, len))) => {
+                let shared = cores[i].clone();
+                let wake = Box::new(move || shared.waker.wake());
+                let snap = metalog::DEFAULT_SNAPSHOT_BYTES;
+                Some(MetaLog::start(dir, log_shape(cfg, i), file, len, snap, wake)?)
+            }
+            _ => None,
+        };
+        let orphans = std::mem::take(&mut orphans[i]);
+        if tx.send(MetaStart { ns: m.ns, log, orphans }).is_err() {
+            return Err(NodeError::Core { core: i, reason: "core thread died".into() });
+        }
+    }
+    Ok(())
 }

@@ -2,10 +2,29 @@
 
 use dataplane::node::{NetBackend, Node, NodeConfig, PollMode};
 
+/// Defines `epoll::NAME` and `uring::NAME` tests that call `NAME(backend)`
+/// of the calling module, for every NAME given.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Epoll) })*
+        }
+        mod uring {
+            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Uring) })*
+        }
+    };
+}
+
 /// A small node for tests: adaptive polling, no pinning (tests share 2 CPUs),
 /// ephemeral ports, `dram_blocks` blocks of `block_size` per core.
 pub fn node(cores: usize, net: NetBackend, block_size: usize, dram_blocks: u64) -> Node {
-    let cfg = NodeConfig {
+    Node::start(node_config(cores, net, block_size, dram_blocks)).expect("node starts")
+}
+
+/// The configuration of [`node`].
+pub fn node_config(cores: usize, net: NetBackend, block_size: usize, dram_blocks: u64) -> NodeConfig {
+    NodeConfig {
         port: 0,
         core_port_base: 0,
         cores,
@@ -17,8 +36,7 @@ pub fn node(cores: usize, net: NetBackend, block_size: usize, dram_blocks: u64) 
         dram_bytes_per_core: dram_blocks * block_size as u64,
         max_body: block_size.max(64 << 10),
         ..NodeConfig::default()
-    };
-    Node::start(cfg).expect("node starts")
+    }
 }
 
 /// A fresh directory for flash and disk tier files, under the target
@@ -111,6 +129,117 @@ pub mod raw {
         pub fn closed(&mut self) -> bool {
             let mut b = [0u8; 1];
             matches!(self.0.read(&mut b), Ok(0))
+        }
+    }
+}
+
+/// `pollen node` as a separate process, for tests that kill it.
+pub mod proc {
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// The `pollen` binary of this build (built by `cargo test --workspace`;
+    /// built here when a test runs alone with `-p pollen-tests`).
+    pub fn pollen_bin() -> PathBuf {
+        let exe = std::env::current_exe().expect("test executable");
+        // target/<profile>/deps/<test> → target/<profile>/pollen
+        let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join("pollen");
+        if !bin.exists() {
+            let st = Command::new(env!("CARGO"))
+                .args(["build", "-p", "pollen-ctl", "--bin", "pollen"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(st.success(), "building the pollen binary failed");
+        }
+        assert!(bin.exists(), "no pollen binary at {}", bin.display());
+        bin
+    }
+
+    /// A running `pollen node`; killed (SIGKILL) on drop.
+    pub struct NodeProc {
+        pub child: Child,
+        pub addr: SocketAddr,
+        pub stderr: mpsc::Receiver<String>,
+    }
+
+    impl NodeProc {
+        /// Starts `pollen node ARGS` on free loopback ports (heartbeats go to
+        /// a controller that is not there; the node does not need one) and
+        /// waits until it prints its address.
+        pub fn start(args: &[&str]) -> NodeProc {
+            let mut child = Command::new(pollen_bin())
+                .arg("node")
+                .args(["--port", "0", "--no-pin", "--controller", "http://127.0.0.1:9"])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn pollen node");
+            let (line_tx, line_rx) = mpsc::channel();
+            let out = child.stdout.take().expect("stdout");
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = line_tx.send(line);
+                }
+            });
+            let (err_tx, stderr) = mpsc::channel();
+            let err = child.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = err_tx.send(line);
+                }
+            });
+            // "node node-0 at 127.0.0.1:PORT (…)"
+            let addr = loop {
+                match line_rx.recv_timeout(Duration::from_secs(30)) {
+                    Ok(line) => {
+                        if let Some(a) = line.split(" at ").nth(1).and_then(|r| r.split(' ').next()) {
+                            if let Ok(a) = a.parse() {
+                                break a;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        let _ = child.kill();
+                        let logs: Vec<String> = stderr.try_iter().collect();
+                        panic!("pollen node did not start:\n{}", logs.join("\n"));
+                    }
+                }
+            };
+            NodeProc { child, addr, stderr }
+        }
+
+        /// SIGKILL, and wait for the process to be gone.
+        pub fn kill(mut self) -> Vec<String> {
+            self.child.kill().expect("kill pollen node");
+            self.child.wait().expect("wait for pollen node");
+            self.stderr.try_iter().collect()
+        }
+
+        /// Waits (up to 10 s) for a stderr line containing `needle`.
+        pub fn wait_for_log(&self, needle: &str) -> Option<String> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                match self.stderr.recv_timeout(left) {
+                    Ok(line) if line.contains(needle) => return Some(line),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+            None
+        }
+    }
+
+    impl Drop for NodeProc {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

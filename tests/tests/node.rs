@@ -1112,18 +1112,7 @@ fn flash_idle_core_sleeps(net: NetBackend) {
     n.shutdown();
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod epoll {
-            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Epoll) })*
-        }
-        mod uring {
-            $(#[test] fn $name() { super::$name(dataplane::node::NetBackend::Uring) })*
-        }
-    };
-}
-
-on_both_backends!(
+pollen_tests::on_both_backends!(
     objects_of_every_size,
     files_round_trip,
     namespace_rules,

@@ -3,6 +3,7 @@
 
 use super::ring::Msg;
 use super::{PendingIo, ReplyTo, State, Undo};
+use crate::meta::log::Record;
 use crate::meta::MetaError;
 use crate::proto::{
     self, encode_header, flags, tier, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader,
@@ -22,6 +23,9 @@ pub enum Exec {
     /// The tier's queue is full: nothing was done and nothing was written;
     /// run the request again later.
     Busy,
+    /// A namespace mutation: its answer is held until its log record is
+    /// durable (`commit`), then sent to `to`.
+    Held,
 }
 
 /// Appends the response to a flash or disk request that completed to a
@@ -101,7 +105,7 @@ fn frame(
 }
 
 /// A failed request: its status and a message for the body.
-struct Fail(Status, String);
+pub(super) struct Fail(pub Status, pub String);
 
 impl From<MetaError> for Fail {
     fn from(e: MetaError) -> Fail {
@@ -137,7 +141,15 @@ impl State {
         to: ReplyTo,
     ) -> Exec {
         let start = out.len();
+        let logged = self.commit.end();
         match self.try_execute(h, key, body, out, to) {
+            Ok(Exec::Done) if self.commit.end() != logged => {
+                // A mutation was logged: its answer waits for the record.
+                let frame = out[start..].to_vec();
+                out.truncate(start);
+                self.hold(self.commit.end(), to, frame);
+                Exec::Held
+            }
             Ok(e) => e,
             Err(Fail(status, msg)) => {
                 out.truncate(start);
@@ -165,6 +177,16 @@ impl State {
         if h.flags != 0 && op != Opcode::PutObject {
             return Err(malformed("flags are only valid on PutObject"));
         }
+        if matches!(
+            op,
+            Opcode::RegisterJob
+                | Opcode::DeregisterJob
+                | Opcode::CreateDir
+                | Opcode::PutObject
+                | Opcode::Delete
+        ) {
+            self.log_usable()?;
+        }
         match op {
             Opcode::Ping => respond(out, id, opc, ok, body),
             Opcode::NodeInfo => respond(out, id, opc, ok, &self.cfg.node_info),
@@ -173,13 +195,16 @@ impl State {
                 let hints = JobHints::decode(body)?;
                 let job = self.ns.register(name, hints)?;
                 self.ns_changed = true;
+                self.log(Record::Register { job: name, id: job, hints });
                 respond(out, id, opc, ok, &job.to_le_bytes());
             }
             Opcode::DeregisterJob => {
                 no_body(body)?;
-                let r = self.ns.deregister(job_name(key)?)?;
+                let name = job_name(key)?;
+                let r = self.ns.deregister(name)?;
                 self.ns_changed = true;
-                self.release(r);
+                self.log(Record::Deregister { job: name });
+                self.release_committed(r);
                 respond(out, id, opc, ok, &[]);
             }
             Opcode::JobInfo => {
@@ -191,6 +216,7 @@ impl State {
                 no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
                 self.ns.create_dir(job, path)?;
+                self.log(Record::CreateDir { job, path });
                 respond(out, id, opc, ok, &[]);
             }
             Opcode::PutObject => {
@@ -207,8 +233,12 @@ impl State {
                     return Ok(Exec::Busy);
                 }
                 let blocks = if persist { meta.blocks.clone() } else { Vec::new() };
+                let logged = self.commit.log.is_some().then(|| meta.clone());
                 self.ns.put(job, path, meta)?;
                 self.ns_changed = true;
+                if let Some(meta) = logged {
+                    self.log(Record::Put { job, path, meta: std::borrow::Cow::Owned(meta), lost: false });
+                }
                 if persist {
                     let undo = Undo { job: job.to_string(), path: path.to_string(), blocks };
                     return Ok(self.persist(h, undo, to));
@@ -233,7 +263,8 @@ impl State {
                 let (job, path) = proto::split_job_key(key)?;
                 let r = self.ns.delete(job, path)?;
                 self.ns_changed = true;
-                self.release(r);
+                self.log(Record::Delete { job, path });
+                self.release_committed(r);
                 respond(out, id, opc, ok, &[]);
             }
             Opcode::BlockAlloc => {

@@ -3,6 +3,7 @@
 //! SPSC rings. The run loop is bounded per pass:
 //! rings in → network poll (parse, execute or forward) → send batched replies.
 
+mod commit;
 mod exec;
 pub mod pin;
 pub mod ring;
@@ -22,6 +23,8 @@ use crate::transport::{ConnId, EventSink, Output, Transport};
 use exec::Exec;
 use ring::{Links, Msg};
 use waker::Waker;
+
+pub use commit::MetaStart;
 
 /// Stop reading a connection while this many response bytes wait to be sent.
 pub const TX_HIGH_WATER: usize = 4 << 20;
@@ -224,6 +227,8 @@ struct State {
     marks: VecDeque<MarkJob>,
     ns: Namespaces,
     ns_changed: bool,
+    /// The metadata log and the answers waiting for it.
+    commit: commit::Commit,
     conns: Vec<Conn>,
     /// Connections with output in `tx`.
     dirty: Vec<ConnId>,
@@ -308,6 +313,7 @@ impl<T: Transport> Core<T> {
                 marks: VecDeque::new(),
                 ns,
                 ns_changed: false,
+                commit: commit::Commit::default(),
                 conns: Vec::new(),
                 dirty: Vec::new(),
                 retry: Vec::new(),
@@ -352,6 +358,7 @@ impl<T: Transport> Core<T> {
                 }
             }
             work += self.st.reap_storage();
+            work += self.st.run_log();
             work += self.finish_pass();
 
             let now = Instant::now();
@@ -500,6 +507,8 @@ impl<T: Transport> Core<T> {
             || !self.st.retry.is_empty()
             || !self.st.deferred.is_empty()
             || !self.st.marks.is_empty()
+            // The log's writer wakes the core when a batch is durable.
+            || self.st.commit.has_work()
             // Interrupt-driven completions signal the waker, so the core may
             // sleep with such I/O in flight. A completion that lands after
             // this pass's reap (which followed the transport's drain of the
@@ -698,6 +707,8 @@ impl State {
                     p.frame = Some(frame);
                 }
             }
+            // The held answer travels back in its own buffer.
+            Exec::Held => {}
             Exec::Done => {
                 frame.clear();
                 frame.extend_from_slice(&out);
@@ -761,6 +772,8 @@ impl State {
         }
         let Some(mut p) = self.io[slot].take() else { return };
         self.io_free.push(slot as u32);
+        // A PERSIST put (or its undoing) is logged: answered once durable.
+        let logged = p.undo.is_some() && self.commit.log.is_some();
         let r = match p.failed.take() {
             Some(e) => Err(e),
             None => r,
@@ -772,8 +785,16 @@ impl State {
             tracing::warn!(job = %u.job, path = %u.path, error = %e, "PERSIST object could not be marked; put undone");
             if let Some(rel) = self.ns.remove_object(&u.job, &u.path, &u.blocks) {
                 self.ns_changed = true;
+                self.log(crate::meta::log::Record::Delete { job: &u.job, path: &u.path });
                 self.release(rel);
             }
+        }
+        if logged && !matches!(p.to, ReplyTo::Marks { .. }) {
+            let mut frame = p.frame.take().unwrap_or_default();
+            frame.clear();
+            exec::respond_io(&mut frame, p.request_id, p.opcode, r);
+            self.hold(self.commit.end(), p.to, frame);
+            return;
         }
         match p.to {
             ReplyTo::Marks { origin, slot } => {
@@ -785,16 +806,7 @@ impl State {
                 }
             }
             ReplyTo::Local { conn, gen } => {
-                let Some(c) = self.conns.get_mut(conn) else { return };
-                if !c.live || c.gen != gen {
-                    return;
-                }
-                debug_assert!(c.awaiting > 0, "I/O answer for conn {conn} that awaits none");
-                c.awaiting = c.awaiting.saturating_sub(1);
-                if !c.closing {
-                    exec::respond_io_out(&mut c.tx, p.request_id, p.opcode, r);
-                    self.mark_dirty(conn);
-                }
+                self.answer_local(conn, gen, |tx| exec::respond_io_out(tx, p.request_id, p.opcode, r));
             }
             ReplyTo::Remote { origin, conn, gen } => {
                 let mut frame = p.frame.unwrap_or_default();
@@ -901,7 +913,7 @@ impl State {
             match done {
                 // Stalled like a full ring: parsed again next pass.
                 Exec::Busy => return false,
-                Exec::Pending(_) => self.conns[id].awaiting += 1,
+                Exec::Pending(_) | Exec::Held => self.conns[id].awaiting += 1,
                 Exec::Done => self.mark_dirty(id),
             }
             self.requests += 1;

@@ -4,9 +4,13 @@
 //! the caller as an effect, so a later issue can move this module into
 //! separate metadata servers unchanged.
 
+pub mod log;
+
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::proto::{flags, BlockId, DirEntry, JobHints, JobInfo, ObjectMeta, Status};
+use log::Record;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status}: {message}")]
@@ -36,7 +40,9 @@ pub enum Release {
 
 enum Entry {
     Dir,
-    Object(ObjectMeta),
+    /// An object, and whether its data was lost in a restart (its block
+    /// list then holds only the blocks that survived, for freeing).
+    Object(ObjectMeta, bool),
 }
 
 struct Job {
@@ -135,16 +141,111 @@ impl Namespaces {
         let Some(id) = self.fresh_id() else {
             return Err(err(Status::NoCapacity, "every job id of this core is in use"));
         };
+        self.register_as(name, id, hints);
+        Ok(id)
+    }
+
+    /// Registers `name` under `id`, which is free.
+    fn register_as(&mut self, name: &str, id: u32, hints: JobHints) {
+        debug_assert!(!self.live_ids.contains(&id));
         self.live_ids.insert(id);
         if let Some(j) = self.jobs.get_mut(name) {
             j.id = id;
             j.registered = true;
             j.hints = hints;
-            return Ok(id);
+            return;
         }
         let job = Job { id, hints, registered: true, entries: BTreeMap::new(), bytes: 0, objects: 0 };
         self.jobs.insert(name.to_string(), job);
-        Ok(id)
+    }
+
+    /// Replays one logged mutation (see `log`). Records were logged only
+    /// after they succeeded, so replaying them in order succeeds too; an
+    /// error means the log does not match this code.
+    pub fn apply(&mut self, rec: &Record<'_>) -> Result<(), MetaError> {
+        match rec {
+            Record::Register { job, id, hints } => {
+                if self.jobs.get(*job).is_some_and(|j| j.registered) || self.live_ids.contains(id) {
+                    return Err(err(Status::Exists, format!("job '{job}' or id {id:#x} is registered")));
+                }
+                if *id >> 24 != self.core as u32
+                    || *id & MAX_JOB_SEQ == 0
+                    || *id >= crate::storage::PERSISTED_OWNER
+                {
+                    return Err(err(Status::Malformed, format!("job id {id:#x} is not one of this core's")));
+                }
+                self.register_as(job, *id, *hints);
+                let seq = id & MAX_JOB_SEQ;
+                self.next_id = if seq >= MAX_JOB_SEQ { 1 } else { seq + 1 };
+                Ok(())
+            }
+            Record::Deregister { job } => self.deregister(job).map(drop),
+            Record::CreateDir { job, path } => self.create_dir(job, path),
+            Record::Put { job, path, meta, lost: false } => self.put(job, path, meta.clone().into_owned()),
+            Record::Put { job, path, meta, lost: true } => {
+                let j = self.job_mut(job)?;
+                if path.is_empty() || j.entries.contains_key(*path) || !j.parent_exists(path) {
+                    return Err(err(Status::Malformed, format!("lost object '{path}' does not fit")));
+                }
+                j.objects += 1;
+                j.bytes += meta.size;
+                j.entries.insert(path.to_string(), Entry::Object(meta.clone().into_owned(), true));
+                Ok(())
+            }
+            Record::Delete { job, path } => self.delete(job, path).map(drop),
+            Record::NextId { next } => {
+                self.next_id = (*next).clamp(1, MAX_JOB_SEQ);
+                Ok(())
+            }
+        }
+    }
+
+    /// The whole state as log records (a snapshot replaces the log with them).
+    pub fn snapshot(&self, out: &mut Vec<u8>) {
+        let mut names: Vec<&String> = self.jobs.keys().collect();
+        // Unregistered jobs first: their ids are released again before a
+        // registered job that got the same id (after a wrap) is replayed.
+        names.sort_by_key(|n| (self.jobs[*n].registered, *n));
+        for name in names {
+            let j = &self.jobs[name];
+            Record::Register { job: name, id: j.id, hints: j.hints }.encode(out);
+            for (path, e) in &j.entries {
+                match e {
+                    Entry::Dir => Record::CreateDir { job: name, path }.encode(out),
+                    Entry::Object(m, lost) => {
+                        Record::Put { job: name, path, meta: Cow::Borrowed(m), lost: *lost }.encode(out)
+                    }
+                }
+            }
+            if !j.registered {
+                Record::Deregister { job: name }.encode(out);
+            }
+        }
+        Record::NextId { next: self.next_id }.encode(out);
+    }
+
+    /// After a restart: every object keeps only the blocks that survived
+    /// (`survives`), and one that lost any is marked lost (its reads answer
+    /// `data unavailable`). Returns the surviving blocks objects name.
+    pub fn settle_after_restart(&mut self, survives: impl Fn(BlockId) -> bool) -> Vec<BlockId> {
+        let mut named = Vec::new();
+        for j in self.jobs.values_mut() {
+            for e in j.entries.values_mut() {
+                if let Entry::Object(m, lost) = e {
+                    let before = m.blocks.len();
+                    m.blocks.retain(|&b| survives(b));
+                    *lost |= m.blocks.len() < before;
+                    named.extend_from_slice(&m.blocks);
+                }
+            }
+        }
+        named
+    }
+
+    /// Objects whose data was lost in a restart.
+    pub fn lost_objects(&self) -> u64 {
+        let lost = |j: &Job| j.entries.values().filter(|e| matches!(e, Entry::Object(_, true))).count();
+        self.jobs.values().map(lost).sum::<usize>() as u64
     }
 
     /// Drops every object but PERSIST ones (and the directories that hold
@@ -155,7 +256,7 @@ impl Namespaces {
         let mut drop = Vec::new();
         let mut keep_dirs = std::collections::HashSet::new();
         for (path, e) in &job.entries {
-            if let Entry::Object(m) = e {
+            if let Entry::Object(m, _) = e {
                 if m.flags & flags::PERSIST == 0 {
                     drop.extend_from_slice(&m.blocks);
                 } else {
@@ -169,12 +270,12 @@ impl Namespaces {
             }
         }
         job.entries.retain(|path, e| match e {
-            Entry::Object(m) => m.flags & flags::PERSIST != 0,
+            Entry::Object(m, _) => m.flags & flags::PERSIST != 0,
             Entry::Dir => keep_dirs.contains(path),
         });
         job.registered = false;
-        job.objects = job.entries.values().filter(|e| matches!(e, Entry::Object(_))).count() as u64;
-        job.bytes = job.entries.values().map(|e| if let Entry::Object(m) = e { m.size } else { 0 }).sum();
+        job.objects = job.entries.values().filter(|e| matches!(e, Entry::Object(..))).count() as u64;
+        job.bytes = job.entries.values().map(|e| if let Entry::Object(m, _) = e { m.size } else { 0 }).sum();
         let (id, empty) = (job.id, job.entries.is_empty());
         self.live_ids.remove(&id);
         if empty {
@@ -231,13 +332,17 @@ impl Namespaces {
         }
         job.objects += 1;
         job.bytes += meta.size;
-        job.entries.insert(path.to_string(), Entry::Object(meta));
+        job.entries.insert(path.to_string(), Entry::Object(meta, false));
         Ok(())
     }
 
     pub fn lookup(&self, name: &str, path: &str) -> Result<&ObjectMeta, MetaError> {
         match self.job(name)?.entries.get(path) {
-            Some(Entry::Object(m)) => Ok(m),
+            Some(Entry::Object(m, false)) => Ok(m),
+            Some(Entry::Object(_, true)) => Err(err(
+                Status::DataUnavailable,
+                format!("the data of '{path}' did not survive the node's restart (DRAM, or not PERSIST)"),
+            )),
             Some(Entry::Dir) => Err(err(Status::NotFound, format!("'{path}' is a directory"))),
             None => Err(err(Status::NotFound, format!("no object '{path}'"))),
         }
@@ -279,7 +384,7 @@ impl Namespaces {
             bytes += size;
             let (is_dir, size, flags) = match e {
                 Entry::Dir => (true, 0, 0),
-                Entry::Object(m) => (false, m.size, m.flags),
+                Entry::Object(m, _) => (false, m.size, m.flags),
             };
             out.push(DirEntry { name: rest.to_string(), is_dir, size, flags });
         }
@@ -297,8 +402,8 @@ impl Namespaces {
                 job.entries.remove(path);
                 Ok(Release::None)
             }
-            Some(Entry::Object(_)) => {
-                let Some(Entry::Object(m)) = job.entries.remove(path) else { unreachable!() };
+            Some(Entry::Object(..)) => {
+                let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!() };
                 job.objects -= 1;
                 job.bytes -= m.size;
                 Ok(Release::Blocks(m.blocks))
@@ -311,10 +416,10 @@ impl Namespaces {
     pub fn remove_object(&mut self, name: &str, path: &str, blocks: &[BlockId]) -> Option<Release> {
         let job = self.jobs.get_mut(name)?;
         match job.entries.get(path) {
-            Some(Entry::Object(m)) if m.blocks == blocks => {}
+            Some(Entry::Object(m, _)) if m.blocks == blocks => {}
             _ => return None,
         }
-        let Some(Entry::Object(m)) = job.entries.remove(path) else { unreachable!("checked above") };
+        let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!("checked above") };
         job.objects -= 1;
         job.bytes -= m.size;
         Some(Release::Blocks(m.blocks))
@@ -456,5 +561,55 @@ mod tests {
         n.deregister("j").unwrap();
         assert!(n.summaries().is_empty());
         assert_eq!(n.deregister("j").unwrap_err().status, Status::NotFound);
+    }
+
+    /// Replays a snapshot's records into a fresh core.
+    fn from_snapshot(n: &Namespaces) -> Namespaces {
+        let mut snap = Vec::new();
+        n.snapshot(&mut snap);
+        let mut back = Namespaces::new(n.core, n.block_size);
+        let mut buf = &snap[..];
+        while !buf.is_empty() {
+            let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
+            let rec = Record::decode(&buf[8..8 + len]).unwrap();
+            back.apply(&rec).unwrap_or_else(|e| panic!("{rec:?}: {e}"));
+            buf = &buf[8 + len..];
+        }
+        back
+    }
+
+    #[test]
+    fn a_snapshot_replays_to_the_same_state_and_lost_objects_stay_lost() {
+        let mut n = ns();
+        let id = n.register("j", JobHints { max_workers: 2, ..JobHints::default() }).unwrap();
+        n.create_dir("j", "d").unwrap();
+        n.put("j", "d/flash", obj(130, flags::PERSIST, 1 << 56 | 10)).unwrap();
+        n.put("j", "dram", obj(64, 0, 20)).unwrap();
+        n.put("j", "empty", obj(0, 0, 0)).unwrap();
+        n.register("gone", JobHints::default()).unwrap();
+        n.put("gone", "kept", obj(1, flags::PERSIST, 1 << 56 | 30)).unwrap();
+        n.deregister("gone").unwrap();
+        // After a restart only flash blocks 10 and 11 (not 12) and 30 survived.
+        let survivors = [1 << 56 | 10, 1 << 56 | 11, 1 << 56 | 30].map(BlockId);
+        let mut named = n.settle_after_restart(|b| survivors.contains(&b));
+        named.sort();
+        assert_eq!(named, survivors);
+        assert_eq!(n.lost_objects(), 2, "d/flash lost a block, dram lost all");
+        assert_eq!(n.lookup("j", "d/flash").unwrap_err().status, Status::DataUnavailable);
+        assert_eq!(n.lookup("j", "empty").unwrap().size, 0, "an empty object loses nothing");
+        let mut back = from_snapshot(&n);
+        assert_eq!(back.summaries(), n.summaries());
+        assert_eq!(back.info("j").unwrap(), n.info("j").unwrap());
+        assert_eq!(back.info("j").unwrap().id, id);
+        assert_eq!(back.lost_objects(), 2);
+        assert_eq!(back.enumerate("j", "d", "", 1 << 20), n.enumerate("j", "d", "", 1 << 20));
+        assert_eq!(back.next_id, n.next_id);
+        // Deleting a lost object frees only the blocks that survived.
+        assert_eq!(
+            back.delete("j", "d/flash").unwrap(),
+            Release::Blocks(vec![BlockId(1 << 56 | 10), BlockId(1 << 56 | 11)])
+        );
+        assert!(back.register("gone", JobHints::default()).is_ok());
+        assert!(back.lookup("gone", "kept").is_ok());
     }
 }

@@ -1,0 +1,207 @@
+//! The durable metadata log, end to end: `pollen node` as a separate
+//! process with a data directory, killed with SIGKILL and restarted.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use dataplane::client::{Client, Job, PutOptions};
+use dataplane::node::NetBackend;
+use dataplane::proto::{tier, JobHints, Status};
+use pollen_tests::proc::NodeProc;
+use pollen_tests::{bytes, TierDir};
+
+const BS: usize = 4096;
+
+fn node_args(dir: &TierDir, net: NetBackend) -> Vec<String> {
+    let data = dir.0.display().to_string();
+    let flash = format!("{}:8MiB", dir.file("flash.img").display());
+    [
+        "--cores",
+        "2",
+        "--net",
+        &net.to_string(),
+        "--block-size",
+        "4KiB",
+        "--dram-gb",
+        "0.004",
+        "--data-dir",
+        &data,
+        "--flash",
+        &flash,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(dir: &TierDir, net: NetBackend) -> NodeProc {
+    let args = node_args(dir, net);
+    NodeProc::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Every object of `dir` in `job`, recursively: path → size.
+fn listing(c: &mut Client, job: &Job, dir: &str, out: &mut BTreeMap<String, u64>) {
+    for e in c.enumerate(job, dir).unwrap() {
+        let path = if dir.is_empty() { e.name.clone() } else { format!("{dir}/{}", e.name) };
+        if e.is_dir {
+            out.insert(format!("{path}/"), 0);
+            listing(c, job, &path, out);
+        } else {
+            out.insert(path, e.size);
+        }
+    }
+}
+
+fn everything(c: &mut Client, job: &Job) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    listing(c, job, "", &mut m);
+    m
+}
+
+fn acknowledged_objects_survive_sigkill(net: NetBackend) {
+    let dir = TierDir::new("metalog");
+    let node = start(&dir, net);
+    let mut c = Client::connect(node.addr).unwrap();
+    let hints = JobHints { max_workers: 8, capacity: 1 << 20, ..JobHints::default() };
+    // Two jobs, which hash to different metadata cores (§10).
+    let job = c.register_job("wordcount", hints).unwrap();
+    let other = c.register_job("job1", JobHints::default()).unwrap();
+    let flash_keep = PutOptions { persist: true, tier: Some(tier::FLASH), ..PutOptions::default() };
+    let dram = PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() };
+    c.create_dir(&job, "in").unwrap();
+    c.create_dir(&job, "in/deep").unwrap();
+    let mut kept = BTreeMap::new();
+    for (i, size) in [0, 1, BS - 1, BS, 3 * BS + 17].into_iter().enumerate() {
+        let name = format!("in/deep/p{i}");
+        let data = bytes(size, i as u64 + 1);
+        c.put_buffer(&job, &name, &data, flash_keep).unwrap();
+        kept.insert(name, data);
+    }
+    c.put_buffer(&job, "in/dram", &bytes(2 * BS, 9), dram).unwrap();
+    c.put_buffer(&job, "gone", &bytes(BS, 10), flash_keep).unwrap();
+    c.delete(&job, "gone").unwrap();
+    c.put_buffer(&other, "o", &bytes(BS + 1, 11), flash_keep).unwrap();
+    let before = everything(&mut c, &job);
+    assert_eq!(before.len(), 2 + 5 + 1, "{before:?}");
+    let info = c.job_info("wordcount").unwrap();
+    drop(c);
+    node.kill();
+
+    // A crash in the middle of a batch: a torn record at the end of a log.
+    let mut f = std::fs::OpenOptions::new().append(true).open(dir.file("meta/core-0.log")).unwrap();
+    f.write_all(&[60, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 4, 1]).unwrap();
+    drop(f);
+
+    let node = start(&dir, net);
+    assert!(node.wait_for_log("truncating").is_some(), "the node warns that it cut the torn record off");
+    let mut c = Client::connect(node.addr).unwrap();
+    let info_after = c.job_info("wordcount").unwrap();
+    assert_eq!((info_after.id, info_after.hints), (info.id, info.hints), "job id and hints are back");
+    assert_eq!((info_after.objects, info_after.bytes), (info.objects, info.bytes));
+    let job = c.job("wordcount").unwrap();
+    assert_eq!(everything(&mut c, &job), before, "every acknowledged object and directory is listed");
+    for (name, data) in &kept {
+        assert_eq!(&c.get_buffer(&job, name).unwrap(), data, "PERSIST object {name} on flash reads back");
+    }
+    let lost = c.lookup(&job, "in/dram").unwrap_err();
+    assert_eq!(lost.status(), Some(Status::DataUnavailable), "DRAM blocks died with the process: {lost}");
+    assert_eq!(c.lookup(&job, "gone").unwrap_err().status(), Some(Status::NotFound));
+    let other = c.job("job1").unwrap();
+    assert_eq!(c.get_buffer(&other, "o").unwrap(), bytes(BS + 1, 11));
+
+    // The node goes on: new mutations are logged after the cut, and a
+    // second crash keeps them too.
+    c.put_buffer(&job, "after", &bytes(BS, 12), flash_keep).unwrap();
+    c.delete(&job, "in/dram").unwrap();
+    c.deregister_job(&other).unwrap();
+    let before = everything(&mut c, &job);
+    drop(c);
+    node.kill();
+
+    let node = start(&dir, net);
+    let mut c = Client::connect(node.addr).unwrap();
+    let job = c.job("wordcount").unwrap();
+    assert_eq!(everything(&mut c, &job), before);
+    assert_eq!(c.get_buffer(&job, "after").unwrap(), bytes(BS, 12));
+    assert_eq!(
+        c.job("job1").unwrap_err().status(),
+        Some(Status::NotFound),
+        "a deregistered job stays deregistered"
+    );
+    let again = c.register_job("job1", JobHints::default()).unwrap();
+    assert_eq!(c.get_buffer(&again, "o").unwrap(), bytes(BS + 1, 11), "its PERSIST object came back");
+    drop(c);
+    node.kill();
+}
+
+/// A node with a data directory refuses a log written by a node of another
+/// shape, with a message that says why.
+#[test]
+fn a_log_from_another_core_count_is_refused() {
+    let dir = TierDir::new("metalog-shape");
+    let node = start(&dir, NetBackend::Epoll);
+    let mut c = Client::connect(node.addr).unwrap();
+    c.register_job("j", JobHints::default()).unwrap();
+    drop(c);
+    node.kill();
+    let data = dir.0.display().to_string();
+    let out = std::process::Command::new(pollen_tests::proc::pollen_bin())
+        .args(["node", "--port", "0", "--no-pin", "--cores", "1", "--dram-gb", "0.004", "--data-dir", &data])
+        .args(["--controller", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 cores") && err.contains("this node has 1 cores"), "{err}");
+}
+
+/// Namespace changes pipelined on the main port, so that those of one of
+/// the two jobs are forwarded to its metadata core: every one is answered
+/// ok once durable, and all are there after a restart (in process).
+fn pipelined_forwarded_changes_are_durable(net: NetBackend) {
+    use dataplane::proto::Opcode;
+    use pollen_tests::raw::Raw;
+    let dir = TierDir::new("metalog-pipe");
+    let cfg = || dataplane::node::NodeConfig {
+        data_dir: Some(dir.0.clone()),
+        ..pollen_tests::node_config(2, net, BS, 16)
+    };
+    let n = dataplane::node::Node::start(cfg()).unwrap();
+    let mut r = Raw::connect(n.addr());
+    // "a" hashes to core 0 and "job1" to core 1 (protocol.md §10).
+    let mut frames = Vec::new();
+    let mut id = 0;
+    for job in ["a", "job1"] {
+        id += 1;
+        frames.extend(Raw::frame(Opcode::RegisterJob, 0, id, job.as_bytes(), &[]));
+    }
+    for i in 0..200 {
+        for job in ["a", "job1"] {
+            id += 1;
+            frames.extend(Raw::frame(Opcode::CreateDir, 0, id, format!("{job}/d{i}").as_bytes(), &[]));
+        }
+    }
+    r.send(&frames);
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..id {
+        let resp = r.recv().expect("every request is answered");
+        assert_eq!(resp.header.status, 0, "{}", String::from_utf8_lossy(&resp.body));
+        assert!(answered.insert(resp.header.request_id));
+    }
+    drop(r);
+    n.shutdown();
+    let n = dataplane::node::Node::start(cfg()).unwrap();
+    let mut c = Client::connect(n.addr()).unwrap();
+    for job in ["a", "job1"] {
+        let j = c.job(job).unwrap();
+        let names = everything(&mut c, &j);
+        assert_eq!(names.len(), 200, "{job}");
+        assert!(names.contains_key("d199/"));
+    }
+    n.shutdown();
+}
+
+pollen_tests::on_both_backends!(
+    acknowledged_objects_survive_sigkill,
+    pipelined_forwarded_changes_are_durable
+);
