@@ -18,6 +18,7 @@
 //! | GET    | `/v1/events`         | `?since=SEQ&limit=N` → [`EventsResponse`] |
 //! | POST   | `/v1/scale`          | [`ScaleRequest`] → [`ScaleResponse`]  |
 //! | POST   | `/v1/nodes/{id}/drain` | → [`ScaleResponse`]                 |
+//! | POST   | `/v1/nodes/{id}/cores` | [`SetCoresRequest`] → [`NodeEntry`] |
 //! | GET    | `/v1/provisioner`    | → [`crate::provision::ProvisionedNode`] list |
 //!
 //! Every error is an [`ErrorBody`] with a 4xx/5xx status. Readers ignore
@@ -50,6 +51,10 @@ impl std::fmt::Display for NodeState {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -65,6 +70,23 @@ pub struct HeartbeatReply {
     pub heartbeat_ms: u64,
     /// How many silent intervals make the controller declare a node down.
     pub missed_heartbeats: u32,
+    /// What the node should do, in order (absent in replies from older controllers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<NodeCommand>,
+}
+
+/// A command for a node, carried back on a heartbeat reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeCommand {
+    /// Cores `0..cores` poll; the others park as soon as they are idle.
+    SetPollingCores { cores: usize },
+}
+
+/// `POST /v1/nodes/{id}/cores`: how many of the node's cores should poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetCoresRequest {
+    pub cores: usize,
 }
 
 /// One tier summed over a node's cores (or over every live node in
@@ -153,6 +175,9 @@ pub struct CoreRow {
     /// them; a core parked throughout counts as 0.0.
     pub busy: Option<f64>,
     pub parked: bool,
+    /// Polling, or turned off by the controller (parks as soon as idle).
+    #[serde(default = "yes")]
+    pub polling: bool,
     pub connections: u64,
     pub requests: u64,
     pub forwarded: u64,

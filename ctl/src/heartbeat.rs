@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::{ErrorBody, HeartbeatReply, NodeReport};
+use crate::api::{ErrorBody, HeartbeatReply, NodeCommand, NodeReport};
 
 /// The controller route heartbeats are posted to.
 pub const PATH: &str = "/v1/nodes/heartbeat";
@@ -95,6 +95,26 @@ pub fn spawn<F>(
 where
     F: Fn() -> NodeReport + Send + 'static,
 {
+    spawn_with_commands(
+        report,
+        |c: &NodeCommand| tracing::warn!(?c, "no handler for a controller command"),
+        controller_url,
+        interval,
+    )
+}
+
+/// As [`spawn`], and runs `apply` on the heartbeat thread for every command
+/// that comes back on a reply, in order.
+pub fn spawn_with_commands<F, A>(
+    report: F,
+    apply: A,
+    controller_url: &str,
+    interval: Duration,
+) -> Result<HeartbeatHandle, HeartbeatError>
+where
+    F: Fn() -> NodeReport + Send + 'static,
+    A: Fn(&NodeCommand) + Send + 'static,
+{
     if interval.is_zero() {
         return Err(HeartbeatError::ZeroInterval);
     }
@@ -115,13 +135,14 @@ where
     let thread_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("pollen-heartbeat".into())
-        .spawn(move || run(report, agent, url, interval, stop_rx, &thread_stats))
+        .spawn(move || run(report, apply, agent, url, interval, stop_rx, &thread_stats))
         .map_err(HeartbeatError::Spawn)?;
     Ok(HeartbeatHandle { stop: Some(stop_tx), thread: Some(thread), stats })
 }
 
-fn run<F>(
+fn run<F, A>(
     report: F,
+    apply: A,
     agent: ureq::Agent,
     url: String,
     interval: Duration,
@@ -129,6 +150,7 @@ fn run<F>(
     stats: &HeartbeatStats,
 ) where
     F: Fn() -> NodeReport,
+    A: Fn(&NodeCommand),
 {
     let mut next = Instant::now();
     // When the current run of failures was last warned about; None while healthy.
@@ -138,6 +160,9 @@ fn run<F>(
         match send(&agent, &url, &report()) {
             Ok(reply) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
+                for c in &reply.commands {
+                    apply(c);
+                }
                 if failing_warned.take().is_some() {
                     tracing::info!(%url, "heartbeats reach the controller again");
                 }

@@ -49,6 +49,10 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
     fn stop_node(&self, node_id: &str) -> Result<(), ProvisionError>;
     /// The nodes this provisioner started and has not stopped.
     fn list(&self) -> Vec<ProvisionedNode>;
+    /// The most nodes it runs, if it has a limit.
+    fn limit(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Settings of [`LocalProvisioner`].
@@ -175,6 +179,10 @@ impl Provisioner for LocalProvisioner {
         let _ = child.wait();
         tracing::warn!(node = %node_id, "a local node ignored SIGTERM for {STOP_GRACE:?}: killed");
         Ok(())
+    }
+
+    fn limit(&self) -> Option<usize> {
+        Some(self.cfg.max_nodes)
     }
 
     fn list(&self) -> Vec<ProvisionedNode> {

@@ -141,6 +141,7 @@ fn core(core: usize, busy_ns: u64, total_ns: u64) -> CoreReport {
         bytes_in: 4096,
         bytes_out: 8192,
         parked: false,
+        polling: true,
     }
 }
 
@@ -181,7 +182,15 @@ fn status_reflects_the_latest_heartbeat() {
     assert_eq!(s.heartbeat_ms, 1000);
 
     let reply = c.post_report(&report("node-0", 10, vec![core(0, 1, 2), core(1, 1, 2)]));
-    assert_eq!(reply, HeartbeatReply { node_id: "node-0".into(), heartbeat_ms: 1000, missed_heartbeats: 3 });
+    assert_eq!(
+        reply,
+        HeartbeatReply {
+            node_id: "node-0".into(),
+            heartbeat_ms: 1000,
+            missed_heartbeats: 3,
+            commands: vec![]
+        }
+    );
 
     let s: StatusResponse = c.get("/v1/status");
     assert_eq!((s.nodes_up, s.nodes_down, s.jobs), (1, 0, 1));

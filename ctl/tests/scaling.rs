@@ -4,21 +4,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Pollenctl, Reaper};
-use nix::sys::signal::kill;
-use nix::unistd::Pid;
-use pollen_ctl::api::{
-    DeregisterResponse, EventKind, EventsResponse, JobEntry, JobsResponse, NodeState, NodesResponse,
-    ScaleResponse,
-};
-use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
-use pollen_ctl::provision::ProvisionedNode;
-
-const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
-const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+use common::{alive, wait_for, Up};
+use pollen_ctl::api::{DeregisterResponse, EventKind, JobEntry, JobsResponse, ScaleResponse};
 
 /// One-core nodes serve 100 MB/s; a worker drives 10 MB/s.
 const POLICY: &str = r#"
@@ -27,89 +16,14 @@ per_worker_throughput = "10MB"
 default_workers = 1
 default_capacity = "1MiB"
 core_throughput = "100MB"
+
+[scaling]
+enabled = false
 "#;
-
-struct Up {
-    proc: Reaper,
-    dir: tempfile::TempDir,
-    ctl: Pollenctl,
-}
-
-impl Up {
-    fn start(nodes: &str, max_nodes: &str) -> Up {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
-        let child = Command::new(POLLEN)
-            .args(["up", "--nodes", nodes, "--max-nodes", max_nodes, "--policy", "policy.toml"])
-            .args([
-                "--cores",
-                "1",
-                "--no-pin",
-                "--dram-gb",
-                "0.015625",
-                "--ctl-port",
-                "0",
-                "--heartbeat-ms",
-                "100",
-            ])
-            .current_dir(dir.path())
-            .env_remove(CONTROLLER_ENV)
-            .stdin(Stdio::null())
-            .stdout(log("up.out"))
-            .stderr(log("up.err"))
-            .spawn()
-            .expect("spawn pollen up");
-        let mut proc = Reaper(Some(child));
-        let data = dir.path().join(DEFAULT_DATA_DIR);
-        let lc = wait_for(Duration::from_secs(30), "pollen up --nodes ready", || {
-            if let Ok(Some(status)) = proc.0.as_mut().expect("running").try_wait() {
-                panic!(
-                    "pollen up exited early with {status}: {}",
-                    std::fs::read_to_string(dir.path().join("up.err")).unwrap_or_default()
-                );
-            }
-            LocalCluster::read(&data).ok().flatten()
-        });
-        let ctl = Pollenctl {
-            bin: POLLENCTL,
-            url: lc.controller,
-            cwd: dir.path().to_path_buf(),
-            logs: vec![dir.path().join("up.err")],
-        };
-        Up { proc, dir, ctl }
-    }
-
-    fn nodes(&self) -> NodesResponse {
-        self.ctl.json(&["nodes"])
-    }
-
-    fn provisioned(&self) -> Vec<ProvisionedNode> {
-        let resp = ureq::get(format!("{}/v1/provisioner", self.ctl.url)).call().expect("GET /v1/provisioner");
-        resp.into_body().read_json().expect("provisioner JSON")
-    }
-
-    fn events(&self) -> EventsResponse {
-        self.ctl.json(&["events"])
-    }
-
-    fn wait_open_nodes(&self, n: usize, what: &str) {
-        wait_for(Duration::from_secs(30), what, || {
-            let r = self.nodes();
-            let open = r.nodes.iter().filter(|e| e.state == NodeState::Up && !e.draining).count();
-            let all = r.nodes.len();
-            (open == n && all == n).then_some(())
-        });
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
-}
 
 #[test]
 fn provisioner_scales_drains_and_grows_for_a_job() {
-    let mut up = Up::start("1", "3");
+    let mut up = Up::start(POLICY, &["--nodes", "1", "--max-nodes", "3", "--cores", "1"]);
     up.wait_open_nodes(1, "one node up");
     assert_eq!(up.provisioned().len(), 1);
 

@@ -396,6 +396,24 @@ impl Node {
         self.join();
     }
 
+    /// Turns polling on for cores `0..n` and off for the others (an idle
+    /// core that does not poll parks at once; it still serves its
+    /// connections and blocks). Returns the number of polling cores.
+    pub fn set_polling_cores(&self, n: usize) -> Result<usize, NodeError> {
+        let total = self.stop.cores.len();
+        if n == 0 || n > total {
+            return Err(NodeError::Config(format!("polling cores must be 1..={total}, got {n}")));
+        }
+        for (i, c) in self.stop.cores.iter().enumerate() {
+            let on = i < n;
+            if c.polling.swap(on, Ordering::SeqCst) != on {
+                // A parked core re-reads the flag when it wakes.
+                c.waker.wake();
+            }
+        }
+        Ok(n)
+    }
+
     /// Per core: how often it went to sleep, and how often with flash or
     /// disk I/O in flight (see `PollMode::Adaptive`).
     pub fn park_counts(&self) -> Vec<ParkCounts> {
@@ -436,6 +454,7 @@ impl Node {
                 bytes_in: c.bytes_in.load(r),
                 bytes_out: c.bytes_out.load(r),
                 parked: c.parked.load(r),
+                polling: c.polling.load(r),
             });
             let bs = self.cfg.block_size as u64;
             let (total, used) = (c.blocks_total.load(r), c.blocks_used.load(r));

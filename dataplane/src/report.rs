@@ -39,6 +39,14 @@ pub struct CoreReport {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub parked: bool,
+    /// Whether the core polls; the controller turns cores off (they park as
+    /// soon as they are idle) and on. Reports that predate it: on.
+    #[serde(default = "polling_default")]
+    pub polling: bool,
+}
+
+fn polling_default() -> bool {
+    true
 }
 
 /// One tier's region on one core. The fields after `huge_pages` describe

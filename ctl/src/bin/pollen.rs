@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::node::{Node, NodeConfig};
+use pollen_ctl::api::NodeCommand;
 use pollen_ctl::config::{node_flags, NodeArgs, UpArgs, UpSettings, FILE_HELP};
 use pollen_ctl::controller::policy::Policy;
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
@@ -140,7 +141,19 @@ impl RunningNode {
         let addr = SocketAddr::new(cfg.listen, cfg.port);
         let node = Arc::new(Node::start(cfg).with_context(|| format!("starting the node on {addr}"))?);
         let reporter = node.clone();
-        let heartbeat = match heartbeat::spawn(move || reporter.report(), controller_url, interval) {
+        let commanded = node.clone();
+        let apply = move |c: &NodeCommand| match c {
+            NodeCommand::SetPollingCores { cores } => match commanded.set_polling_cores(*cores) {
+                Ok(n) => tracing::info!(polling = n, "the controller set the polling cores"),
+                Err(e) => tracing::warn!(error = %e, "cannot set the polling cores"),
+            },
+        };
+        let heartbeat = match heartbeat::spawn_with_commands(
+            move || reporter.report(),
+            apply,
+            controller_url,
+            interval,
+        ) {
             Ok(h) => h,
             Err(e) => {
                 node.stop_handle().stop();
@@ -303,6 +316,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         heartbeat: a.heartbeat,
         policy: load_policy(a.policy.as_deref())?,
         provisioner: Some(prov.clone()),
+        min_nodes: n,
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;

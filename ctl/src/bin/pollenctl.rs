@@ -17,7 +17,7 @@ use dataplane::proto::{flags, Status};
 use pollen_ctl::api::{
     CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, GetOutput, Hints, JobEntry, JobsResponse,
     LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, ScaleRequest,
-    ScaleResponse, StatusResponse, TiersResponse,
+    ScaleResponse, SetCoresRequest, StatusResponse, TiersResponse,
 };
 use pollen_ctl::local::{self, UrlSource};
 use pollen_ctl::size::Bytes;
@@ -62,8 +62,11 @@ struct Cli {
 enum Cmd {
     /// Cluster summary: the controller, its nodes, their cores and capacity
     Status,
-    /// Per-core load: busy fraction since the last heartbeat, connections, requests, bytes
-    Cores,
+    /// Per-core load: busy fraction since the last heartbeat, polling, connections, requests, bytes
+    Cores {
+        #[command(subcommand)]
+        cmd: Option<CoresCmd>,
+    },
     /// Capacity and use of every storage tier, per node and core
     Tiers,
     /// Jobs: those registered with the controller (allocation, weights) and those the nodes hold
@@ -132,6 +135,13 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum CoresCmd {
+    /// Make N of NODE's cores poll (the others park as soon as they are idle); applied on the
+    /// node's next heartbeat
+    Set { node: String, cores: usize },
+}
+
+#[derive(Subcommand)]
 enum JobCmd {
     /// Register a job with Pocket's hints (none at all: a conservative default allocation)
     Register {
@@ -193,7 +203,8 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.cmd {
         Cmd::Status => status(&ctl, json),
-        Cmd::Cores => cores(&ctl, json),
+        Cmd::Cores { cmd: None } => cores(&ctl, json),
+        Cmd::Cores { cmd: Some(CoresCmd::Set { node, cores }) } => cores_set(&ctl, json, &node, cores),
         Cmd::Tiers => tiers(&ctl, json),
         Cmd::Jobs => jobs(&ctl, json),
         Cmd::Job {
@@ -428,10 +439,12 @@ fn cores(ctl: &Controller, json: bool) -> Result<()> {
         "OUT",
     ]);
     for c in &r.cores {
-        let state = match (c.node_state, c.parked) {
-            (NodeState::Down, _) => "node down",
-            (NodeState::Up, true) => "parked",
-            (NodeState::Up, false) => "polling",
+        let state = match (c.node_state, c.parked, c.polling) {
+            (NodeState::Down, _, _) => "node down",
+            (NodeState::Up, true, true) => "parked",
+            (NodeState::Up, false, true) => "polling",
+            (NodeState::Up, true, false) => "off (parked)",
+            (NodeState::Up, false, false) => "off (working)",
         };
         t.row([
             c.node_id.clone(),
@@ -654,6 +667,20 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
         ]);
     }
     print_table_or(&t, "No nodes: none has sent a heartbeat yet.");
+    Ok(())
+}
+
+fn cores_set(ctl: &Controller, json: bool, node: &str, cores: usize) -> Result<()> {
+    let body = serde_json::to_value(SetCoresRequest { cores })?;
+    let r: serde_json::Value =
+        match ctl.call("POST", &format!("/v1/nodes/{}/cores", path_segment(node)), Some(&body))? {
+            Ok(r) => r,
+            Err((code, msg)) => bail!("cores set {node} {cores}: the controller answered {code}: {msg}"),
+        };
+    if json {
+        return print_json(&r);
+    }
+    println!("{node}: {cores} core(s) will poll from its next heartbeat");
     Ok(())
 }
 

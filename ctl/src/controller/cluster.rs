@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use super::events::{EventLog, DEFAULT_CAPACITY};
 use super::policy::{self, Allocation, Hints, NodeRoom, Policy, TierRoom};
+use super::rightsize;
 use crate::api::{
-    CoreRow, CoresResponse, EventKind, EventsResponse, JobEntry, JobRow, JobsResponse, NodeEntry, NodeReport,
-    NodeState, NodeSummary, NodesResponse, TierRow, TierTotals, TiersResponse,
+    CoreRow, CoresResponse, EventKind, EventsResponse, JobEntry, JobRow, JobsResponse, NodeCommand,
+    NodeEntry, NodeReport, NodeState, NodeSummary, NodesResponse, TierRow, TierTotals, TiersResponse,
 };
 
 /// Limits on what a heartbeat may describe, checked before it is stored.
@@ -100,6 +101,8 @@ struct NodeRecord {
     state: NodeState,
     /// Busy fraction per core id, computed when the report arrived.
     busy: BTreeMap<usize, f64>,
+    /// Network bytes per second (in + out) since the previous report.
+    net_rate: f64,
 }
 
 pub struct Cluster {
@@ -111,6 +114,8 @@ pub struct Cluster {
     events: EventLog,
     /// Nodes being drained, with when the drain started.
     draining: BTreeMap<String, Instant>,
+    /// Commands for each node, sent on its next heartbeat reply.
+    commands: BTreeMap<String, Vec<NodeCommand>>,
 }
 
 impl Cluster {
@@ -129,6 +134,7 @@ impl Cluster {
             jobs: BTreeMap::new(),
             events: EventLog::new(DEFAULT_CAPACITY),
             draining: BTreeMap::new(),
+            commands: BTreeMap::new(),
         }
     }
 
@@ -167,9 +173,10 @@ impl Cluster {
                 transitions
                     .push(Transition::Joined { node_id: report.node_id.clone(), addr: report.addr.clone() });
                 let busy = busy_fractions(None, &report);
+                let net_rate = net_rate(None, &report);
                 self.nodes.insert(
                     report.node_id.clone(),
-                    NodeRecord { report, received: now, heartbeats: 1, state: NodeState::Up, busy },
+                    NodeRecord { report, received: now, heartbeats: 1, state: NodeState::Up, busy, net_rate },
                 );
             }
             Some(rec) => {
@@ -184,6 +191,7 @@ impl Cluster {
                     transitions.push(Transition::Restarted { node_id: report.node_id.clone() });
                 }
                 rec.busy = busy_fractions(if restarted { None } else { Some(&rec.report) }, &report);
+                rec.net_rate = net_rate(if restarted { None } else { Some(&rec.report) }, &report);
                 rec.report = report;
                 rec.received = now;
                 rec.heartbeats += 1;
@@ -268,6 +276,7 @@ impl Cluster {
                     poll_mode: rec.report.poll_mode,
                     busy: rec.busy.get(&c.core).copied(),
                     parked: c.parked,
+                    polling: c.polling,
                     connections: c.connections,
                     requests: c.requests,
                     forwarded: c.forwarded,
@@ -637,6 +646,82 @@ impl Cluster {
     }
 }
 
+// ---- commands and the view of the rightsizing policy ------------------------------
+
+impl Cluster {
+    /// Queues a command for a node's next heartbeat reply, with an event.
+    /// A newer polling-cores command replaces one not yet sent.
+    pub fn set_polling_cores(&mut self, node_id: &str, cores: usize, why: &str) -> Result<(), String> {
+        let rec = self.nodes.get(node_id).ok_or_else(|| format!("no node `{node_id}`"))?;
+        let total = rec.report.cores.len();
+        if cores == 0 || cores > total {
+            return Err(format!("node {node_id} has {total} core(s): polling cores must be 1..={total}"));
+        }
+        let queue = self.commands.entry(node_id.to_string()).or_default();
+        queue.retain(|c| !matches!(c, NodeCommand::SetPollingCores { .. }));
+        queue.push(NodeCommand::SetPollingCores { cores });
+        self.events.push(
+            EventKind::Cores,
+            Some(node_id),
+            None,
+            format!("{node_id}: {cores} of {total} cores polling ({why})"),
+        );
+        Ok(())
+    }
+
+    /// The commands queued for `node_id`, removed from the queue.
+    pub fn take_commands(&mut self, node_id: &str) -> Vec<NodeCommand> {
+        self.commands.remove(node_id).unwrap_or_default()
+    }
+
+    /// What the rightsizing policy sees: every live node.
+    pub fn scaling_view(&self, provisioned: &[String]) -> Vec<rightsize::NodeView> {
+        self.nodes
+            .iter()
+            .filter(|(_, r)| r.state == NodeState::Up)
+            .map(|(id, r)| {
+                // A command not yet applied counts as applied, so the policy
+                // does not ask twice.
+                let queued = self.commands.get(id).and_then(|q| {
+                    q.iter()
+                        .rev()
+                        .map(|c| match c {
+                            NodeCommand::SetPollingCores { cores } => *cores,
+                        })
+                        .next()
+                });
+                let polling: Vec<usize> =
+                    r.report.cores.iter().filter(|c| c.polling).map(|c| c.core).collect();
+                let active = queued.unwrap_or(polling.len()).max(1);
+                let busy: Vec<f64> = polling.iter().filter_map(|c| r.busy.get(c).copied()).collect();
+                let tier = |name: &str| -> (u64, u64) {
+                    r.report
+                        .tiers
+                        .iter()
+                        .filter(|t| t.tier == name)
+                        .fold((0, 0), |(u, c), t| (u + t.used_bytes, c + t.capacity_bytes))
+                };
+                let (dram_used, dram_cap) = tier("dram");
+                let (flash_used, flash_cap) = tier("flash");
+                rightsize::NodeView {
+                    node_id: id.clone(),
+                    draining: self.draining.contains_key(id),
+                    provisioned: provisioned.contains(id),
+                    cores_total: r.report.cores.len(),
+                    cores_active: active,
+                    busy: if busy.is_empty() { 0.0 } else { busy.iter().sum::<f64>() / busy.len() as f64 },
+                    net_rate: r.net_rate,
+                    dram_used,
+                    dram_cap,
+                    flash_used,
+                    flash_cap,
+                    blocks_used: r.report.tiers.iter().map(|t| t.blocks_used).sum(),
+                }
+            })
+            .collect()
+    }
+}
+
 // ---- draining ------------------------------------------------------------------
 
 impl Cluster {
@@ -834,6 +919,18 @@ fn busy_fractions(prev: Option<&NodeReport>, next: &NodeReport) -> BTreeMap<usiz
     out
 }
 
+/// Network bytes per second (in + out over every core) between two
+/// reports, by the node's own uptime; without a previous one, since start.
+fn net_rate(prev: Option<&NodeReport>, next: &NodeReport) -> f64 {
+    let bytes = |r: &NodeReport| r.cores.iter().map(|c| c.bytes_in.saturating_add(c.bytes_out)).sum::<u64>();
+    let (b0, t0) = prev.map(|p| (bytes(p), p.uptime_ms)).unwrap_or((0, 0));
+    let dt = next.uptime_ms.saturating_sub(t0);
+    if dt == 0 {
+        return 0.0;
+    }
+    bytes(next).saturating_sub(b0) as f64 * 1000.0 / dt as f64
+}
+
 fn sum_tiers<'a>(regions: impl Iterator<Item = &'a crate::api::TierReport>) -> Vec<TierTotals> {
     let mut by_tier: BTreeMap<&str, TierTotals> = BTreeMap::new();
     for t in regions {
@@ -902,6 +999,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             parked: false,
+            polling: true,
         }
     }
 

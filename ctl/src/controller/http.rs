@@ -17,7 +17,7 @@ use super::{nodeops, Shared};
 use crate::api::{
     CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, HeartbeatReply, JobEntry, JobsResponse,
     NodeEntry, NodeReport, NodeState, NodesResponse, RegisterJobRequest, ScaleRequest, ScaleResponse,
-    StatusResponse, TiersResponse,
+    SetCoresRequest, StatusResponse, TiersResponse,
 };
 use crate::provision::ProvisionedNode;
 
@@ -38,6 +38,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/scale", post(scale))
         .route("/v1/nodes/{node_id}/drain", post(drain))
+        .route("/v1/nodes/{node_id}/cores", post(set_cores))
         .route("/v1/provisioner", get(provisioner))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -100,7 +101,9 @@ async fn heartbeat(
     // State changes become events inside `heartbeat`.
     c.heartbeat(report, Instant::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
+    let commands = c.take_commands(&node_id);
     let reply = HeartbeatReply {
+        commands,
         node_id,
         heartbeat_ms: c.heartbeat_interval().as_millis() as u64,
         missed_heartbeats: c.missed_heartbeats(),
@@ -292,4 +295,25 @@ async fn drain(
 
 async fn provisioner(State(s): State<Arc<Shared>>) -> Json<Vec<ProvisionedNode>> {
     Json(s.provisioner.as_ref().map(|p| p.list()).unwrap_or_default())
+}
+
+/// Queues a polling-cores command for the node's next heartbeat reply.
+async fn set_cores(
+    State(s): State<Arc<Shared>>,
+    Path(node_id): Path<String>,
+    JsonBytes(body): JsonBytes,
+) -> Result<Json<NodeEntry>, ApiError> {
+    let req: SetCoresRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid cores request: {e}")))?;
+    let mut c = s.cluster();
+    let now = Instant::now();
+    c.sweep(now);
+    if c.state(&node_id).is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no node `{node_id}`")));
+    }
+    c.set_polling_cores(&node_id, req.cores, "asked by an operator")
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    c.node(&node_id, now)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no node `{node_id}`")))
 }

@@ -11,6 +11,7 @@ pub mod events;
 mod http;
 mod nodeops;
 pub mod policy;
+pub mod rightsize;
 mod scale;
 
 use std::future::Future;
@@ -40,6 +41,9 @@ pub struct ControllerConfig {
     pub provisioner: Option<Arc<dyn Provisioner>>,
     /// How long a registration or a scale-up waits for new nodes' first heartbeats.
     pub node_start_timeout: Duration,
+    /// Nodes rightsizing never drains below, unless the policy file says
+    /// otherwise (`pollen up --nodes N` sets N).
+    pub min_nodes: usize,
     /// Where the HTTP API listens; port 0 picks a free port.
     pub listen: SocketAddr,
     /// The interval at which nodes are expected to send heartbeats.
@@ -57,6 +61,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             provisioner: None,
             node_start_timeout: Duration::from_secs(30),
+            min_nodes: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             heartbeat: DEFAULT_HEARTBEAT,
             missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
@@ -87,6 +92,9 @@ pub(crate) struct Shared {
     node_start_timeout: Duration,
     /// One scaling operation (scale, drain, a registration that starts nodes) at a time.
     scaling: tokio::sync::Mutex<()>,
+    min_nodes: usize,
+    /// When rightsizing last looked, and last acted.
+    rightsized: Mutex<(Option<Instant>, Option<Instant>)>,
 }
 
 impl Shared {
@@ -179,6 +187,8 @@ impl Controller {
             provisioner: cfg.provisioner,
             node_start_timeout: cfg.node_start_timeout,
             scaling: tokio::sync::Mutex::new(()),
+            min_nodes: cfg.min_nodes.max(1),
+            rightsized: Mutex::new((None, None)),
         });
         Ok(Controller { listener, addr, shared })
     }
@@ -225,6 +235,7 @@ async fn sweep(shared: Arc<Shared>) {
         tick.tick().await;
         shared.cluster().sweep(Instant::now());
         shared.stop_drained().await;
+        shared.rightsize();
     }
 }
 

@@ -19,6 +19,7 @@ const EPS: f64 = 1e-9;
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub allocation: AllocTable,
+    pub scaling: super::rightsize::ScalingTable,
 }
 
 impl Policy {
@@ -48,7 +49,7 @@ impl Policy {
         if a.core_throughput == 0 {
             return Err("allocation.core_throughput must be positive".into());
         }
-        Ok(())
+        self.scaling.validate()
     }
 }
 

@@ -4,6 +4,10 @@
 
 use std::time::Instant;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::rightsize::{self, Action, Limits};
 use super::Shared;
 
 /// Why nodes were not added.
@@ -123,6 +127,63 @@ impl Shared {
         }
         resp.open_nodes = self.cluster().open_nodes().len();
         Ok(resp)
+    }
+
+    /// Runs the rightsizing policy when it is due and applies its decision:
+    /// cores change on the next heartbeat reply, nodes are added in the
+    /// background, drains start at once.
+    pub(super) fn rightsize(self: &Arc<Self>) {
+        let (table, core_throughput) = {
+            let c = self.cluster();
+            (c.policy().scaling.clone(), c.policy().allocation.core_throughput)
+        };
+        if !table.enabled {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut at = self.rightsized.lock().unwrap_or_else(|p| p.into_inner());
+            let due = at.0.is_none_or(|t| now - t >= Duration::from_millis(table.interval_ms));
+            let cooled = at.1.is_none_or(|t| now - t >= Duration::from_millis(table.cooldown_ms));
+            if !due || !cooled {
+                return;
+            }
+            at.0 = Some(now);
+        }
+        // A scale-up or registration in progress changes the picture: wait for it.
+        let Ok(busy) = self.scaling.try_lock() else { return };
+        drop(busy);
+        let provisioned = self.provisioned();
+        let can_add =
+            self.provisioner.as_ref().is_some_and(|p| p.limit().is_none_or(|m| provisioned.len() < m));
+        let view = self.cluster().scaling_view(&provisioned);
+        let lim = Limits {
+            table: &table,
+            core_throughput,
+            min_nodes: table.min_nodes.unwrap_or(self.min_nodes),
+            can_add,
+        };
+        let Some(d) = rightsize::decide(&view, lim) else { return };
+        let why = format!("rightsizing: {}", d.reason);
+        let acted = match d.action {
+            Action::SetCores { node_id, cores } => self.cluster().set_polling_cores(&node_id, cores, &why),
+            Action::Drain { node_id } => self.drain(&node_id, &why),
+            Action::AddNode => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _one_at_a_time = me.scaling.lock().await;
+                    // add_nodes records the outcome as events.
+                    let _ = me.add_nodes(1, &why).await;
+                });
+                Ok(())
+            }
+        };
+        match acted {
+            Ok(()) => self.rightsized.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Instant::now()),
+            Err(e) => {
+                self.cluster().scale_event(EventKind::Error, None, format!("rightsizing could not act: {e}"))
+            }
+        }
     }
 
     /// Stops the draining nodes whose blocks are all freed (or that died)

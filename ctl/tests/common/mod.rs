@@ -2,8 +2,12 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use pollen_ctl::api::{EventsResponse, NodeState, NodesResponse};
+use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
+use pollen_ctl::provision::ProvisionedNode;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -117,5 +121,80 @@ impl Pollenctl {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
+const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+
+/// Whether a process (already reaped when it exited) still runs.
+pub fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// `pollen up ARGS` in a fresh directory with `policy.toml`, on a free
+/// controller port with 100 ms heartbeats; killed on drop.
+pub struct Up {
+    pub proc: Reaper,
+    pub dir: tempfile::TempDir,
+    pub ctl: Pollenctl,
+}
+
+impl Up {
+    pub fn start(policy: &str, args: &[&str]) -> Up {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("policy.toml"), policy).expect("policy");
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
+        let child = Command::new(POLLEN)
+            .args(["up", "--policy", "policy.toml"])
+            .args(args)
+            .args(["--no-pin", "--dram-gb", "0.015625", "--ctl-port", "0", "--heartbeat-ms", "100"])
+            .current_dir(dir.path())
+            .env_remove(CONTROLLER_ENV)
+            .stdin(Stdio::null())
+            .stdout(log("up.out"))
+            .stderr(log("up.err"))
+            .spawn()
+            .expect("spawn pollen up");
+        let mut proc = Reaper(Some(child));
+        let data = dir.path().join(DEFAULT_DATA_DIR);
+        let lc = wait_for(Duration::from_secs(30), "pollen up --nodes ready", || {
+            if let Ok(Some(status)) = proc.0.as_mut().expect("running").try_wait() {
+                panic!(
+                    "pollen up exited early with {status}: {}",
+                    std::fs::read_to_string(dir.path().join("up.err")).unwrap_or_default()
+                );
+            }
+            LocalCluster::read(&data).ok().flatten()
+        });
+        let ctl = Pollenctl {
+            bin: POLLENCTL,
+            url: lc.controller,
+            cwd: dir.path().to_path_buf(),
+            logs: vec![dir.path().join("up.err")],
+        };
+        Up { proc, dir, ctl }
+    }
+
+    pub fn nodes(&self) -> NodesResponse {
+        self.ctl.json(&["nodes"])
+    }
+
+    pub fn provisioned(&self) -> Vec<ProvisionedNode> {
+        let resp = ureq::get(format!("{}/v1/provisioner", self.ctl.url)).call().expect("GET /v1/provisioner");
+        resp.into_body().read_json().expect("provisioner JSON")
+    }
+
+    pub fn events(&self) -> EventsResponse {
+        self.ctl.json(&["events"])
+    }
+
+    pub fn wait_open_nodes(&self, n: usize, what: &str) {
+        wait_for(Duration::from_secs(30), what, || {
+            let r = self.nodes();
+            let open = r.nodes.iter().filter(|e| e.state == NodeState::Up && !e.draining).count();
+            let all = r.nodes.len();
+            (open == n && all == n).then_some(())
+        });
     }
 }

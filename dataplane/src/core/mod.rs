@@ -53,6 +53,10 @@ const STORAGE_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// job list it publishes off the request path.
 pub struct CoreShared {
     pub waker: Waker,
+    /// Whether the core polls (spins while idle, per its poll mode); a core
+    /// turned off by the controller parks as soon as it is idle and still
+    /// serves what arrives. Set by the node's management thread.
+    pub polling: AtomicBool,
     pub parked: AtomicBool,
     pub busy_ns: AtomicU64,
     /// The CPU the core thread is pinned to; `u64::MAX` when it is not (not
@@ -82,6 +86,7 @@ impl CoreShared {
     pub fn new() -> std::io::Result<CoreShared> {
         Ok(CoreShared {
             waker: Waker::new()?,
+            polling: AtomicBool::new(true),
             parked: AtomicBool::new(false),
             busy_ns: AtomicU64::new(0),
             pinned_cpu: AtomicU64::new(u64::MAX),
@@ -366,8 +371,9 @@ impl<T: Transport> Core<T> {
             if work > 0 {
                 busy_ns += (now - pass).as_nanos() as u64;
                 idle_since = None;
-            } else if !busy_mode {
+            } else if !busy_mode || !self.st.shared.polling.load(Ordering::Relaxed) {
                 let since = *idle_since.get_or_insert(now);
+                let spin = if self.st.shared.polling.load(Ordering::Relaxed) { spin } else { Duration::ZERO };
                 if now - since >= spin {
                     self.park();
                     idle_since = None;

@@ -1,0 +1,140 @@
+//! Rightsizing end to end: `pollen up --nodes 1 --max-nodes 2 --cores 2`
+//! with a small network band. Idle, the node's second core stops polling;
+//! under load from a real client the controller turns it back on and then
+//! adds a node; when the load stops it drains back to one node with one
+//! polling core. Each step is checked in the event log and in what the
+//! nodes themselves report.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_for, Up};
+use dataplane::client::{Client, PutOptions};
+use pollen_ctl::api::{CoresResponse, Event, EventKind, JobEntry};
+
+/// A core is assumed to serve 1 MB/s, so a few MB/s of reads are far above
+/// the 50% network band and silence is far below 5%.
+const POLICY: &str = r#"
+[allocation]
+per_worker_throughput = "1KB"
+default_workers = 1
+default_capacity = "1MiB"
+core_throughput = "1MB"
+
+[scaling]
+interval_ms = 200
+cooldown_ms = 700
+network = { low = 0.05, high = 0.5 }
+"#;
+
+fn find(up: &Up, what: &str, f: impl Fn(&Event) -> bool) -> Event {
+    wait_for(Duration::from_secs(60), what, || up.events().events.into_iter().find(|e| f(e)))
+}
+
+/// Polling cores per node id, from the nodes' own reports.
+fn polling(up: &Up) -> Vec<(String, usize)> {
+    let r: CoresResponse = up.ctl.json(&["cores"]);
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for c in r.cores.iter().filter(|c| c.polling) {
+        match out.iter_mut().find(|(n, _)| *n == c.node_id) {
+            Some((_, k)) => *k += 1,
+            None => out.push((c.node_id.clone(), 1)),
+        }
+    }
+    out
+}
+
+#[test]
+fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
+    let mut up = Up::start(POLICY, &["--nodes", "1", "--max-nodes", "2", "--cores", "2"]);
+    up.wait_open_nodes(1, "one node up");
+
+    // Idle: the second core is turned off, by a command the node applies.
+    find(&up, "an idle core turned off", |e| {
+        e.kind == EventKind::Cores
+            && e.message.contains("1 of 2 cores polling")
+            && e.message.contains("rightsizing")
+    });
+    wait_for(Duration::from_secs(10), "node-0 reporting one polling core", || {
+        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+    });
+
+    // Load: a client reads one 256 KiB object over and over.
+    let job: JobEntry = up.ctl.json(&["job", "register", "load"]);
+    let mut client = Client::connect(job.node_addr.as_str()).expect("connect");
+    let j = client.job("load").expect("job on its node");
+    let data = vec![42u8; 256 << 10];
+    client.put_buffer(&j, "obj", &data, PutOptions::default()).expect("put");
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let got = client.get_buffer(&j, "obj").expect("get under load");
+                assert_eq!(got.len(), 256 << 10);
+                reads += 1;
+                // A few MB/s is plenty; leave the CPUs to the nodes.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reads
+        })
+    };
+    let on = find(&up, "a core turned on under load", |e| {
+        e.kind == EventKind::Cores
+            && e.message.contains("2 of 2 cores polling")
+            && e.message.contains("network")
+    });
+    let added = find(&up, "a node added under load", |e| {
+        e.kind == EventKind::Scale && e.message.contains("is up") && e.message.contains("rightsizing")
+    });
+    assert!(added.seq > on.seq, "vertical before horizontal: {on:?} then {added:?}");
+    up.wait_open_nodes(2, "two nodes under load");
+
+    // The load stops: cores off, then the added node is drained and stopped.
+    stop.store(true, Ordering::Relaxed);
+    let reads = loader.join().expect("load thread");
+    assert!(reads > 0);
+    let drained = find(&up, "the added node drained and stopped", |e| {
+        e.kind == EventKind::Drain && e.message.contains("stopped") && e.seq > added.seq
+    });
+    let node = drained.node.clone().expect("drained node id");
+    assert_ne!(node, "node-0", "the node holding the job's data is not the least used");
+    up.wait_open_nodes(1, "back to one node");
+    wait_for(Duration::from_secs(30), "back to one polling core", || {
+        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+    });
+    let text = String::from_utf8_lossy(&up.ctl.ok(&["events"]).stdout).into_owned();
+    assert!(text.contains("rightsizing"), "{text}");
+    assert!(up.proc.terminate().success());
+}
+
+/// `pollenctl cores set` by hand (rightsizing off, so nothing undoes it):
+/// the node applies it on its next heartbeat.
+#[test]
+fn cores_set_reaches_the_node() {
+    let mut up = Up::start("[scaling]\nenabled = false\n", &["--nodes", "1", "--cores", "2"]);
+    up.wait_open_nodes(1, "one node up");
+    assert_eq!(polling(&up), vec![("node-0".to_string(), 2)]);
+    up.ctl.ok(&["cores", "set", "node-0", "1"]);
+    wait_for(Duration::from_secs(10), "node-0 polling one core", || {
+        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+    });
+    let table = String::from_utf8_lossy(&up.ctl.ok(&["cores"]).stdout).into_owned();
+    assert!(table.contains("off ("), "{table}");
+    up.ctl.ok(&["cores", "set", "node-0", "2"]);
+    wait_for(Duration::from_secs(10), "node-0 polling two cores", || {
+        (polling(&up) == vec![("node-0".to_string(), 2)]).then_some(())
+    });
+    assert!(up.ctl.fails(&["cores", "set", "node-0", "3"]).contains("1..=2"));
+    assert!(up.ctl.fails(&["cores", "set", "nope", "1"]).contains("404"));
+    let ev = up.events();
+    assert!(ev
+        .events
+        .iter()
+        .any(|e| e.kind == EventKind::Cores && e.message.contains("asked by an operator")));
+    assert!(up.proc.terminate().success());
+}
