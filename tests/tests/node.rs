@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use dataplane::client::{Client, ClientError, PutOptions};
+use dataplane::client::{Client, ClientError, Job, PutOptions};
 use dataplane::node::{NetBackend, Node, NodeConfig, TierSpec};
 use dataplane::proto::{
     flags, meta_core, tier, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC,
@@ -482,6 +482,71 @@ fn flash_cfg(net: NetBackend, cores: usize, dir: &TierDir, flash_blocks: u64) ->
     }
 }
 
+/// Random writes at random offsets and sizes into one block of `t` on
+/// `core`, each followed by a random read checked against a model; then odd
+/// sizes by append across sector boundaries, and the block's limits.
+fn random_read_after_write(c: &mut Client, job: &Job, t: u8, core: usize) {
+    let mut rng = 0x9e3779b97f4a7c15u64 ^ (u64::from(t) << 32 | core as u64);
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    let b = c.alloc_block_on(job, core, t).unwrap();
+    assert_eq!((b.tier(), b.core() as usize), (t, core));
+    // A model of the block, grown and overwritten like the node's.
+    let mut model: Vec<u8> = Vec::new();
+    for round in 0..40 {
+        let off = next(model.len() as u64 + 1) as usize;
+        let len = (next(BS as u64 - off as u64) as usize + 1).min(BS - off);
+        let data = bytes(len, (core * 100 + round) as u64 + 1);
+        let new_len = c.write_block(b, off as u32, &data).unwrap();
+        if model.len() < off + len {
+            model.resize(off + len, 0);
+        }
+        model[off..off + len].copy_from_slice(&data);
+        assert_eq!(new_len as usize, model.len());
+        let roff = next(model.len() as u64) as usize;
+        let rlen = next((model.len() - roff) as u64 + 1) as u32;
+        assert_eq!(c.read_block(b, roff as u32, rlen).unwrap(), &model[roff..roff + rlen as usize]);
+    }
+    assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), model, "tier {t} core {core}");
+    // Odd sizes by append, across sector boundaries.
+    let a = c.alloc_block_on(job, core, t).unwrap();
+    let mut all = Vec::new();
+    for (i, len) in [1usize, 2047, 2, 511, 1000].into_iter().enumerate() {
+        let d = bytes(len, 77 + i as u64);
+        all.extend_from_slice(&d);
+        assert_eq!(c.append_block(a, &d).unwrap() as usize, all.len());
+    }
+    assert_eq!(c.read_block(a, 0, BlockKey::TO_END).unwrap(), all);
+    assert_eq!(c.write_block(a, all.len() as u32 + 1, b"x").unwrap_err().status(), Some(Status::Malformed));
+    assert_eq!(c.append_block(a, &vec![0; BS]).unwrap_err().status(), Some(Status::TooLarge));
+    c.free_block(a).unwrap();
+    assert_eq!(c.read_block(a, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+    c.free_block(b).unwrap();
+}
+
+/// The same read-after-write on every tier of a node that has all three,
+/// on both cores; the disk tier runs the flash engine with its own policy.
+fn every_tier_read_after_write(net: NetBackend) {
+    let dir = TierDir::new("tiers-raw");
+    let cfg = NodeConfig {
+        disk: Some(TierSpec { path: dir.file("disk"), size: Some(2 * 36 * BS as u64) }),
+        ..flash_cfg(net, 2, &dir, 32)
+    };
+    let n = Node::start(cfg).expect("node with flash and disk starts");
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("tiers", JobHints::default()).unwrap();
+    for t in [tier::DRAM, tier::FLASH, tier::DISK] {
+        for core in 0..2 {
+            random_read_after_write(&mut c, &job, t, core);
+        }
+    }
+    n.shutdown();
+}
+
 /// Read-after-write on the flash tier at random offsets and odd sizes,
 /// on every core; a tier the node lacks is `NotFound`.
 fn flash_read_after_write(net: NetBackend) {
@@ -495,49 +560,8 @@ fn flash_read_after_write(net: NetBackend) {
     }
     let mut c = Client::connect(n.addr()).unwrap();
     let job = c.register_job("flash", JobHints::default()).unwrap();
-    let mut rng = 0x9e3779b97f4a7c15u64;
-    let mut next = |m: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % m
-    };
     for core in 0..2 {
-        let b = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
-        assert_eq!((b.tier(), b.core() as usize), (tier::FLASH, core));
-        // A model of the block, grown and overwritten like the node's.
-        let mut model: Vec<u8> = Vec::new();
-        for round in 0..40 {
-            let off = next(model.len() as u64 + 1) as usize;
-            let len = (next(BS as u64 - off as u64) as usize + 1).min(BS - off);
-            let data = bytes(len, (core * 100 + round) as u64 + 1);
-            let new_len = c.write_block(b, off as u32, &data).unwrap();
-            if model.len() < off + len {
-                model.resize(off + len, 0);
-            }
-            model[off..off + len].copy_from_slice(&data);
-            assert_eq!(new_len as usize, model.len());
-            let roff = next(model.len() as u64) as usize;
-            let rlen = next((model.len() - roff) as u64 + 1) as u32;
-            assert_eq!(c.read_block(b, roff as u32, rlen).unwrap(), &model[roff..roff + rlen as usize]);
-        }
-        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), model, "core {core}");
-        // Odd sizes by append, across sector boundaries.
-        let a = c.alloc_block_on(&job, core, tier::FLASH).unwrap();
-        let mut all = Vec::new();
-        for (i, len) in [1usize, 2047, 2, 511, 1000].into_iter().enumerate() {
-            let d = bytes(len, 77 + i as u64);
-            all.extend_from_slice(&d);
-            assert_eq!(c.append_block(a, &d).unwrap() as usize, all.len());
-        }
-        assert_eq!(c.read_block(a, 0, BlockKey::TO_END).unwrap(), all);
-        assert_eq!(
-            c.write_block(a, all.len() as u32 + 1, b"x").unwrap_err().status(),
-            Some(Status::Malformed)
-        );
-        assert_eq!(c.append_block(a, &vec![0; BS]).unwrap_err().status(), Some(Status::TooLarge));
-        c.free_block(a).unwrap();
-        assert_eq!(c.read_block(a, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+        random_read_after_write(&mut c, &job, tier::FLASH, core);
     }
     // Through the main port: requests for a flash block on the other core are forwarded.
     let b = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
@@ -1129,6 +1153,7 @@ pollen_tests::on_both_backends!(
     client_recovers_after_errors,
     large_directories_page,
     flash_read_after_write,
+    every_tier_read_after_write,
     flash_tier_fills,
     flash_concurrent_clients,
     flash_restart,
