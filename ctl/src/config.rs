@@ -48,6 +48,8 @@ override the file; the file overrides the defaults shown here. An unknown key is
     flash = \"/mnt/nvme/pollen.flash:64GiB\"  # flash tier: PATH[:SIZE], a file or block device [default: off]
     disk = \"/mnt/hdd/pollen.disk:1TiB\"      # disk tier, same form [default: off]
     sqpoll = false             # a kernel thread polls the flash/disk submission queues
+    cluster_secret_file = \"/etc/pollen/secret\"  # require capability tokens, checked with this
+                               # secret (also $POLLEN_CLUSTER_SECRET_FILE) [default: none, no checks]
     data_dir = \"pollen-data\"   # pollen.json (pollen up) and the metadata log under DIR/meta,
                                # relative to the current directory [default: pollen-data for
                                # pollen up; none for pollen node: its namespaces are not durable]
@@ -142,6 +144,10 @@ pub struct NodeFlags {
     /// Ask for a kernel thread that polls the flash and disk submission queues (SQPOLL)
     #[arg(long)]
     pub sqpoll: bool,
+    /// Require a capability token on every connection, checked with the cluster secret in FILE
+    /// (also $POLLEN_CLUSTER_SECRET_FILE; at least 16 bytes) [default: none, no token checks]
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// `pollen up`'s flags.
@@ -230,6 +236,7 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_tier")]
     pub disk: Option<TierSpec>,
     pub sqpoll: Option<bool>,
+    pub cluster_secret_file: Option<PathBuf>,
     pub data_dir: Option<Spanned<PathBuf>>,
     // `pollen up` only; spanned to say where a misplaced one is.
     pub ctl_port: Option<Spanned<u16>>,
@@ -369,6 +376,9 @@ impl NodeFlags {
             sqpoll: self.sqpoll || file.sqpoll.unwrap_or(base.sqpoll),
             // Set by `pollen up` and `pollen node` (`--data-dir`).
             data_dir: None,
+            cluster_secret: cluster_secret(
+                self.cluster_secret_file.as_deref().or(file.cluster_secret_file.as_deref()),
+            )?,
         };
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
         anyhow::ensure!(heartbeat_ms >= 1, "the heartbeat interval must be at least 1 ms");
@@ -455,6 +465,19 @@ pub fn node_flags(cfg: &NodeConfig) -> Vec<String> {
         v.push("--sqpoll".into());
     }
     v
+}
+
+/// The environment variable naming the cluster secret file when neither the
+/// flag nor the config file does.
+pub const CLUSTER_SECRET_ENV: &str = "POLLEN_CLUSTER_SECRET_FILE";
+
+/// The cluster secret from `path`, else from the file `$POLLEN_CLUSTER_SECRET_FILE` names.
+fn cluster_secret(path: Option<&Path>) -> Result<Option<dataplane::auth::Secret>> {
+    let env = std::env::var_os(CLUSTER_SECRET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    match path.map(Path::to_path_buf).or(env) {
+        None => Ok(None),
+        Some(p) => Ok(Some(dataplane::auth::Secret::from_file(&p)?)),
+    }
 }
 
 /// GiB (binary: 0.25 is 256 MiB) to whole bytes, rounded down; the node
@@ -647,6 +670,25 @@ mod tests {
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("file-data"), 9070));
         let flash = TierSpec { path: PathBuf::from("/tmp/f.flash"), size: Some(1 << 30) };
         assert_eq!((&n.flash, &n.disk, n.sqpoll), (&Some(flash), &None, true));
+    }
+
+    #[test]
+    fn cluster_secret_from_the_flag_or_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, short) = (dir.path().join("secret"), dir.path().join("short"));
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::write(&short, "tiny\n").unwrap();
+        let in_file = format!("cluster_secret_file = {:?}", good.display().to_string());
+        let s = node_flags(&[]).merge(&file(&in_file, Command::Node)).unwrap();
+        assert!(s.node.cluster_secret.is_some());
+        let flag = ["--cluster-secret-file", short.to_str().unwrap()];
+        let e = node_flags(&flag).merge(&file(&in_file, Command::Node)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("at least 16"),
+            "the flag wins, and a short secret is refused: {e:#}"
+        );
+        let missing = ["--cluster-secret-file", "/nonexistent/secret"];
+        assert!(node_flags(&missing).merge(&FileConfig::default()).is_err());
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct NodeConfig {
     /// Where the node keeps its metadata log (`<data_dir>/meta/`), so the
     /// namespaces survive a restart; `None`: they live in memory only.
     pub data_dir: Option<PathBuf>,
+    /// The cluster secret capability tokens are checked with
+    /// (`crate::auth`). `None`: the node checks no tokens.
+    pub cluster_secret: Option<crate::auth::Secret>,
 }
 
 /// Where a flash or disk tier lives: a file (created and sized if missing)
@@ -131,6 +134,7 @@ impl Default for NodeConfig {
             disk: None,
             sqpoll: false,
             data_dir: None,
+            cluster_secret: None,
         }
     }
 }
@@ -313,6 +317,7 @@ impl Node {
                 spin: Duration::from_micros(cfg.spin_us),
                 limits: Limits::new(cfg.max_body),
                 node_info: info_body.clone(),
+                secret: cfg.cluster_secret.clone().map(Arc::new),
             };
             let ctx = CoreStart {
                 cfg: core_cfg,

@@ -54,6 +54,10 @@ struct Cli {
     /// Print machine-readable JSON instead of tables
     #[arg(long, global = true)]
     json: bool,
+    /// Capability token for put, get, ls and rm, needed when the nodes have a cluster secret
+    /// [default: $POLLEN_TOKEN]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -199,7 +203,8 @@ fn run(cli: Cli) -> Result<()> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let (url, source) = local::resolve_controller(cli.controller.as_deref(), env.as_deref(), &cwd)
         .context("finding the controller")?;
-    let ctl = Controller::new(url, source);
+    let mut ctl = Controller::new(url, source);
+    ctl.token = cli.token.or_else(|| std::env::var("POLLEN_TOKEN").ok().filter(|t| !t.is_empty()));
     let json = cli.json;
     match cli.cmd {
         Cmd::Status => status(&ctl, json),
@@ -240,6 +245,8 @@ struct Controller {
     url: String,
     source: UrlSource,
     agent: ureq::Agent,
+    /// Presented to the nodes by the data commands (`--token`).
+    token: Option<String>,
 }
 
 impl Controller {
@@ -250,7 +257,7 @@ impl Controller {
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        Controller { url, source, agent }
+        Controller { url, source, agent, token: None }
     }
 
     /// GETs an API path and decodes the reply as `T`.
@@ -794,8 +801,9 @@ fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, S
     if entry.node_state != Some(NodeState::Up) || entry.node_addr.is_empty() {
         bail!("job {job}: its node {} is down", entry.node_id);
     }
-    let client = Client::connect(entry.node_addr.as_str())
+    let mut client = Client::connect(entry.node_addr.as_str())
         .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", entry.node_id, entry.node_addr))?;
+    client.set_token(ctl.token.clone());
     Ok((client, entry.node_addr, registered))
 }
 
@@ -817,6 +825,7 @@ fn op_error(what: &str, e: ClientError) -> anyhow::Error {
     let hint = match e.status() {
         Some(Status::DataUnavailable) => " (a node holding the data is down)",
         Some(Status::NoCapacity) => " (the cluster is out of capacity)",
+        Some(Status::Unauthorized) => " (pass the job's capability token with --token or $POLLEN_TOKEN)",
         _ => "",
     };
     anyhow!("{what}: {e}{hint}")

@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
     entries(data);
     node_info(data);
     job_key(data);
+    token(data);
 });
 
 /// Decodes a header and checks what must hold of any header the decoder accepts.
@@ -131,6 +132,7 @@ fn request_payload(h: &Header, key: &[u8], body: &[u8]) {
     let Some(op) = h.op() else { unreachable!("request header with unknown opcode") };
     match op {
         Opcode::Ping | Opcode::NodeInfo | Opcode::BlockAlloc => {}
+        Opcode::Auth => token(body),
         Opcode::RegisterJob => {
             job_key(key);
             job_hints(body);
@@ -246,5 +248,28 @@ fn job_key(b: &[u8]) {
         // The split loses nothing but the separator.
         let joined = if b.len() == job.len() { job.to_string() } else { format!("{job}/{path}") };
         assert_eq!(joined.as_bytes(), b);
+    }
+}
+
+/// An `Auth` body: a token's text form. Verifying arbitrary bytes must fail
+/// cleanly (they are not signed with this secret); whatever `inspect`
+/// accepts must name a job a token can be issued for, and re-issuing its
+/// claims must give a token that verifies to the same claims.
+fn token(b: &[u8]) {
+    use dataplane::auth::{Secret, Token};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let secret = Secret::new(*b"fuzzing secret, sixteen+ bytes").expect("long enough");
+    let Ok(text) = std::str::from_utf8(b) else { return };
+    let now = SystemTime::now();
+    assert!(Token::verify(&secret, text, now).is_err(), "an unsigned token verified");
+    if let Ok(t) = Token::inspect(text) {
+        assert!(!t.job.is_empty() && !t.job.contains('/'));
+        let expiry = UNIX_EPOCH + Duration::from_secs(t.expiry.min(u32::MAX as u64 * 4));
+        if let Ok(again) = Token::issue(&secret, &t.job, t.rights, expiry) {
+            if expiry > now {
+                let back = Token::verify(&secret, &again, now).expect("a token just issued verifies");
+                assert_eq!((back.job, back.rights), (t.job, t.rights));
+            }
+        }
     }
 }

@@ -100,6 +100,8 @@ pub struct Client {
     window: usize,
     /// Next core for new blocks, so consecutive objects start on different cores.
     next_core: usize,
+    /// The capability token every new connection presents (`Auth`).
+    token: Option<String>,
 }
 
 /// Where an object's bytes come from or go to.
@@ -129,6 +131,7 @@ impl Client {
             timeout,
             window: 16,
             next_core: 0,
+            token: None,
         })
     }
 
@@ -149,6 +152,16 @@ impl Client {
         self.window = window.max(1);
     }
 
+    /// The capability token (`auth::Token::issue`) to present: each
+    /// connection to a core sends it once (`Auth`) before its first request;
+    /// open connections are dropped so they present the new one. A node
+    /// with a cluster secret answers `unauthorized` to job requests without
+    /// a valid token; one without a secret accepts any.
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+        self.drop_all();
+    }
+
     /// Socket timeout for every read and write (default 30 s).
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -167,6 +180,11 @@ impl Client {
                 .map_err(|source| ClientError::Io { addr, source })?;
             let mut c = Conn::new(s, addr, self.timeout)?;
             c.set_max_body(self.info.max_body as usize);
+            if let Some(t) = &self.token {
+                let id = c.send(Opcode::Auth, 0, &[], t.as_bytes())?;
+                c.flush()?;
+                c.expect(id)?.into_ok()?;
+            }
             self.conns[core] = Some(c);
         }
         Ok(self.conns[core].as_mut().expect("connected above"))

@@ -189,6 +189,8 @@ impl State {
         }
         match op {
             Opcode::Ping => respond(out, id, opc, ok, body),
+            // Answered by the connection's core before execution (`gate`).
+            Opcode::Auth => return Err(Fail(Status::Internal, "Auth reached execution".into())),
             Opcode::NodeInfo => respond(out, id, opc, ok, &self.cfg.node_info),
             Opcode::RegisterJob => {
                 let name = job_name(key)?;

@@ -3,6 +3,7 @@
 //! SPSC rings. The run loop is bounded per pass:
 //! rings in → network poll (parse, execute or forward) → send batched replies.
 
+mod access;
 mod commit;
 mod exec;
 pub mod pin;
@@ -116,12 +117,17 @@ pub struct CoreConfig {
     pub limits: Limits,
     /// Encoded `NodeInfo` response body.
     pub node_info: Vec<u8>,
+    /// The cluster secret: when set, connections must present a capability
+    /// token (`Auth`) before job-scoped requests.
+    pub secret: Option<Arc<crate::auth::Secret>>,
 }
 
 #[derive(Default)]
 struct Conn {
     live: bool,
     gen: u32,
+    /// What the connection's capability token allows (`Auth`).
+    grant: Option<access::Grant>,
     /// Received bytes not yet parsed (an incomplete frame, or input held back
     /// by backpressure).
     partial: Vec<u8>,
@@ -234,6 +240,9 @@ struct State {
     ns_changed: bool,
     /// The metadata log and the answers waiting for it.
     commit: commit::Commit,
+    /// When tokens expire is checked against this clock, read once per
+    /// receive (only on nodes with a cluster secret).
+    access_now: Instant,
     conns: Vec<Conn>,
     /// Connections with output in `tx`.
     dirty: Vec<ConnId>,
@@ -319,6 +328,7 @@ impl<T: Transport> Core<T> {
                 ns,
                 ns_changed: false,
                 commit: commit::Commit::default(),
+                access_now: Instant::now(),
                 conns: Vec::new(),
                 dirty: Vec::new(),
                 retry: Vec::new(),
@@ -895,6 +905,11 @@ impl State {
             if rest.len() < len {
                 return (off, len);
             }
+            if self.gate(id, &h, &rest[..len]) {
+                // Answered here: `Auth`, or a request the token does not allow.
+                off += len;
+                continue;
+            }
             if !self.dispatch(id, &h, &rest[..len]) {
                 self.conns[id].stalled = true;
                 self.retry.push(id);
@@ -1059,6 +1074,7 @@ impl EventSink for State {
 
     fn received(&mut self, conn: ConnId, data: &[u8]) {
         self.bytes_in += data.len() as u64;
+        self.tick_access_clock();
         let Some(c) = self.conns.get_mut(conn) else { return };
         if !c.live || c.closing {
             return;

@@ -21,6 +21,7 @@ pub const MAX_KEY_LEN: usize = 1024;
 pub enum Opcode {
     Ping = 0x01,
     NodeInfo = 0x02,
+    Auth = 0x03,
     RegisterJob = 0x10,
     DeregisterJob = 0x11,
     CreateDir = 0x12,
@@ -42,6 +43,7 @@ impl Opcode {
         Some(match v {
             0x01 => Ping,
             0x02 => NodeInfo,
+            0x03 => Auth,
             0x10 => RegisterJob,
             0x11 => DeregisterJob,
             0x12 => CreateDir,

@@ -1,0 +1,149 @@
+//! Capability tokens over real TCP, on both network backends: a node with a
+//! cluster secret refuses job requests without a valid token for the job.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use dataplane::auth::{Rights, Secret, Token};
+use dataplane::client::{Client, ClientError, PutOptions};
+use dataplane::node::{NetBackend, Node, NodeConfig};
+use dataplane::proto::{JobHints, Opcode, Status};
+use pollen_tests::raw::Raw;
+use pollen_tests::{bytes, node_config};
+
+const BS: usize = 4096;
+
+fn secret() -> Secret {
+    Secret::new(*b"a cluster secret of 32 bytes....").unwrap()
+}
+
+fn start(net: NetBackend) -> Node {
+    Node::start(NodeConfig { cluster_secret: Some(secret()), ..node_config(2, net, BS, 64) }).unwrap()
+}
+
+fn token(job: &str, rights: Rights) -> String {
+    Token::issue(&secret(), job, rights, SystemTime::now() + Duration::from_secs(3600)).unwrap()
+}
+
+fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Option<Status> {
+    r.unwrap_err().status()
+}
+
+fn tokens_gate_every_job_request(net: NetBackend) {
+    let n = start(net);
+    let mut c = Client::connect(n.addr()).unwrap();
+    // Without a token: the node answers, but not for a job.
+    assert_eq!(c.ping(0, b"hi").unwrap(), b"hi");
+    assert_eq!(status(c.register_job("j", JobHints::default())), Some(Status::Unauthorized));
+    assert_eq!(status(c.job_info("j")), Some(Status::Unauthorized));
+
+    // A forged token: signed with another secret; or claims changed.
+    let other = Secret::new(*b"not the cluster's secret at all.").unwrap();
+    let forged = Token::issue(&other, "j", Rights::ALL, SystemTime::now() + Duration::from_secs(60)).unwrap();
+    c.set_token(Some(forged));
+    assert_eq!(status(c.register_job("j", JobHints::default())), Some(Status::Unauthorized));
+    c.set_token(Some("pt1.garbage.garbage".into()));
+    assert_eq!(status(c.job_info("j")), Some(Status::Unauthorized));
+
+    // A valid token for j: everything on j works.
+    c.set_token(Some(token("j", Rights::ALL)));
+    let job = c.register_job("j", JobHints::default()).unwrap();
+    let data = bytes(3 * BS + 5, 1);
+    c.put_buffer(&job, "x", &data, PutOptions::default()).unwrap();
+    assert_eq!(c.get_buffer(&job, "x").unwrap(), data);
+    assert_eq!(c.enumerate(&job, "").unwrap().len(), 1);
+
+    // The same token for another job: refused.
+    let mut k = Client::connect(n.addr()).unwrap();
+    k.set_token(Some(token("k", Rights::ALL)));
+    let kjob = k.register_job("k", JobHints::default()).unwrap();
+    assert_eq!(status(c.job_info("k")), Some(Status::Unauthorized));
+    assert_eq!(status(c.put_buffer(&kjob, "y", b"1", PutOptions::default())), Some(Status::Unauthorized));
+    assert_eq!(status(k.lookup(&job, "x")), Some(Status::Unauthorized));
+
+    // Rights: a read-only token reads but does not write or deregister.
+    let mut r = Client::connect(n.addr()).unwrap();
+    r.set_token(Some(token("j", Rights::READ)));
+    assert_eq!(r.get_buffer(&job, "x").unwrap(), data);
+    assert_eq!(status(r.put_buffer(&job, "z", b"1", PutOptions::default())), Some(Status::Unauthorized));
+    assert_eq!(status(r.delete(&job, "x")), Some(Status::Unauthorized));
+    assert_eq!(status(r.deregister_job(&job)), Some(Status::Unauthorized));
+    // Read and write, without admin: no (de)registration.
+    let mut w = Client::connect(n.addr()).unwrap();
+    w.set_token(Some(token("j", Rights::READ_WRITE)));
+    w.put_buffer(&job, "z", b"1", PutOptions::default()).unwrap();
+    assert_eq!(status(w.deregister_job(&job)), Some(Status::Unauthorized));
+    n.shutdown();
+}
+
+fn expired_tokens_are_refused(net: NetBackend) {
+    let n = start(net);
+    let s = secret();
+    let mut c = Client::connect(n.addr()).unwrap();
+    c.set_token(Some(token("e", Rights::ALL)));
+    let job = c.register_job("e", JobHints::default()).unwrap();
+    // Expired before it is presented.
+    let past = Token::issue(&s, "e", Rights::ALL, SystemTime::now() - Duration::from_secs(1)).unwrap();
+    c.set_token(Some(past));
+    assert_eq!(status(c.job_info("e")), Some(Status::Unauthorized));
+    // Expires while the connection is open: accepted until then, refused after.
+    let soon = Token::issue(&s, "e", Rights::ALL, SystemTime::now() + Duration::from_secs(3)).unwrap();
+    c.set_token(Some(soon));
+    c.put_buffer(&job, "a", b"1", PutOptions::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.lookup(&job, "a") {
+            Ok(_) => assert!(Instant::now() < deadline, "a token 3 s from expiry still works after 10 s"),
+            Err(e) => {
+                assert_eq!(e.status(), Some(Status::Unauthorized), "{e}");
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.shutdown();
+}
+
+/// The wire level: `Auth` on the main port (requests forwarded to other
+/// cores are checked where the connection is); a refusal leaves the
+/// connection open; a failed `Auth` ends the earlier grant.
+fn auth_on_the_wire(net: NetBackend) {
+    let n = start(net);
+    let mut r = Raw::connect(n.addr());
+    let st = |r: &mut Raw, op, id, key: &[u8], body: &[u8]| {
+        r.send(&Raw::frame(op, 0, id, key, body));
+        let resp = r.recv().expect("an answer");
+        assert_eq!(resp.header.request_id, id);
+        resp.header.status
+    };
+    // "a" and "job1" have their metadata on cores 0 and 1.
+    for (i, job) in ["a", "job1"].into_iter().enumerate() {
+        let id = 10 * i as u64;
+        assert_eq!(st(&mut r, Opcode::RegisterJob, id + 1, job.as_bytes(), &[]), Status::Unauthorized as u16);
+        let t = token(job, Rights::ALL);
+        assert_eq!(st(&mut r, Opcode::Auth, id + 2, &[], t.as_bytes()), 0);
+        assert_eq!(st(&mut r, Opcode::RegisterJob, id + 3, job.as_bytes(), &[]), 0);
+        assert_eq!(st(&mut r, Opcode::JobInfo, id + 4, job.as_bytes(), &[]), 0);
+        assert_eq!(st(&mut r, Opcode::Auth, id + 5, &[], b"pt1.forged.token"), Status::Unauthorized as u16);
+        assert_eq!(st(&mut r, Opcode::JobInfo, id + 6, job.as_bytes(), &[]), Status::Unauthorized as u16);
+    }
+    assert_eq!(st(&mut r, Opcode::Auth, 30, b"key", &[]), Status::Malformed as u16);
+    assert_eq!(st(&mut r, Opcode::Ping, 31, &[], b"still open"), 0);
+    n.shutdown();
+}
+
+/// A node without a secret accepts `Auth` and checks nothing (the default).
+fn no_secret_no_checks(net: NetBackend) {
+    let n = Node::start(node_config(1, net, BS, 16)).unwrap();
+    let mut c = Client::connect(n.addr()).unwrap();
+    c.set_token(Some("anything".into()));
+    let job = c.register_job("free", JobHints::default()).unwrap();
+    c.put_buffer(&job, "x", b"1", PutOptions::default()).unwrap();
+    n.shutdown();
+}
+
+pollen_tests::on_both_backends!(
+    tokens_gate_every_job_request,
+    expired_tokens_are_refused,
+    auth_on_the_wire,
+    no_secret_no_checks
+);
