@@ -454,10 +454,26 @@ impl<T: Transport> Core<T> {
         }
         // Storage on the network's ring goes in with this pass's sends: one
         // system call submits both.
+        // Batches beyond an engine's first go in with calls of their own
+        // (`TierPolicy::submit_batch`).
         if let Some(ring) = self.transport.shared_ring() {
-            let mut sq = ring.submission();
             for e in st.engines.iter_mut().filter(|e| e.is_shared()) {
-                work += e.push_submissions(&mut sq);
+                loop {
+                    let n = e.push_submissions(&mut ring.submission());
+                    work += n;
+                    if n == 0 || !e.has_ready() {
+                        break;
+                    }
+                    if let Err(error) = ring.submit() {
+                        if !matches!(
+                            error.raw_os_error(),
+                            Some(nix::libc::EINTR | nix::libc::EAGAIN | nix::libc::EBUSY)
+                        ) {
+                            tracing::error!(%error, "network ring submit failed");
+                            break;
+                        }
+                    }
+                }
             }
         }
         let _ = self.transport.flush();

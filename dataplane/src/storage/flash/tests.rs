@@ -1032,3 +1032,41 @@ proptest! {
         }
     }
 }
+
+/// Every submission batch size serves a burst of reads spread over blocks
+/// (the rest of a burst goes in with later system calls), and a batch of
+/// zero is refused at open.
+#[test]
+fn submission_batches_serve_a_burst() {
+    need_uring!();
+    let dir = TestDir::new("batches");
+    let b = file(&dir, "t", 8 << 20);
+    for batch in [1, 3, 64] {
+        let mut c = cfg(16384, 48);
+        c.policy.submit_batch = batch;
+        c.iopoll = false;
+        let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+        let ids: Vec<BlockId> = (0..8).map(|_| e.alloc(1).unwrap()).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            write(&mut e, id, 0, &pattern(i as u64, 16384)).unwrap();
+        }
+        for k in 0..40u64 {
+            let i = (k % 8) as usize;
+            e.submit_read(k, ids[i], (k as u32 % 4) * 4096, 4096).unwrap();
+        }
+        let mut got = collect(&mut e, 40);
+        got.sort_by_key(|g| g.0);
+        for (k, r) in got {
+            let i = (k % 8) as usize;
+            let at = (k as usize % 4) * 4096;
+            assert_eq!(bytes(r).unwrap(), pattern(i as u64, 16384)[at..at + 4096], "batch {batch}, read {k}");
+        }
+        for id in ids {
+            e.free(id).unwrap();
+        }
+    }
+    let mut c = cfg(16384, 8);
+    c.policy.submit_batch = 0;
+    let err = FlashEngine::open(&b, whole(&b), &c).err().expect("a batch of 0 is refused");
+    assert!(err.to_string().contains("submit batch 0"), "{err}");
+}
