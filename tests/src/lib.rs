@@ -172,15 +172,39 @@ pub mod proc {
         /// a controller that is not there; the node does not need one) and
         /// waits until it prints its address.
         pub fn start(args: &[&str]) -> NodeProc {
-            let mut child = Command::new(pollen_bin())
-                .arg("node")
+            NodeProc::start_limited(args, None)
+        }
+
+        /// `start`, with the files the node writes limited to `max_file`
+        /// bytes (RLIMIT_FSIZE; writes past it fail with EFBIG), to make its
+        /// disk writes fail.
+        pub fn start_limited(args: &[&str], max_file: Option<u64>) -> NodeProc {
+            let mut cmd = Command::new(pollen_bin());
+            cmd.arg("node")
                 .args(["--port", "0", "--no-pin", "--controller", "http://127.0.0.1:9"])
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn pollen node");
+                .stderr(Stdio::piped());
+            if let Some(max) = max_file {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: between fork and exec the closure only makes two
+                // async-signal-safe system calls and touches no memory the
+                // parent's other threads could hold locked.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        use nix::libc;
+                        // Past the limit a write fails with EFBIG instead of killing the process.
+                        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                        let lim = libc::rlimit { rlim_cur: max, rlim_max: max };
+                        if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            let mut child = cmd.spawn().expect("spawn pollen node");
             let (line_tx, line_rx) = mpsc::channel();
             let out = child.stdout.take().expect("stdout");
             std::thread::spawn(move || {

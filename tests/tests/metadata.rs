@@ -155,6 +155,58 @@ fn a_log_from_another_core_count_is_refused() {
     assert!(err.contains("2 cores") && err.contains("this node has 1 cores"), "{err}");
 }
 
+/// When the log cannot be written (here: a file size limit, so writes fail
+/// with EFBIG), the change whose record failed is answered `internal`, later
+/// changes are refused, reads go on; after a restart every change that was
+/// answered ok is there, and nothing after it.
+#[test]
+fn a_failing_log_refuses_changes_and_keeps_what_it_acknowledged() {
+    let dir = TierDir::new("metalog-full");
+    let data = dir.0.display().to_string();
+    let args = ["--cores", "1", "--dram-gb", "0.004", "--block-size", "4KiB", "--data-dir", &data];
+    let node = NodeProc::start_limited(&args, Some(4096));
+    let mut c = Client::connect(node.addr).unwrap();
+    let job = c.register_job("full", JobHints::default()).unwrap();
+    let mut acked = Vec::new();
+    let mut failed = None;
+    for i in 0..1000 {
+        match c.create_dir(&job, &format!("dir-{i:04}")) {
+            Ok(()) => acked.push(format!("dir-{i:04}/")),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("a 4 KiB log fills up");
+    assert_eq!(e.status(), Some(Status::Internal), "{e}");
+    assert!(acked.len() > 10, "{} changes fit before the limit", acked.len());
+    let refused = c.create_dir(&job, "after").unwrap_err();
+    assert_eq!(refused.status(), Some(Status::Internal), "{refused}");
+    assert!(refused.to_string().contains("metadata log"), "{refused}");
+    assert_eq!(
+        c.enumerate(&job, "").unwrap().len(),
+        acked.len() + 1,
+        "reads go on (the failed change applied)"
+    );
+    assert!(node.wait_for_log("metadata log write failed").is_some());
+    drop(c);
+    node.kill();
+
+    let node = NodeProc::start(&args);
+    let mut c = Client::connect(node.addr).unwrap();
+    let job = c.job("full").unwrap();
+    let listed = everything(&mut c, &job);
+    for name in &acked {
+        assert!(listed.contains_key(name), "acknowledged {name} is missing after the restart");
+    }
+    assert!(!listed.contains_key("after/"));
+    assert!(listed.len() <= acked.len() + 1, "{} listed, {} acknowledged", listed.len(), acked.len());
+    c.create_dir(&job, "after").unwrap();
+    drop(c);
+    node.kill();
+}
+
 /// Namespace changes pipelined on the main port, so that those of one of
 /// the two jobs are forwarded to its metadata core: every one is answered
 /// ok once durable, and all are there after a restart (in process).
