@@ -217,6 +217,8 @@ pub struct Node {
     started: Instant,
     stop: StopHandle,
     threads: Vec<JoinHandle<()>>,
+    /// Held while the cores run (dropped after they are joined).
+    _meta_lock: Option<metalog::DirLock>,
 }
 
 fn listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -301,7 +303,7 @@ impl Node {
         let cpus: Vec<Option<usize>> =
             (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
 
-        let mut metas = replay_meta(&cfg)?;
+        let (mut metas, meta_lock) = replay_meta(&cfg)?;
 
         let started = Instant::now();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Vec<BlockId>, String>)>();
@@ -364,7 +366,17 @@ impl Node {
                 Some(e)
             }
         };
-        let node = Node { cfg, addr, core_addrs, net, net_fallback_reason, started, stop, threads };
+        let node = Node {
+            cfg,
+            addr,
+            core_addrs,
+            net,
+            net_fallback_reason,
+            started,
+            stop,
+            threads,
+            _meta_lock: meta_lock,
+        };
         if let Some(e) = failure {
             node.shutdown();
             return Err(e);
@@ -658,14 +670,14 @@ fn log_shape(cfg: &NodeConfig, core: usize) -> LogShape {
 
 /// Each core's namespaces: empty, or replayed from its log under the data
 /// directory.
-fn replay_meta(cfg: &NodeConfig) -> Result<Vec<Replayed>, NodeError> {
+fn replay_meta(cfg: &NodeConfig) -> Result<(Vec<Replayed>, Option<metalog::DirLock>), NodeError> {
     let bs = cfg.block_size as u64;
     let Some(dir) = &cfg.data_dir else {
-        return Ok((0..cfg.cores)
-            .map(|i| Replayed { ns: Namespaces::new(i as u8, bs), log: None })
-            .collect());
+        let empty = (0..cfg.cores).map(|i| Replayed { ns: Namespaces::new(i as u8, bs), log: None });
+        return Ok((empty.collect(), None));
     };
     let dir = dir.join("meta");
+    let lock = metalog::lock_dir(&dir)?;
     let mut out = Vec::with_capacity(cfg.cores);
     for i in 0..cfg.cores {
         let (rec, file) = metalog::recover(&dir, log_shape(cfg, i))?;
@@ -686,7 +698,7 @@ fn replay_meta(cfg: &NodeConfig) -> Result<Vec<Replayed>, NodeError> {
         );
         out.push(Replayed { ns, log: Some((file, rec.records.len() as u64)) });
     }
-    Ok(out)
+    Ok((out, Some(lock)))
 }
 
 /// Settles the replayed namespaces against the blocks that survived

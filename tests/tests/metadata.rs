@@ -253,6 +253,22 @@ fn pipelined_forwarded_changes_are_durable(net: NetBackend) {
     n.shutdown();
 }
 
+/// Two nodes on one data directory would corrupt each other's logs: the
+/// second is refused while the first runs, and starts once it stopped.
+#[test]
+fn a_data_directory_serves_one_node_at_a_time() {
+    let dir = TierDir::new("metalog-lock");
+    let cfg = || dataplane::node::NodeConfig {
+        data_dir: Some(dir.0.clone()),
+        ..pollen_tests::node_config(1, NetBackend::Epoll, BS, 16)
+    };
+    let first = dataplane::node::Node::start(cfg()).unwrap();
+    let e = dataplane::node::Node::start(cfg()).err().expect("refused").to_string();
+    assert!(e.contains("in use by another running node"), "{e}");
+    first.shutdown();
+    dataplane::node::Node::start(cfg()).unwrap().shutdown();
+}
+
 pollen_tests::on_both_backends!(
     acknowledged_objects_survive_sigkill,
     pipelined_forwarded_changes_are_durable

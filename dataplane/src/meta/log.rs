@@ -258,6 +258,28 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// An exclusive lock on a log directory (`DIR/LOCK`, flock), held while a
+/// node uses it: two nodes appending to the same logs would corrupt them.
+pub struct DirLock {
+    _file: nix::fcntl::Flock<File>,
+}
+
+/// Takes the lock on `dir` (created if missing), or says that another
+/// process holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, LogError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join("LOCK");
+    let f = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(DirLock { _file: l }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LogError::Refused {
+            path,
+            message: "in use by another running node (each node needs its own data directory)".into(),
+        }),
+        Err((_, e)) => Err(io(&path)(e.into())),
+    }
+}
+
 /// Opens (creating if missing) the log of `shape.core` in `dir`, checks its
 /// header against `shape`, and reads its valid records. A torn or corrupt
 /// tail is truncated away (and the file synced) with a warning.
@@ -621,6 +643,17 @@ mod tests {
         let (rec, _) = recover(&dir, shape()).unwrap();
         let want = sample();
         assert_eq!(rec.iter().collect::<Vec<_>>(), want[..want.len() - 1]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_is_locked_while_in_use() {
+        let dir = tmp("lock");
+        let l = lock_dir(&dir).unwrap();
+        let e = lock_dir(&dir).err().expect("locked").to_string();
+        assert!(e.contains("in use by another running node"), "{e}");
+        drop(l);
+        lock_dir(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
