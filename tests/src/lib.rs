@@ -179,7 +179,13 @@ pub mod proc {
         /// bytes (RLIMIT_FSIZE; writes past it fail with EFBIG), to make its
         /// disk writes fail.
         pub fn start_limited(args: &[&str], max_file: Option<u64>) -> NodeProc {
+            NodeProc::start_with(args, max_file, &[])
+        }
+
+        /// `start_limited`, with these environment variables set.
+        pub fn start_with(args: &[&str], max_file: Option<u64>, env: &[(&str, &str)]) -> NodeProc {
             let mut cmd = Command::new(pollen_bin());
+            cmd.envs(env.iter().copied());
             cmd.arg("node")
                 .args(["--port", "0", "--no-pin", "--controller", "http://127.0.0.1:9"])
                 .args(args)

@@ -141,6 +141,39 @@ fn no_secret_no_checks(net: NetBackend) {
     n.shutdown();
 }
 
+/// `pollen node` reads the secret from `--cluster-secret-file` or
+/// `$POLLEN_CLUSTER_SECRET_FILE` and checks tokens issued with it.
+#[test]
+fn pollen_node_takes_its_secret_from_a_file() {
+    use pollen_tests::proc::NodeProc;
+    let dir = pollen_tests::TierDir::new("secret");
+    let path = dir.file("secret");
+    std::fs::write(&path, "a cluster secret of 32 bytes....\n").unwrap();
+    let p = path.display().to_string();
+    let base = ["--cores", "1", "--dram-gb", "0.004", "--block-size", "4KiB"];
+    for (args, env) in [
+        ([&base[..], &["--cluster-secret-file", &p]].concat(), vec![]),
+        (base.to_vec(), vec![("POLLEN_CLUSTER_SECRET_FILE", p.as_str())]),
+    ] {
+        let node = NodeProc::start_with(&args, None, &env);
+        let mut c = Client::connect(node.addr).unwrap();
+        assert_eq!(status(c.register_job("f", JobHints::default())), Some(Status::Unauthorized));
+        c.set_token(Some(token("f", Rights::ALL)));
+        let job = c.register_job("f", JobHints::default()).unwrap();
+        c.put_buffer(&job, "x", b"hello", PutOptions::default()).unwrap();
+        assert_eq!(c.get_buffer(&job, "x").unwrap(), b"hello");
+        node.kill();
+    }
+    // A secret too short to be one: the node does not start.
+    std::fs::write(&path, "short").unwrap();
+    let out = std::process::Command::new(pollen_tests::proc::pollen_bin())
+        .args(["node", "--port", "0", "--no-pin", "--cluster-secret-file", &p])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+}
+
 pollen_tests::on_both_backends!(
     tokens_gate_every_job_request,
     expired_tokens_are_refused,
