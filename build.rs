@@ -19,7 +19,8 @@ mod dpdk {
     const MIN_VERSION: &str = "22.11";
 
     pub fn build() {
-        let native = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../native");
+        let native =
+            PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../native");
         println!("cargo:rerun-if-changed={}", native.join("shim.h").display());
         println!("cargo:rerun-if-changed={}", native.join("shim.c").display());
         println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
@@ -41,7 +42,8 @@ mod dpdk {
         // DPDK's headers need its compile flags (`-include rte_config.h`,
         // `-march=...`), which pkg-config gives as cflags.
         let cflags = pkg_config::get_variable("libdpdk", "cflags").ok();
-        let mut clang_args: Vec<String> = lib.include_paths.iter().map(|p| format!("-I{}", p.display())).collect();
+        let mut clang_args: Vec<String> =
+            lib.include_paths.iter().map(|p| format!("-I{}", p.display())).collect();
         let extra = std::process::Command::new("pkg-config")
             .args(["--cflags-only-other", "libdpdk"])
             .output()

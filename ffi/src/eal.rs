@@ -33,7 +33,10 @@ impl Eal {
         }
         let mut owned = Vec::with_capacity(args.len() + 1);
         for a in std::iter::once("pollen").chain(args.iter().map(String::as_str)) {
-            owned.push(CString::new(a).map_err(|_| DpdkError::Invalid(format!("EAL argument {a:?} contains NUL")))?);
+            owned.push(
+                CString::new(a)
+                    .map_err(|_| DpdkError::Invalid(format!("EAL argument {a:?} contains NUL")))?,
+            );
         }
         // The EAL may keep pointers into argv and reorders it: the strings
         // and the array live for the rest of the process.

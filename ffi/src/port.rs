@@ -133,22 +133,21 @@ impl Port {
         if rc != 0 {
             return Err(DpdkError::call(format!("port {id} info"), rc));
         }
-        let driver = raw
-            .driver
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8 as char)
-            .collect::<String>();
+        let driver = raw.driver.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect::<String>();
         if raw.max_rx_queues < cfg.queues || raw.max_tx_queues < cfg.queues {
             return Err(DpdkError::Invalid(format!(
                 "DPDK port {id} ({driver}) has {} rx and {} tx queues; {} cores need as many of each",
                 raw.max_rx_queues, raw.max_tx_queues, cfg.queues
             )));
         }
-        let rss_in_use = if cfg.queues > 1 { {
-            // SAFETY: no arguments; returns a constant.
-            raw.flow_type_rss_offloads & unsafe { sys::pollen_rss_hash_types() }
-        } } else { 0 };
+        let rss_in_use = if cfg.queues > 1 {
+            {
+                // SAFETY: no arguments; returns a constant.
+                raw.flow_type_rss_offloads & unsafe { sys::pollen_rss_hash_types() }
+            }
+        } else {
+            0
+        };
         // SAFETY: plain values; the shim fills rte_eth_conf itself.
         let rc = unsafe { sys::pollen_port_configure(id, cfg.queues, rss_in_use) };
         if rc != 0 {
@@ -168,14 +167,22 @@ impl Port {
             // the driver's defaults; the pool outlives the port (it lives
             // until the process exits).
             let rc = unsafe {
-                sys::rte_eth_rx_queue_setup(id, q, cfg.rx_descriptors, socket as u32, std::ptr::null(), pool.as_ptr())
+                sys::rte_eth_rx_queue_setup(
+                    id,
+                    q,
+                    cfg.rx_descriptors,
+                    socket as u32,
+                    std::ptr::null(),
+                    pool.as_ptr(),
+                )
             };
             if rc != 0 {
                 return Err(DpdkError::call(format!("set up rx queue {q} of port {id}"), rc));
             }
             // SAFETY: as above; a null txconf means the driver's defaults.
-            let rc =
-                unsafe { sys::rte_eth_tx_queue_setup(id, q, cfg.tx_descriptors, socket as u32, std::ptr::null()) };
+            let rc = unsafe {
+                sys::rte_eth_tx_queue_setup(id, q, cfg.tx_descriptors, socket as u32, std::ptr::null())
+            };
             if rc != 0 {
                 return Err(DpdkError::call(format!("set up tx queue {q} of port {id}"), rc));
             }
@@ -336,7 +343,8 @@ impl QueuePair {
             // SAFETY: &mut self means this thread alone uses the queue; raw
             // holds n valid mbufs, still owned by `pkts` until the count
             // comes back.
-            let sent = unsafe { sys::pollen_tx_burst(self.port, self.queue, raw.as_mut_ptr(), n as u16) } as usize;
+            let sent =
+                unsafe { sys::pollen_tx_burst(self.port, self.queue, raw.as_mut_ptr(), n as u16) } as usize;
             debug_assert!(sent <= n);
             total += sent;
             if sent < n {
