@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use dataplane::node::{NetBackend, NodeConfig, PollMode, TierSpec};
+use dataplane::node::{DpdkConfig, NetBackend, NodeConfig, PollMode, TierSpec};
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -33,7 +33,7 @@ override the file; the file overrides the defaults shown here. An unknown key is
 
     cores = 1                  # polling cores [default: 1 on <= 2 CPUs, else CPUs - 1]
     poll = \"adaptive\"          # or \"busy\"
-    net = \"uring\"              # or \"epoll\"
+    net = \"uring\"              # or \"epoll\", or \"dpdk\" (a build with --features dpdk; docs/dpdk.md)
     port = 7400                # 0 = a free port
     core_port_base = 7401      # [default: port + 1, or free ports when port is 0]
     dram_gb = 0.25             # DRAM tier per core, in GiB (a decimal: 0.0625, 4)
@@ -59,7 +59,9 @@ override the file; the file overrides the defaults shown here. An unknown key is
 
     # pollen node only
     controller = \"http://127.0.0.1:7070\"
-    ip = \"127.0.0.1\"
+    ip = \"127.0.0.1\"          # with net = \"dpdk\": the stack's address and prefix, \"10.0.0.2/24\"
+    dpdk_args = \"-l 2-3 -a 0000:03:00.0\"   # DPDK EAL arguments (net = \"dpdk\")
+    dpdk_port = 0
 
 An annotated example: docs/pollen.example.toml.";
 
@@ -79,6 +81,38 @@ pub enum Net {
     Uring,
     /// mio/epoll
     Epoll,
+    /// DPDK poll-mode queues and a user-space TCP/IP stack; needs a build with `--features dpdk`,
+    /// --dpdk-args and --ip A.B.C.D/NN (docs/dpdk.md)
+    Dpdk,
+}
+
+/// `--ip`: an address, with a prefix length for the DPDK transport's stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct IpSpec {
+    pub addr: IpAddr,
+    pub prefix: Option<u8>,
+}
+
+impl std::str::FromStr for IpSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IpSpec, String> {
+        let bad = || format!("{s:?}: invalid IP address (A.B.C.D, or A.B.C.D/NN for --net dpdk)");
+        match s.split_once('/') {
+            None => Ok(IpSpec { addr: s.parse().map_err(|_| bad())?, prefix: None }),
+            Some(_) => {
+                let (ip, len) = dataplane::node::parse_ipv4_cidr(s).map_err(|e| format!("{}: {e}", bad()))?;
+                Ok(IpSpec { addr: IpAddr::V4(ip), prefix: Some(len) })
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for IpSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<IpSpec, String> {
+        s.parse()
+    }
 }
 
 /// The node's flags, shared by `pollen up` and `pollen node`.
@@ -148,6 +182,12 @@ pub struct NodeFlags {
     /// (also $POLLEN_CLUSTER_SECRET_FILE; at least 16 bytes) [default: none, no token checks]
     #[arg(long, value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// --net dpdk: DPDK EAL arguments, e.g. "-l 2-3 -a 0000:03:00.0" (docs/dpdk.md)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub dpdk_args: Option<String>,
+    /// --net dpdk: the DPDK port number to use [default: 0]
+    #[arg(long, value_name = "N")]
+    pub dpdk_port: Option<u16>,
 }
 
 /// `pollen up`'s flags.
@@ -183,9 +223,10 @@ pub struct NodeArgs {
     /// The controller to send heartbeats to [default: http://127.0.0.1:7070]
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
-    /// The IP address the node listens on [default: 127.0.0.1]
-    #[arg(long, value_name = "IP")]
-    pub ip: Option<IpAddr>,
+    /// The IP address the node listens on; with --net dpdk, the address and prefix length of
+    /// its own TCP/IP stack (A.B.C.D/NN) [default: 127.0.0.1]
+    #[arg(long, value_name = "IP[/NN]")]
+    pub ip: Option<IpSpec>,
     /// Keep the metadata log in DIR/meta, so jobs, directories and objects survive a restart
     /// [default: none; the namespaces live in memory only]
     #[arg(long, value_name = "DIR")]
@@ -237,12 +278,14 @@ pub struct FileConfig {
     pub disk: Option<TierSpec>,
     pub sqpoll: Option<bool>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub dpdk_args: Option<String>,
+    pub dpdk_port: Option<u16>,
     pub data_dir: Option<Spanned<PathBuf>>,
     // `pollen up` only; spanned to say where a misplaced one is.
     pub ctl_port: Option<Spanned<u16>>,
     // `pollen node` only.
     pub controller: Option<Spanned<String>>,
-    pub ip: Option<Spanned<IpAddr>>,
+    pub ip: Option<Spanned<IpSpec>>,
 }
 
 /// Why a config file was refused.
@@ -331,7 +374,12 @@ impl NodeFlags {
 
     /// Flags over `file` over the defaults: the node's config and heartbeat
     /// interval, validated.
-    pub fn merge(&self, file: &FileConfig, listen: IpAddr) -> Result<(NodeConfig, Duration)> {
+    pub fn merge(
+        &self,
+        file: &FileConfig,
+        listen: IpAddr,
+        prefix: Option<u8>,
+    ) -> Result<(NodeConfig, Duration)> {
         let base = NodeConfig::default();
         let port = self.port.or(file.port).unwrap_or(base.port);
         let core_port_base = match self.core_port_base.or(file.core_port_base) {
@@ -364,6 +412,7 @@ impl NodeFlags {
                 None => base.net,
                 Some(Net::Uring) => NetBackend::Uring,
                 Some(Net::Epoll) => NetBackend::Epoll,
+                Some(Net::Dpdk) => NetBackend::Dpdk,
             },
             block_size: block_size.context("the block size is too large")?,
             dram_bytes_per_core: gb_to_bytes(dram_gb).map_err(anyhow::Error::msg).context("DRAM per core")?,
@@ -379,6 +428,20 @@ impl NodeFlags {
             cluster_secret: cluster_secret(
                 self.cluster_secret_file.as_deref().or(file.cluster_secret_file.as_deref()),
             )?,
+            dpdk: DpdkConfig {
+                eal_args: self
+                    .dpdk_args
+                    .as_ref()
+                    .or(file.dpdk_args.as_ref())
+                    .map(|a| a.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default(),
+                port_id: self.dpdk_port.or(file.dpdk_port).unwrap_or(0),
+                ip: match (listen, prefix) {
+                    (IpAddr::V4(a), Some(p)) => Some((a, p)),
+                    _ => None,
+                },
+                gateway: None,
+            },
         };
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
         anyhow::ensure!(heartbeat_ms >= 1, "the heartbeat interval must be at least 1 ms");
@@ -396,7 +459,7 @@ impl UpArgs {
     }
 
     pub fn merge(&self, file: &FileConfig) -> Result<UpSettings> {
-        let (mut node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let (mut node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST), None)?;
         let nodes = self.nodes.map(|n| (n as usize, self.max_nodes.unwrap_or(n).max(n) as usize));
         let data_dir = self
             .data_dir
@@ -426,8 +489,11 @@ impl NodeArgs {
     }
 
     pub fn merge(&self, file: &FileConfig) -> Result<NodeSettings> {
-        let ip = self.ip.or(file.ip.as_ref().map(|ip| *ip.get_ref())).unwrap_or(DEFAULT_NODE_IP);
-        let (mut node, heartbeat) = self.node.merge(file, ip)?;
+        let ip = self
+            .ip
+            .or(file.ip.as_ref().map(|ip| *ip.get_ref()))
+            .unwrap_or(IpSpec { addr: DEFAULT_NODE_IP, prefix: None });
+        let (mut node, heartbeat) = self.node.merge(file, ip.addr, ip.prefix)?;
         node.data_dir = self.data_dir.clone().or_else(|| file.data_dir.clone().map(Spanned::into_inner));
         let controller = self
             .controller
@@ -834,7 +900,7 @@ mod tests {
             ("block_size = 1.5", "a size"),
             ("max_body = \"1XB\"", "unknown unit"),
             ("poll = \"sometimes\"", "unknown variant `sometimes`"),
-            ("net = \"dpdk\"", "unknown variant `dpdk`"),
+            ("net = \"rdma\"", "unknown variant `rdma`"),
             ("port = 70000", "u16"),
             ("cores = -1", "invalid value"),
             ("heartbeat_ms = 0", "at least 1"),

@@ -37,6 +37,8 @@ pub enum PollMode {
 pub enum NetBackend {
     Uring,
     Epoll,
+    /// DPDK with a user-space TCP stack (cargo feature `dpdk`).
+    Dpdk,
 }
 
 macro_rules! name_enum {
@@ -58,7 +60,7 @@ macro_rules! name_enum {
     };
 }
 name_enum!(PollMode, Busy => "busy", Adaptive => "adaptive");
-name_enum!(NetBackend, Uring => "uring", Epoll => "epoll");
+name_enum!(NetBackend, Uring => "uring", Epoll => "epoll", Dpdk => "dpdk");
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -93,6 +95,35 @@ pub struct NodeConfig {
     /// The cluster secret capability tokens are checked with
     /// (`crate::auth`). `None`: the node checks no tokens.
     pub cluster_secret: Option<crate::auth::Secret>,
+    /// The DPDK transport's settings (used when `net` is `Dpdk`).
+    pub dpdk: DpdkConfig,
+}
+
+/// How a node runs on DPDK: the EAL's arguments, which port, and the
+/// address its user-space TCP/IP stack answers on (the MAC is the port's).
+/// The node listens on `ip` at `port` and the core ports.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DpdkConfig {
+    /// EAL arguments, e.g. `-l 0-1 -a 0000:03:00.0` or, without a NIC,
+    /// `--no-huge --no-pci --vdev=net_tap0,iface=pollen0`.
+    pub eal_args: Vec<String>,
+    /// DPDK port number (the order in which the EAL found the devices).
+    pub port_id: u16,
+    /// The node's IPv4 address and prefix length.
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// Next hop for addresses outside the prefix.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Parses `A.B.C.D/NN`.
+pub fn parse_ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, len) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected A.B.C.D/NN"))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
+    let len: u8 = len.parse().map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
+    if !(1..=32).contains(&len) {
+        return Err(format!("{s:?}: the prefix length must be 1..=32"));
+    }
+    Ok((ip, len))
 }
 
 /// Where a flash or disk tier lives: a file (created and sized if missing)
@@ -135,6 +166,7 @@ impl Default for NodeConfig {
             sqpoll: false,
             data_dir: None,
             cluster_secret: None,
+            dpdk: DpdkConfig::default(),
         }
     }
 }
@@ -180,6 +212,16 @@ impl NodeConfig {
         if self.core_port_base != 0 && self.core_port_base as usize + self.cores > u16::MAX as usize + 1 {
             return bad("core ports run past 65535".into());
         }
+        if self.net == NetBackend::Dpdk {
+            if !cfg!(feature = "dpdk") {
+                return bad(
+                    "this build has no DPDK support: build with `--features dpdk` (needs libdpdk-dev)".into(),
+                );
+            }
+            if self.dpdk.ip.is_none() {
+                return bad("the DPDK transport needs the node's address: --ip A.B.C.D/NN".into());
+            }
+        }
         Ok(())
     }
 }
@@ -219,6 +261,108 @@ pub struct Node {
     threads: Vec<JoinHandle<()>>,
     /// Held while the cores run (dropped after they are joined).
     _meta_lock: Option<metalog::DirLock>,
+    /// The DPDK port, kept started while the node runs.
+    #[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
+    dpdk: Option<DpdkNode>,
+}
+
+/// A kernel node's listeners, per core (the main port with SO_REUSEPORT,
+/// then the core's own), the main address and the core addresses.
+type Listeners = (SocketAddr, Vec<Vec<TcpListener>>, Vec<SocketAddr>);
+
+fn kernel_listeners(cfg: &NodeConfig) -> Result<Listeners, NodeError> {
+    let n = cfg.cores;
+    let first = listener(SocketAddr::new(cfg.listen, cfg.port), true)
+        .map_err(io_err(format!("listen on {}:{}", cfg.listen, cfg.port)))?;
+    let addr = first.local_addr().map_err(io_err("main port address"))?;
+    let mut per_core: Vec<Vec<TcpListener>> = vec![vec![first]];
+    for _ in 1..n {
+        per_core.push(vec![listener(addr, true).map_err(io_err(format!("listen on {addr}")))?]);
+    }
+    let mut core_addrs = Vec::with_capacity(n);
+    for (i, ls) in per_core.iter_mut().enumerate() {
+        let port = if cfg.core_port_base == 0 { 0 } else { cfg.core_port_base + i as u16 };
+        let l = listener(SocketAddr::new(cfg.listen, port), false)
+            .map_err(io_err(format!("listen on {}:{port} (core {i})", cfg.listen)))?;
+        core_addrs.push(l.local_addr().map_err(io_err("core port address"))?);
+        ls.push(l);
+    }
+    Ok((addr, per_core, core_addrs))
+}
+
+/// A DPDK node's port and what each core still has to take of it.
+#[cfg(feature = "dpdk")]
+struct DpdkNode {
+    port: ffi::PortMonitor,
+    shared: std::sync::Arc<crate::transport::dpdk::Shared>,
+    cores: Vec<crate::transport::dpdk::CoreNet>,
+}
+
+#[cfg(not(feature = "dpdk"))]
+struct DpdkNode {
+    cores: Vec<std::convert::Infallible>,
+}
+
+/// Initialises the EAL and starts the port with one queue pair per core.
+/// DPDK has no ephemeral ports to pick from: port 0 means 7400, core ports
+/// 0 mean the ports after the main one.
+#[cfg(feature = "dpdk")]
+fn dpdk_start(cfg: &NodeConfig) -> Result<(SocketAddr, Vec<SocketAddr>, DpdkNode), NodeError> {
+    let fail = |e: ffi::DpdkError| NodeError::Config(format!("DPDK: {e}"));
+    let (ip, prefix) = cfg.dpdk.ip.ok_or_else(|| NodeError::Config("DPDK needs --ip A.B.C.D/NN".into()))?;
+    let eal = ffi::Eal::init(&cfg.dpdk.eal_args).map_err(fail)?;
+    let queues = u16::try_from(cfg.cores).map_err(|_| NodeError::Config("too many cores for DPDK".into()))?;
+    let mut port = ffi::Port::start(eal, &ffi::PortConfig::new(cfg.dpdk.port_id, queues)).map_err(fail)?;
+    let main_port = if cfg.port == 0 { 7400 } else { cfg.port };
+    let base = if cfg.core_port_base == 0 { main_port + 1 } else { cfg.core_port_base };
+    if base as usize + cfg.cores > u16::MAX as usize + 1 {
+        return Err(NodeError::Config("core ports run past 65535".into()));
+    }
+    let addr = SocketAddr::new(IpAddr::V4(ip), main_port);
+    let core_addrs: Vec<SocketAddr> =
+        (0..cfg.cores).map(|i| SocketAddr::new(IpAddr::V4(ip), base + i as u16)).collect();
+    let mut ports = vec![main_port];
+    ports.extend(core_addrs.iter().map(|a| a.port()));
+    let shared = std::sync::Arc::new(crate::transport::dpdk::Shared::new(
+        core_addrs.iter().map(|a| a.port()).collect(),
+    ));
+    let mac = port.info().mac;
+    tracing::info!(port = cfg.dpdk.port_id, driver = %port.info().driver, mac = ?mac, rss = port.info().rss_in_use, "DPDK port started");
+    let cores = port
+        .take_queues()
+        .into_iter()
+        .enumerate()
+        .map(|(core, queue)| crate::transport::dpdk::CoreNet {
+            eal,
+            queue,
+            core,
+            mac,
+            ip,
+            prefix,
+            gateway: cfg.dpdk.gateway,
+            ports: ports.clone(),
+            shared: shared.clone(),
+        })
+        .collect();
+    Ok((addr, core_addrs, DpdkNode { port: port.monitor(), shared, cores }))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_start(_: &NodeConfig) -> Result<(SocketAddr, Vec<SocketAddr>, DpdkNode), NodeError> {
+    Err(NodeError::Config("this build has no DPDK support: build with `--features dpdk`".into()))
+}
+
+/// A DPDK node's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DpdkCounters {
+    /// Buffers of the port's pools that are out of them (rx rings included).
+    pub mbufs_in_use: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Frames dropped before the TCP/IP stack (malformed, multi-segment).
+    pub dropped_rx: u64,
+    /// Frames the stack built that found no buffer.
+    pub dropped_tx: u64,
 }
 
 fn listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -240,22 +384,14 @@ impl Node {
         cfg.validate()?;
         let n = cfg.cores;
 
-        // Every core accepts on the main port (SO_REUSEPORT) and on its own.
-        let first = listener(SocketAddr::new(cfg.listen, cfg.port), true)
-            .map_err(io_err(format!("listen on {}:{}", cfg.listen, cfg.port)))?;
-        let addr = first.local_addr().map_err(io_err("main port address"))?;
-        let mut per_core: Vec<Vec<TcpListener>> = vec![vec![first]];
-        for _ in 1..n {
-            per_core.push(vec![listener(addr, true).map_err(io_err(format!("listen on {addr}")))?]);
-        }
-        let mut core_addrs = Vec::with_capacity(n);
-        for (i, ls) in per_core.iter_mut().enumerate() {
-            let port = if cfg.core_port_base == 0 { 0 } else { cfg.core_port_base + i as u16 };
-            let l = listener(SocketAddr::new(cfg.listen, port), false)
-                .map_err(io_err(format!("listen on {}:{port} (core {i})", cfg.listen)))?;
-            core_addrs.push(l.local_addr().map_err(io_err("core port address"))?);
-            ls.push(l);
-        }
+        let mut dpdk = None;
+        let (addr, mut per_core, core_addrs) = if cfg.net == NetBackend::Dpdk {
+            let (addr, core_addrs, queues) = dpdk_start(&cfg)?;
+            dpdk = Some(queues);
+            (addr, (0..n).map(|_| Vec::new()).collect::<Vec<_>>(), core_addrs)
+        } else {
+            kernel_listeners(&cfg)?
+        };
 
         // One backing per tier, split into a region per core; each core opens
         // its own engine on its region (engines are not Send).
@@ -272,6 +408,7 @@ impl Node {
 
         let (net, net_fallback_reason) = match cfg.net {
             NetBackend::Epoll => (NetBackend::Epoll, None),
+            NetBackend::Dpdk => (NetBackend::Dpdk, None),
             NetBackend::Uring => match uring::probe() {
                 Ok(()) => (NetBackend::Uring, None),
                 Err(reason) => {
@@ -305,11 +442,17 @@ impl Node {
 
         let (mut metas, meta_lock) = replay_meta(&cfg)?;
 
+        #[cfg(feature = "dpdk")]
+        if let Some(d) = &dpdk {
+            d.shared.set_wakers(shared.iter().map(|c| c.waker.fd()).collect());
+        }
         let started = Instant::now();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Vec<BlockId>, String>)>();
         let mut threads = Vec::with_capacity(n);
         let mut meta_txs = Vec::with_capacity(n);
-        for (i, (listeners, links)) in per_core.into_iter().zip(mesh(n, 4096)).enumerate() {
+        let mut dpdk_queues =
+            dpdk.as_mut().map(|d| std::mem::take(&mut d.cores)).unwrap_or_default().into_iter();
+        for (i, (listeners, links)) in per_core.drain(..).zip(mesh(n, 4096)).enumerate() {
             let (meta_tx, meta_rx) = mpsc::channel::<MetaStart>();
             meta_txs.push(meta_tx);
             let core_cfg = CoreConfig {
@@ -333,6 +476,7 @@ impl Node {
                 max_frame: crate::proto::HEADER_LEN + crate::proto::MAX_KEY_LEN + cfg.max_body,
                 storage: tiers.iter().map(|(t, b, r)| (*t, b.clone(), r[i])).collect(),
                 sqpoll: cfg.sqpoll,
+                dpdk: dpdk_queues.next(),
                 stop: stop.stop.clone(),
                 peers: shared.clone(),
                 meta: meta_rx,
@@ -376,6 +520,7 @@ impl Node {
             stop,
             threads,
             _meta_lock: meta_lock,
+            dpdk,
         };
         if let Some(e) = failure {
             node.shutdown();
@@ -395,6 +540,23 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.cfg
+    }
+
+    /// The DPDK port's figures (`None` on the kernel transports).
+    pub fn dpdk_counters(&self) -> Option<DpdkCounters> {
+        #[cfg(feature = "dpdk")]
+        if let Some(d) = &self.dpdk {
+            let stats = d.port.stats().unwrap_or_default();
+            let r = Ordering::Relaxed;
+            return Some(DpdkCounters {
+                mbufs_in_use: d.port.mbufs_in_use(),
+                rx_packets: stats.rx_packets,
+                tx_packets: stats.tx_packets,
+                dropped_rx: d.shared.dropped_rx.load(r),
+                dropped_tx: d.shared.dropped_tx.load(r),
+            });
+        }
+        None
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -526,6 +688,11 @@ impl Drop for Node {
     }
 }
 
+#[cfg(feature = "dpdk")]
+type DpdkCore = crate::transport::dpdk::CoreNet;
+#[cfg(not(feature = "dpdk"))]
+type DpdkCore = std::convert::Infallible;
+
 /// What a core thread needs to build itself.
 struct CoreStart {
     cfg: CoreConfig,
@@ -540,6 +707,9 @@ struct CoreStart {
     /// (tier, backing, this core's region) of each flash or disk tier.
     storage: Vec<(u8, Backing, Region)>,
     sqpoll: bool,
+    /// The core's DPDK queue pair and stack settings (DPDK nodes only).
+    #[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
+    dpdk: Option<DpdkCore>,
     stop: Arc<AtomicBool>,
     peers: Arc<Vec<Arc<CoreShared>>>,
     /// The core's namespaces, sent once every core has opened its storage.
@@ -589,6 +759,20 @@ impl CoreStart {
                     let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
                 }
             },
+            #[cfg(feature = "dpdk")]
+            NetBackend::Dpdk => match dpdk_transport(self.dpdk, id, waker_fd, self.max_conns) {
+                // The lcore registration lasts as long as the core runs.
+                Ok((t, _lcore)) => Self::serve(
+                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
+                ),
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("DPDK transport: {e}"))));
+                }
+            },
+            #[cfg(not(feature = "dpdk"))]
+            NetBackend::Dpdk => {
+                let _ = ready.send((id, Err("this build has no DPDK support".into())));
+            }
         }
     }
 
@@ -638,6 +822,29 @@ impl CoreStart {
         let Ok(meta) = meta.recv() else { return };
         Core::new(cfg, transport, links, dram, engines, stop, peers).with_meta(meta).run();
     }
+}
+
+/// A core's DPDK transport, built on the core's thread, which it registers
+/// with DPDK: an lcore id gives the core per-lcore mempool caches (without
+/// one, all being taken, it still works through the shared ring).
+#[cfg(feature = "dpdk")]
+fn dpdk_transport(
+    net: Option<DpdkCore>,
+    id: usize,
+    waker_fd: std::os::fd::RawFd,
+    max_conns: usize,
+) -> Result<(crate::transport::dpdk::DpdkTransport, Option<ffi::ThreadRegistration>), String> {
+    let net = net.ok_or("no DPDK queue for this core")?;
+    let lcore = match net.eal.register_thread() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(core = id, error = %e, "no DPDK lcore for this core; mbufs bypass the per-lcore cache");
+            None
+        }
+    };
+    let t =
+        crate::transport::dpdk::DpdkTransport::new(net, waker_fd, max_conns).map_err(|e| e.to_string())?;
+    Ok((t, lcore))
 }
 
 /// A core's flash and disk tiers, to open once its transport is up.

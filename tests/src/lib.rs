@@ -16,10 +16,31 @@ macro_rules! on_both_backends {
     };
 }
 
+/// `on_both_backends!` plus `dpdk::NAME` tests over DPDK's tap device and
+/// the user-space TCP stack (feature `dpdk`; root only, skipped otherwise;
+/// one DPDK node at a time, so these wait for each other). The test
+/// functions must start their nodes with [`start_node`].
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_both_backends!($($name),*);
+        #[cfg(feature = "dpdk")]
+        mod dpdk {
+            $(#[test] fn $name() {
+                if !$crate::dpdk::available() {
+                    eprintln!("skipped: DPDK tests need root and /dev/net/tun");
+                    return;
+                }
+                super::$name(dataplane::node::NetBackend::Dpdk)
+            })*
+        }
+    };
+}
+
 /// A small node for tests: adaptive polling, no pinning (tests share 2 CPUs),
 /// ephemeral ports, `dram_blocks` blocks of `block_size` per core.
 pub fn node(cores: usize, net: NetBackend, block_size: usize, dram_blocks: u64) -> Node {
-    Node::start(node_config(cores, net, block_size, dram_blocks)).expect("node starts")
+    start_node(node_config(cores, net, block_size, dram_blocks))
 }
 
 /// The configuration of [`node`].
@@ -36,6 +57,122 @@ pub fn node_config(cores: usize, net: NetBackend, block_size: usize, dram_blocks
         dram_bytes_per_core: dram_blocks * block_size as u64,
         max_body: block_size.max(64 << 10),
         ..NodeConfig::default()
+    }
+}
+
+/// Starts a node from `cfg`. A DPDK node (`net = Dpdk`, feature `dpdk`) gets
+/// the test tap device's settings (see `dpdk`) and waits for the port while
+/// another test's DPDK node holds it: a process has one tap port, which
+/// serves one node at a time.
+pub fn start_node(#[allow(unused_mut)] mut cfg: NodeConfig) -> Node {
+    #[cfg(feature = "dpdk")]
+    if cfg.net == NetBackend::Dpdk {
+        return dpdk::start(cfg);
+    }
+    Node::start(cfg).expect("node starts")
+}
+
+/// DPDK nodes for tests, without a NIC: DPDK's `net_tap` virtual device
+/// creates a tap interface whose kernel side gets an address, so the
+/// ordinary client reaches the node's user-space TCP stack through the
+/// kernel's TCP. The subnet is a private one of the benchmarking range
+/// (198.18.0.0/15), per process; nothing outside the host can reach it.
+#[cfg(feature = "dpdk")]
+pub mod dpdk {
+    use std::net::Ipv4Addr;
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use dataplane::node::{Node, NodeConfig};
+
+    /// Whether DPDK tests can run here: they need root for the tap device.
+    pub fn available() -> bool {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
+            })
+            .unwrap_or(false);
+        root && std::path::Path::new("/dev/net/tun").exists()
+    }
+
+    /// The tap interface's name in the kernel.
+    pub fn iface() -> String {
+        format!("ptap{}", std::process::id() % 100_000)
+    }
+
+    fn subnet() -> u8 {
+        (std::process::id() % 250) as u8
+    }
+
+    /// The node's address on the tap subnet.
+    pub fn node_ip() -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, subnet(), 2)
+    }
+
+    /// The kernel side's address.
+    pub fn kernel_ip() -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, subnet(), 1)
+    }
+
+    /// EAL arguments: one lcore, no huge pages, no PCI scan, no files shared
+    /// with other DPDK processes, and the tap device.
+    pub fn eal_args() -> Vec<String> {
+        [
+            "--no-huge".to_string(),
+            "--no-pci".into(),
+            "--no-shconf".into(),
+            "--no-telemetry".into(),
+            "-m".into(),
+            "512".into(),
+            "-l".into(),
+            "0".into(),
+            "--log-level=*:error".into(),
+            format!("--vdev=net_tap0,iface={}", iface()),
+        ]
+        .to_vec()
+    }
+
+    /// Fills in the DPDK settings and starts the node, waiting up to two
+    /// minutes for another test's node to release the port.
+    pub fn start(mut cfg: NodeConfig) -> Node {
+        assert!(available(), "DPDK tests need root and /dev/net/tun (check dpdk::available first)");
+        cfg.dpdk.eal_args = eal_args();
+        cfg.dpdk.ip = Some((node_ip(), 24));
+        cfg.dpdk.port_id = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match Node::start(cfg.clone()) {
+                Ok(n) => {
+                    kernel_side();
+                    return n;
+                }
+                Err(e) if e.to_string().contains("already in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("DPDK node starts: {e}"),
+            }
+        }
+    }
+
+    /// Gives the kernel side of the tap its address, once per process (the
+    /// tap lives as long as the process's EAL).
+    fn kernel_side() {
+        static DONE: OnceLock<()> = OnceLock::new();
+        DONE.get_or_init(|| {
+            let iface = iface();
+            let addr = format!("{}/24", kernel_ip());
+            for args in [vec!["addr", "add", &addr, "dev", &iface], vec!["link", "set", &iface, "up"]] {
+                let out =
+                    std::process::Command::new("ip").args(&args).output().expect("run ip(8) from iproute2");
+                assert!(
+                    out.status.success(),
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        });
     }
 }
 

@@ -1,7 +1,9 @@
 //! Network backends behind one narrow trait. The core loop sees connections,
 //! received bytes and a place to hand outgoing bytes; it never knows whether
-//! epoll, io_uring or (later) DPDK moves them.
+//! epoll, io_uring or DPDK (feature `dpdk`) moves them.
 
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod epoll;
 mod output;
 pub mod uring;

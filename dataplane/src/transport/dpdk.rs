@@ -1,0 +1,817 @@
+//! DPDK transport (cargo feature `dpdk`): each core polls its own rx/tx queue
+//! pair of a DPDK port and runs a user-space TCP/IP stack (smoltcp) over it,
+//! answering ARP and speaking IPv4 and TCP with the node's IP and the port's
+//! MAC, so clients reach it over ordinary TCP.
+//!
+//! Received frames are handed to smoltcp straight from mbuf data; smoltcp
+//! copies TCP payload into each connection's receive buffer, from which the
+//! core parses frames in place. Outgoing segments are written by smoltcp
+//! directly into freshly allocated mbufs, which go to the NIC in bursts.
+//!
+//! Idle waiting (adaptive mode): a DPDK queue has no file descriptor to park
+//! on (without rx interrupts, which few setups have), so an idle core sleeps
+//! in short, growing naps on its waker's eventfd (`IDLE_NAP_MIN` doubling to
+//! `IDLE_NAP_MAX`) and checks its rx queue between naps. A wake-up from
+//! another core ends a nap at once; a packet arriving during a nap waits at
+//! most `IDLE_NAP_MAX`. Busy mode never naps.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ffi::{Mbuf, Mempool, QueuePair};
+use slab::Slab;
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+
+use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
+use crate::node::NetBackend;
+
+/// A connection's receive and send buffers inside the TCP stack. The receive
+/// buffer bounds the advertised window (scaled past 64 KiB).
+pub const RX_BUFFER: usize = 256 << 10;
+pub const TX_BUFFER: usize = 256 << 10;
+/// Listening sockets kept ready per port: connections a port can take in one
+/// pass before new listeners are added.
+const BACKLOG: usize = 8;
+/// Frames taken from the rx queue per pass, so a flood cannot hold a core.
+const RX_BUDGET: usize = 512;
+/// Frames built and not yet taken by the NIC; past this the stack waits.
+const TX_QUEUE: usize = 1024;
+/// Bytes read from one connection per pass before others get a turn.
+const READ_BUDGET: usize = 1 << 20;
+/// ARP frames queued for each other core at most (see `Shared`).
+const ARP_QUEUE: usize = 64;
+/// Frames steered to each core and not yet taken, at most.
+const STEER_QUEUE: usize = 4096;
+/// Ethernet MTU plus header.
+const MAX_FRAME: usize = 1514;
+const IDLE_NAP_MIN: Duration = Duration::from_micros(20);
+const IDLE_NAP_MAX: Duration = Duration::from_micros(500);
+const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
+
+/// The node-wide state the cores' transports share.
+pub struct Shared {
+    /// ARP frames received by one core for each other core. RSS delivers
+    /// non-IP frames to one queue, but every core's stack needs the
+    /// neighbours' addresses: ARP is copied to all (it is rare, and never on
+    /// the request path).
+    arp: Vec<Mutex<Vec<Vec<u8>>>>,
+    arp_pending: Vec<AtomicBool>,
+    /// Frames for core i's own port that RSS delivered to another core's
+    /// queue, moved (not copied) to core i, whose stack owns the flow: a
+    /// client that connects to core i's port reaches core i, as on the
+    /// kernel transports. A NIC could steer these in hardware (rte_flow).
+    steer: Vec<Mutex<Vec<Mbuf>>>,
+    steer_pending: Vec<AtomicBool>,
+    /// The TCP port of each core.
+    core_ports: Vec<u16>,
+    /// Each core's waker (an eventfd), to end its idle nap when a frame is
+    /// steered to it; set once the cores exist.
+    wakers: std::sync::OnceLock<Vec<RawFd>>,
+    /// Frames dropped before the stack: multi-segment, runt or oversized.
+    pub dropped_rx: AtomicU64,
+    /// Frames the stack built that found no mbuf (pool exhausted).
+    pub dropped_tx: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(core_ports: Vec<u16>) -> Shared {
+        let cores = core_ports.len();
+        Shared {
+            arp: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
+            arp_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            steer: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
+            steer_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            core_ports,
+            wakers: std::sync::OnceLock::new(),
+            dropped_rx: AtomicU64::new(0),
+            dropped_tx: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the cores' wakers (eventfds that outlive the transports).
+    pub fn set_wakers(&self, fds: Vec<RawFd>) {
+        let _ = self.wakers.set(fds);
+    }
+
+    /// The core that owns a frame: core i for TCP to core i's port, `None`
+    /// for anything else (handled where it arrived).
+    fn owner(&self, frame: &[u8]) -> Option<usize> {
+        if self.core_ports.len() < 2 || frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
+            return None;
+        }
+        let ip = &frame[14..];
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        // TCP, not a later fragment (which carries no ports).
+        if ip[9] != 6 || ihl < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 || ip.len() < ihl + 4 {
+            return None;
+        }
+        let dst = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
+        self.core_ports.iter().position(|&p| p == dst)
+    }
+}
+
+/// What one core's transport is built from.
+pub struct CoreNet {
+    pub eal: &'static ffi::Eal,
+    pub queue: QueuePair,
+    pub core: usize,
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    /// TCP ports to accept on (the main port and every core port: RSS, not
+    /// the port, decides which core a connection lands on; requests reach
+    /// their owner by forwarding).
+    pub ports: Vec<u16>,
+    pub shared: Arc<Shared>,
+}
+
+/// A received frame for the stack.
+enum Frame {
+    Mbuf(Mbuf),
+    /// An ARP frame copied from another core.
+    Copy(Vec<u8>),
+}
+
+struct RxTok(Frame);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        match &self.0 {
+            Frame::Mbuf(m) => f(m.data()),
+            Frame::Copy(v) => f(v),
+        }
+    }
+}
+
+struct TxTok<'a> {
+    pool: &'static Mempool,
+    tx: &'a mut Vec<Mbuf>,
+    scratch: &'a mut Vec<u8>,
+    dropped: &'a AtomicU64,
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if let Some(mut m) = self.pool.alloc() {
+            if let Some(buf) = m.append(len) {
+                let r = f(buf);
+                self.tx.push(m);
+                return r;
+            }
+        }
+        // No mbuf (or a frame larger than one): the stack's retransmission
+        // covers the loss, as it would a drop on the wire.
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.scratch.clear();
+        self.scratch.resize(len, 0);
+        f(self.scratch)
+    }
+}
+
+/// The queue pair as smoltcp's device.
+struct Nic {
+    q: QueuePair,
+    core: usize,
+    rx: VecDeque<Mbuf>,
+    burst: Vec<Mbuf>,
+    tx: Vec<Mbuf>,
+    scratch: Vec<u8>,
+    shared: Arc<Shared>,
+    arp_in: Vec<Vec<u8>>,
+    steered_in: Vec<Mbuf>,
+    /// Frames the stack may still take this pass.
+    budget: usize,
+    /// Frames handed to the stack since start.
+    received: u64,
+}
+
+impl Nic {
+    fn next_frame(&mut self) -> Option<Frame> {
+        if let Some(v) = self.arp_in.pop() {
+            return Some(Frame::Copy(v));
+        }
+        if let Some(m) = self.steered_in.pop() {
+            self.received += 1;
+            return Some(Frame::Mbuf(m));
+        }
+        loop {
+            if self.budget == 0 {
+                return None;
+            }
+            if self.rx.is_empty() {
+                self.q.rx_burst(&mut self.burst, self.budget.min(64));
+                self.rx.extend(self.burst.drain(..));
+            }
+            let m = self.rx.pop_front()?;
+            self.budget -= 1;
+            let len = m.data().len();
+            // The port is set up without scatter, so a frame spans one
+            // segment; anything else is malformed and dropped here.
+            if m.segments() != 1 || !(14..=MAX_FRAME + 4).contains(&len) {
+                self.shared.dropped_rx.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if m.data()[12..14] == ETHERTYPE_ARP && self.shared.arp.len() > 1 {
+                self.fan_out_arp(m.data());
+            }
+            if let Some(owner) = self.shared.owner(m.data()).filter(|&o| o != self.core) {
+                self.steer(owner, m);
+                continue;
+            }
+            self.received += 1;
+            return Some(Frame::Mbuf(m));
+        }
+    }
+
+    fn fan_out_arp(&self, frame: &[u8]) {
+        for (i, q) in self.shared.arp.iter().enumerate() {
+            if i == self.core {
+                continue;
+            }
+            if let Ok(mut q) = q.lock() {
+                if q.len() < ARP_QUEUE {
+                    q.push(frame.to_vec());
+                    self.shared.arp_pending[i].store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    fn steer(&self, owner: usize, m: Mbuf) {
+        let Ok(mut q) = self.shared.steer[owner].lock() else { return };
+        if q.len() >= STEER_QUEUE {
+            // Dropped like a full rx ring would drop it; TCP retransmits.
+            self.shared.dropped_rx.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push(m);
+        drop(q);
+        if !self.shared.steer_pending[owner].swap(true, Ordering::AcqRel) {
+            if let Some(&fd) = self.shared.wakers.get().and_then(|w| w.get(owner)) {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a local array to a core's
+                // eventfd, which lives as long as the node.
+                let _ = unsafe { nix::libc::write(fd, one.as_ptr().cast(), 8) };
+            }
+        }
+    }
+
+    /// Takes frames other cores received for this one.
+    fn take_steered(&mut self) {
+        if self.shared.steer_pending[self.core].swap(false, Ordering::AcqRel) {
+            if let Ok(mut q) = self.shared.steer[self.core].lock() {
+                // Oldest last: `next_frame` pops from the end.
+                self.steered_in.extend(q.drain(..).rev());
+            }
+        }
+    }
+
+    /// Takes ARP frames other cores received for this one.
+    fn take_arp(&mut self) {
+        if self.shared.arp_pending[self.core].swap(false, Ordering::Acquire) {
+            if let Ok(mut q) = self.shared.arp[self.core].lock() {
+                self.arp_in.append(&mut q);
+            }
+        }
+    }
+
+    /// Hands built frames to the NIC; returns true if some are left.
+    fn push_tx(&mut self) -> bool {
+        if !self.tx.is_empty() {
+            self.q.tx_burst(&mut self.tx);
+        }
+        !self.tx.is_empty()
+    }
+}
+
+impl Device for Nic {
+    type RxToken<'a>
+        = RxTok
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxTok<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _now: smoltcp::time::Instant) -> Option<(RxTok, TxTok<'_>)> {
+        if self.tx.len() >= TX_QUEUE && self.push_tx() && self.tx.len() >= TX_QUEUE {
+            // Answers would have nowhere to go; leave frames in the ring.
+            return None;
+        }
+        let frame = self.next_frame()?;
+        let tx = TxTok {
+            pool: self.q.pool(),
+            tx: &mut self.tx,
+            scratch: &mut self.scratch,
+            dropped: &self.shared.dropped_tx,
+        };
+        Some((RxTok(frame), tx))
+    }
+
+    fn transmit(&mut self, _now: smoltcp::time::Instant) -> Option<TxTok<'_>> {
+        if self.tx.len() >= TX_QUEUE && self.push_tx() && self.tx.len() >= TX_QUEUE {
+            return None;
+        }
+        Some(TxTok {
+            pool: self.q.pool(),
+            tx: &mut self.tx,
+            scratch: &mut self.scratch,
+            dropped: &self.shared.dropped_tx,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = MAX_FRAME;
+        c.max_burst_size = Some(64);
+        c
+    }
+}
+
+struct Conn {
+    handle: SocketHandle,
+    out: Vec<u8>,
+    sent: usize,
+    reading: bool,
+    /// The peer's FIN was seen (and reported, unless closing).
+    eof: bool,
+    /// Close requested: input is discarded, output finishes, then FIN.
+    closing: bool,
+    /// Our FIN is queued; waiting for the peer's.
+    shut: bool,
+    dead: bool,
+    deadline: Option<Instant>,
+    close_slot: usize,
+}
+
+pub struct DpdkTransport {
+    nic: Nic,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    conns: Slab<Conn>,
+    /// Sockets not yet handed out as connections: listening, or in the
+    /// middle of a handshake.
+    listeners: Vec<(u16, SocketHandle)>,
+    ports: Vec<u16>,
+    max_conns: usize,
+    /// Connections with output queued since the last flush.
+    dirty: Vec<ConnId>,
+    /// Sockets may have news (data, state): visit every connection.
+    scan: bool,
+    reap: Vec<ConnId>,
+    closes: CloseList,
+    expired: Vec<ConnId>,
+    timeouts: CloseTimeouts,
+    waker_fd: RawFd,
+    epoch: Instant,
+    nap: Duration,
+}
+
+fn stack_now(epoch: Instant) -> smoltcp::time::Instant {
+    smoltcp::time::Instant::from_micros(epoch.elapsed().as_micros() as i64)
+}
+
+impl DpdkTransport {
+    pub fn new(net: CoreNet, waker_fd: RawFd, max_conns: usize) -> io::Result<DpdkTransport> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+        if net.mac[0] & 1 != 0 || net.mac == [0; 6] {
+            return Err(invalid(format!("port MAC {:02x?} is not a unicast address", net.mac)));
+        }
+        if net.prefix == 0 || net.prefix > 32 {
+            return Err(invalid(format!("prefix length /{} is not 1..=32", net.prefix)));
+        }
+        let mut nic = Nic {
+            q: net.queue,
+            core: net.core,
+            rx: VecDeque::with_capacity(64),
+            burst: Vec::with_capacity(64),
+            tx: Vec::with_capacity(TX_QUEUE),
+            scratch: Vec::with_capacity(MAX_FRAME),
+            shared: net.shared,
+            arp_in: Vec::new(),
+            steered_in: Vec::new(),
+            budget: 0,
+            received: 0,
+        };
+        let epoch = Instant::now();
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
+        config.random_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ ((net.core as u64) << 56);
+        let mut iface = Interface::new(config, &mut nic, stack_now(epoch));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(net.ip.into(), net.prefix));
+        });
+        if let Some(gw) = net.gateway {
+            iface
+                .routes_mut()
+                .add_default_ipv4_route(gw)
+                .map_err(|_| invalid(format!("cannot add a default route via {gw}")))?;
+        }
+        let mut ports = net.ports;
+        ports.sort_unstable();
+        ports.dedup();
+        let mut t = DpdkTransport {
+            nic,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            conns: Slab::with_capacity(max_conns.min(1024)),
+            listeners: Vec::new(),
+            ports,
+            max_conns,
+            dirty: Vec::new(),
+            scan: false,
+            reap: Vec::new(),
+            closes: CloseList::new(),
+            expired: Vec::new(),
+            timeouts: CloseTimeouts::DEFAULT,
+            waker_fd,
+            epoch,
+            nap: IDLE_NAP_MIN,
+        };
+        t.refill_listeners();
+        Ok(t)
+    }
+
+    /// Keeps `BACKLOG` listening sockets per port while connections are
+    /// below the limit.
+    fn refill_listeners(&mut self) {
+        for i in 0..self.ports.len() {
+            let port = self.ports[i];
+            let listening = self
+                .listeners
+                .iter()
+                .filter(|(p, h)| {
+                    *p == port && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen
+                })
+                .count();
+            for _ in listening..BACKLOG {
+                if self.conns.len() + self.listeners.len() >= self.max_conns + BACKLOG * self.ports.len() {
+                    return;
+                }
+                let mut s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; RX_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0; TX_BUFFER]),
+                );
+                // Replies go out as soon as they are built.
+                s.set_nagle_enabled(false);
+                s.set_ack_delay(None);
+                if s.listen(port).is_err() {
+                    tracing::warn!(port, "cannot listen");
+                    return;
+                }
+                let h = self.sockets.add(s);
+                self.listeners.push((port, h));
+            }
+        }
+    }
+
+    /// Runs the stack: frames in, timers, segments out. Marks a scan when
+    /// anything may have changed.
+    fn run_stack(&mut self) {
+        self.nic.take_arp();
+        self.nic.take_steered();
+        let now = stack_now(self.epoch);
+        if self.iface.poll(now, &mut self.nic, &mut self.sockets) == PollResult::SocketStateChanged {
+            self.scan = true;
+        }
+    }
+
+    /// One pass: receive, run the stack, deliver events, send. Returns the
+    /// events delivered (frames received count as one each).
+    fn pass(&mut self, sink: &mut dyn EventSink) -> usize {
+        self.nic.budget = RX_BUDGET;
+        let before = self.nic.received;
+        self.run_stack();
+        let mut n = (self.nic.received - before) as usize;
+        if self.nic.budget == 0 {
+            // Frames are left in the ring: come back without sleeping.
+            n += 1;
+        }
+        if self.scan {
+            self.scan = false;
+            n += self.accept(sink);
+            n += self.visit(sink);
+        }
+        if self.nic.push_tx() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Hands out sockets whose handshake completed; drops failed ones.
+    fn accept(&mut self, sink: &mut dyn EventSink) -> usize {
+        let mut n = 0;
+        let mut changed = false;
+        let mut i = 0;
+        while i < self.listeners.len() {
+            let (_, h) = self.listeners[i];
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            match s.state() {
+                tcp::State::Listen | tcp::State::SynReceived => i += 1,
+                tcp::State::Established | tcp::State::CloseWait if self.conns.len() < self.max_conns => {
+                    self.listeners.swap_remove(i);
+                    let id = self.conns.insert(Conn {
+                        handle: h,
+                        out: Vec::new(),
+                        sent: 0,
+                        reading: true,
+                        eof: false,
+                        closing: false,
+                        shut: false,
+                        dead: false,
+                        deadline: None,
+                        close_slot: 0,
+                    });
+                    sink.accepted(id);
+                    n += 1;
+                    changed = true;
+                }
+                state => {
+                    if matches!(state, tcp::State::Established | tcp::State::CloseWait) {
+                        tracing::warn!(max = self.max_conns, "connection limit reached; refusing");
+                        s.abort();
+                        i += 1;
+                        continue;
+                    }
+                    // Reset or timed out during the handshake, or aborted.
+                    self.listeners.swap_remove(i);
+                    self.sockets.remove(h);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.refill_listeners();
+        }
+        n
+    }
+
+    /// Delivers input, end of input and closes of every connection, and
+    /// moves queued output into the stack.
+    fn visit(&mut self, sink: &mut dyn EventSink) -> usize {
+        let mut n = 0;
+        for (id, c) in self.conns.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            if !c.dead && (c.reading || c.closing) {
+                let mut budget = READ_BUDGET;
+                while budget > 0 && s.can_recv() {
+                    let closing = c.closing;
+                    let got = s.recv(|buf| {
+                        if !closing {
+                            sink.received(id, buf);
+                        }
+                        (buf.len(), buf.len())
+                    });
+                    match got {
+                        Ok(k) if k > 0 => {
+                            budget = budget.saturating_sub(k);
+                            n += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                if budget == 0 {
+                    self.scan = true;
+                } else if !c.eof && !s.may_recv() && s.recv_queue() == 0 && s.state() != tcp::State::Closed {
+                    c.eof = true;
+                    if !c.closing {
+                        sink.peer_closed(id);
+                        n += 1;
+                    }
+                }
+            }
+            if c.sent < c.out.len() && !c.dead {
+                match s.send_slice(&c.out[c.sent..]) {
+                    Ok(k) => c.sent += k,
+                    Err(_) => c.dead = true,
+                }
+                if c.sent == c.out.len() {
+                    c.out.clear();
+                    c.sent = 0;
+                    if !c.closing {
+                        sink.drained(id);
+                        n += 1;
+                    }
+                }
+            }
+            if c.closing && !c.shut && c.sent == c.out.len() && !c.dead {
+                s.close();
+                c.shut = true;
+                let d = Instant::now() + self.timeouts.linger;
+                c.deadline = Some(d);
+                self.closes.note(d);
+            }
+            match s.state() {
+                // Reset by the peer, or our close completed.
+                tcp::State::Closed => c.dead = true,
+                // Both FINs are acknowledged; the stack's TIME-WAIT guards
+                // nothing a client needs.
+                tcp::State::TimeWait => c.dead = true,
+                _ => {}
+            }
+            if c.dead {
+                self.reap.push(id);
+            }
+        }
+        for id in std::mem::take(&mut self.reap) {
+            self.drop_conn(id, sink);
+            n += 1;
+        }
+        n
+    }
+
+    fn drop_conn(&mut self, id: ConnId, sink: &mut dyn EventSink) {
+        let Some(c) = self.conns.try_remove(id) else { return };
+        if c.closing {
+            if let Some(moved) = self.closes.remove(c.close_slot) {
+                self.conns[moved].close_slot = c.close_slot;
+            }
+        }
+        let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+        if s.state() != tcp::State::Closed && s.state() != tcp::State::TimeWait {
+            s.abort();
+        }
+        self.sockets.remove(c.handle);
+        sink.closed(id);
+        self.refill_listeners();
+    }
+
+    /// Aborts closes past their deadline; returns `timeout` shortened to the
+    /// next deadline.
+    fn expire_closes(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let conns = &self.conns;
+        let deadline = |id| {
+            let c: &Conn = conns.get(id)?;
+            c.deadline.filter(|_| !c.dead)
+        };
+        let timeout = self.closes.expire(timeout, deadline, &mut self.expired);
+        for id in self.expired.drain(..) {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            tracing::debug!(conn = id, shut = c.shut, unsent = c.out.len() - c.sent, "close timed out");
+            // The reset goes out with the next run of the stack, before the
+            // connection is dropped.
+            self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+            c.dead = true;
+            self.scan = true;
+        }
+        timeout
+    }
+
+    /// Sleeps up to `d` on the waker; true if woken by it.
+    fn nap(&self, d: Duration) -> io::Result<bool> {
+        let mut pfd = nix::libc::pollfd { fd: self.waker_fd, events: nix::libc::POLLIN, revents: 0 };
+        let ts = nix::libc::timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ };
+        // SAFETY: one valid pollfd and a valid timespec, both outliving the
+        // call; no signal mask is changed.
+        let rc = unsafe { nix::libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+        }
+        if rc > 0 && pfd.revents & nix::libc::POLLIN != 0 {
+            let mut b = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local array from our own eventfd.
+            let _ = unsafe { nix::libc::read(self.waker_fd, b.as_mut_ptr().cast(), 8) };
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Mbufs of this core's pool that are out of it.
+    pub fn mbufs_in_use(&self) -> u32 {
+        self.nic.q.pool().in_use()
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_close_timeouts(&mut self, t: CloseTimeouts) {
+        self.timeouts = t;
+    }
+}
+
+impl Transport for DpdkTransport {
+    fn backend(&self) -> NetBackend {
+        NetBackend::Dpdk
+    }
+
+    fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<usize> {
+        let timeout = self.expire_closes(timeout);
+        let n = self.pass(sink);
+        if n > 0 || timeout == Some(Duration::ZERO) {
+            if n > 0 {
+                self.nap = IDLE_NAP_MIN;
+            }
+            return Ok(n);
+        }
+        let until = timeout.map(|t| Instant::now() + t);
+        loop {
+            let mut wait = self.nap;
+            if let Some(d) = self.iface.poll_delay(stack_now(self.epoch), &self.sockets) {
+                wait = wait.min(Duration::from_micros(d.total_micros()));
+            }
+            if let Some(u) = until {
+                wait = wait.min(u.saturating_duration_since(Instant::now()));
+            }
+            let woken = self.nap(wait)?;
+            self.nap = (self.nap * 2).min(IDLE_NAP_MAX);
+            let n = self.pass(sink) + woken as usize;
+            if n > 0 {
+                self.nap = IDLE_NAP_MIN;
+                return Ok(n);
+            }
+            if until.is_some_and(|u| Instant::now() >= u) {
+                return Ok(0);
+            }
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, buf: &mut Vec<u8>) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            buf.clear();
+            return;
+        };
+        if c.dead || c.shut {
+            buf.clear();
+            return;
+        }
+        if c.out.is_empty() {
+            std::mem::swap(&mut c.out, buf);
+            c.sent = 0;
+        } else {
+            c.out.extend_from_slice(buf);
+            buf.clear();
+        }
+        self.dirty.push(conn);
+    }
+
+    fn unsent(&self, conn: ConnId) -> usize {
+        self.conns.get(conn).map_or(0, |c| c.out.len() - c.sent)
+    }
+
+    fn set_reading(&mut self, conn: ConnId, on: bool) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            if on && !c.reading {
+                self.scan = true;
+            }
+            c.reading = on;
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.closing || c.dead {
+            return;
+        }
+        c.closing = true;
+        let d = Instant::now() + self.timeouts.drain;
+        c.deadline = Some(d);
+        c.close_slot = self.closes.insert(conn, d);
+        self.scan = true;
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut moved = false;
+        for id in self.dirty.drain(..) {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            if c.dead || c.sent == c.out.len() {
+                continue;
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            match s.send_slice(&c.out[c.sent..]) {
+                Ok(k) => {
+                    c.sent += k;
+                    moved |= k > 0;
+                }
+                Err(_) => {
+                    c.dead = true;
+                    self.scan = true;
+                }
+            }
+            if c.sent == c.out.len() {
+                c.out.clear();
+                c.sent = 0;
+            } else {
+                // The rest goes in as acknowledgements free room.
+                self.scan = true;
+            }
+        }
+        if moved {
+            let now = stack_now(self.epoch);
+            self.iface.poll_egress(now, &mut self.nic, &mut self.sockets);
+        }
+        self.nic.push_tx();
+        Ok(())
+    }
+}
