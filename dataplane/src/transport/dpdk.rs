@@ -694,11 +694,6 @@ impl DpdkTransport {
     pub fn mbufs_in_use(&self) -> u32 {
         self.nic.q.pool().in_use()
     }
-
-    #[cfg(test)]
-    pub(super) fn set_close_timeouts(&mut self, t: CloseTimeouts) {
-        self.timeouts = t;
-    }
 }
 
 impl Transport for DpdkTransport {
