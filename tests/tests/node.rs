@@ -536,7 +536,7 @@ fn every_tier_read_after_write(net: NetBackend) {
         disk: Some(TierSpec { path: dir.file("disk"), size: Some(2 * 36 * BS as u64) }),
         ..flash_cfg(net, 2, &dir, 32)
     };
-    let n = Node::start(cfg).expect("node with flash and disk starts");
+    let n = start_node(cfg);
     let mut c = Client::connect(n.addr()).unwrap();
     let job = c.register_job("tiers", JobHints::default()).unwrap();
     for t in [tier::DRAM, tier::FLASH, tier::DISK] {
