@@ -452,18 +452,18 @@ impl<T: Transport> Core<T> {
                 self.transport.close(id);
             }
         }
-        // Storage on the network's ring goes in with this pass's sends: one
-        // system call submits both.
-        // Batches beyond an engine's first go in with calls of their own
-        // (`TierPolicy::submit_batch`).
+        // This pass's answers go out first; then storage on the network's
+        // ring, a batch per system call (`TierPolicy::submit_batch`), so the
+        // device starts on the first operation while the next are submitted.
+        let _ = self.transport.flush();
         if let Some(ring) = self.transport.shared_ring() {
             for e in st.engines.iter_mut().filter(|e| e.is_shared()) {
                 loop {
                     let n = e.push_submissions(&mut ring.submission());
-                    work += n;
-                    if n == 0 || !e.has_ready() {
+                    if n == 0 {
                         break;
                     }
+                    work += n;
                     if let Err(error) = ring.submit() {
                         if !matches!(
                             error.raw_os_error(),
@@ -473,10 +473,12 @@ impl<T: Transport> Core<T> {
                             break;
                         }
                     }
+                    if !e.has_ready() {
+                        break;
+                    }
                 }
             }
         }
-        let _ = self.transport.flush();
         for id in st.sent.drain(..) {
             st.conns[id].unsent = self.transport.unsent(id);
         }
