@@ -252,6 +252,21 @@ fn jobs_with_hints_get_allocations_weights_and_survive_a_dead_node() {
     let text = String::from_utf8_lossy(&c.ok(&["events"]).stdout).to_string();
     assert!(text.contains("node_down") && text.contains(victim), "{text}");
 
+    // The same view as Prometheus metrics.
+    let mut resp = ureq::get(format!("{}/metrics", c.url)).call().expect("GET /metrics");
+    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    let text = resp.body_mut().read_to_string().expect("metrics text");
+    for line in [
+        "pollen_node_up{node=\"n1\"} 1",
+        "pollen_node_up{node=\"n3\"} 0",
+        "pollen_job_weight{job=\"wide\",node=\"n3\"} 0",
+        "pollen_tier_capacity_bytes{node=\"n1\",tier=\"dram\"} 16777216",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(line)), "no `{line}` in\n{text}");
+    }
+    assert!(text.contains("pollen_core_busy_ratio{"), "{text}");
+
     // New jobs avoid the dead node.
     let j: JobEntry = c.json(&["job", "register", "late", "--lambdas", "1"]);
     assert_eq!(j.weights[victim], 0.0);

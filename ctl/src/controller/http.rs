@@ -28,6 +28,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let max_body = shared.max_body;
     Router::new()
         .route("/v1/nodes/heartbeat", post(heartbeat))
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{node_id}", get(node))
@@ -316,4 +317,11 @@ async fn set_cores(
     c.node(&node_id, now)
         .map(Json)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no node `{node_id}`")))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let text = s
+        .read(super::metrics::render)
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed".into()))?;
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod events;
 mod http;
+pub mod metrics;
 mod nodeops;
 pub mod policy;
 pub mod rightsize;
