@@ -190,11 +190,47 @@ pub struct NodeFlags {
     pub dpdk_port: Option<u16>,
 }
 
+/// The controller API's access control, shared by `pollen up` and `pollen controller`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct SecurityFlags {
+    /// Require this admin token (a file holding 16..=4096 printable characters) on every API
+    /// request: `Authorization: Bearer TOKEN` (pollenctl: --admin-token-file or
+    /// $POLLEN_ADMIN_TOKEN); nodes send it with their heartbeats
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve the API over TLS with this PEM certificate chain (needs --tls-key)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl SecurityFlags {
+    /// The admin token and the TLS configuration, read and checked.
+    pub fn load(
+        &self,
+    ) -> Result<(Option<String>, Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>)> {
+        let token = self.admin_token_file.as_deref().map(crate::auth::read_token_file).transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).map_err(anyhow::Error::msg)?),
+            _ => None,
+        };
+        Ok((token, tls))
+    }
+}
+
 /// `pollen up`'s flags.
 #[derive(Args, Debug, Default)]
 pub struct UpArgs {
     #[command(flatten)]
     pub node: NodeFlags,
+    #[command(flatten)]
+    pub security: SecurityFlags,
+    /// With --tls-cert: the CA certificate the nodes trust [default: the --tls-cert file, right
+    /// for a self-signed certificate]
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Directory for Pollen's files: pollen.json, and the metadata log (DIR/meta) that makes the
     /// namespaces survive a restart [default: pollen-data]
     #[arg(long, value_name = "DIR")]
@@ -231,6 +267,12 @@ pub struct NodeArgs {
     /// [default: none; the namespaces live in memory only]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The controller's admin token, sent with heartbeats (a file)
+    #[arg(long, value_name = "FILE")]
+    pub controller_token_file: Option<PathBuf>,
+    /// The PEM certificate to trust for an https controller [default: the Web PKI roots]
+    #[arg(long, value_name = "FILE")]
+    pub controller_ca: Option<PathBuf>,
 }
 
 /// Which command reads the file: each takes a few keys the other does not.
@@ -346,6 +388,9 @@ impl FileConfig {
 /// What `pollen up` runs.
 #[derive(Debug)]
 pub struct UpSettings {
+    pub security: SecurityFlags,
+    /// What nodes trust for an https controller.
+    pub tls_ca: Option<PathBuf>,
     pub policy: Option<PathBuf>,
     /// Separate node processes (`--nodes`), and the provisioner's limit.
     pub nodes: Option<(usize, usize)>,
@@ -361,6 +406,7 @@ pub struct NodeSettings {
     pub node: NodeConfig,
     pub heartbeat: Duration,
     pub controller: String,
+    pub auth: crate::heartbeat::ClientAuth,
 }
 
 impl NodeFlags {
@@ -468,6 +514,8 @@ impl UpArgs {
             .unwrap_or_else(|| PathBuf::from(local::DEFAULT_DATA_DIR));
         node.data_dir = Some(data_dir.clone());
         Ok(UpSettings {
+            security: self.security.clone(),
+            tls_ca: self.tls_ca.clone().or_else(|| self.security.tls_cert.clone()),
             policy: self.policy.clone(),
             nodes,
             node,
@@ -500,7 +548,9 @@ impl NodeArgs {
             .clone()
             .or_else(|| file.controller.clone().map(Spanned::into_inner))
             .unwrap_or_else(|| local::DEFAULT_CONTROLLER.to_string());
-        Ok(NodeSettings { node, heartbeat, controller: local::normalize_url(&controller) })
+        let token = self.controller_token_file.as_deref().map(crate::auth::read_token_file).transpose()?;
+        let auth = crate::heartbeat::ClientAuth { token, ca: self.controller_ca.clone() };
+        Ok(NodeSettings { node, heartbeat, controller: local::normalize_url(&controller), auth })
     }
 }
 

@@ -19,10 +19,21 @@ pub const PATH: &str = "/v1/nodes/heartbeat";
 /// While heartbeats keep failing, how often the failure is logged again.
 const REWARN_AFTER: Duration = Duration::from_secs(60);
 
+/// How a node authenticates to the controller and checks its certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    /// The controller's admin token, sent as `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// PEM certificate(s) to trust for an https controller (else the Web PKI roots).
+    pub ca: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
-    #[error("controller URL `{0}` must look like http://host:port")]
+    #[error("controller URL `{0}` must look like http://host:port or https://host:port")]
     BadUrl(String),
+    #[error("controller TLS: {0}")]
+    Tls(String),
     #[error("heartbeat interval must be positive")]
     ZeroInterval,
     #[error("cannot start the heartbeat thread: {0}")]
@@ -100,6 +111,7 @@ where
         |c: &NodeCommand| tracing::warn!(?c, "no handler for a controller command"),
         controller_url,
         interval,
+        &ClientAuth::default(),
     )
 }
 
@@ -110,6 +122,7 @@ pub fn spawn_with_commands<F, A>(
     apply: A,
     controller_url: &str,
     interval: Duration,
+    auth: &ClientAuth,
 ) -> Result<HeartbeatHandle, HeartbeatError>
 where
     F: Fn() -> NodeReport + Send + 'static,
@@ -119,23 +132,29 @@ where
         return Err(HeartbeatError::ZeroInterval);
     }
     let base = controller_url.trim_end_matches('/');
-    let valid = base.strip_prefix("http://").is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+    let valid = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
     if !valid {
         return Err(HeartbeatError::BadUrl(controller_url.to_string()));
     }
     let url = format!("{base}{PATH}");
     let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let tls = crate::tls::client_config(auth.ca.as_deref()).map_err(HeartbeatError::Tls)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
+        .tls_config(tls)
         .build()
         .into();
+    let bearer = auth.token.as_deref().map(crate::auth::bearer);
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let stats = Arc::new(HeartbeatStats::default());
     let thread_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("pollen-heartbeat".into())
-        .spawn(move || run(report, apply, agent, url, interval, stop_rx, &thread_stats))
+        .spawn(move || run(report, apply, (agent, bearer), url, interval, stop_rx, &thread_stats))
         .map_err(HeartbeatError::Spawn)?;
     Ok(HeartbeatHandle { stop: Some(stop_tx), thread: Some(thread), stats })
 }
@@ -143,7 +162,7 @@ where
 fn run<F, A>(
     report: F,
     apply: A,
-    agent: ureq::Agent,
+    (agent, bearer): (ureq::Agent, Option<String>),
     url: String,
     interval: Duration,
     stop: mpsc::Receiver<()>,
@@ -157,7 +176,7 @@ fn run<F, A>(
     let mut failing_warned: Option<Instant> = None;
     let mut warned_interval = false;
     loop {
-        match send(&agent, &url, &report()) {
+        match send(&agent, bearer.as_deref(), &url, &report()) {
             Ok(reply) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 for c in &reply.commands {
@@ -202,8 +221,17 @@ fn run<F, A>(
     tracing::debug!("heartbeat thread stopped");
 }
 
-fn send(agent: &ureq::Agent, url: &str, report: &NodeReport) -> Result<HeartbeatReply, String> {
-    let mut resp = agent.post(url).send_json(report).map_err(|e| e.to_string())?;
+fn send(
+    agent: &ureq::Agent,
+    bearer: Option<&str>,
+    url: &str,
+    report: &NodeReport,
+) -> Result<HeartbeatReply, String> {
+    let mut req = agent.post(url);
+    if let Some(b) = bearer {
+        req = req.header("Authorization", b);
+    }
+    let mut resp = req.send_json(report).map_err(|e| e.to_string())?;
     let status = resp.status();
     if status.is_success() {
         return resp.body_mut().read_json::<HeartbeatReply>().map_err(|e| format!("bad reply: {e}"));

@@ -6,6 +6,7 @@
 //! nodes over the binary protocol; the controller only sees reports.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controller;
@@ -14,3 +15,4 @@ pub mod local;
 pub mod provision;
 pub mod size;
 pub mod table;
+pub mod tls;

@@ -21,6 +21,12 @@ pub struct LocalCluster {
     pub node_id: String,
     /// Process id of `pollen up`.
     pub pid: u32,
+    /// The file holding the controller's admin token, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The certificate to trust for an https controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl LocalCluster {
@@ -132,6 +138,8 @@ mod tests {
             node: "127.0.0.1:9000".into(),
             node_id: "node-0".into(),
             pid: 1,
+            admin_token_file: None,
+            ca_cert: None,
         };
         lc.write(&data).unwrap();
         assert_eq!(LocalCluster::read(&data).unwrap(), Some(lc));
@@ -163,6 +171,8 @@ mod tests {
             node: "127.0.0.1:2".into(),
             node_id: "n".into(),
             pid: std::process::id().wrapping_add(1),
+            admin_token_file: None,
+            ca_cert: None,
         };
         lc.write(dir.path()).unwrap();
         LocalCluster::remove_if_ours(dir.path());

@@ -60,7 +60,8 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
 pub struct LocalConfig {
     /// The `pollen` binary.
     pub pollen: PathBuf,
-    /// Node `i` lives in `dir/nodes/node-i/` (its log: `node.log` there).
+    /// Node `i` lives in `dir/nodes/node-i/` (its log `node.log`, its
+    /// metadata log under `meta/`).
     pub dir: PathBuf,
     /// Where nodes send heartbeats; see [`LocalProvisioner::set_controller_url`].
     pub controller_url: String,
@@ -144,6 +145,8 @@ impl Provisioner for LocalProvisioner {
             .args(&pinning)
             .args(["--node-id", &node_id, "--port", "0", "--controller", &url])
             .args(["--heartbeat-ms", &self.cfg.heartbeat_ms.to_string()])
+            .arg("--data-dir")
+            .arg(&dir)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log)

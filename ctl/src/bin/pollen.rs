@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::node::{Node, NodeConfig};
 use pollen_ctl::api::NodeCommand;
-use pollen_ctl::config::{node_flags, NodeArgs, UpArgs, UpSettings, FILE_HELP};
+use pollen_ctl::config::{node_flags, NodeArgs, SecurityFlags, UpArgs, UpSettings, FILE_HELP};
 use pollen_ctl::controller::policy::Policy;
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
+use pollen_ctl::heartbeat::ClientAuth;
 use pollen_ctl::heartbeat::{self, HeartbeatHandle};
 use pollen_ctl::local::{self, LocalCluster};
 use pollen_ctl::provision::{LocalConfig, LocalProvisioner, Provisioner};
@@ -66,6 +67,8 @@ struct ControllerArgs {
     /// Allocation and scaling constants, a TOML file (see docs/control-plane.md) [default: built in]
     #[arg(long, value_name = "FILE")]
     policy: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    security: SecurityFlags,
 }
 
 fn main() -> ExitCode {
@@ -137,7 +140,12 @@ struct RunningNode {
 }
 
 impl RunningNode {
-    fn start(cfg: NodeConfig, controller_url: &str, interval: Duration) -> Result<RunningNode> {
+    fn start(
+        cfg: NodeConfig,
+        controller_url: &str,
+        interval: Duration,
+        auth: &ClientAuth,
+    ) -> Result<RunningNode> {
         let addr = SocketAddr::new(cfg.listen, cfg.port);
         let node = Arc::new(Node::start(cfg).with_context(|| format!("starting the node on {addr}"))?);
         let reporter = node.clone();
@@ -153,6 +161,7 @@ impl RunningNode {
             apply,
             controller_url,
             interval,
+            auth,
         ) {
             Ok(h) => h,
             Err(e) => {
@@ -226,10 +235,14 @@ fn up(a: UpArgs) -> Result<()> {
 
     let rt = runtime()?;
     let mut signals = rt.block_on(async { Signals::new() })?;
+    let (admin_token, tls) = a.security.load()?;
+    let node_auth = node_auth(a.tls_ca.as_deref(), admin_token.as_deref(), tls.is_some());
     let ctl_cfg = ControllerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
         heartbeat: interval,
         policy: load_policy(a.policy.as_deref())?,
+        admin_token,
+        tls,
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -241,7 +254,7 @@ fn up(a: UpArgs) -> Result<()> {
     }));
     let served = ServedController { stop: stop_tx, server };
 
-    let node = match RunningNode::start(node_cfg, &url, interval) {
+    let node = match RunningNode::start(node_cfg, &url, interval, &node_auth) {
         Ok(n) => n,
         Err(e) => {
             let _ = served.stop(&rt);
@@ -275,6 +288,8 @@ fn up(a: UpArgs) -> Result<()> {
         node: node.node.addr().to_string(),
         node_id: node_id.clone(),
         pid: std::process::id(),
+        admin_token_file: absolute(a.security.admin_token_file.as_deref()),
+        ca_cert: node_auth.ca.clone(),
     };
     if let Err(e) = lc.write(&a.data_dir) {
         node.stop();
@@ -293,18 +308,39 @@ fn up(a: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// An absolute form of `p` (files named in pollen.json and handed to node
+/// processes are read from other directories).
+fn absolute(p: Option<&Path>) -> Option<std::path::PathBuf> {
+    p.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+/// How `pollen up`'s nodes reach its controller: its admin token, and with
+/// TLS the CA to trust.
+fn node_auth(tls_ca: Option<&Path>, token: Option<&str>, tls: bool) -> ClientAuth {
+    ClientAuth { token: token.map(str::to_string), ca: if tls { absolute(tls_ca) } else { None } }
+}
+
 /// `pollen up --nodes N`: the controller in this process, N storage nodes
 /// as `pollen node` processes started by the local provisioner.
 fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating the data directory {}", a.data_dir.display()))?;
     let pollen = std::env::current_exe().context("finding the pollen binary")?;
+    let (admin_token, tls) = a.security.load()?;
+    let auth = node_auth(a.tls_ca.as_deref(), admin_token.as_deref(), tls.is_some());
+    let mut node_args = node_flags(&a.node);
+    if let Some(f) = absolute(a.security.admin_token_file.as_deref()) {
+        node_args.extend(["--controller-token-file".to_string(), f.display().to_string()]);
+    }
+    if let Some(ca) = &auth.ca {
+        node_args.extend(["--controller-ca".to_string(), ca.display().to_string()]);
+    }
     let prov = Arc::new(LocalProvisioner::new(LocalConfig {
         pollen,
         dir: a.data_dir.clone(),
         controller_url: String::new(),
         heartbeat_ms: a.heartbeat.as_millis() as u64,
-        node_args: node_flags(&a.node),
+        node_args,
         max_nodes,
         pin: a.node.pin,
         cores: a.node.cores,
@@ -317,6 +353,8 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         policy: load_policy(a.policy.as_deref())?,
         provisioner: Some(prov.clone()),
         min_nodes: n,
+        admin_token,
+        tls,
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -379,6 +417,8 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         node: first.as_ref().map(|n| n.addr.clone()).unwrap_or_default(),
         node_id: first.as_ref().map(|n| n.node_id.clone()).unwrap_or_default(),
         pid: std::process::id(),
+        admin_token_file: absolute(a.security.admin_token_file.as_deref()),
+        ca_cert: auth.ca.clone(),
     };
     if let Err(e) = lc.write(&a.data_dir) {
         let _ = stop_all(served);
@@ -437,7 +477,7 @@ fn node(a: NodeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let mut signals = rt.block_on(async { Signals::new() })?;
-    let node = RunningNode::start(a.node, &url, a.heartbeat)?;
+    let node = RunningNode::start(a.node, &url, a.heartbeat, &a.auth)?;
     println!("node {}", describe_node(&node.node));
     println!("heartbeats to {url} every {} ms; Ctrl-C stops it.", a.heartbeat.as_millis());
     let sig = rt.block_on(signals.wait());
@@ -462,11 +502,14 @@ fn load_policy(path: Option<&Path>) -> Result<Policy> {
 }
 
 fn controller(a: ControllerArgs) -> Result<()> {
+    let (admin_token, tls) = a.security.load()?;
     let cfg = ControllerConfig {
         listen: a.listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         missed_heartbeats: a.missed_heartbeats,
         policy: load_policy(a.policy.as_deref())?,
+        admin_token,
+        tls,
         ..ControllerConfig::default()
     };
     let rt = runtime()?;

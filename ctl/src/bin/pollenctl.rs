@@ -19,7 +19,8 @@ use pollen_ctl::api::{
     LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, ScaleRequest,
     ScaleResponse, SetCoresRequest, StatusResponse, TiersResponse,
 };
-use pollen_ctl::local::{self, UrlSource};
+use pollen_ctl::auth;
+use pollen_ctl::local::{self, LocalCluster, UrlSource};
 use pollen_ctl::size::Bytes;
 use pollen_ctl::table::Table;
 use serde::de::DeserializeOwned;
@@ -58,6 +59,14 @@ struct Cli {
     /// [default: $POLLEN_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// A file holding the controller's admin token [default: $POLLEN_ADMIN_TOKEN (the token
+    /// itself), else the file named in ./pollen-data/pollen.json]
+    #[arg(long, global = true, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// The PEM certificate to trust for an https controller [default: $POLLEN_CA_CERT, else the
+    /// one named in ./pollen-data/pollen.json, else the Web PKI roots]
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -203,7 +212,25 @@ fn run(cli: Cli) -> Result<()> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let (url, source) = local::resolve_controller(cli.controller.as_deref(), env.as_deref(), &cwd)
         .context("finding the controller")?;
-    let mut ctl = Controller::new(url, source);
+    // What `pollen up` wrote, when the URL came from its file.
+    let local = match &source {
+        UrlSource::File(_) => LocalCluster::read(&cwd.join(local::DEFAULT_DATA_DIR)).ok().flatten(),
+        _ => None,
+    };
+    let admin_token = match (&cli.admin_token_file, std::env::var(auth::TOKEN_ENV).ok()) {
+        (Some(f), _) => Some(auth::read_token_file(f)?),
+        (None, Some(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => match local.as_ref().and_then(|l| l.admin_token_file.as_deref()) {
+            Some(f) => Some(auth::read_token_file(f)?),
+            None => None,
+        },
+    };
+    let ca = cli
+        .ca_cert
+        .clone()
+        .or_else(|| std::env::var_os(CA_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| local.as_ref().and_then(|l| l.ca_cert.clone()));
+    let mut ctl = Controller::new(url, source, admin_token, ca.as_deref())?;
     ctl.token = cli.token.or_else(|| std::env::var("POLLEN_TOKEN").ok().filter(|t| !t.is_empty()));
     let json = cli.json;
     match cli.cmd {
@@ -247,23 +274,39 @@ struct Controller {
     agent: ureq::Agent,
     /// Presented to the nodes by the data commands (`--token`).
     token: Option<String>,
+    /// `Bearer TOKEN`, when the controller needs its admin token.
+    bearer: Option<String>,
 }
 
+/// Environment variable naming the certificate to trust for an https controller.
+const CA_ENV: &str = "POLLEN_CA_CERT";
+
 impl Controller {
-    fn new(url: String, source: UrlSource) -> Controller {
+    fn new(url: String, source: UrlSource, token: Option<String>, ca: Option<&Path>) -> Result<Controller> {
+        let tls = pollen_ctl::tls::client_config(ca).map_err(anyhow::Error::msg)?;
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(3)))
-            .timeout_global(Some(Duration::from_secs(10)))
+            // Long enough for a scale-up or a registration waiting for new nodes.
+            .timeout_global(Some(Duration::from_secs(45)))
+            .tls_config(tls)
             .build()
             .into();
-        Controller { url, source, agent, token: None }
+        Ok(Controller { url, source, agent, token: None, bearer: token.as_deref().map(auth::bearer) })
+    }
+
+    /// Adds the admin token, when there is one.
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.bearer {
+            Some(b) => req.header("Authorization", b),
+            None => req,
+        }
     }
 
     /// GETs an API path and decodes the reply as `T`.
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let url = format!("{}{path}", self.url);
-        let mut resp = self.agent.get(&url).call().map_err(|e| self.unreachable(e))?;
+        let mut resp = self.auth(self.agent.get(&url)).call().map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if !status.is_success() {
             let detail = resp
@@ -288,10 +331,10 @@ impl Controller {
     ) -> Result<std::result::Result<T, (u16, String)>> {
         let url = format!("{}{path}", self.url);
         let sent = match (method, body) {
-            ("POST", Some(b)) => self.agent.post(&url).send_json(b),
-            ("POST", None) => self.agent.post(&url).send_empty(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            _ => self.agent.get(&url).call(),
+            ("POST", Some(b)) => self.auth(self.agent.post(&url)).send_json(b),
+            ("POST", None) => self.auth(self.agent.post(&url)).send_empty(),
+            ("DELETE", _) => self.auth(self.agent.delete(&url)).call(),
+            _ => self.auth(self.agent.get(&url)).call(),
         };
         let mut resp = sent.map_err(|e| self.unreachable(e))?;
         let status = resp.status();

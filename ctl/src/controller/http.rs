@@ -43,6 +43,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/provisioner", get(provisioner))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), require_token))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared)
 }
@@ -324,4 +325,19 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Result<Response, ApiError> {
         .read(super::metrics::render)
         .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed".into()))?;
     Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// Refuses a request without the admin token, when one is configured.
+async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: axum::middleware::Next) -> Response {
+    if let Some(token) = &s.admin_token {
+        let given = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if !crate::auth::authorized(given, token) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "this controller needs its admin token (Authorization: Bearer TOKEN; pollenctl: --admin-token-file, $POLLEN_ADMIN_TOKEN)".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }

@@ -55,6 +55,10 @@ pub struct ControllerConfig {
     pub max_body: usize,
     /// Hint mapping and packing constants (`--policy FILE`).
     pub policy: Policy,
+    /// When set, every request needs `Authorization: Bearer TOKEN`.
+    pub admin_token: Option<String>,
+    /// Serve https with this configuration (`--tls-cert/--tls-key`).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for ControllerConfig {
@@ -68,6 +72,8 @@ impl Default for ControllerConfig {
             missed_heartbeats: DEFAULT_MISSED_HEARTBEATS,
             max_body: DEFAULT_MAX_BODY,
             policy: Policy::default(),
+            admin_token: None,
+            tls: None,
         }
     }
 }
@@ -94,6 +100,7 @@ pub(crate) struct Shared {
     /// One scaling operation (scale, drain, a registration that starts nodes) at a time.
     scaling: tokio::sync::Mutex<()>,
     min_nodes: usize,
+    admin_token: Option<String>,
     /// When rightsizing last looked, and last acted.
     rightsized: Mutex<(Option<Instant>, Option<Instant>)>,
 }
@@ -159,6 +166,7 @@ pub struct Controller {
     listener: TcpListener,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Controller {
@@ -175,6 +183,9 @@ impl Controller {
             return Err(ControllerError::Config("max_body must be at least 1 KiB".into()));
         }
         cfg.policy.validate().map_err(ControllerError::Config)?;
+        if cfg.admin_token.as_deref().is_some_and(|t| !crate::auth::valid(t)) {
+            return Err(ControllerError::Config("the admin token is malformed".into()));
+        }
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
@@ -189,9 +200,10 @@ impl Controller {
             node_start_timeout: cfg.node_start_timeout,
             scaling: tokio::sync::Mutex::new(()),
             min_nodes: cfg.min_nodes.max(1),
+            admin_token: cfg.admin_token,
             rightsized: Mutex::new((None, None)),
         });
-        Ok(Controller { listener, addr, shared })
+        Ok(Controller { listener, addr, shared, tls: cfg.tls })
     }
 
     /// The address the API listens on (with the real port if 0 was asked).
@@ -199,9 +211,10 @@ impl Controller {
         self.addr
     }
 
-    /// `http://ip:port`, the base URL of the API.
+    /// `http://ip:port` (`https://` with TLS), the base URL of the API.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn handle(&self) -> ControllerHandle {
@@ -217,7 +230,14 @@ impl Controller {
         let sweeper = tokio::spawn(sweep(self.shared.clone()));
         tracing::info!(addr = %self.addr, "controller listening");
         let app = http::router(self.shared);
-        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        let served = match self.tls {
+            Some(cfg) => {
+                let listener =
+                    crate::tls::TlsListener::new(self.listener, cfg).map_err(ControllerError::Serve)?;
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            }
+            None => axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await,
+        };
         sweeper.abort();
         served.map_err(ControllerError::Serve)
     }
