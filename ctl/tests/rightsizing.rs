@@ -30,8 +30,21 @@ cooldown_ms = 700
 network = { low = 0.05, high = 0.5 }
 "#;
 
+/// Waits for an event matching `f`; on timeout, fails with the event log.
 fn find(up: &Up, what: &str, f: impl Fn(&Event) -> bool) -> Event {
-    wait_for(Duration::from_secs(60), what, || up.events().events.into_iter().find(|e| f(e)))
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = up.events().events;
+        if let Some(e) = events.iter().find(|e| f(e)) {
+            return e.clone();
+        }
+        if std::time::Instant::now() > deadline {
+            let log: Vec<String> =
+                events.iter().map(|e| format!("{} {} {}", e.seq, e.kind, e.message)).collect();
+            panic!("no event for {what} in 60 s; events:\n{}", log.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polling cores per node id, from the nodes' own reports.
@@ -68,6 +81,7 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
     let j = client.job("load").expect("job on its node");
     let data = vec![42u8; 256 << 10];
     client.put_buffer(&j, "obj", &data, PutOptions::default()).expect("put");
+    let before_load = up.events().last_seq;
     let stop = Arc::new(AtomicBool::new(false));
     let loader = {
         let stop = stop.clone();
