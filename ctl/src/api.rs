@@ -15,6 +15,7 @@
 //! | POST   | `/v1/jobs`           | [`RegisterJobRequest`] → [`JobEntry`] |
 //! | GET    | `/v1/jobs/{name}`    | → [`JobEntry`]                        |
 //! | DELETE | `/v1/jobs/{name}`    | → [`DeregisterResponse`]              |
+//! | POST   | `/v1/jobs/{name}/token` | → [`JobEntry`] with a fresh token  |
 //! | GET    | `/v1/events`         | `?since=SEQ&limit=N` → [`EventsResponse`] |
 //! | POST   | `/v1/scale`          | [`ScaleRequest`] → [`ScaleResponse`]  |
 //! | POST   | `/v1/nodes/{id}/drain` | → [`ScaleResponse`]                 |
@@ -258,6 +259,14 @@ pub struct JobEntry {
     /// The live nodes could not hold the allocation: it is spread over them anyway.
     pub overcommitted: bool,
     pub registered_unix_ms: u64,
+    /// A capability token for the job's data (read and write), when the
+    /// cluster has a secret: in the reply to a registration and to
+    /// `POST /v1/jobs/{name}/token` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// When the token expires, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expiry_unix: Option<u64>,
 }
 
 /// `DELETE /v1/jobs/{name}`.

@@ -388,6 +388,9 @@ impl FileConfig {
 /// What `pollen up` runs.
 #[derive(Debug)]
 pub struct UpSettings {
+    /// The cluster secret's file, from the flag or the config file (node
+    /// processes inherit `$POLLEN_CLUSTER_SECRET_FILE` by themselves).
+    pub cluster_secret_file: Option<PathBuf>,
     pub security: SecurityFlags,
     /// What nodes trust for an https controller.
     pub tls_ca: Option<PathBuf>,
@@ -514,6 +517,11 @@ impl UpArgs {
             .unwrap_or_else(|| PathBuf::from(local::DEFAULT_DATA_DIR));
         node.data_dir = Some(data_dir.clone());
         Ok(UpSettings {
+            cluster_secret_file: self
+                .node
+                .cluster_secret_file
+                .clone()
+                .or_else(|| file.cluster_secret_file.clone()),
             security: self.security.clone(),
             tls_ca: self.tls_ca.clone().or_else(|| self.security.tls_cert.clone()),
             policy: self.policy.clone(),
@@ -588,7 +596,7 @@ pub fn node_flags(cfg: &NodeConfig) -> Vec<String> {
 pub const CLUSTER_SECRET_ENV: &str = "POLLEN_CLUSTER_SECRET_FILE";
 
 /// The cluster secret from `path`, else from the file `$POLLEN_CLUSTER_SECRET_FILE` names.
-fn cluster_secret(path: Option<&Path>) -> Result<Option<dataplane::auth::Secret>> {
+pub fn cluster_secret(path: Option<&Path>) -> Result<Option<dataplane::auth::Secret>> {
     let env = std::env::var_os(CLUSTER_SECRET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
     match path.map(Path::to_path_buf).or(env) {
         None => Ok(None),

@@ -69,6 +69,13 @@ struct ControllerArgs {
     policy: Option<std::path::PathBuf>,
     #[command(flatten)]
     security: SecurityFlags,
+    /// The cluster secret shared with the nodes (a file): job registration returns a capability
+    /// token [default: $POLLEN_CLUSTER_SECRET_FILE, else none: nodes accept any request]
+    #[arg(long, value_name = "FILE")]
+    cluster_secret_file: Option<std::path::PathBuf>,
+    /// How long the capability tokens handed out for jobs are valid, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -243,6 +250,7 @@ fn up(a: UpArgs) -> Result<()> {
         policy: load_policy(a.policy.as_deref())?,
         admin_token,
         tls,
+        cluster_secret: node_cfg.cluster_secret.clone(),
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -335,6 +343,9 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
     if let Some(ca) = &auth.ca {
         node_args.extend(["--controller-ca".to_string(), ca.display().to_string()]);
     }
+    if let Some(f) = absolute(a.cluster_secret_file.as_deref()) {
+        node_args.extend(["--cluster-secret-file".to_string(), f.display().to_string()]);
+    }
     let prov = Arc::new(LocalProvisioner::new(LocalConfig {
         pollen,
         dir: a.data_dir.clone(),
@@ -355,6 +366,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         min_nodes: n,
         admin_token,
         tls,
+        cluster_secret: a.node.cluster_secret.clone(),
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -510,6 +522,8 @@ fn controller(a: ControllerArgs) -> Result<()> {
         policy: load_policy(a.policy.as_deref())?,
         admin_token,
         tls,
+        cluster_secret: pollen_ctl::config::cluster_secret(a.cluster_secret_file.as_deref())?,
+        token_ttl: Duration::from_secs(a.token_ttl_secs),
         ..ControllerConfig::default()
     };
     let rt = runtime()?;

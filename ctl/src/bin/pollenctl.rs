@@ -361,6 +361,16 @@ impl Controller {
         }
     }
 
+    /// A fresh capability token for `job`; `None` when the cluster has no
+    /// secret (its nodes need no token).
+    fn job_token(&self, job: &str) -> Result<Option<String>> {
+        match self.call::<JobEntry>("POST", &format!("/v1/jobs/{}/token", path_segment(job)), None)? {
+            Ok(j) => Ok(j.token),
+            Err((409, _)) => Ok(None),
+            Err((code, msg)) => bail!("a token for job {job}: the controller answered {code}: {msg}"),
+        }
+    }
+
     /// Registers a job; `Ok(None)` when it already exists.
     fn register(&self, name: &str, hints: Hints) -> Result<Option<JobEntry>> {
         let req = serde_json::to_value(RegisterJobRequest { name: name.into(), hints })?;
@@ -641,6 +651,13 @@ fn job_register(ctl: &Controller, json: bool, name: &str, hints: Hints) -> Resul
         return print_json(&j);
     }
     println!("registered job {} on {} ({})", j.name, j.node_id, j.node_addr);
+    if let Some(t) = &j.token {
+        println!("token: {t}");
+        println!(
+            "  (read and write on the job's data until Unix time {}; pass it with --token or $POLLEN_TOKEN)",
+            j.token_expiry_unix.unwrap_or(0)
+        );
+    }
     if let Some(a) = &j.allocation {
         println!(
             "allocation: {}/s, {} ({} DRAM, {} flash){}",
@@ -846,7 +863,14 @@ fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, S
     }
     let mut client = Client::connect(entry.node_addr.as_str())
         .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", entry.node_id, entry.node_addr))?;
-    client.set_token(ctl.token.clone());
+    // The token given on the command line, else one the controller mints
+    // for the job (when the cluster has a secret).
+    let token = match (&ctl.token, &entry.token) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(t)) => Some(t.clone()),
+        (None, None) => ctl.job_token(job)?,
+    };
+    client.set_token(token);
     Ok((client, entry.node_addr, registered))
 }
 

@@ -525,6 +525,8 @@ impl Cluster {
             weights: BTreeMap::new(),
             overcommitted: false,
             registered_unix_ms: 0,
+            token: None,
+            token_expiry_unix: None,
         })
     }
 
@@ -550,6 +552,8 @@ impl Cluster {
             weights,
             overcommitted: j.overcommitted,
             registered_unix_ms: j.registered_unix_ms,
+            token: None,
+            token_expiry_unix: None,
         }
     }
 

@@ -36,6 +36,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tiers", get(tiers))
         .route("/v1/jobs", get(jobs).post(register_job))
         .route("/v1/jobs/{name}", get(job).delete(deregister_job))
+        .route("/v1/jobs/{name}/token", post(job_token))
         .route("/v1/events", get(events))
         .route("/v1/scale", post(scale))
         .route("/v1/nodes/{node_id}/drain", post(drain))
@@ -206,17 +207,24 @@ async fn register_job(
         (plan, node_hints) = plan_now(&s)?;
     }
     let (addr, job_name) = (plan.node_addr.clone(), name.clone());
-    let done = tokio::task::spawn_blocking(move || nodeops::register(&addr, &job_name, node_hints)).await;
+    let secret = s.cluster_secret.clone();
+    let done =
+        tokio::task::spawn_blocking(move || nodeops::register(&addr, &job_name, node_hints, secret.as_ref()))
+            .await;
     let outcome = match done {
         Ok(r) => r,
         Err(e) => Err(format!("registration task failed: {e}")),
     };
     let mut c = s.cluster();
     match outcome {
-        Ok(()) => c
-            .commit_job(&name)
-            .map(|e| (StatusCode::CREATED, Json(e)))
-            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into())),
+        Ok(()) => {
+            let mut entry = c
+                .commit_job(&name)
+                .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into()))?;
+            drop(c);
+            with_token(&s, &mut entry)?;
+            Ok((StatusCode::CREATED, Json(entry)))
+        }
         Err(why) => {
             c.abort_job(&name, &why);
             Err(ApiError(StatusCode::BAD_GATEWAY, why))
@@ -243,7 +251,9 @@ async fn deregister_job(
         (false, Some(format!("node {node_id} is down: its blocks of the job were not freed")))
     } else {
         let job_name = name.clone();
-        let done = tokio::task::spawn_blocking(move || nodeops::deregister(&addr, &job_name)).await;
+        let secret = s.cluster_secret.clone();
+        let done =
+            tokio::task::spawn_blocking(move || nodeops::deregister(&addr, &job_name, secret.as_ref())).await;
         match done {
             Ok(Ok(true)) => (true, None),
             Ok(Ok(false)) => (false, Some(format!("node {node_id} did not know the job"))),
@@ -340,4 +350,36 @@ async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: axum::m
         }
     }
     next.run(req).await
+}
+
+/// Adds a fresh read-write capability token for the job, when the cluster
+/// has a secret.
+fn with_token(s: &Shared, entry: &mut JobEntry) -> Result<(), ApiError> {
+    if let Some(secret) = &s.cluster_secret {
+        let (t, expiry) =
+            nodeops::mint(secret, &entry.name, dataplane::auth::Rights::READ_WRITE, s.token_ttl)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        entry.token = Some(t);
+        entry.token_expiry_unix = Some(expiry);
+    }
+    Ok(())
+}
+
+/// A job with a fresh capability token (the API's admin token guards it);
+/// `409` when the cluster has no secret (nodes accept any request then).
+async fn job_token(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<JobEntry>, ApiError> {
+    if s.cluster_secret.is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this controller has no cluster secret: nodes need no token".into(),
+        ));
+    }
+    let mut entry = s
+        .read(|c, _| c.job(&name))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
+    with_token(&s, &mut entry)?;
+    Ok(Json(entry))
 }

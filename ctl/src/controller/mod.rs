@@ -32,6 +32,9 @@ use crate::provision::Provisioner;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+/// How long a job's capability token is valid: a day, longer than the jobs
+/// Pocket serves; `POST /v1/jobs/{name}/token` hands out a fresh one.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest request body accepted; a node report with thousands of jobs fits.
 pub const DEFAULT_MAX_BODY: usize = 4 << 20;
 
@@ -59,6 +62,11 @@ pub struct ControllerConfig {
     pub admin_token: Option<String>,
     /// Serve https with this configuration (`--tls-cert/--tls-key`).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// The cluster secret shared with the nodes: registration returns a
+    /// capability token, and the controller's own node calls present one.
+    pub cluster_secret: Option<dataplane::auth::Secret>,
+    /// Lifetime of the tokens handed out for jobs.
+    pub token_ttl: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -74,6 +82,8 @@ impl Default for ControllerConfig {
             policy: Policy::default(),
             admin_token: None,
             tls: None,
+            cluster_secret: None,
+            token_ttl: DEFAULT_TOKEN_TTL,
         }
     }
 }
@@ -101,6 +111,8 @@ pub(crate) struct Shared {
     scaling: tokio::sync::Mutex<()>,
     min_nodes: usize,
     admin_token: Option<String>,
+    cluster_secret: Option<dataplane::auth::Secret>,
+    token_ttl: Duration,
     /// When rightsizing last looked, and last acted.
     rightsized: Mutex<(Option<Instant>, Option<Instant>)>,
 }
@@ -179,6 +191,9 @@ impl Controller {
         if cfg.missed_heartbeats == 0 {
             return Err(ControllerError::Config("missed_heartbeats must be at least 1".into()));
         }
+        if cfg.token_ttl.is_zero() {
+            return Err(ControllerError::Config("the token lifetime must be positive".into()));
+        }
         if cfg.max_body < 1024 {
             return Err(ControllerError::Config("max_body must be at least 1 KiB".into()));
         }
@@ -201,6 +216,8 @@ impl Controller {
             scaling: tokio::sync::Mutex::new(()),
             min_nodes: cfg.min_nodes.max(1),
             admin_token: cfg.admin_token,
+            cluster_secret: cfg.cluster_secret,
+            token_ttl: cfg.token_ttl,
             rightsized: Mutex::new((None, None)),
         });
         Ok(Controller { listener, addr, shared, tls: cfg.tls })

@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use std::time::SystemTime;
+
+use dataplane::auth::{Rights, Secret, Token};
 use dataplane::client::Client;
 use dataplane::proto::{JobHints, Status};
 
@@ -12,6 +15,16 @@ use super::policy::{Allocation, Hints};
 
 /// How long a node may take to answer one of these calls.
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lifetime of the token the controller presents for its own calls.
+const OWN_TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// A capability token for `job`, valid for `ttl`; with its expiry (Unix seconds).
+pub fn mint(secret: &Secret, job: &str, rights: Rights, ttl: Duration) -> Result<(String, u64), String> {
+    let expiry = SystemTime::now() + ttl;
+    let t = Token::issue(secret, job, rights, expiry).map_err(|e| format!("token for {job}: {e}"))?;
+    let secs = expiry.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok((t, secs))
+}
 
 /// The hints a node keeps for a job: placement within the node follows the
 /// allocation's tier choice; a job with both DRAM and flash may spill over.
@@ -25,16 +38,21 @@ pub fn node_hints(hints: &Hints, alloc: &Allocation) -> JobHints {
     }
 }
 
-fn connect(addr: &str) -> Result<Client, String> {
+/// A client for the node at `addr`; with a cluster secret it presents a
+/// token with every right on `job`, which registering and deregistering need.
+fn connect(addr: &str, job: &str, secret: Option<&Secret>) -> Result<Client, String> {
     let mut c = Client::connect(addr).map_err(|e| format!("cannot reach node at {addr}: {e}"))?;
     c.set_timeout(NODE_TIMEOUT);
+    if let Some(s) = secret {
+        c.set_token(Some(mint(s, job, Rights::ALL, OWN_TOKEN_TTL)?.0));
+    }
     Ok(c)
 }
 
 /// Registers `name` on the node at `addr`. A job the node already has
 /// (registered directly, or holding PERSIST objects) is taken over as is.
-pub fn register(addr: &str, name: &str, hints: JobHints) -> Result<(), String> {
-    let mut c = connect(addr)?;
+pub fn register(addr: &str, name: &str, hints: JobHints, secret: Option<&Secret>) -> Result<(), String> {
+    let mut c = connect(addr, name, secret)?;
     match c.register_job(name, hints) {
         Ok(_) => Ok(()),
         Err(e) if e.status() == Some(Status::Exists) => Ok(()),
@@ -44,8 +62,8 @@ pub fn register(addr: &str, name: &str, hints: JobHints) -> Result<(), String> {
 
 /// Deregisters `name` on the node at `addr`, freeing its blocks except
 /// PERSIST ones. `Ok(false)` when the node does not know the job.
-pub fn deregister(addr: &str, name: &str) -> Result<bool, String> {
-    let mut c = connect(addr)?;
+pub fn deregister(addr: &str, name: &str, secret: Option<&Secret>) -> Result<bool, String> {
+    let mut c = connect(addr, name, secret)?;
     let job = match c.job(name) {
         Ok(j) => j,
         Err(e) if e.status() == Some(Status::NotFound) => return Ok(false),
