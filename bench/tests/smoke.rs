@@ -183,3 +183,26 @@ fn bad_arguments_fail_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
 }
+
+/// `pollen-bench` runs unchanged against a node on DPDK (its net_tap test
+/// device; feature `dpdk`, root only): the load goes through the kernel's
+/// TCP to the node's user-space stack. A smoke test, not a measurement.
+#[cfg(feature = "dpdk")]
+#[test]
+fn closed_loop_get_against_a_dpdk_node() {
+    use dataplane::node::NetBackend;
+    if !pollen_tests::dpdk::available() {
+        eprintln!("skipped: DPDK tests need root and /dev/net/tun");
+        return;
+    }
+    let n = pollen_tests::node(1, NetBackend::Dpdk, 64 << 10, 64);
+    assert_eq!(n.report().net, NetBackend::Dpdk);
+    let addr = n.addr().to_string();
+    let r = bench(&[
+        "--pollen", &addr, "--peers", "none", "--op", "get", "--size", "1024", "--conns", "2", "--rounds",
+        "1",
+    ]);
+    assert_eq!(r["ok"], true);
+    check_measured(&r, "pollen");
+    n.shutdown();
+}

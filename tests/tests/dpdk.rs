@@ -258,5 +258,12 @@ fn malformed_input_is_survived_and_no_mbuf_leaks() {
     assert!(c1.rx_packets > c0.rx_packets);
     assert_eq!(n.report().cores.len(), 2, "both cores still report");
     wait_mbufs(&n, start_mbufs);
+    // Every connection the clients closed is closed on the node too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let open = || n.report().cores.iter().map(|c| c.connections).sum::<u64>();
+    while open() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(open(), 0, "connections left open on the node");
     n.shutdown();
 }
