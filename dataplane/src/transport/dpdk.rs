@@ -39,7 +39,13 @@ pub const RX_BUFFER: usize = 256 << 10;
 pub const TX_BUFFER: usize = 256 << 10;
 /// Listening sockets kept ready per port: connections a port can take in one
 /// pass before new listeners are added.
-const BACKLOG: usize = 8;
+const BACKLOG: usize = 4;
+/// Sockets in the middle of a handshake, at most: past this no listener is
+/// added, so a SYN flood cannot make a core allocate a socket per SYN.
+const MAX_EMBRYONIC: usize = 64;
+/// A connection whose peer acknowledges nothing for this long (a handshake
+/// never completed, data never acknowledged) is aborted.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames taken from the rx queue per pass, so a flood cannot hold a core.
 const RX_BUDGET: usize = 512;
 /// Frames built and not yet taken by the NIC; past this the stack waits.
@@ -190,8 +196,6 @@ struct Nic {
     steered_in: Vec<Mbuf>,
     /// Frames the stack may still take this pass.
     budget: usize,
-    /// Frames handed to the stack since start.
-    received: u64,
 }
 
 impl Nic {
@@ -200,7 +204,6 @@ impl Nic {
             return Some(Frame::Copy(v));
         }
         if let Some(m) = self.steered_in.pop() {
-            self.received += 1;
             return Some(Frame::Mbuf(m));
         }
         loop {
@@ -227,7 +230,6 @@ impl Nic {
                 self.steer(owner, m);
                 continue;
             }
-            self.received += 1;
             return Some(Frame::Mbuf(m));
         }
     }
@@ -402,7 +404,6 @@ impl DpdkTransport {
             arp_in: Vec::new(),
             steered_in: Vec::new(),
             budget: 0,
-            received: 0,
         };
         let epoch = Instant::now();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
@@ -448,6 +449,14 @@ impl DpdkTransport {
     /// Keeps `BACKLOG` listening sockets per port while connections are
     /// below the limit.
     fn refill_listeners(&mut self) {
+        let embryonic = self
+            .listeners
+            .iter()
+            .filter(|(_, h)| self.sockets.get::<tcp::Socket>(*h).state() != tcp::State::Listen)
+            .count();
+        if embryonic >= MAX_EMBRYONIC {
+            return;
+        }
         for i in 0..self.ports.len() {
             let port = self.ports[i];
             let listening = self
@@ -468,6 +477,7 @@ impl DpdkTransport {
                 // Replies go out as soon as they are built.
                 s.set_nagle_enabled(false);
                 s.set_ack_delay(None);
+                s.set_timeout(Some(smoltcp::time::Duration::from_millis(STALL_TIMEOUT.as_millis() as u64)));
                 if s.listen(port).is_err() {
                     tracing::warn!(port, "cannot listen");
                     return;
@@ -490,12 +500,13 @@ impl DpdkTransport {
     }
 
     /// One pass: receive, run the stack, deliver events, send. Returns the
-    /// events delivered (frames received count as one each).
+    /// events delivered, plus one if work is left over. Frames the stack
+    /// handled by itself (ARP, a reset to a stray segment, a drop) are not
+    /// events: stray traffic must not keep an idle core awake.
     fn pass(&mut self, sink: &mut dyn EventSink) -> usize {
         self.nic.budget = RX_BUDGET;
-        let before = self.nic.received;
         self.run_stack();
-        let mut n = (self.nic.received - before) as usize;
+        let mut n = 0;
         if self.nic.budget == 0 {
             // Frames are left in the ring: come back without sleeping.
             n += 1;
@@ -595,7 +606,11 @@ impl DpdkTransport {
             }
             if c.sent < c.out.len() && !c.dead {
                 match s.send_slice(&c.out[c.sent..]) {
-                    Ok(k) => c.sent += k,
+                    Ok(k) => {
+                        c.sent += k;
+                        // Progress: acknowledgements made room.
+                        n += usize::from(k > 0);
+                    }
                     Err(_) => c.dead = true,
                 }
                 if c.sent == c.out.len() {
