@@ -377,6 +377,17 @@ impl<T: Transport> Core<T> {
             work += self.finish_pass();
 
             let now = Instant::now();
+            // Job summaries go out at most every PUBLISH_JOBS_EVERY while
+            // busy, and before an idle core parks: a change applied in the
+            // last busy pass (a commit of the metadata log) must not wait
+            // for the next request to be seen in the node's reports.
+            if self.st.ns_changed && (work == 0 || now - last_jobs_publish >= PUBLISH_JOBS_EVERY) {
+                if let Ok(mut jobs) = self.st.shared.jobs.try_lock() {
+                    *jobs = self.st.ns.summaries();
+                    self.st.ns_changed = false;
+                    last_jobs_publish = now;
+                }
+            }
             let mut parked = false;
             if work > 0 {
                 busy_ns += (now - pass).as_nanos() as u64;
@@ -392,13 +403,6 @@ impl<T: Transport> Core<T> {
             }
             // The sleep is not part of the next pass.
             pass = if parked { Instant::now() } else { now };
-            if self.st.ns_changed && now - last_jobs_publish >= PUBLISH_JOBS_EVERY {
-                if let Ok(mut jobs) = self.st.shared.jobs.try_lock() {
-                    *jobs = self.st.ns.summaries();
-                    self.st.ns_changed = false;
-                    last_jobs_publish = now;
-                }
-            }
             if !self.st.engines.is_empty() && now - last_storage_publish >= PUBLISH_STORAGE_EVERY {
                 self.st.publish_storage();
                 last_storage_publish = now;
