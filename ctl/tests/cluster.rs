@@ -44,32 +44,7 @@ impl TestCluster {
     fn start(n: usize) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
-        let mut child = Command::new(POLLEN)
-            .args([
-                "controller",
-                "--listen",
-                "127.0.0.1:0",
-                "--heartbeat-ms",
-                "100",
-                "--policy",
-                "policy.toml",
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(log("controller.err"))
-            .spawn()
-            .expect("spawn pollen controller");
-        let stdout = child.stdout.take().expect("stdout");
-        let ctl = Reaper(Some(child));
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .trim_end_matches(';')
-            .to_string();
+        let (ctl, url) = spawn_controller(dir.path(), "127.0.0.1:0");
         let mut c = TestCluster { dir, url, ctl, nodes: BTreeMap::new() };
         for i in 1..=n {
             c.start_node(&format!("n{i}"));
@@ -131,6 +106,34 @@ impl TestCluster {
     fn events(&self) -> EventsResponse {
         self.json(&["events"])
     }
+}
+
+/// `pollen controller` in `dir` with the test policy, listening on
+/// `listen`; returns it and its URL (from its banner).
+fn spawn_controller(dir: &std::path::Path, listen: &str) -> (Reaper, String) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("controller.err"))
+        .expect("log file");
+    let mut child = Command::new(POLLEN)
+        .args(["controller", "--listen", listen, "--heartbeat-ms", "100", "--policy", "policy.toml"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pollen controller");
+    let stdout = child.stdout.take().expect("stdout");
+    let ctl = Reaper(Some(child));
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .trim_end_matches(';')
+        .to_string();
+    (ctl, url)
 }
 
 fn weight_sum(j: &JobEntry) -> f64 {
@@ -299,4 +302,43 @@ fn bad_registrations_are_refused_with_clear_errors() {
     let out = c.ctl(&["get", "nope", "x", "-"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job"));
+}
+
+/// A controller killed with SIGKILL and started again on the same port
+/// rebuilds its view from the nodes' heartbeats: nodes, and jobs with the
+/// hints their nodes kept, allocated and packed again.
+#[test]
+fn a_restarted_controller_adopts_jobs_from_node_reports() {
+    let mut c = TestCluster::start(2);
+    let before: JobEntry = c.json(&["job", "register", "kept", "--lambdas", "3", "--capacity", "1MiB"]);
+    c.ctl.sigkill();
+    let listen = c.url.trim_start_matches("http://").to_string();
+    let (ctl, url) = spawn_controller(c.dir.path(), &listen);
+    assert_eq!(url, c.url);
+    c.ctl = ctl;
+    c.wait_nodes_up(2);
+    let adopted = wait_for(Duration::from_secs(20), "the job adopted", || {
+        let r: JobsResponse = c.json(&["jobs"]);
+        r.registered.into_iter().find(|j| j.name == "kept")
+    });
+    assert_eq!(adopted.node_id, before.node_id, "the namespace stays on its node");
+    assert_eq!(adopted.hints.lambdas, Some(3));
+    let a = adopted.allocation.clone().expect("allocation");
+    assert_eq!((a.throughput, a.capacity), (30 * MB, MIB), "the same hints give the same allocation");
+    assert_close(weight_sum(&adopted), 1.0, "weights of the adopted job");
+    assert!(c
+        .events()
+        .events
+        .iter()
+        .any(|e| e.kind == EventKind::JobRegistered && e.message.contains("adopted")));
+    // Deregistering it through the new controller frees it on its node, and
+    // it is not adopted again.
+    let d: DeregisterResponse = c.json(&["job", "deregister", "kept"]);
+    assert!(d.freed);
+    wait_for(Duration::from_secs(10), "the node no longer reports the job", || {
+        let r: JobsResponse = c.json(&["jobs"]);
+        (!r.jobs.iter().any(|j| j.name == "kept" && j.registered)).then_some(())
+    });
+    let r: JobsResponse = c.json(&["jobs"]);
+    assert!(r.registered.iter().all(|j| j.name != "kept"), "a deregistered job came back");
 }

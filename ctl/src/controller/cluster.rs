@@ -116,6 +116,9 @@ pub struct Cluster {
     draining: BTreeMap<String, Instant>,
     /// Commands for each node, sent on its next heartbeat reply.
     commands: BTreeMap<String, Vec<NodeCommand>>,
+    /// Jobs deregistered recently, with when: a report sent before the node
+    /// freed them must not bring them back as adopted jobs.
+    deregistered: BTreeMap<String, Instant>,
 }
 
 impl Cluster {
@@ -135,6 +138,7 @@ impl Cluster {
             events: EventLog::new(DEFAULT_CAPACITY),
             draining: BTreeMap::new(),
             commands: BTreeMap::new(),
+            deregistered: BTreeMap::new(),
         }
     }
 
@@ -485,11 +489,82 @@ impl Cluster {
         if self.jobs.get(name).is_some_and(|j| j.pending) {
             return None;
         }
+        self.hold_off_adoption(name);
         self.jobs.remove(name)
+    }
+
+    /// Keeps `name` from being adopted for two down-intervals: it is being
+    /// deregistered, or adopting it just failed.
+    pub fn hold_off_adoption(&mut self, name: &str) {
+        let now = Instant::now();
+        let quiet = self.down_after() * 2;
+        self.deregistered.retain(|_, at| now.saturating_duration_since(*at) < quiet);
+        self.deregistered.insert(name.to_string(), now);
+    }
+
+    /// Jobs a live node reports registered that the controller does not
+    /// hold (it restarted, or they were registered on the node directly):
+    /// (job, node id, node address). At most `limit`.
+    pub fn unadopted(&self, now: Instant, limit: usize) -> Vec<(String, String, String)> {
+        let quiet = self.down_after() * 2;
+        let mut out = Vec::new();
+        for (id, r) in self.nodes.iter().filter(|(_, r)| r.state == NodeState::Up) {
+            for j in r.report.jobs.iter().filter(|j| j.registered) {
+                let recent = self
+                    .deregistered
+                    .get(&j.name)
+                    .is_some_and(|at| now.saturating_duration_since(*at) < quiet);
+                if !self.jobs.contains_key(&j.name) && !recent && valid_job_name(&j.name) {
+                    out.push((j.name.clone(), id.clone(), r.report.addr.clone()));
+                    if out.len() == limit {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Takes over a job a node holds, with the hints the node kept: it is
+    /// allocated and packed as at registration, its namespace stays where it
+    /// is. False when it is already known.
+    pub fn adopt_job(&mut self, name: &str, node_id: &str, hints: Hints) -> bool {
+        if self.jobs.contains_key(name) || self.jobs.len() >= MAX_JOBS {
+            return false;
+        }
+        let hints = hints.normalized();
+        let rooms = self.rooms(None);
+        let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
+        let Some(packing) = policy::pack(&alloc, &rooms) else { return false };
+        let registered_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.jobs.insert(
+            name.to_string(),
+            JobRecord {
+                name: name.to_string(),
+                hints,
+                alloc,
+                weights: packing.weights,
+                node_id: node_id.to_string(),
+                overcommitted: packing.overcommitted,
+                registered_unix_ms,
+                pending: true,
+            },
+        );
+        self.commit_job(name);
+        self.events.push(
+            EventKind::JobRegistered,
+            Some(node_id),
+            Some(name),
+            format!("job {name} adopted from {node_id}'s report (registered before this controller started, or on the node directly)"),
+        );
+        true
     }
 
     /// Records the outcome of a deregistration.
     pub fn record_deregistered(&mut self, name: &str, node_id: &str, outcome: &str) {
+        self.hold_off_adoption(name);
         self.events.push(
             EventKind::JobDeregistered,
             Some(node_id),

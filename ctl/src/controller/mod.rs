@@ -273,6 +273,7 @@ async fn sweep(shared: Arc<Shared>) {
         tick.tick().await;
         shared.cluster().sweep(Instant::now());
         shared.stop_drained().await;
+        shared.adopt_jobs().await;
         shared.rightsize();
     }
 }

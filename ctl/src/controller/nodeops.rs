@@ -72,3 +72,17 @@ pub fn deregister(addr: &str, name: &str, secret: Option<&Secret>) -> Result<boo
     c.deregister_job(&job).map_err(|e| format!("node at {addr}: deregister {name}: {e}"))?;
     Ok(true)
 }
+
+/// The hints the node at `addr` keeps for `name` (to adopt the job).
+pub fn job_hints(addr: &str, name: &str, secret: Option<&Secret>) -> Result<Hints, String> {
+    let mut c = connect(addr, name, secret)?;
+    let info = c.job_info(name).map_err(|e| format!("node at {addr}: job {name}: {e}"))?;
+    let h = info.hints;
+    let some = |n: u64| (n > 0).then_some(n);
+    Ok(Hints {
+        latency_sensitive: Some(h.latency_sensitive),
+        lambdas: (h.max_workers > 0).then_some(h.max_workers),
+        capacity: some(h.capacity),
+        peak_throughput: some(h.peak_throughput),
+    })
+}

@@ -186,6 +186,29 @@ impl Shared {
         }
     }
 
+    /// Adopts jobs that live nodes report but the controller does not hold
+    /// (after a controller restart): their hints come from the node.
+    pub(super) async fn adopt_jobs(&self) {
+        let found = self.cluster().unadopted(Instant::now(), 16);
+        for (name, node_id, addr) in found {
+            let secret = self.cluster_secret.clone();
+            let job = name.clone();
+            let hints =
+                tokio::task::spawn_blocking(move || super::nodeops::job_hints(&addr, &job, secret.as_ref()))
+                    .await;
+            match hints {
+                Ok(Ok(h)) => {
+                    self.cluster().adopt_job(&name, &node_id, h);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(job = %name, error = %e, "cannot adopt a job yet");
+                    self.cluster().hold_off_adoption(&name);
+                }
+                Err(e) => tracing::warn!(error = %e, "adoption task failed"),
+            }
+        }
+    }
+
     /// Stops the draining nodes whose blocks are all freed (or that died)
     /// and forgets them.
     pub(super) async fn stop_drained(&self) {
