@@ -302,6 +302,18 @@ fn bad_registrations_are_refused_with_clear_errors() {
     let out = c.ctl(&["get", "nope", "x", "-"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job"));
+
+    // A reader that went away (`pollenctl nodes | head -0`) ends pollenctl quietly.
+    let mut child = Command::new(POLLENCTL)
+        .args(["--controller", &c.url, "nodes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pollenctl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("pollenctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{}: {err}", out.status);
 }
 
 /// A controller killed with SIGKILL and started again on the same port

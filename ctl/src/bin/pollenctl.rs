@@ -25,6 +25,21 @@ use pollen_ctl::size::Bytes;
 use pollen_ctl::table::Table;
 use serde::de::DeserializeOwned;
 
+/// `println!` that returns a closed standard output as an error (so `pollenctl … | head`
+/// ends quietly, see `main`) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($t)*).context("writing standard output")?
+    };
+}
+
+/// `print!` with the same error handling as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {
+        write!(std::io::stdout().lock(), $($t)*).context("writing standard output")?
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "pollenctl",
@@ -420,17 +435,17 @@ fn status(ctl: &Controller, json: bool) -> Result<()> {
         return print_json(&ctl.get::<serde_json::Value>("/v1/status")?);
     }
     let s = ctl.status()?;
-    println!(
+    outln!(
         "controller  {}  (v{}, up {}, heartbeat every {} ms)",
         ctl.url,
         s.version,
         duration(s.uptime_ms),
         s.heartbeat_ms
     );
-    println!("nodes       {} up, {} down", s.nodes_up, s.nodes_down);
-    println!("jobs        {}", s.jobs);
+    outln!("nodes       {} up, {} down", s.nodes_up, s.nodes_down);
+    outln!("jobs        {}", s.jobs);
     for t in &s.tiers {
-        println!(
+        outln!(
             "{:<11} {} used of {} ({})",
             t.tier,
             Bytes(t.used_bytes),
@@ -439,10 +454,10 @@ fn status(ctl: &Controller, json: bool) -> Result<()> {
         );
     }
     if s.nodes.is_empty() {
-        println!("\nNo node has sent a heartbeat yet.");
+        outln!("\nNo node has sent a heartbeat yet.");
         return Ok(());
     }
-    println!();
+    outln!();
     let mut t = Table::new([
         "NODE",
         "ADDR",
@@ -469,10 +484,10 @@ fn status(ctl: &Controller, json: bool) -> Result<()> {
             format!("{} ago", duration(n.last_heartbeat_ms_ago)),
         ]);
     }
-    print!("{}", t.render());
+    out!("{}", t.render());
     for n in &s.nodes {
         if let Some(why) = &n.net_fallback_reason {
-            println!("note: {} runs {} instead of the requested backend: {why}", n.node_id, n.net);
+            outln!("note: {} runs {} instead of the requested backend: {why}", n.node_id, n.net);
         }
     }
     Ok(())
@@ -522,7 +537,7 @@ fn cores(ctl: &Controller, json: bool) -> Result<()> {
             Bytes(c.bytes_out).to_string(),
         ]);
     }
-    print_table_or(&t, "No cores: no node has sent a heartbeat yet.");
+    print_table_or(&t, "No cores: no node has sent a heartbeat yet.")?;
     Ok(())
 }
 
@@ -587,7 +602,7 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
             r.path.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    print_table_or(&t, "No tiers: no node has sent a heartbeat yet.");
+    print_table_or(&t, "No tiers: no node has sent a heartbeat yet.")?;
     Ok(())
 }
 
@@ -641,7 +656,7 @@ fn jobs(ctl: &Controller, json: bool) -> Result<()> {
             "-".into(),
         ]);
     }
-    print_table_or(&t, "No jobs.");
+    print_table_or(&t, "No jobs.")?;
     Ok(())
 }
 
@@ -650,16 +665,16 @@ fn job_register(ctl: &Controller, json: bool, name: &str, hints: Hints) -> Resul
     if json {
         return print_json(&j);
     }
-    println!("registered job {} on {} ({})", j.name, j.node_id, j.node_addr);
+    outln!("registered job {} on {} ({})", j.name, j.node_id, j.node_addr);
     if let Some(t) = &j.token {
-        println!("token: {t}");
-        println!(
+        outln!("token: {t}");
+        outln!(
             "  (read and write on the job's data until Unix time {}; pass it with --token or $POLLEN_TOKEN)",
             j.token_expiry_unix.unwrap_or(0)
         );
     }
     if let Some(a) = &j.allocation {
-        println!(
+        outln!(
             "allocation: {}/s, {} ({} DRAM, {} flash){}",
             Bytes(a.throughput),
             Bytes(a.capacity),
@@ -668,13 +683,13 @@ fn job_register(ctl: &Controller, json: bool, name: &str, hints: Hints) -> Resul
             if a.latency_sensitive { ", latency-sensitive" } else { "" }
         );
         for b in &a.basis {
-            println!("  {b}");
+            outln!("  {b}");
         }
     }
     if j.overcommitted {
-        println!("note: the live nodes lack room for the whole allocation: it is spread over them anyway");
+        outln!("note: the live nodes lack room for the whole allocation: it is spread over them anyway");
     }
-    print_weights(&j);
+    print_weights(&j)?;
     Ok(())
 }
 
@@ -688,13 +703,13 @@ fn job_deregister(ctl: &Controller, json: bool, name: &str) -> Result<()> {
         return print_json(&r);
     }
     match &r.note {
-        None => println!("deregistered job {name}: blocks freed on {} (PERSIST objects kept)", r.node_id),
-        Some(n) => println!("deregistered job {name}; note: {n}"),
+        None => outln!("deregistered job {name}: blocks freed on {} (PERSIST objects kept)", r.node_id),
+        Some(n) => outln!("deregistered job {name}; note: {n}"),
     }
     Ok(())
 }
 
-fn print_weights(j: &JobEntry) {
+fn print_weights(j: &JobEntry) -> Result<()> {
     let mut t = Table::new(["NODE", "WEIGHT"]);
     for (node, w) in &j.weights {
         t.row([node.clone(), format!("{w:.3}")]);
@@ -702,7 +717,7 @@ fn print_weights(j: &JobEntry) {
     print_table_or(
         &t,
         "No weights: the controller did not place this job (it was registered on a node directly).",
-    );
+    )
 }
 
 fn weights(ctl: &Controller, json: bool, job: &str) -> Result<()> {
@@ -710,7 +725,7 @@ fn weights(ctl: &Controller, json: bool, job: &str) -> Result<()> {
     if json {
         return print_json(&serde_json::json!({ "job": j.name, "weights": j.weights }));
     }
-    print_weights(&j);
+    print_weights(&j)?;
     Ok(())
 }
 
@@ -733,7 +748,7 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
             format!("{} ago", duration(n.last_heartbeat_ms_ago)),
         ]);
     }
-    print_table_or(&t, "No nodes: none has sent a heartbeat yet.");
+    print_table_or(&t, "No nodes: none has sent a heartbeat yet.")?;
     Ok(())
 }
 
@@ -747,18 +762,19 @@ fn cores_set(ctl: &Controller, json: bool, node: &str, cores: usize) -> Result<(
     if json {
         return print_json(&r);
     }
-    println!("{node}: {cores} core(s) will poll from its next heartbeat");
+    outln!("{node}: {cores} core(s) will poll from its next heartbeat");
     Ok(())
 }
 
-fn print_scale(r: &ScaleResponse) {
+fn print_scale(r: &ScaleResponse) -> Result<()> {
     for id in &r.started {
-        println!("started {id}");
+        outln!("started {id}");
     }
     for id in &r.draining {
-        println!("draining {id}: weight 0 for new data; it stops once its blocks are freed");
+        outln!("draining {id}: weight 0 for new data; it stops once its blocks are freed");
     }
-    println!("{} node(s) take new data", r.open_nodes);
+    outln!("{} node(s) take new data", r.open_nodes);
+    Ok(())
 }
 
 fn scale(ctl: &Controller, json: bool, nodes: usize) -> Result<()> {
@@ -770,7 +786,7 @@ fn scale(ctl: &Controller, json: bool, nodes: usize) -> Result<()> {
     if json {
         return print_json(&r);
     }
-    print_scale(&r);
+    print_scale(&r)?;
     Ok(())
 }
 
@@ -782,7 +798,7 @@ fn drain(ctl: &Controller, json: bool, node: &str) -> Result<()> {
     if json {
         return print_json(&r);
     }
-    print_scale(&r);
+    print_scale(&r)?;
     Ok(())
 }
 
@@ -802,7 +818,7 @@ fn events(ctl: &Controller, json: bool, since: u64) -> Result<()> {
             e.message.clone(),
         ]);
     }
-    print_table_or(&t, "No events.");
+    print_table_or(&t, "No events.")?;
     Ok(())
 }
 
@@ -818,12 +834,13 @@ fn utc(unix_ms: u64) -> String {
     )
 }
 
-fn print_table_or(t: &Table, empty: &str) {
+fn print_table_or(t: &Table, empty: &str) -> Result<()> {
     if t.is_empty() {
-        println!("{empty}");
+        outln!("{empty}");
     } else {
-        print!("{}", t.render());
+        out!("{}", t.render());
     }
+    Ok(())
 }
 
 fn percent(used: u64, cap: u64) -> String {
@@ -972,9 +989,9 @@ fn put(ctl: &Controller, json: bool, job: &str, name: &str, file: &Path, opts: P
         });
     }
     if registered_job {
-        println!("registered job {job}");
+        outln!("registered job {job}");
     }
-    println!("put {job}/{name}: {} in {} ({})", Bytes(bytes), secs(elapsed), rate(bytes, elapsed));
+    outln!("put {job}/{name}: {} in {} ({})", Bytes(bytes), secs(elapsed), rate(bytes, elapsed));
     Ok(())
 }
 
@@ -1018,7 +1035,7 @@ fn get(ctl: &Controller, json: bool, job: &str, name: &str, file: &Path) -> Resu
     if is_stdio(file) {
         eprintln!("{summary}");
     } else {
-        println!("{summary}");
+        outln!("{summary}");
     }
     Ok(())
 }
@@ -1084,7 +1101,7 @@ fn ls(ctl: &Controller, json: bool, job: &str, dir: &str) -> Result<()> {
             if e.is_dir { format!("{}/", e.name) } else { e.name.clone() },
         ]);
     }
-    print_table_or(&t, "(empty)");
+    print_table_or(&t, "(empty)")?;
     Ok(())
 }
 
@@ -1095,7 +1112,7 @@ fn rm(ctl: &Controller, json: bool, job: &str, name: &str) -> Result<()> {
     if json {
         return print_json(&RmOutput { job: job.into(), name: name.into(), node });
     }
-    println!("removed {job}/{name}");
+    outln!("removed {job}/{name}");
     Ok(())
 }
 
