@@ -39,6 +39,8 @@ override the file; the file overrides the defaults shown here. An unknown key is
     dram_gb = 0.25             # DRAM tier per core, in GiB (a decimal: 0.0625, 4)
     block_size = \"64KiB\"       # or a number of bytes; a power of two, 4KiB..16MiB
     node_id = \"node-0\"
+    node_number = 0            # the node's number in the cluster (0..65535), which object locations
+                               # name; kept in DATA_DIR/node-number [default: the kept one, else 0]
     heartbeat_ms = 1000
     pin = true                 # pin core i to CPU (cpu_offset + i) mod CPUs
     cpu_offset = 0
@@ -147,6 +149,10 @@ pub struct NodeFlags {
     /// The node's id in the cluster [default: node-0]
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
+    /// The node's number in the cluster (0..=65535), which object locations name; kept in the data
+    /// directory, which refuses another number later [default: the kept number, else 0]
+    #[arg(long, value_name = "N")]
+    pub node_number: Option<u16>,
     /// Interval between heartbeats to the controller, in milliseconds [default: 1000]
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_ms: Option<u64>,
@@ -306,6 +312,7 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_size")]
     pub block_size: Option<u64>,
     pub node_id: Option<String>,
+    pub node_number: Option<u16>,
     #[serde(default, deserialize_with = "de_heartbeat_ms")]
     pub heartbeat_ms: Option<u64>,
     pub pin: Option<bool>,
@@ -468,6 +475,7 @@ impl NodeFlags {
             max_body: max_body.context("the max body is too large")?,
             max_conns_per_core: self.max_conns.or(file.max_conns_per_core).unwrap_or(base.max_conns_per_core),
             node_id: self.node_id.clone().or_else(|| file.node_id.clone()).unwrap_or(base.node_id),
+            node_number: self.node_number.or(file.node_number),
             // Tiers are off unless a flag or the file names them.
             flash: self.flash.clone().or_else(|| file.flash.clone()),
             disk: self.disk.clone().or_else(|| file.disk.clone()),
@@ -904,6 +912,15 @@ mod tests {
         assert_eq!((s.controller.as_str(), s.node.node_id.as_str()), ("http://10.0.0.1:7070", "n1"));
         let s = node_flags(&["--ip", "127.0.0.2", "--controller", "http://c:1"]).merge(&f).unwrap();
         assert_eq!((s.node.listen.to_string(), s.controller.as_str()), ("127.0.0.2".into(), "http://c:1"));
+    }
+
+    #[test]
+    fn node_number_comes_from_the_flag_or_the_file_and_is_unset_by_default() {
+        assert_eq!(node_flags(&[]).merge(&FileConfig::default()).unwrap().node.node_number, None);
+        let f = file("node_number = 12", Command::Node);
+        assert_eq!(node_flags(&[]).merge(&f).unwrap().node.node_number, Some(12));
+        assert_eq!(node_flags(&["--node-number", "65535"]).merge(&f).unwrap().node.node_number, Some(65535));
+        assert!(file_err("node_number = 65536", Command::Node).contains("line 1"));
     }
 
     #[test]

@@ -83,6 +83,12 @@ pub struct NodeConfig {
     pub max_body: usize,
     pub max_conns_per_core: usize,
     pub node_id: String,
+    /// The node's 16-bit number in its cluster, which object locations name
+    /// (`NodeInfo::node_number`). With a data directory the number is kept
+    /// in `<data_dir>/node-number` on first start: `None` then takes the
+    /// kept number, and a number that contradicts it is refused. `None`
+    /// without a kept number is 0 (the one-machine case).
+    pub node_number: Option<u16>,
     /// The flash tier's file or device (off when `None`).
     pub flash: Option<TierSpec>,
     /// The disk tier's file or device (off when `None`).
@@ -161,6 +167,7 @@ impl Default for NodeConfig {
             max_body: 1 << 20,
             max_conns_per_core: 4096,
             node_id: "node-0".to_string(),
+            node_number: None,
             flash: None,
             disk: None,
             sqpoll: false,
@@ -181,6 +188,61 @@ pub enum NodeError {
     Core { core: usize, reason: String },
     #[error(transparent)]
     MetaLog(#[from] metalog::LogError),
+    #[error(
+        "node number {asked} was asked for, but the data directory {} belongs to node number {kept} \
+         (start the node with --node-number {kept}, or give it another data directory)",
+        dir.display()
+    )]
+    NodeNumber { asked: u16, kept: u16, dir: PathBuf },
+}
+
+/// The file in a data directory that keeps the node's number.
+pub const NODE_NUMBER_FILE: &str = "node-number";
+
+/// The node number kept in `dir`, if any: the file holds the number in
+/// decimal and a newline.
+pub fn read_node_number(dir: &std::path::Path) -> Result<Option<u16>, NodeError> {
+    let path = dir.join(NODE_NUMBER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u16>().map(Some).map_err(|_| {
+            NodeError::Config(format!(
+                "{} does not hold a node number (0..=65535): {:?}",
+                path.display(),
+                text.chars().take(40).collect::<String>()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// The node's number: the configured one and the one kept in the data
+/// directory must agree; the first start keeps it there (written to a
+/// temporary file, synced, renamed, directory synced). Called with the
+/// directory's lock held.
+fn settle_node_number(cfg: &NodeConfig) -> Result<u16, NodeError> {
+    let Some(dir) = &cfg.data_dir else { return Ok(cfg.node_number.unwrap_or(0)) };
+    match (read_node_number(dir)?, cfg.node_number) {
+        (Some(kept), Some(asked)) if kept != asked => {
+            Err(NodeError::NodeNumber { asked, kept, dir: dir.clone() })
+        }
+        (Some(kept), _) => Ok(kept),
+        (None, asked) => {
+            let number = asked.unwrap_or(0);
+            let path = dir.join(NODE_NUMBER_FILE);
+            let tmp = dir.join(format!(".{NODE_NUMBER_FILE}.new"));
+            let write = || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                writeln!(f, "{number}")?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(io_err(format!("writing {}", path.display())))?;
+            Ok(number)
+        }
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -418,10 +480,15 @@ impl Node {
             },
         };
 
+        // Takes the data directory's lock, then settles the node number.
+        let (mut metas, meta_lock, node_number) = replay_meta(&cfg)?;
+        cfg.node_number = Some(node_number);
+
         let info = NodeInfo {
             block_size: cfg.block_size as u32,
             max_body: cfg.max_body as u32,
             main_port: addr.port(),
+            node_number,
             core_ports: core_addrs.iter().map(|a| a.port()).collect(),
             tiers: tiers.iter().fold(crate::proto::tier::bit(crate::proto::tier::DRAM), |b, (t, ..)| {
                 b | crate::proto::tier::bit(*t)
@@ -440,12 +507,11 @@ impl Node {
         let cpus: Vec<Option<usize>> =
             (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
 
-        let (mut metas, meta_lock) = replay_meta(&cfg)?;
-
         #[cfg(feature = "dpdk")]
         if let Some(d) = &dpdk {
             d.shared.set_wakers(shared.iter().map(|c| c.waker.fd()).collect());
         }
+
         let started = Instant::now();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Vec<BlockId>, String>)>();
         let mut threads = Vec::with_capacity(n);
@@ -557,6 +623,12 @@ impl Node {
             });
         }
         None
+    }
+
+    /// The node's number in its cluster (settled at start, see
+    /// `NodeConfig::node_number`).
+    pub fn node_number(&self) -> u16 {
+        self.cfg.node_number.unwrap_or(0)
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -876,21 +948,24 @@ fn log_shape(cfg: &NodeConfig, core: usize) -> LogShape {
 }
 
 /// Each core's namespaces: empty, or replayed from its log under the data
-/// directory.
-fn replay_meta(cfg: &NodeConfig) -> Result<(Vec<Replayed>, Option<metalog::DirLock>), NodeError> {
+/// directory (whose lock is taken first); and the node's number.
+#[allow(clippy::type_complexity)]
+fn replay_meta(cfg: &NodeConfig) -> Result<(Vec<Replayed>, Option<metalog::DirLock>, u16), NodeError> {
     let bs = cfg.block_size as u64;
     let Some(dir) = &cfg.data_dir else {
-        let empty = (0..cfg.cores).map(|i| Replayed { ns: Namespaces::new(i as u8, bs), log: None });
-        return Ok((empty.collect(), None));
+        let node = settle_node_number(cfg)?;
+        let empty = (0..cfg.cores).map(|i| Replayed { ns: Namespaces::new(i as u8, bs, node), log: None });
+        return Ok((empty.collect(), None, node));
     };
     let dir = dir.join("meta");
     let lock = metalog::lock_dir(&dir)?;
+    let node = settle_node_number(cfg)?;
     let mut out = Vec::with_capacity(cfg.cores);
     for i in 0..cfg.cores {
-        let (rec, file) = metalog::recover(&dir, log_shape(cfg, i))?;
-        let mut ns = Namespaces::new(i as u8, bs);
+        let (rec, mut file) = metalog::recover(&dir, log_shape(cfg, i))?;
+        let mut ns = Namespaces::new(i as u8, bs, node);
         let mut records = 0u64;
-        for r in rec.iter() {
+        for r in rec.iter(node) {
             records += 1;
             if let Err(e) = ns.apply(&r) {
                 tracing::warn!(core = i, record = records, error = %e, "metadata log record does not apply; skipped");
@@ -903,9 +978,19 @@ fn replay_meta(cfg: &NodeConfig) -> Result<(Vec<Replayed>, Option<metalog::DirLo
             jobs = ns.summaries().len(),
             "metadata log replayed"
         );
-        out.push(Replayed { ns, log: Some((file, rec.records.len() as u64)) });
+        let mut len = rec.records.len() as u64;
+        if rec.version != metalog::FILE_VERSION {
+            // A version 1 log: its blocks are all this node's. Rewritten
+            // as a version 2 snapshot before anything is appended to it.
+            let mut snap = Vec::new();
+            ns.snapshot(&mut snap);
+            file = metalog::rewrite(&dir, log_shape(cfg, i), &snap)?;
+            len = snap.len() as u64;
+            tracing::info!(core = i, node, "metadata log of format version 1 rewritten as version 2");
+        }
+        out.push(Replayed { ns, log: Some((file, len)) });
     }
-    Ok((out, Some(lock)))
+    Ok((out, Some(lock), node))
 }
 
 /// Settles the replayed namespaces against the blocks that survived

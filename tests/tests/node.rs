@@ -53,7 +53,7 @@ fn objects_of_every_size(net: NetBackend) {
         assert_eq!(meta.size, size as u64);
         assert_eq!(meta.blocks.len(), size.div_ceil(BS));
         if meta.blocks.len() >= 2 {
-            let cores: HashSet<u8> = meta.blocks.iter().map(|b| b.core()).collect();
+            let cores: HashSet<u8> = meta.blocks.iter().map(|b| b.block.core()).collect();
             assert_eq!(cores.len(), 2, "blocks of a multi-block object are spread over the cores");
         }
         assert_eq!(c.get_buffer(&job, &name).unwrap(), data, "size {size}");
@@ -426,7 +426,7 @@ fn client_recovers_after_errors(net: NetBackend) {
     let job = c.register_job("recover", JobHints::default()).unwrap();
     c.put_buffer(&job, "x", &bytes(8 * BS, 3), PutOptions::default()).unwrap();
     let meta = c.lookup(&job, "x").unwrap();
-    c.free_block(meta.blocks[2]).unwrap();
+    c.free_block(meta.blocks[2].block).unwrap();
     assert_eq!(c.get_buffer(&job, "x").unwrap_err().status(), Some(Status::NotFound));
     assert_eq!(c.ping(0, b"a").unwrap(), b"a");
     assert_eq!(c.ping(1, b"b").unwrap(), b"b");
@@ -704,7 +704,7 @@ fn flash_objects(net: NetBackend) {
         let name = format!("f-{size}");
         c.put_buffer(&job, &name, &data, flash).unwrap();
         let meta = c.lookup(&job, &name).unwrap();
-        assert!(meta.blocks.iter().all(|b| b.tier() == tier::FLASH), "{meta:?}");
+        assert!(meta.blocks.iter().all(|b| b.block.tier() == tier::FLASH), "{meta:?}");
         assert_eq!(c.get_buffer(&job, &name).unwrap(), data, "size {size}");
     }
     let flash_used =
@@ -726,7 +726,9 @@ fn flash_objects(net: NetBackend) {
     let b1 = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
     c.write_block(b0, 0, &d0).unwrap();
     c.write_block(b1, 0, &d1).unwrap();
-    let meta = dataplane::proto::ObjectMeta { size: (BS + 100) as u64, flags: 0, blocks: vec![b0, b1] };
+    let here = |block| dataplane::proto::Location { node: c.node_number(), block };
+    let meta =
+        dataplane::proto::ObjectMeta { size: (BS + 100) as u64, flags: 0, blocks: vec![here(b0), here(b1)] };
     let mut body = Vec::new();
     meta.encode(&mut body);
     let mut r = Raw::connect(n.addr());
@@ -783,7 +785,8 @@ fn flash_persist_survives_restart(net: NetBackend) {
     // A PERSIST put whose block cannot be marked (freed) fails and is undone.
     let b = c.alloc_block_on(&job, 1, tier::FLASH).unwrap();
     c.free_block(b).unwrap();
-    let meta = dataplane::proto::ObjectMeta { size: 10, flags: flags::PERSIST, blocks: vec![b] };
+    let at = dataplane::proto::Location { node: c.node_number(), block: b };
+    let meta = dataplane::proto::ObjectMeta { size: 10, flags: flags::PERSIST, blocks: vec![at] };
     let mut body = Vec::new();
     meta.encode(&mut body);
     let mut r = Raw::connect(n.addr());
@@ -800,12 +803,12 @@ fn flash_persist_survives_restart(net: NetBackend) {
     let check_kept = |c: &mut Client| {
         for (i, b) in mk.blocks.iter().enumerate() {
             let want = &kept[i * BS..((i + 1) * BS).min(kept.len())];
-            assert_eq!(c.read_block(*b, 0, BlockKey::TO_END).unwrap(), want, "block {i}");
+            assert_eq!(c.read_block(b.block, 0, BlockKey::TO_END).unwrap(), want, "block {i}");
         }
     };
     check_kept(&mut c);
     for b in mp.blocks.iter().chain(&md.blocks) {
-        assert_eq!(c.read_block(*b, 0, 1).unwrap_err().status(), Some(Status::NotFound), "{b:?}");
+        assert_eq!(c.read_block(b.block, 0, 1).unwrap_err().status(), Some(Status::NotFound), "{b:?}");
     }
     // The same job name gets the old run's job id; deregistering it leaves
     // the recovered blocks alone.
@@ -815,15 +818,15 @@ fn flash_persist_survives_restart(net: NetBackend) {
     std::thread::sleep(std::time::Duration::from_millis(50));
     check_kept(&mut c);
     // Freeing a recovered block clears its mark: gone after the next restart.
-    c.free_block(mk.blocks[0]).unwrap();
+    c.free_block(mk.blocks[0].block).unwrap();
     drop(c);
     n.shutdown();
 
     let n = start_flash(net, 2, &dir, 32);
     assert_eq!(flash_used(&n), mk.blocks.len() as u64 - 1);
     let mut c = Client::connect(n.addr()).unwrap();
-    assert_eq!(c.read_block(mk.blocks[0], 0, 1).unwrap_err().status(), Some(Status::NotFound));
-    assert_eq!(c.read_block(mk.blocks[1], 0, BlockKey::TO_END).unwrap(), &kept[BS..2 * BS]);
+    assert_eq!(c.read_block(mk.blocks[0].block, 0, 1).unwrap_err().status(), Some(Status::NotFound));
+    assert_eq!(c.read_block(mk.blocks[1].block, 0, BlockKey::TO_END).unwrap(), &kept[BS..2 * BS]);
     n.shutdown();
 }
 
@@ -953,7 +956,7 @@ fn latency_sensitive_job_fills_dram_then_flash(net: NetBackend) {
     let data = bytes(20 * BS + 5, 31);
     c.put_buffer(&job, "big", &data, PutOptions::default()).unwrap();
     let meta = c.lookup(&job, "big").unwrap();
-    let tiers: Vec<u8> = meta.blocks.iter().map(|b| b.tier()).collect();
+    let tiers: Vec<u8> = meta.blocks.iter().map(|b| b.block.tier()).collect();
     let split = dram as usize;
     assert!(tiers[..split].iter().all(|&t| t == tier::DRAM), "{tiers:?}");
     assert!(tiers[split..].iter().all(|&t| t == tier::FLASH), "{tiers:?}");
@@ -994,7 +997,7 @@ fn full_tier_spills_only_when_allowed(net: NetBackend) {
     // With spill-over: the DRAM that is left, then flash.
     c.put_buffer(&spill, "big", &big, on_dram).unwrap();
     let meta = c.lookup(&spill, "big").unwrap();
-    let on_flash = meta.blocks.iter().filter(|b| b.tier() == tier::FLASH).count() as u64;
+    let on_flash = meta.blocks.iter().filter(|b| b.block.tier() == tier::FLASH).count() as u64;
     assert_eq!(on_flash, 4, "{meta:?}");
     assert_eq!(dram_used(&n), dram);
     assert_eq!(c.get_buffer(&spill, "big").unwrap(), big);
@@ -1027,11 +1030,11 @@ fn default_placement_follows_the_node(net: NetBackend) {
     let data = bytes(3 * BS + 1, 50);
     c.put_buffer(&job, "x", &data, PutOptions::default()).unwrap();
     let meta = c.lookup(&job, "x").unwrap();
-    assert!(meta.blocks.iter().all(|b| b.tier() == tier::FLASH), "{meta:?}");
+    assert!(meta.blocks.iter().all(|b| b.block.tier() == tier::FLASH), "{meta:?}");
     assert_eq!(c.get_buffer(&job, "x").unwrap(), data);
     // A put naming a tier still gets it.
     c.put_buffer(&job, "y", &data, PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() }).unwrap();
-    assert!(c.lookup(&job, "y").unwrap().blocks.iter().all(|b| b.tier() == tier::DRAM));
+    assert!(c.lookup(&job, "y").unwrap().blocks.iter().all(|b| b.block.tier() == tier::DRAM));
     drop(c);
     n.shutdown();
 
@@ -1040,7 +1043,7 @@ fn default_placement_follows_the_node(net: NetBackend) {
     assert!(!c.node_info().has_tier(tier::FLASH));
     let job = c.register_job("batch", JobHints::default()).unwrap();
     c.put_buffer(&job, "x", &data, PutOptions::default()).unwrap();
-    assert!(c.lookup(&job, "x").unwrap().blocks.iter().all(|b| b.tier() == tier::DRAM));
+    assert!(c.lookup(&job, "x").unwrap().blocks.iter().all(|b| b.block.tier() == tier::DRAM));
     assert_eq!(c.get_buffer(&job, "x").unwrap(), data);
     let ls = c.register_job("ls", JobHints { latency_sensitive: true, ..JobHints::default() }).unwrap();
     assert_eq!(c.placement(&ls, None), tier::DRAM, "no flash to spill to");

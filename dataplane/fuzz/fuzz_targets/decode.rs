@@ -9,15 +9,16 @@
 #![no_main]
 
 use dataplane::proto::{
-    decode_entries, decode_header, encode_entries, encode_header, flags, split_job_key, BlockId, BlockKey,
-    FrameError, Header, JobHints, JobInfo, Limits, NodeInfo, ObjectMeta, Opcode, Status, HEADER_LEN, MAGIC,
-    MAX_KEY_LEN, VERSION,
+    decode_entries, decode_header, decode_locations, encode_entries, encode_header, encode_locations, flags,
+    split_job_key, BlockId, BlockKey, FrameError, Header, JobHints, JobInfo, Limits, NodeInfo, ObjectMeta, Opcode,
+    Reader, Status, HEADER_LEN, LOCATION_LEN, MAGIC, MAX_KEY_LEN, MAX_NODES_PER_LIST, VERSION,
 };
 use libfuzzer_sys::fuzz_target;
 
 const MAX_BODY: usize = 1 << 20;
-/// Most block ids a `PutObject` body of `MAX_BODY` bytes can list (14-byte prefix).
-const MAX_BLOCKS: usize = (MAX_BODY - 14) / 8;
+/// Most blocks a `PutObject` body of `MAX_BODY` bytes can locate (16 bytes
+/// besides the locations with a one-node table, 9 bytes per location).
+const MAX_BLOCKS: usize = (MAX_BODY - 16) / LOCATION_LEN;
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::new(MAX_BODY);
@@ -45,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
     job_hints(data);
     job_info(data);
     object_meta(data);
+    locations(data);
+    let _ = ObjectMeta::decode_v1(data, 0);
     entries(data);
     node_info(data);
     job_key(data);
@@ -159,6 +162,7 @@ fn response_payload(h: &Header, _key: &[u8], body: &[u8]) {
     match h.op() {
         Some(Opcode::NodeInfo) => node_info(body),
         Some(Opcode::Lookup) => object_meta(body),
+        Some(Opcode::Delete) if !body.is_empty() => locations(body),
         Some(Opcode::Enumerate) => entries(body),
         Some(Opcode::JobInfo) => job_info(body),
         _ => {}
@@ -218,6 +222,18 @@ fn object_meta(b: &[u8]) {
                 assert!(m.blocks.len() > 2);
             }
         }
+    }
+}
+
+/// A location list alone (the body of an ok `Delete` that names blocks on other nodes).
+fn locations(b: &[u8]) {
+    let mut r = Reader::new(b);
+    if let Ok(locs) = decode_locations(&mut r, MAX_BLOCKS) {
+        let nodes: std::collections::HashSet<u16> = locs.iter().map(|l| l.node).collect();
+        assert!(nodes.len() <= MAX_NODES_PER_LIST);
+        let mut out = Vec::with_capacity(b.len());
+        encode_locations(&locs, &mut out);
+        assert_eq!(out, b);
     }
 }
 

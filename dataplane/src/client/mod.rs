@@ -7,6 +7,13 @@
 //! over the cores, and the next blocks' allocations ride in the same round
 //! trip as the current blocks' writes.
 //!
+//! The node a client connects to holds the namespaces (the metadata node).
+//! An object's blocks may sit on other storage nodes, named by their node
+//! numbers (`proto::Location`): the client reads and writes them there
+//! directly, at the addresses `set_node_addrs` gives it, and puts new
+//! blocks on the nodes `set_put_nodes` names (by default the metadata node
+//! alone).
+//!
 //! ```no_run
 //! use dataplane::client::{Client, PutOptions};
 //! use dataplane::proto::JobHints;
@@ -33,7 +40,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::proto::{
-    self, flags, tier, BlockId, BlockKey, DirEntry, JobHints, JobInfo, NodeInfo, ObjectMeta, Opcode, Status,
+    self, flags, tier, BlockId, BlockKey, DirEntry, JobHints, JobInfo, Location, NodeInfo, ObjectMeta,
+    Opcode, Reader, Status,
 };
 use conn::{Conn, Response};
 
@@ -92,13 +100,48 @@ impl PutOptions {
     }
 }
 
-pub struct Client {
+/// One node's connections, one per core (opened on first use).
+struct NodeConns {
     host: IpAddr,
     info: NodeInfo,
     conns: Vec<Option<Conn>>,
+}
+
+impl NodeConns {
+    /// Connects to a node's main port and learns its cores and their ports.
+    fn connect(addr: SocketAddr, timeout: Duration) -> Result<NodeConns, ClientError> {
+        let stream =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|source| ClientError::Io { addr, source })?;
+        let mut first = Conn::new(stream, addr, timeout)?;
+        let id = first.send(Opcode::NodeInfo, 0, &[], &[])?;
+        first.flush()?;
+        let body = first.expect(id)?.into_ok()?;
+        let info = NodeInfo::decode(&body).map_err(|e| ClientError::Protocol(format!("node info: {e}")))?;
+        Ok(NodeConns { host: addr.ip(), conns: info.core_ports.iter().map(|_| None).collect(), info })
+    }
+}
+
+/// A connection of the client: node `node` (index into `Client::nodes`), core `core`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Lane {
+    node: usize,
+    core: usize,
+}
+
+pub struct Client {
+    /// `nodes[0]` is the node the client connected to: it holds the
+    /// namespaces. Other storage nodes follow as blocks on them are used.
+    nodes: Vec<NodeConns>,
+    /// Node number → index in `nodes`, for the nodes connected so far.
+    by_number: HashMap<u16, usize>,
+    /// Where the other storage nodes are (`set_node_addrs`).
+    node_addrs: HashMap<u16, SocketAddr>,
+    /// Nodes new blocks go to, spread round-robin over their cores
+    /// (`set_put_nodes`); empty: the metadata node.
+    put_nodes: Vec<u16>,
     timeout: Duration,
     window: usize,
-    /// Next core for new blocks, so consecutive objects start on different cores.
+    /// Next connection for new blocks, so consecutive objects start on different cores.
     next_core: usize,
     /// The capability token every new connection presents (`Auth`).
     token: Option<String>,
@@ -117,17 +160,13 @@ impl Client {
             addr.to_socket_addrs().map_err(|e| ClientError::Local(format!("bad address: {e}")))?.collect();
         let addr = *addrs.first().ok_or_else(|| ClientError::Local("address resolves to nothing".into()))?;
         let timeout = Duration::from_secs(30);
-        let stream =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|source| ClientError::Io { addr, source })?;
-        let mut first = Conn::new(stream, addr, timeout)?;
-        let id = first.send(Opcode::NodeInfo, 0, &[], &[])?;
-        first.flush()?;
-        let body = first.expect(id)?.into_ok()?;
-        let info = NodeInfo::decode(&body).map_err(|e| ClientError::Protocol(format!("node info: {e}")))?;
+        let home = NodeConns::connect(addr, timeout)?;
+        let by_number = HashMap::from([(home.info.node_number, 0)]);
         Ok(Client {
-            host: addr.ip(),
-            conns: info.core_ports.iter().map(|_| None).collect(),
-            info,
+            nodes: vec![home],
+            by_number,
+            node_addrs: HashMap::new(),
+            put_nodes: Vec::new(),
             timeout,
             window: 16,
             next_core: 0,
@@ -135,16 +174,56 @@ impl Client {
         })
     }
 
+    /// The metadata node's `NodeInfo` (the node `connect` was given).
     pub fn node_info(&self) -> &NodeInfo {
-        &self.info
+        &self.nodes[0].info
+    }
+
+    /// The metadata node's number.
+    pub fn node_number(&self) -> u16 {
+        self.nodes[0].info.node_number
     }
 
     pub fn cores(&self) -> usize {
-        self.info.core_ports.len()
+        self.nodes[0].info.core_ports.len()
     }
 
     pub fn block_size(&self) -> u64 {
-        self.info.block_size as u64
+        self.nodes[0].info.block_size as u64
+    }
+
+    /// Where the other storage nodes are: node number → main address. Blocks
+    /// on a node neither connected to nor listed here cannot be read or
+    /// written. Until the controller hands these out, the caller does.
+    /// Connections to nodes whose address changed are dropped.
+    pub fn set_node_addrs(&mut self, addrs: impl IntoIterator<Item = (u16, SocketAddr)>) {
+        self.node_addrs = addrs.into_iter().collect();
+        let home = self.node_number();
+        self.node_addrs.remove(&home);
+        // Forget the other nodes: they reconnect at their (new) addresses on use.
+        self.nodes.truncate(1);
+        self.by_number.retain(|_, &mut i| i == 0);
+    }
+
+    /// The storage nodes new blocks go to, by number, spread round-robin
+    /// over all their cores; each must be the metadata node or have an
+    /// address (`set_node_addrs`). Empty: the metadata node alone (the
+    /// default). At most 256 nodes (an object's blocks name at most 256).
+    pub fn set_put_nodes(&mut self, nodes: &[u16]) -> Result<(), ClientError> {
+        let mut v: Vec<u16> = Vec::with_capacity(nodes.len());
+        for &n in nodes {
+            if n != self.node_number() && !self.node_addrs.contains_key(&n) {
+                return Err(ClientError::Local(format!("node {n} has no address (set_node_addrs)")));
+            }
+            if !v.contains(&n) {
+                v.push(n);
+            }
+        }
+        if v.len() > proto::MAX_NODES_PER_LIST {
+            return Err(ClientError::Local("an object's blocks may be on at most 256 nodes".into()));
+        }
+        self.put_nodes = v;
+        Ok(())
     }
 
     /// Requests in flight per core during object puts and gets (default 16).
@@ -165,32 +244,65 @@ impl Client {
     /// Socket timeout for every read and write (default 30 s).
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
-        for c in self.conns.iter_mut().flatten() {
+        for c in self.nodes.iter_mut().flat_map(|n| n.conns.iter_mut()).flatten() {
             c.set_timeout(t);
         }
     }
 
-    fn conn(&mut self, core: usize) -> Result<&mut Conn, ClientError> {
-        if core >= self.conns.len() {
-            return Err(ClientError::Protocol(format!("core {core} does not exist on this node")));
+    /// The index in `nodes` of node `number`, connecting to it first if needed.
+    fn node_index(&mut self, number: u16) -> Result<usize, ClientError> {
+        if let Some(&i) = self.by_number.get(&number) {
+            return Ok(i);
         }
-        if self.conns[core].is_none() {
-            let addr = SocketAddr::new(self.host, self.info.core_ports[core]);
-            let s = TcpStream::connect_timeout(&addr, self.timeout)
+        let Some(&addr) = self.node_addrs.get(&number) else {
+            return Err(ClientError::Local(format!(
+                "block on node {number}, whose address is unknown (set_node_addrs)"
+            )));
+        };
+        let n = NodeConns::connect(addr, self.timeout)?;
+        if n.info.node_number != number {
+            return Err(ClientError::Protocol(format!(
+                "{addr} is node {}, not node {number}",
+                n.info.node_number
+            )));
+        }
+        if n.info.block_size != self.nodes[0].info.block_size {
+            return Err(ClientError::Protocol(format!(
+                "node {number} has {}-byte blocks, the metadata node {}-byte blocks",
+                n.info.block_size, self.nodes[0].info.block_size
+            )));
+        }
+        self.nodes.push(n);
+        self.by_number.insert(number, self.nodes.len() - 1);
+        Ok(self.nodes.len() - 1)
+    }
+
+    fn lane_conn(&mut self, lane: Lane) -> Result<&mut Conn, ClientError> {
+        let (timeout, token) = (self.timeout, self.token.as_deref());
+        let Some(n) = self.nodes.get_mut(lane.node) else {
+            return Err(ClientError::Local(format!("no node {} among the connected ones", lane.node)));
+        };
+        if lane.core >= n.conns.len() {
+            let number = n.info.node_number;
+            return Err(ClientError::Protocol(format!("core {} does not exist on node {number}", lane.core)));
+        }
+        if n.conns[lane.core].is_none() {
+            let addr = SocketAddr::new(n.host, n.info.core_ports[lane.core]);
+            let s = TcpStream::connect_timeout(&addr, timeout)
                 .map_err(|source| ClientError::Io { addr, source })?;
-            let mut c = Conn::new(s, addr, self.timeout)?;
-            c.set_max_body(self.info.max_body as usize);
-            if let Some(t) = &self.token {
+            let mut c = Conn::new(s, addr, timeout)?;
+            c.set_max_body(n.info.max_body as usize);
+            if let Some(t) = token {
                 let id = c.send(Opcode::Auth, 0, &[], t.as_bytes())?;
                 c.flush()?;
                 c.expect(id)?.into_ok()?;
             }
-            self.conns[core] = Some(c);
+            n.conns[lane.core] = Some(c);
         }
-        Ok(self.conns[core].as_mut().expect("connected above"))
+        Ok(n.conns[lane.core].as_mut().expect("connected above"))
     }
 
-    /// One request, one response, on `core`'s connection.
+    /// One request, one response, on `core`'s connection of the metadata node.
     fn call(
         &mut self,
         core: usize,
@@ -199,7 +311,7 @@ impl Client {
         key: &[u8],
         body: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
-        self.call_flags(core, op, fl, key, body).map(|(_, body)| body)
+        self.call_lane(Lane { node: 0, core }, op, fl, key, body).map(|(_, body)| body)
     }
 
     /// `call`, also returning the response's flags.
@@ -211,22 +323,34 @@ impl Client {
         key: &[u8],
         body: &[u8],
     ) -> Result<(u16, Vec<u8>), ClientError> {
+        self.call_lane(Lane { node: 0, core }, op, fl, key, body)
+    }
+
+    /// One request, one response, on a connection; returns the response's flags and body.
+    fn call_lane(
+        &mut self,
+        lane: Lane,
+        op: Opcode,
+        fl: u16,
+        key: &[u8],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let r = (|| {
-            let c = self.conn(core)?;
+            let c = self.lane_conn(lane)?;
             let id = c.send(op, fl, key, body)?;
             c.flush()?;
             let resp = c.expect(id)?;
             let flags = resp.flags;
             Ok((flags, resp.into_ok()?))
         })();
-        self.drop_broken(core, &r);
+        self.drop_broken(lane, &r);
         r
     }
 
     /// A connection that failed mid-conversation, or that the node is
     /// closing, is dropped so the next call starts clean.
-    fn drop_broken<T>(&mut self, core: usize, r: &Result<T, ClientError>) {
-        if let Some(c) = self.conns.get_mut(core) {
+    fn drop_broken<T>(&mut self, lane: Lane, r: &Result<T, ClientError>) {
+        if let Some(c) = self.nodes.get_mut(lane.node).and_then(|n| n.conns.get_mut(lane.core)) {
             let broken = matches!(r, Err(ClientError::Io { .. } | ClientError::Protocol(_)));
             if broken || c.as_ref().is_some_and(|c| c.closing()) {
                 *c = None;
@@ -237,7 +361,7 @@ impl Client {
     /// After a failed multi-request exchange, replies may still be unread on
     /// any connection: start every connection afresh.
     fn drop_all(&mut self) {
-        for c in &mut self.conns {
+        for c in self.nodes.iter_mut().flat_map(|n| n.conns.iter_mut()) {
             *c = None;
         }
     }
@@ -289,7 +413,8 @@ impl Client {
     pub fn lookup(&mut self, job: &Job, name: &str) -> Result<ObjectMeta, ClientError> {
         let key = path_key(job, name)?;
         let body = self.meta_call(&job.name, Opcode::Lookup, 0, key.as_bytes(), &[])?;
-        ObjectMeta::decode(&body, body.len() / 8).map_err(|e| ClientError::Protocol(e.to_string()))
+        ObjectMeta::decode(&body, body.len() / proto::LOCATION_LEN)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Entries of a directory (`""` for the job's root), sorted by name.
@@ -313,10 +438,33 @@ impl Client {
         }
     }
 
-    /// Deletes an object (freeing its blocks) or an empty directory.
+    /// Deletes an object (freeing its blocks) or an empty directory. The
+    /// metadata node frees the object's blocks on itself and answers with
+    /// those on other nodes, which the client frees there (`BlockFree`).
     pub fn delete(&mut self, job: &Job, name: &str) -> Result<(), ClientError> {
         let key = path_key(job, name)?;
-        self.meta_call(&job.name, Opcode::Delete, 0, key.as_bytes(), &[]).map(drop)
+        let body = self.meta_call(&job.name, Opcode::Delete, 0, key.as_bytes(), &[])?;
+        if body.is_empty() {
+            return Ok(());
+        }
+        let mut r = Reader::new(&body);
+        let remote = proto::decode_locations(&mut r, body.len() / proto::LOCATION_LEN)
+            .map_err(|e| ClientError::Protocol(format!("Delete answer: {e}")))?;
+        let mut failed = Vec::new();
+        for l in &remote {
+            if let Err(e) = self.free_at(*l) {
+                failed.push(format!("block {:#x} on node {}: {e}", l.block.0, l.node));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ClientError::Local(format!(
+                "'{name}' was deleted, but {} of its blocks on other nodes could not be freed: {}",
+                failed.len(),
+                failed.join("; ")
+            )))
+        }
     }
 
     pub fn put_buffer(
@@ -386,16 +534,15 @@ impl Client {
         let key = path_key(job, name)?;
         let bs = self.block_size();
         let n = size.div_ceil(bs) as usize;
-        let mut blocks: Vec<Option<BlockId>> = vec![None; n];
-        let tier = self.placement(job, opts.tier);
-        let written = self.write_blocks(job, size, &src, &mut blocks, tier);
+        let mut blocks: Vec<Option<Location>> = vec![None; n];
+        let written = self.write_blocks(job, size, &src, &mut blocks, opts.tier);
         let result = written.and_then(|()| {
             let meta = ObjectMeta {
                 size,
                 flags: opts.flags(),
                 blocks: blocks.iter().map(|b| b.expect("every block written")).collect(),
             };
-            let mut body = Vec::with_capacity(14 + 8 * n);
+            let mut body = Vec::with_capacity(ObjectMeta::FIXED_LEN + 6 + proto::LOCATION_LEN * n);
             meta.encode(&mut body);
             self.meta_call(&job.name, Opcode::PutObject, opts.flags(), key.as_bytes(), &body).map(drop)
         });
@@ -409,177 +556,243 @@ impl Client {
         };
         if definite {
             for b in blocks.into_iter().flatten() {
-                let _ = self.free_block(b);
+                let _ = self.free_at(b);
             }
         }
         result
+    }
+
+    /// Frees a block on its node.
+    fn free_at(&mut self, l: Location) -> Result<(), ClientError> {
+        let node = self.node_index(l.node)?;
+        let key = BlockKey { block: l.block, offset: 0, len: 0 }.encode();
+        let lane = Lane { node, core: l.block.core() as usize };
+        self.call_lane(lane, Opcode::BlockFree, 0, &key, &[]).map(drop)
     }
 
     /// `BlockAlloc`'s tier byte for a put of `job` (Pocket's placement
     /// within a node, see `PutOptions::tier`): the tier, with
     /// `tier::SPILL` when a full tier may hand the block to the next one down.
     pub fn placement(&self, job: &Job, asked: Option<u8>) -> u8 {
-        let spill = if job.hints.spill_over { tier::SPILL } else { 0 };
-        let has_flash = self.info.has_tier(tier::FLASH);
-        match asked {
-            Some(t) => t | spill,
-            // A DRAM share, the rest on flash.
-            None if job.hints.latency_sensitive && has_flash => tier::DRAM | tier::SPILL,
-            None if job.hints.latency_sensitive => tier::DRAM | spill,
-            None if has_flash => tier::FLASH | spill,
-            None => tier::DRAM | spill,
-        }
+        placement_on(&self.nodes[0].info, job, asked)
     }
 
-    /// Allocates and writes every block, spread round-robin over the cores,
-    /// `window` requests in flight per core; `tier` is `BlockAlloc`'s tier byte.
+    /// The connections new blocks go to: every core of every put node.
+    fn put_lanes(&mut self) -> Result<Vec<Lane>, ClientError> {
+        let numbers =
+            if self.put_nodes.is_empty() { vec![self.node_number()] } else { self.put_nodes.clone() };
+        let mut lanes = Vec::new();
+        for number in numbers {
+            let node = self.node_index(number)?;
+            lanes.extend((0..self.nodes[node].conns.len()).map(|core| Lane { node, core }));
+        }
+        Ok(lanes)
+    }
+
+    /// Allocates and writes every block, spread round-robin over the cores
+    /// of the put nodes, `window` requests in flight per core; `asked` is
+    /// the put's tier (placed per node, `placement`).
     fn write_blocks(
         &mut self,
         job: &Job,
         size: u64,
         src: &Source,
-        blocks: &mut [Option<BlockId>],
-        tier: u8,
+        blocks: &mut [Option<Location>],
+        asked: Option<u8>,
     ) -> Result<(), ClientError> {
-        let bs = self.block_size();
-        let cores = self.cores();
-        let start = self.next_core;
-        self.next_core = (start + blocks.len()) % cores;
-        // Per core: the object's block indexes it holds, in order.
-        let mut plan: Vec<Vec<usize>> = vec![Vec::new(); cores];
-        for i in 0..blocks.len() {
-            plan[(start + i) % cores].push(i);
-        }
-        let mut buf = vec![0u8; bs as usize];
-        let window = self.window;
-        let r = (|| {
-            let mut allocated = vec![0usize; cores]; // per core: allocs sent
-            let mut written = vec![0usize; cores]; // per core: writes sent
-            loop {
-                let mut inflight: Vec<HashMap<u64, (bool, usize)>> = vec![HashMap::new(); cores];
-                // BlockAlloc's key: the job id, then the tier byte.
-                let mut alloc_key = job.id.to_le_bytes().to_vec();
-                alloc_key.push(tier);
-                for core in 0..cores {
-                    let idx = &plan[core];
-                    // Writes for blocks whose ids are known...
-                    let ready = (written[core]..allocated[core]).take(window).collect::<Vec<_>>();
-                    for k in ready {
-                        let i = idx[k];
-                        let off = i as u64 * bs;
-                        let len = (size - off).min(bs) as usize;
-                        fill(src, off, &mut buf[..len])?;
-                        let b = blocks[i].expect("allocated");
-                        let key = BlockKey { block: b, offset: 0, len: len as u32 }.encode();
-                        let c = self.conn(core)?;
-                        let id = c.send(Opcode::BlockWrite, 0, &key, &buf[..len])?;
-                        inflight[core].insert(id, (false, i));
-                        written[core] = k + 1;
-                    }
-                    // ...and, in the same round trip, allocations for the next window.
-                    let more = (allocated[core]..idx.len()).take(window).collect::<Vec<_>>();
-                    for k in more {
-                        let c = self.conn(core)?;
-                        let id = c.send(Opcode::BlockAlloc, 0, &alloc_key, &[])?;
-                        inflight[core].insert(id, (true, idx[k]));
-                        allocated[core] = k + 1;
-                    }
-                    if !inflight[core].is_empty() {
-                        self.conn(core)?.flush()?;
-                    }
-                }
-                if inflight.iter().all(|m| m.is_empty()) {
-                    return Ok(());
-                }
-                let mut first_err = None;
-                for (core, mut pending) in inflight.into_iter().enumerate() {
-                    while !pending.is_empty() {
-                        let resp = self.conn(core)?.recv()?;
-                        let Some((is_alloc, i)) = pending.remove(&resp.id) else {
-                            return Err(ClientError::Protocol(format!("unexpected response id {}", resp.id)));
-                        };
-                        match resp.into_ok() {
-                            Ok(body) if is_alloc => blocks[i] = Some(BlockId(u64_body(&body)?)),
-                            Ok(_) => {}
-                            Err(e) => first_err = first_err.or(Some(e)),
-                        }
-                    }
-                }
-                if let Some(e) = first_err {
-                    return Err(e);
-                }
-            }
-        })();
+        let r = self.put_lanes().and_then(|lanes| self.write_lanes(job, size, src, blocks, asked, &lanes));
         if r.is_err() {
             self.drop_all();
         }
         r
     }
 
-    /// Reads every block of `meta`, `window` reads in flight per core, and
-    /// hands each block's bytes to `sink` with the object offset.
+    fn write_lanes(
+        &mut self,
+        job: &Job,
+        size: u64,
+        src: &Source,
+        blocks: &mut [Option<Location>],
+        asked: Option<u8>,
+        lanes: &[Lane],
+    ) -> Result<(), ClientError> {
+        let bs = self.block_size();
+        let count = lanes.len();
+        let start = self.next_core % count;
+        self.next_core = (start + blocks.len()) % count;
+        // Per connection: the object's block indexes it holds, in order.
+        let mut plan: Vec<Vec<usize>> = vec![Vec::new(); count];
+        for i in 0..blocks.len() {
+            plan[(start + i) % count].push(i);
+        }
+        // BlockAlloc's key per connection: the job id, then the node's tier byte.
+        let alloc_keys: Vec<Vec<u8>> = lanes
+            .iter()
+            .map(|l| {
+                let mut k = job.id.to_le_bytes().to_vec();
+                k.push(placement_on(&self.nodes[l.node].info, job, asked));
+                k
+            })
+            .collect();
+        let numbers: Vec<u16> = lanes.iter().map(|l| self.nodes[l.node].info.node_number).collect();
+        let mut buf = vec![0u8; bs as usize];
+        let window = self.window;
+        let mut allocated = vec![0usize; count]; // per connection: allocs sent
+        let mut written = vec![0usize; count]; // per connection: writes sent
+        loop {
+            let mut inflight: Vec<HashMap<u64, (bool, usize)>> = vec![HashMap::new(); count];
+            for (x, &lane) in lanes.iter().enumerate() {
+                let idx = &plan[x];
+                // Writes for blocks whose ids are known...
+                let ready = (written[x]..allocated[x]).take(window).collect::<Vec<_>>();
+                for k in ready {
+                    let i = idx[k];
+                    let off = i as u64 * bs;
+                    let len = (size - off).min(bs) as usize;
+                    fill(src, off, &mut buf[..len])?;
+                    let b = blocks[i].expect("allocated").block;
+                    let key = BlockKey { block: b, offset: 0, len: len as u32 }.encode();
+                    let c = self.lane_conn(lane)?;
+                    let id = c.send(Opcode::BlockWrite, 0, &key, &buf[..len])?;
+                    inflight[x].insert(id, (false, i));
+                    written[x] = k + 1;
+                }
+                // ...and, in the same round trip, allocations for the next window.
+                let more = (allocated[x]..idx.len()).take(window).collect::<Vec<_>>();
+                for k in more {
+                    let c = self.lane_conn(lane)?;
+                    let id = c.send(Opcode::BlockAlloc, 0, &alloc_keys[x], &[])?;
+                    inflight[x].insert(id, (true, idx[k]));
+                    allocated[x] = k + 1;
+                }
+                if !inflight[x].is_empty() {
+                    self.lane_conn(lane)?.flush()?;
+                }
+            }
+            if inflight.iter().all(|m| m.is_empty()) {
+                return Ok(());
+            }
+            let mut first_err = None;
+            for (x, mut pending) in inflight.into_iter().enumerate() {
+                while !pending.is_empty() {
+                    let resp = self.lane_conn(lanes[x])?.recv()?;
+                    let Some((is_alloc, i)) = pending.remove(&resp.id) else {
+                        return Err(ClientError::Protocol(format!("unexpected response id {}", resp.id)));
+                    };
+                    match resp.into_ok() {
+                        Ok(body) if is_alloc => {
+                            blocks[i] = Some(Location { node: numbers[x], block: BlockId(u64_body(&body)?) })
+                        }
+                        Ok(_) => {}
+                        Err(e) => first_err = first_err.or(Some(e)),
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Reads every block of `meta`, on whichever node holds it, `window`
+    /// reads in flight per core, and hands each block's bytes to `sink`
+    /// with the object offset.
     fn read_blocks(
+        &mut self,
+        meta: &ObjectMeta,
+        sink: impl FnMut(u64, &[u8]) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let r = self.read_lanes(meta, sink);
+        if r.is_err() {
+            self.drop_all();
+        }
+        r
+    }
+
+    fn read_lanes(
         &mut self,
         meta: &ObjectMeta,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let bs = self.block_size();
-        let cores = self.cores();
-        let mut plan: Vec<Vec<usize>> = vec![Vec::new(); cores];
-        for (i, b) in meta.blocks.iter().enumerate() {
-            let core = b.core() as usize;
-            if core >= cores {
-                return Err(ClientError::Protocol(format!("block {:#x} names core {core}", b.0)));
+        let mut lanes: Vec<Lane> = Vec::new();
+        let mut plan: Vec<Vec<usize>> = Vec::new();
+        let mut lane_of: HashMap<Lane, usize> = HashMap::new();
+        for (i, l) in meta.blocks.iter().enumerate() {
+            let node = self.node_index(l.node)?;
+            let core = l.block.core() as usize;
+            if core >= self.nodes[node].conns.len() {
+                return Err(ClientError::Protocol(format!(
+                    "block {:#x} names core {core}, which node {} does not have",
+                    l.block.0, l.node
+                )));
             }
-            plan[core].push(i);
+            let lane = Lane { node, core };
+            let x = *lane_of.entry(lane).or_insert_with(|| {
+                lanes.push(lane);
+                plan.push(Vec::new());
+                lanes.len() - 1
+            });
+            plan[x].push(i);
         }
         let window = self.window;
-        let r = (|| {
-            let mut sent = vec![0usize; cores];
-            loop {
-                let mut inflight: Vec<HashMap<u64, usize>> = vec![HashMap::new(); cores];
-                for core in 0..cores {
-                    let end = (sent[core] + window).min(plan[core].len());
-                    for &i in &plan[core][sent[core]..end] {
-                        let key =
-                            BlockKey { block: meta.blocks[i], offset: 0, len: BlockKey::TO_END }.encode();
-                        let id = self.conn(core)?.send(Opcode::BlockRead, 0, &key, &[])?;
-                        inflight[core].insert(id, i);
-                    }
-                    sent[core] = end;
-                    if !inflight[core].is_empty() {
-                        self.conn(core)?.flush()?;
-                    }
+        let mut sent = vec![0usize; lanes.len()];
+        loop {
+            let mut inflight: Vec<HashMap<u64, usize>> = vec![HashMap::new(); lanes.len()];
+            for (x, &lane) in lanes.iter().enumerate() {
+                let end = (sent[x] + window).min(plan[x].len());
+                for &i in &plan[x][sent[x]..end] {
+                    let key =
+                        BlockKey { block: meta.blocks[i].block, offset: 0, len: BlockKey::TO_END }.encode();
+                    let id = self.lane_conn(lane)?.send(Opcode::BlockRead, 0, &key, &[])?;
+                    inflight[x].insert(id, i);
                 }
-                if inflight.iter().all(|m| m.is_empty()) {
-                    return Ok(());
-                }
-                for (core, mut pending) in inflight.into_iter().enumerate() {
-                    while !pending.is_empty() {
-                        let resp = self.conn(core)?.recv()?;
-                        let Some(i) = pending.remove(&resp.id) else {
-                            return Err(ClientError::Protocol(format!("unexpected response id {}", resp.id)));
-                        };
-                        let data = resp.into_ok()?;
-                        let off = i as u64 * bs;
-                        let want = (meta.size - off).min(bs);
-                        if data.len() as u64 != want {
-                            return Err(ClientError::Protocol(format!(
-                                "block {i} holds {} bytes, the object needs {want}",
-                                data.len()
-                            )));
-                        }
-                        sink(off, &data)?;
-                    }
+                sent[x] = end;
+                if !inflight[x].is_empty() {
+                    self.lane_conn(lane)?.flush()?;
                 }
             }
-        })();
-        if r.is_err() {
-            self.drop_all();
+            if inflight.iter().all(|m| m.is_empty()) {
+                return Ok(());
+            }
+            for (x, mut pending) in inflight.into_iter().enumerate() {
+                while !pending.is_empty() {
+                    let resp = self.lane_conn(lanes[x])?.recv()?;
+                    let Some(i) = pending.remove(&resp.id) else {
+                        return Err(ClientError::Protocol(format!("unexpected response id {}", resp.id)));
+                    };
+                    let data = resp.into_ok()?;
+                    let off = i as u64 * bs;
+                    let want = (meta.size - off).min(bs);
+                    if data.len() as u64 != want {
+                        return Err(ClientError::Protocol(format!(
+                            "block {i} holds {} bytes, the object needs {want}",
+                            data.len()
+                        )));
+                    }
+                    sink(off, &data)?;
+                }
+            }
         }
-        r
     }
+}
 
+/// `BlockAlloc`'s tier byte for a put of `job` on a node described by
+/// `info` (see `PutOptions::tier`).
+fn placement_on(info: &NodeInfo, job: &Job, asked: Option<u8>) -> u8 {
+    let spill = if job.hints.spill_over { tier::SPILL } else { 0 };
+    let has_flash = info.has_tier(tier::FLASH);
+    match asked {
+        Some(t) => t | spill,
+        // A DRAM share, the rest on flash.
+        None if job.hints.latency_sensitive && has_flash => tier::DRAM | tier::SPILL,
+        None if job.hints.latency_sensitive => tier::DRAM | spill,
+        None if has_flash => tier::FLASH | spill,
+        None => tier::DRAM | spill,
+    }
+}
+
+impl Client {
     // Block-level access (Pocket's storage-tier API), for tools and benchmarks.
 
     /// Allocates a block for `job` on `core`.

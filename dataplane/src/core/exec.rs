@@ -223,14 +223,22 @@ impl State {
             }
             Opcode::PutObject => {
                 let (job, path) = proto::split_job_key(key)?;
-                let max_blocks = body.len() / 8;
+                let max_blocks = body.len() / proto::LOCATION_LEN;
                 let meta = ObjectMeta::decode(body, max_blocks)?;
                 if meta.flags != h.flags {
                     return Err(malformed("object flags in the body differ from the header flags"));
                 }
                 self.check_blocks(&meta.blocks)?;
-                let persist =
-                    meta.flags & flags::PERSIST != 0 && meta.blocks.iter().any(|b| b.tier() != tier::DRAM);
+                let here = self.ns.node();
+                let on_device = |l: &&proto::Location| l.block.tier() != tier::DRAM;
+                let is_persist = meta.flags & flags::PERSIST != 0;
+                if is_persist && meta.blocks.iter().filter(on_device).any(|l| l.node != here) {
+                    return Err(malformed(
+                        "a PERSIST object's flash and disk blocks must be on the metadata node \
+                         (blocks on other nodes cannot be marked persistent yet)",
+                    ));
+                }
+                let persist = is_persist && meta.blocks.iter().any(|l| on_device(&l));
                 if persist && self.io_free.is_empty() {
                     return Ok(Exec::Busy);
                 }
@@ -263,11 +271,17 @@ impl State {
             Opcode::Delete => {
                 no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
+                // Blocks on other nodes are the client's to free: they go back in the answer.
+                let remote = self.ns.remote_blocks(job, path);
                 let r = self.ns.delete(job, path)?;
                 self.ns_changed = true;
                 self.log(Record::Delete { job, path });
                 self.release_committed(r);
-                respond(out, id, opc, ok, &[]);
+                respond_with(out, id, opc, ok, |o| {
+                    if !remote.is_empty() {
+                        proto::encode_locations(&remote, o);
+                    }
+                });
             }
             Opcode::BlockAlloc => {
                 no_body(body)?;
@@ -372,8 +386,9 @@ impl State {
     /// on the device (or undone if one fails). A slot must be free.
     fn persist(&mut self, h: &Header, undo: Undo, to: ReplyTo) -> Exec {
         let mut by_core: Vec<Vec<BlockId>> = vec![Vec::new(); self.cfg.cores];
-        for &b in undo.blocks.iter().filter(|b| b.tier() != tier::DRAM) {
-            by_core[b.core() as usize].push(b);
+        let here = self.ns.node();
+        for l in undo.blocks.iter().filter(|l| l.node == here && l.block.tier() != tier::DRAM) {
+            by_core[l.block.core() as usize].push(l.block);
         }
         let cores = by_core.iter().filter(|v| !v.is_empty()).count() as u32;
         let slot = self.io_free.pop().expect("the caller checked for a free slot");
@@ -407,9 +422,11 @@ impl State {
         (t.saturating_add(1)..=tier::DISK).find(|&l| self.engines.iter().any(|e| e.tier() == l))
     }
 
-    /// Block ids named by an object must be able to exist on this node.
-    fn check_blocks(&self, blocks: &[BlockId]) -> Result<(), Fail> {
-        for b in blocks {
+    /// Blocks an object names on this node must be able to exist here
+    /// (blocks on other nodes are not checked: this node does not know them).
+    fn check_blocks(&self, blocks: &[proto::Location]) -> Result<(), Fail> {
+        let here = self.ns.node();
+        for b in blocks.iter().filter(|l| l.node == here).map(|l| l.block) {
             let tier_here = b.tier() == tier::DRAM || self.engines.iter().any(|e| e.tier() == b.tier());
             if !tier_here || b.core() as usize >= self.cfg.cores {
                 return Err(Fail(Status::Malformed, format!("block {:#x} is not on this node", b.0)));

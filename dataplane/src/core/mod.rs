@@ -195,7 +195,7 @@ impl PendingIo {
 pub(crate) struct Undo {
     pub job: String,
     pub path: String,
-    pub blocks: Vec<proto::BlockId>,
+    pub blocks: Vec<proto::Location>,
 }
 
 /// Blocks this core marks persistent for core `origin`'s PutObject (slot `slot`).
@@ -310,7 +310,8 @@ impl<T: Transport> Core<T> {
         let u = dram.usage();
         shared.blocks_total.store(u.blocks_total, Ordering::Relaxed);
         shared.huge_pages.store(u.huge_pages, Ordering::Relaxed);
-        let ns = Namespaces::new(cfg.id, u.block_size);
+        // Replaced by the node's namespaces (`with_meta`) before the core runs.
+        let ns = Namespaces::new(cfg.id, u.block_size, 0);
         let io_slots = engines.len() * IO_SLOTS_PER_ENGINE;
         Core {
             transport,

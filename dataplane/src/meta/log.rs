@@ -22,7 +22,12 @@ use crate::proto::{DecodeError, JobHints, ObjectMeta, Reader};
 
 /// First bytes of every log file.
 pub const FILE_MAGIC: [u8; 8] = *b"PLNMETA\0";
-pub const FILE_VERSION: u32 = 1;
+/// The version this code writes. Version 2's Put records locate each block
+/// on a node (`ObjectMeta` of protocol version 2).
+pub const FILE_VERSION: u32 = 2;
+/// Version 1 (Put records without node numbers) is still read: its blocks
+/// are all on the local node, and the node rewrites the file as version 2.
+pub const FILE_VERSION_1: u32 = 1;
 /// magic 8 | version u32 | core u16 | cores u16 | block_size u32 | crc32 u32
 pub const FILE_HEADER_LEN: usize = 24;
 /// len u32 | crc32 u32, then `len` payload bytes.
@@ -134,8 +139,9 @@ impl<'a> Record<'a> {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// Decodes one payload (whose CRC was checked).
-    pub fn decode(payload: &'a [u8]) -> Result<Record<'a>, DecodeError> {
+    /// Decodes one payload (whose CRC was checked) of a file of format
+    /// `version`; a version 1 Put's blocks are placed on node `node`.
+    pub fn decode(payload: &'a [u8], version: u32, node: u16) -> Result<Record<'a>, DecodeError> {
         let mut r = Reader::new(payload);
         let rec = match r.u8("record type")? {
             kind::REGISTER => {
@@ -154,7 +160,10 @@ impl<'a> Record<'a> {
                     _ => return Err(DecodeError("lost flag is not 0 or 1")),
                 };
                 let rest = r.rest();
-                let meta = ObjectMeta::decode(rest, rest.len() / 8)?;
+                let meta = match version {
+                    FILE_VERSION_1 => ObjectMeta::decode_v1(rest, node)?,
+                    _ => ObjectMeta::decode(rest, rest.len() / crate::proto::LOCATION_LEN)?,
+                };
                 Record::Put { job, path, meta: Cow::Owned(meta), lost }
             }
             kind::DELETE => Record::Delete { job: get_str(&mut r)?, path: get_str(&mut r)? },
@@ -178,9 +187,14 @@ pub struct LogShape {
 
 impl LogShape {
     fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        self.encode_version(FILE_VERSION)
+    }
+
+    /// The header of a file of format `version` (tests write version 1 files).
+    pub fn encode_version(&self, version: u32) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC);
-        b[8..12].copy_from_slice(&FILE_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         b[12..14].copy_from_slice(&self.core.to_le_bytes());
         b[14..16].copy_from_slice(&self.cores.to_le_bytes());
         b[16..20].copy_from_slice(&self.block_size.to_le_bytes());
@@ -200,6 +214,8 @@ pub enum LogError {
 
 /// A log file read at start: the records' bytes and where the valid part ends.
 pub struct Recovered {
+    /// The file's format version (`FILE_VERSION`, or `FILE_VERSION_1`).
+    pub version: u32,
     /// Every valid record, back to back (headers included).
     pub records: Vec<u8>,
     /// Records cut off as torn or corrupt (a warning was logged).
@@ -207,21 +223,24 @@ pub struct Recovered {
 }
 
 impl Recovered {
-    /// The valid records, decoded in order. A record whose CRC checks but
+    /// The valid records, decoded in order; a version 1 file's blocks are
+    /// placed on node `node` (this node). A record whose CRC checks but
     /// whose payload does not decode ends the iteration (it was cut off).
-    pub fn iter(&self) -> impl Iterator<Item = Record<'_>> {
-        RecordIter { buf: &self.records }
+    pub fn iter(&self, node: u16) -> impl Iterator<Item = Record<'_>> {
+        RecordIter { buf: &self.records, version: self.version, node }
     }
 }
 
 struct RecordIter<'a> {
     buf: &'a [u8],
+    version: u32,
+    node: u16,
 }
 
 impl<'a> Iterator for RecordIter<'a> {
     type Item = Record<'a>;
     fn next(&mut self) -> Option<Record<'a>> {
-        let (rec, len) = parse_one(self.buf)?;
+        let (rec, len) = parse_one(self.buf, self.version, self.node)?;
         self.buf = &self.buf[len..];
         Some(rec)
     }
@@ -229,7 +248,7 @@ impl<'a> Iterator for RecordIter<'a> {
 
 /// The record at the start of `buf` and its encoded length, or `None` if
 /// `buf` does not start with a whole, intact, decodable record.
-fn parse_one(buf: &[u8]) -> Option<(Record<'_>, usize)> {
+fn parse_one(buf: &[u8], version: u32, node: u16) -> Option<(Record<'_>, usize)> {
     if buf.len() < RECORD_HEADER_LEN {
         return None;
     }
@@ -242,7 +261,7 @@ fn parse_one(buf: &[u8]) -> Option<(Record<'_>, usize)> {
     if crc32fast::hash(payload) != crc {
         return None;
     }
-    Some((Record::decode(payload).ok()?, RECORD_HEADER_LEN + len))
+    Some((Record::decode(payload, version, node).ok()?, RECORD_HEADER_LEN + len))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -306,7 +325,7 @@ pub fn recover(dir: &Path, shape: LogShape) -> Result<(Recovered, File), LogErro
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(dir)?;
         let f = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
-        return Ok((Recovered { records: Vec::new(), truncated_bytes: 0 }, f));
+        return Ok((Recovered { version: FILE_VERSION, records: Vec::new(), truncated_bytes: 0 }, f));
     }
     let refuse = |message: String| Err(LogError::Refused { path: path.clone(), message });
     if bytes[0..8] != FILE_MAGIC {
@@ -317,10 +336,12 @@ pub fn recover(dir: &Path, shape: LogShape) -> Result<(Recovered, File), LogErro
         return refuse("the file header is corrupt (CRC mismatch)".into());
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != FILE_VERSION {
-        return refuse(format!("format version {version}; this node reads version {FILE_VERSION}"));
+    if version != FILE_VERSION && version != FILE_VERSION_1 {
+        return refuse(format!(
+            "format version {version}; this node reads versions {FILE_VERSION_1} and {FILE_VERSION}"
+        ));
     }
-    if bytes[..FILE_HEADER_LEN] != header {
+    if bytes[..FILE_HEADER_LEN] != shape.encode_version(version) {
         let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
         let bs = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
         return refuse(format!(
@@ -333,7 +354,7 @@ pub fn recover(dir: &Path, shape: LogShape) -> Result<(Recovered, File), LogErro
         ));
     }
     let mut off = FILE_HEADER_LEN;
-    while let Some((_, len)) = parse_one(&bytes[off..]) {
+    while let Some((_, len)) = parse_one(&bytes[off..], version, 0) {
         off += len;
     }
     let truncated = (bytes.len() - off) as u64;
@@ -349,7 +370,20 @@ pub fn recover(dir: &Path, shape: LogShape) -> Result<(Recovered, File), LogErro
     }
     let f = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
     let records = bytes[FILE_HEADER_LEN..off].to_vec();
-    Ok((Recovered { records, truncated_bytes: truncated }, f))
+    Ok((Recovered { version, records, truncated_bytes: truncated }, f))
+}
+
+/// Replaces the log of `shape.core` in `dir` with `records` under a header
+/// of the current version (a version 1 log converted at start): written to
+/// a new file, synced and renamed over the old one, so a crash leaves one
+/// or the other. Returns the new file, open for appending.
+pub fn rewrite(dir: &Path, shape: LogShape, records: &[u8]) -> Result<File, LogError> {
+    let path = log_path(dir, shape.core as usize);
+    let tmp = path.with_extension("log.new");
+    write_file(&tmp, &shape.encode(), records)?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    sync_dir(dir)?;
+    OpenOptions::new().append(true).open(&path).map_err(io(&path))
 }
 
 fn write_file(path: &Path, header: &[u8], body: &[u8]) -> Result<(), LogError> {
@@ -570,7 +604,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::BlockId;
+    use crate::proto::{BlockId, Location};
 
     fn shape() -> LogShape {
         LogShape { core: 0, cores: 1, block_size: 4096 }
@@ -583,7 +617,8 @@ mod tests {
     }
 
     fn sample() -> Vec<Record<'static>> {
-        let meta = ObjectMeta { size: 5000, flags: 1, blocks: vec![BlockId(7), BlockId(1 << 56 | 9)] };
+        let at = |node, b| Location { node, block: BlockId(b) };
+        let meta = ObjectMeta { size: 5000, flags: 1, blocks: vec![at(0, 7), at(3, 1 << 56 | 9)] };
         vec![
             Record::Register { job: "j", id: 1, hints: JobHints { max_workers: 3, ..JobHints::default() } },
             Record::CreateDir { job: "j", path: "d" },
@@ -599,7 +634,7 @@ mod tests {
         for r in sample() {
             let mut b = Vec::new();
             r.encode(&mut b);
-            let (back, len) = parse_one(&b).expect("decodes");
+            let (back, len) = parse_one(&b, FILE_VERSION, 0).expect("decodes");
             assert_eq!((back, len), (r, b.len()));
         }
     }
@@ -632,7 +667,7 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
         drop(f);
         let (rec, _) = recover(&dir, shape()).unwrap();
-        assert_eq!(rec.iter().collect::<Vec<_>>(), sample());
+        assert_eq!(rec.iter(0).collect::<Vec<_>>(), sample());
         assert_eq!(rec.truncated_bytes, 10);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "the tail was cut off the file");
         // A flipped bit in the last record: its CRC fails, it goes too.
@@ -642,7 +677,50 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (rec, _) = recover(&dir, shape()).unwrap();
         let want = sample();
-        assert_eq!(rec.iter().collect::<Vec<_>>(), want[..want.len() - 1]);
+        assert_eq!(rec.iter(0).collect::<Vec<_>>(), want[..want.len() - 1]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_log_reads_with_every_block_on_this_node_and_is_rewritten() {
+        let dir = tmp("v1");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Version 1's Put: the ObjectMeta without node numbers.
+        let mut put = vec![kind::PUT];
+        put_str(&mut put, "j");
+        put_str(&mut put, "x");
+        put.push(0);
+        put.extend_from_slice(&5000u64.to_le_bytes());
+        put.extend_from_slice(&0u16.to_le_bytes());
+        put.extend_from_slice(&2u32.to_le_bytes());
+        put.extend_from_slice(&7u64.to_le_bytes());
+        put.extend_from_slice(&(1u64 << 56 | 9).to_le_bytes());
+        let mut file = shape().encode_version(FILE_VERSION_1).to_vec();
+        Record::Register { job: "j", id: 1, hints: JobHints::default() }.encode(&mut file);
+        file.extend_from_slice(&(put.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&put).to_le_bytes());
+        file.extend_from_slice(&put);
+        std::fs::write(log_path(&dir, 0), &file).unwrap();
+        let (rec, _) = recover(&dir, shape()).unwrap();
+        assert_eq!((rec.version, rec.truncated_bytes), (FILE_VERSION_1, 0));
+        let at = |b| Location { node: 12, block: BlockId(b) };
+        let meta = ObjectMeta { size: 5000, flags: 0, blocks: vec![at(7), at(1 << 56 | 9)] };
+        let want = vec![
+            Record::Register { job: "j", id: 1, hints: JobHints::default() },
+            Record::Put { job: "j", path: "x", meta: Cow::Owned(meta), lost: false },
+        ];
+        assert_eq!(rec.iter(12).collect::<Vec<_>>(), want);
+        let mut v2 = Vec::new();
+        for r in &want {
+            r.encode(&mut v2);
+        }
+        drop(rewrite(&dir, shape(), &v2).unwrap());
+        let (again, _) = recover(&dir, shape()).unwrap();
+        assert_eq!(again.version, FILE_VERSION);
+        assert_eq!(again.iter(0).collect::<Vec<_>>(), want, "version 2 keeps the node numbers");
+        std::fs::write(log_path(&dir, 0), shape().encode_version(3)).unwrap();
+        let e = recover(&dir, shape()).err().expect("refused").to_string();
+        assert!(e.contains("format version 3"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -665,7 +743,7 @@ mod tests {
         log.append(&Record::NextId { next: 5 });
         drop(log);
         let (rec, _) = recover(&dir, shape()).unwrap();
-        assert_eq!(rec.iter().collect::<Vec<_>>(), vec![Record::NextId { next: 5 }]);
+        assert_eq!(rec.iter(0).collect::<Vec<_>>(), vec![Record::NextId { next: 5 }]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -706,7 +784,7 @@ mod tests {
         wait_durable(&log, after);
         drop(log);
         let (rec, _) = recover(&dir, shape()).unwrap();
-        assert_eq!(rec.iter().collect::<Vec<_>>(), vec![snap, Record::Deregister { job: "only" }]);
+        assert_eq!(rec.iter(0).collect::<Vec<_>>(), vec![snap, Record::Deregister { job: "only" }]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,15 +1,16 @@
 //! Job namespaces (Pocket's metadata): jobs, directories and objects as
-//! ordered lists of block ids. One `Namespaces` per core holds the jobs whose
-//! name hashes to that core. It never touches blocks: freeing is returned to
-//! the caller as an effect, so a later issue can move this module into
-//! separate metadata servers unchanged.
+//! ordered lists of block locations (node number, block id). One
+//! `Namespaces` per core holds the jobs whose name hashes to that core. It
+//! never touches blocks: freeing the blocks of this node is returned to the
+//! caller as an effect; blocks on other nodes are the client's to free
+//! (`remote_blocks`).
 
 pub mod log;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::proto::{flags, BlockId, DirEntry, JobHints, JobInfo, ObjectMeta, Status};
+use crate::proto::{flags, BlockId, DirEntry, JobHints, JobInfo, Location, ObjectMeta, Status};
 use log::Record;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +24,12 @@ fn err(status: Status, message: impl Into<String>) -> MetaError {
     MetaError { status, message: message.into() }
 }
 
-/// Blocks the caller must free after a namespace change.
+/// The ids of the blocks in `locs` that are on node `node`.
+fn on_node(node: u16, locs: &[Location]) -> impl Iterator<Item = BlockId> + '_ {
+    locs.iter().filter(move |l| l.node == node).map(|l| l.block)
+}
+
+/// Blocks of this node the caller must free after a namespace change.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Release {
     None,
@@ -84,6 +90,8 @@ const MAX_JOB_SEQ: u32 = (1 << 24) - 1;
 
 pub struct Namespaces {
     core: u8,
+    /// This node's number: locations on it are its own blocks.
+    node: u16,
     block_size: u64,
     next_id: u32,
     jobs: HashMap<String, Job>,
@@ -92,9 +100,14 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
-    pub fn new(core: u8, block_size: u64) -> Self {
+    pub fn new(core: u8, block_size: u64, node: u16) -> Self {
         assert!(block_size.is_power_of_two());
-        Namespaces { core, block_size, next_id: 1, jobs: HashMap::new(), live_ids: Default::default() }
+        Namespaces { core, node, block_size, next_id: 1, jobs: HashMap::new(), live_ids: Default::default() }
+    }
+
+    /// The node number whose blocks this node frees itself.
+    pub fn node(&self) -> u16 {
+        self.node
     }
 
     fn job(&self, name: &str) -> Result<&Job, MetaError> {
@@ -224,18 +237,20 @@ impl Namespaces {
         Record::NextId { next: self.next_id }.encode(out);
     }
 
-    /// After a restart: every object keeps only the blocks that survived
-    /// (`survives`), and one that lost any is marked lost (its reads answer
-    /// `data unavailable`). Returns the surviving blocks objects name.
+    /// After a restart: every object keeps only the blocks of this node
+    /// that survived (`survives`) and its blocks on other nodes, and one
+    /// that lost any is marked lost (its reads answer `data unavailable`).
+    /// Returns the surviving blocks of this node that objects name.
     pub fn settle_after_restart(&mut self, survives: impl Fn(BlockId) -> bool) -> Vec<BlockId> {
         let mut named = Vec::new();
+        let node = self.node;
         for j in self.jobs.values_mut() {
             for e in j.entries.values_mut() {
                 if let Entry::Object(m, lost) = e {
                     let before = m.blocks.len();
-                    m.blocks.retain(|&b| survives(b));
+                    m.blocks.retain(|l| l.node != node || survives(l.block));
                     *lost |= m.blocks.len() < before;
-                    named.extend_from_slice(&m.blocks);
+                    named.extend(on_node(node, &m.blocks));
                 }
             }
         }
@@ -251,6 +266,7 @@ impl Namespaces {
     /// Drops every object but PERSIST ones (and the directories that hold
     /// them). A job with nothing left is forgotten.
     pub fn deregister(&mut self, name: &str) -> Result<Release, MetaError> {
+        let node = self.node;
         let job = self.job_mut(name)?;
         let mut keep = Vec::new();
         let mut drop = Vec::new();
@@ -258,9 +274,9 @@ impl Namespaces {
         for (path, e) in &job.entries {
             if let Entry::Object(m, _) = e {
                 if m.flags & flags::PERSIST == 0 {
-                    drop.extend_from_slice(&m.blocks);
+                    drop.extend(on_node(node, &m.blocks));
                 } else {
-                    keep.extend_from_slice(&m.blocks);
+                    keep.extend(on_node(node, &m.blocks));
                     let mut p = path.as_str();
                     while let Some(i) = p.rfind('/') {
                         p = &p[..i];
@@ -391,7 +407,20 @@ impl Namespaces {
         Ok((out, false))
     }
 
+    /// The blocks of object `path` that are on other nodes (none for a
+    /// directory or a missing name): a client that deletes the object frees
+    /// them itself, with `BlockFree` on their nodes.
+    pub fn remote_blocks(&self, name: &str, path: &str) -> Vec<Location> {
+        match self.jobs.get(name).and_then(|j| j.entries.get(path)) {
+            Some(Entry::Object(m, _)) => m.blocks.iter().filter(|l| l.node != self.node).copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Deletes an object (its blocks of this node are released; see
+    /// `remote_blocks` for the others) or an empty directory.
     pub fn delete(&mut self, name: &str, path: &str) -> Result<Release, MetaError> {
+        let node = self.node;
         let job = self.job_mut(name)?;
         match job.entries.get(path) {
             None => Err(err(Status::NotFound, format!("no object or directory '{path}'"))),
@@ -406,14 +435,16 @@ impl Namespaces {
                 let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!() };
                 job.objects -= 1;
                 job.bytes -= m.size;
-                Ok(Release::Blocks(m.blocks))
+                Ok(Release::Blocks(on_node(node, &m.blocks).collect()))
             }
         }
     }
 
     /// Takes object `path` back out if it still names exactly `blocks` (a
-    /// put that could not be completed); its blocks are the caller's to free.
-    pub fn remove_object(&mut self, name: &str, path: &str, blocks: &[BlockId]) -> Option<Release> {
+    /// put that could not be completed); its blocks of this node are the
+    /// caller's to free.
+    pub fn remove_object(&mut self, name: &str, path: &str, blocks: &[Location]) -> Option<Release> {
+        let node = self.node;
         let job = self.jobs.get_mut(name)?;
         match job.entries.get(path) {
             Some(Entry::Object(m, _)) if m.blocks == blocks => {}
@@ -422,7 +453,7 @@ impl Namespaces {
         let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!("checked above") };
         job.objects -= 1;
         job.bytes -= m.size;
-        Some(Release::Blocks(m.blocks))
+        Some(Release::Blocks(on_node(node, &m.blocks).collect()))
     }
 
     pub fn summaries(&self) -> Vec<JobSummary> {
@@ -446,12 +477,19 @@ impl Namespaces {
 mod tests {
     use super::*;
 
+    /// This node's number in the tests.
+    const HERE: u16 = 5;
+
     fn ns() -> Namespaces {
-        Namespaces::new(2, 64)
+        Namespaces::new(2, 64, HERE)
+    }
+
+    fn here(b: u64) -> Location {
+        Location { node: HERE, block: BlockId(b) }
     }
 
     fn obj(size: u64, flags: u16, first: u64) -> ObjectMeta {
-        ObjectMeta { size, flags, blocks: (0..size.div_ceil(64)).map(|i| BlockId(first + i)).collect() }
+        ObjectMeta { size, flags, blocks: (0..size.div_ceil(64)).map(|i| here(first + i)).collect() }
     }
 
     #[test]
@@ -475,9 +513,7 @@ mod tests {
         n.put("j", "top", obj(0, 0, 0)).unwrap();
         assert_eq!(n.put("j", "d/x", obj(1, 0, 0)).unwrap_err().status, Status::Exists);
         assert_eq!(
-            n.put("j", "bad", ObjectMeta { size: 65, flags: 0, blocks: vec![BlockId(1)] })
-                .unwrap_err()
-                .status,
+            n.put("j", "bad", ObjectMeta { size: 65, flags: 0, blocks: vec![here(1)] }).unwrap_err().status,
             Status::Malformed
         );
         assert_eq!(n.lookup("j", "d/x").unwrap().blocks.len(), 3);
@@ -544,7 +580,7 @@ mod tests {
 
     #[test]
     fn job_ids_wrap_past_reserved_owners_and_skip_live_ids() {
-        let mut n = Namespaces::new(255, 64);
+        let mut n = Namespaces::new(255, 64, HERE);
         n.register("first", JobHints::default()).unwrap(); // 0xFF000001, stays live
         n.next_id = MAX_JOB_SEQ - 2;
         assert_eq!(n.register("a", JobHints::default()).unwrap(), 0xFFFF_FFFD);
@@ -567,11 +603,11 @@ mod tests {
     fn from_snapshot(n: &Namespaces) -> Namespaces {
         let mut snap = Vec::new();
         n.snapshot(&mut snap);
-        let mut back = Namespaces::new(n.core, n.block_size);
+        let mut back = Namespaces::new(n.core, n.block_size, n.node);
         let mut buf = &snap[..];
         while !buf.is_empty() {
             let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
-            let rec = Record::decode(&buf[8..8 + len]).unwrap();
+            let rec = Record::decode(&buf[8..8 + len], log::FILE_VERSION, n.node).unwrap();
             back.apply(&rec).unwrap_or_else(|e| panic!("{rec:?}: {e}"));
             buf = &buf[8 + len..];
         }
@@ -611,5 +647,36 @@ mod tests {
         );
         assert!(back.register("gone", JobHints::default()).is_ok());
         assert!(back.lookup("gone", "kept").is_ok());
+    }
+
+    #[test]
+    fn blocks_on_other_nodes_are_kept_and_never_released_here() {
+        let mut n = ns();
+        let id = n.register("j", JobHints::default()).unwrap();
+        let there = |b| Location { node: 9, block: BlockId(b) };
+        let mixed = |first| ObjectMeta {
+            size: 192,
+            flags: 0,
+            blocks: vec![here(first), there(first + 1), here(first + 2)],
+        };
+        n.put("j", "a", mixed(10)).unwrap();
+        n.put("j", "b", mixed(20)).unwrap();
+        n.put("j", "p", ObjectMeta { size: 64, flags: flags::PERSIST, blocks: vec![there(30)] }).unwrap();
+        assert_eq!(n.lookup("j", "a").unwrap(), &mixed(10), "lookup gives every location");
+        assert_eq!(n.remote_blocks("j", "a"), vec![there(11)]);
+        assert!(n.remote_blocks("j", "nothing").is_empty());
+        assert_eq!(n.delete("j", "a").unwrap(), Release::Blocks(vec![BlockId(10), BlockId(12)]));
+        // A restart loses block 22 here; block 21 is on node 9, not this node's to judge.
+        let named = n.settle_after_restart(|b| b == BlockId(20));
+        assert_eq!(named, vec![BlockId(20)]);
+        assert_eq!(n.lookup("j", "b").unwrap_err().status, Status::DataUnavailable);
+        assert!(n.lookup("j", "p").is_ok(), "an object wholly on another node loses nothing here");
+        let back = from_snapshot(&n);
+        assert_eq!(back.remote_blocks("j", "p"), vec![there(30)]);
+        assert_eq!(
+            n.deregister("j").unwrap(),
+            Release::Job { job: id, keep: vec![], drop: vec![BlockId(20)] },
+            "only this node's blocks are released"
+        );
     }
 }

@@ -10,7 +10,9 @@ pub use msg::*;
 
 /// `"PN"` on the wire (0x50 0x4E), read as a little-endian u16.
 pub const MAGIC: u16 = 0x4E50;
-pub const VERSION: u8 = 1;
+/// Version 2: `NodeInfo` carries the node number, `ObjectMeta` locates each
+/// block on a node, `Delete` answers with the blocks the client frees.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 24;
 /// Longest key (object path or block address) any node accepts.
 pub const MAX_KEY_LEN: usize = 1024;

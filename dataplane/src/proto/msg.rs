@@ -239,23 +239,120 @@ impl JobInfo {
     }
 }
 
-/// An object's metadata: `PutObject` request body and `Lookup` response body.
-/// Layout: size u64, flags u16, block count u32, then that many u64 block ids.
+/// Where a block lives: the storage node's number (`NodeInfo::node_number`)
+/// and the block's id on that node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    pub node: u16,
+    pub block: BlockId,
+}
+
+/// Most distinct nodes one location list (and so one object) may name: a
+/// location refers to its node by a one-byte index into the list's table.
+pub const MAX_NODES_PER_LIST: usize = 256;
+
+/// Bytes of one encoded location (node index u8, block id u64).
+pub const LOCATION_LEN: usize = 9;
+
+/// Appends a location list: a table of *k* node numbers (u16 count, then
+/// *k* × u16, each node once, in the order the locations first name them),
+/// then *n* (u32) and *n* × (index into the table u8, block id u64).
+/// At most `MAX_NODES_PER_LIST` distinct nodes: callers check
+/// (`check_location_nodes`) before building a longer list.
+pub fn encode_locations(locs: &[Location], out: &mut Vec<u8>) {
+    let mut table: Vec<u16> = Vec::new();
+    let mut index = Vec::with_capacity(locs.len());
+    for l in locs {
+        let i = match table.iter().position(|&n| n == l.node) {
+            Some(i) => i,
+            None => {
+                table.push(l.node);
+                table.len() - 1
+            }
+        };
+        debug_assert!(i < MAX_NODES_PER_LIST, "more than 256 nodes in one location list");
+        index.push(i as u8);
+    }
+    out.extend_from_slice(&(table.len() as u16).to_le_bytes());
+    for n in &table {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&(locs.len() as u32).to_le_bytes());
+    for (l, i) in locs.iter().zip(index) {
+        out.push(i);
+        out.extend_from_slice(&l.block.0.to_le_bytes());
+    }
+}
+
+/// Whether `locs` names few enough distinct nodes to be encoded.
+pub fn check_location_nodes(locs: &[Location]) -> Result<(), DecodeError> {
+    let mut seen = std::collections::HashSet::new();
+    for l in locs {
+        seen.insert(l.node);
+        if seen.len() > MAX_NODES_PER_LIST {
+            return Err(DecodeError("an object's blocks may be on at most 256 nodes"));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a location list (see `encode_locations`) that ends the input. The
+/// table must list exactly the nodes the locations use, each once, in the
+/// order they are first used (one encoding per list).
+pub fn decode_locations(r: &mut Reader<'_>, max_blocks: usize) -> Result<Vec<Location>, DecodeError> {
+    let k = r.u16("node count")? as usize;
+    if k > MAX_NODES_PER_LIST || r.remaining() < k * 2 {
+        return Err(DecodeError("node table larger than 256 entries or than the body"));
+    }
+    let mut table = Vec::with_capacity(k);
+    for _ in 0..k {
+        let n = r.u16("node number")?;
+        if table.contains(&n) {
+            return Err(DecodeError("a node number appears twice in the table"));
+        }
+        table.push(n);
+    }
+    let n = r.u32("block count")? as usize;
+    if n > max_blocks || r.remaining() != n * LOCATION_LEN {
+        return Err(DecodeError("block count does not match the body"));
+    }
+    let mut locs = Vec::with_capacity(n);
+    let mut used = 0usize;
+    for _ in 0..n {
+        let i = r.u8("node index")? as usize;
+        if i > used || i >= k {
+            return Err(DecodeError("node index out of the table, or not in first-use order"));
+        }
+        if i == used {
+            used += 1;
+        }
+        locs.push(Location { node: table[i], block: BlockId(r.u64("block")?) });
+    }
+    if used != k {
+        return Err(DecodeError("the node table names a node no block is on"));
+    }
+    Ok(locs)
+}
+
+/// An object's metadata: `PutObject` request body and `Lookup` response body
+/// (protocol version 2). Layout: size u64, flags u16, then a location list
+/// (`encode_locations`): the object's blocks in object order, each on its
+/// storage node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
     pub size: u64,
     pub flags: u16,
-    pub blocks: Vec<BlockId>,
+    pub blocks: Vec<Location>,
 }
 
 impl ObjectMeta {
+    /// Bytes before the location list.
+    pub const FIXED_LEN: usize = 10;
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.flags.to_le_bytes());
-        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
-        for b in &self.blocks {
-            out.extend_from_slice(&b.0.to_le_bytes());
-        }
+        encode_locations(&self.blocks, out);
     }
 
     /// `max_blocks` bounds the allocation a hostile count could cause.
@@ -263,13 +360,24 @@ impl ObjectMeta {
         let mut r = Reader::new(body);
         let size = r.u64("size")?;
         let flags = r.u16("flags")?;
+        let blocks = decode_locations(&mut r, max_blocks)?;
+        Ok(ObjectMeta { size, flags, blocks })
+    }
+
+    /// Version 1's layout (size u64, flags u16, block count u32, then the
+    /// block ids), read from a version 1 metadata log: every block is on
+    /// node `node`.
+    pub fn decode_v1(body: &[u8], node: u16) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let size = r.u64("size")?;
+        let flags = r.u16("flags")?;
         let n = r.u32("block count")? as usize;
-        if n > max_blocks || r.remaining() != n * 8 {
+        if r.remaining() != n.saturating_mul(8) {
             return Err(DecodeError("block count does not match the body"));
         }
         let mut blocks = Vec::with_capacity(n);
         for _ in 0..n {
-            blocks.push(BlockId(r.u64("block")?));
+            blocks.push(Location { node, block: BlockId(r.u64("block")?) });
         }
         Ok(ObjectMeta { size, flags, blocks })
     }
@@ -324,12 +432,15 @@ pub fn decode_entries(body: &[u8]) -> Result<Vec<DirEntry>, DecodeError> {
 }
 
 /// `NodeInfo` response body: block size u32, max body u32, core count u16,
-/// main port u16, per core its own port u16, then the tier bitmap u8.
+/// main port u16, node number u16, per core its own port u16, then the tier
+/// bitmap u8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub block_size: u32,
     pub max_body: u32,
     pub main_port: u16,
+    /// The node's number in its cluster: object locations name it.
+    pub node_number: u16,
     pub core_ports: Vec<u16>,
     /// Bit `tier::bit(t)` set: the node has tier `t`. DRAM is always there.
     pub tiers: u8,
@@ -341,6 +452,7 @@ impl NodeInfo {
         out.extend_from_slice(&self.max_body.to_le_bytes());
         out.extend_from_slice(&(self.core_ports.len() as u16).to_le_bytes());
         out.extend_from_slice(&self.main_port.to_le_bytes());
+        out.extend_from_slice(&self.node_number.to_le_bytes());
         for p in &self.core_ports {
             out.extend_from_slice(&p.to_le_bytes());
         }
@@ -358,6 +470,7 @@ impl NodeInfo {
         let max_body = r.u32("max body")?;
         let n = r.u16("core count")? as usize;
         let main_port = r.u16("main port")?;
+        let node_number = r.u16("node number")?;
         if n == 0 || r.remaining() != n * 2 + 1 {
             return Err(DecodeError("core count does not match the body"));
         }
@@ -369,7 +482,7 @@ impl NodeInfo {
         if tiers & tier::bit(tier::DRAM) == 0 || tiers & !0b111 != 0 {
             return Err(DecodeError("tier bitmap must have bit 0 (DRAM) and no bit above 2"));
         }
-        Ok(NodeInfo { block_size, max_body, main_port, core_ports, tiers })
+        Ok(NodeInfo { block_size, max_body, main_port, node_number, core_ports, tiers })
     }
 }
 
@@ -412,16 +525,20 @@ mod tests {
         }
 
         #[test]
-        fn object_meta_round_trips(size: u64, flags: u16, blocks in prop::collection::vec(any::<u64>(), 0..50)) {
-            let m = ObjectMeta { size, flags, blocks: blocks.into_iter().map(BlockId).collect() };
+        fn object_meta_round_trips(size: u64, flags: u16, blocks in prop::collection::vec((0u16..5, any::<u64>()), 0..50)) {
+            let blocks = blocks.into_iter().map(|(node, b)| Location { node, block: BlockId(b) }).collect();
+            let m = ObjectMeta { size, flags, blocks };
             let mut v = Vec::new();
             m.encode(&mut v);
+            let nodes: std::collections::HashSet<u16> = m.blocks.iter().map(|l| l.node).collect();
+            prop_assert_eq!(v.len(), ObjectMeta::FIXED_LEN + 2 + 2 * nodes.len() + 4 + LOCATION_LEN * m.blocks.len());
             prop_assert_eq!(ObjectMeta::decode(&v, 1000).unwrap(), m);
         }
 
         #[test]
         fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
             let _ = ObjectMeta::decode(&bytes, 1000);
+            let _ = ObjectMeta::decode_v1(&bytes, 3);
             let _ = decode_entries(&bytes);
             let _ = NodeInfo::decode(&bytes);
             let _ = JobHints::decode(&bytes);
@@ -443,12 +560,75 @@ mod tests {
     }
 
     #[test]
+    fn object_meta_v2_layout_and_its_one_encoding() {
+        let loc = |node, b| Location { node, block: BlockId(b) };
+        let m = ObjectMeta { size: 9, flags: 1, blocks: vec![loc(7, 1), loc(3, 2), loc(7, 3)] };
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        let mut want = Vec::new();
+        want.extend_from_slice(&9u64.to_le_bytes());
+        want.extend_from_slice(&1u16.to_le_bytes());
+        want.extend_from_slice(&[2, 0, 7, 0, 3, 0]); // k = 2: nodes 7, 3
+        want.extend_from_slice(&3u32.to_le_bytes());
+        for (i, b) in [(0u8, 1u64), (1, 2), (0, 3)] {
+            want.push(i);
+            want.extend_from_slice(&b.to_le_bytes());
+        }
+        assert_eq!(v, want);
+        assert_eq!(ObjectMeta::decode(&v, 3).unwrap(), m);
+        assert!(ObjectMeta::decode(&v, 2).is_err(), "more blocks than allowed");
+        // Table order other than first use, an unused or repeated entry, an
+        // index past the table: each has another encoding, so each is refused.
+        let mut swapped = v.clone();
+        swapped[12..16].copy_from_slice(&[3, 0, 7, 0]);
+        swapped[20] = 1;
+        swapped[29] = 0;
+        swapped[38] = 1;
+        assert!(ObjectMeta::decode(&swapped, 3).is_err());
+        let mut unused = Vec::new();
+        unused.extend_from_slice(&v[..10]);
+        unused.extend_from_slice(&[1, 0, 7, 0, 0, 0, 0, 0]);
+        assert!(ObjectMeta::decode(&unused, 3).is_err());
+        let mut twice = v.clone();
+        twice[14..16].copy_from_slice(&[7, 0]);
+        assert!(ObjectMeta::decode(&twice, 3).is_err());
+        let mut past = v.clone();
+        past[38] = 2;
+        assert!(ObjectMeta::decode(&past, 3).is_err());
+        let empty = ObjectMeta { size: 0, flags: 0, blocks: vec![] };
+        let mut e = Vec::new();
+        empty.encode(&mut e);
+        assert_eq!(e.len(), 16);
+        assert_eq!(ObjectMeta::decode(&e, 0).unwrap(), empty);
+        assert!(check_location_nodes(&(0..257).map(|n| loc(n, 0)).collect::<Vec<_>>()).is_err());
+        assert!(check_location_nodes(&(0..256).map(|n| loc(n, 0)).collect::<Vec<_>>()).is_ok());
+    }
+
+    #[test]
+    fn object_meta_v1_reads_every_block_on_the_given_node() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&70_000u64.to_le_bytes());
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(&6u64.to_le_bytes());
+        let m = ObjectMeta::decode_v1(&b, 4).unwrap();
+        let at4 = |b| Location { node: 4, block: BlockId(b) };
+        assert_eq!(m, ObjectMeta { size: 70_000, flags: 2, blocks: vec![at4(5), at4(6)] });
+        assert!(ObjectMeta::decode_v1(&b[..b.len() - 1], 4).is_err());
+    }
+
+    #[test]
     fn hostile_counts_are_rejected_without_allocating() {
         let mut b = Vec::new();
         b.extend_from_slice(&0u64.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(ObjectMeta::decode(&b, 1 << 20).is_err());
+        let mut v1 = vec![0u8; 10];
+        v1.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ObjectMeta::decode_v1(&v1, 0).is_err());
         assert!(decode_entries(&u32::MAX.to_le_bytes()).is_err());
     }
 
@@ -495,12 +675,14 @@ mod tests {
             block_size: 4096,
             max_body: 1 << 20,
             main_port: 7400,
+            node_number: 513,
             core_ports: vec![7401, 7402],
             tiers: 0b011,
         };
         let mut v = Vec::new();
         i.encode(&mut v);
-        assert_eq!(v.len(), 12 + 2 * 2 + 1);
+        assert_eq!(v.len(), 14 + 2 * 2 + 1);
+        assert_eq!(v[12..14], [1, 2], "the node number follows the main port");
         let d = NodeInfo::decode(&v).unwrap();
         assert_eq!(d, i);
         assert!(d.has_tier(tier::FLASH) && !d.has_tier(tier::DISK) && !d.has_tier(9));

@@ -1,0 +1,268 @@
+//! Objects whose blocks sit on other storage nodes (protocol version 2):
+//! node numbers kept in the data directory, a metadata node that names
+//! blocks on another node, a client that reads and writes them there, and a
+//! metadata log of format version 1 replayed by today's node.
+
+use std::process::{Command, Stdio};
+
+use dataplane::client::{Client, PutOptions};
+use dataplane::node::{NetBackend, Node, NodeConfig, NodeError};
+use dataplane::proto::{
+    encode_header, flags, tier, BlockId, BlockKey, DirEntry, Header, JobHints, Location, ObjectMeta, Opcode,
+    Status, HEADER_LEN,
+};
+use pollen_tests::proc::{pollen_bin, NodeProc};
+use pollen_tests::{bytes, node_config, TierDir};
+
+const BS: usize = 4096;
+
+fn args<'a>(number: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--cores", "2", "--block-size", "4KiB", "--dram-gb", "0.004", "--node-number", number];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A metadata node (number 1, with a data directory) and a storage node
+/// (number 2), as `pollen node` processes; an object's blocks are put on
+/// both, read back byte for byte, read by id on the node that holds them,
+/// and freed on both by a delete.
+#[test]
+fn an_object_spread_over_two_nodes_is_put_read_and_deleted() {
+    let dir = TierDir::new("located-two");
+    let data = dir.0.display().to_string();
+    let meta = NodeProc::start(&args("1", &["--data-dir", &data]));
+    let store = NodeProc::start(&args("2", &[]));
+
+    let mut c = Client::connect(meta.addr).unwrap();
+    assert_eq!(c.node_number(), 1, "NodeInfo carries the node number");
+    c.set_node_addrs([(2, store.addr)]);
+    assert!(c.set_put_nodes(&[1, 2, 3]).is_err(), "node 3 has no address");
+    c.set_put_nodes(&[1, 2]).unwrap();
+    let job = c.register_job("spread", JobHints::default()).unwrap();
+
+    // 9 blocks and a bit, over 2 nodes × 2 cores: both nodes hold blocks.
+    let data1 = bytes(9 * BS + 123, 7);
+    c.put_buffer(&job, "big", &data1, PutOptions::default()).unwrap();
+    let m = c.lookup(&job, "big").unwrap();
+    assert_eq!(m.blocks.len(), 10);
+    let on = |n: u16| m.blocks.iter().filter(|l| l.node == n).count();
+    // Round-robin over the four connections, node 1's cores first.
+    assert_eq!((on(1), on(2)), (6, 4), "{m:?}");
+    assert_eq!(c.get_buffer(&job, "big").unwrap(), data1);
+
+    // The blocks on node 2 really are there: read by id from node 2 itself.
+    let mut direct = Client::connect(store.addr).unwrap();
+    assert_eq!(direct.node_number(), 2);
+    for (i, l) in m.blocks.iter().enumerate().filter(|(_, l)| l.node == 2) {
+        let want = &data1[i * BS..((i + 1) * BS).min(data1.len())];
+        assert_eq!(direct.read_block(l.block, 0, BlockKey::TO_END).unwrap(), want, "block {i}");
+    }
+
+    // A second client reads the object through the metadata node too.
+    let mut other = Client::connect(meta.addr).unwrap();
+    other.set_node_addrs([(2, store.addr)]);
+    assert_eq!(other.get_buffer(&job, "big").unwrap(), data1);
+    // Without node 2's address the read fails with a clear error.
+    let mut blind = Client::connect(meta.addr).unwrap();
+    let e = blind.get_buffer(&job, "big").unwrap_err().to_string();
+    assert!(e.contains("node 2") && e.contains("set_node_addrs"), "{e}");
+
+    // A delete-after-read object spread over both nodes is gone after its read.
+    let data2 = bytes(3 * BS, 8);
+    let once = PutOptions { delete_after_read: true, ..PutOptions::default() };
+    c.put_buffer(&job, "once", &data2, once).unwrap();
+    let m2 = c.lookup(&job, "once").unwrap();
+    assert_eq!(c.get_buffer(&job, "once").unwrap(), data2);
+    assert_eq!(c.lookup(&job, "once").unwrap_err().status(), Some(Status::NotFound));
+
+    // Deleting frees the blocks on both nodes: on node 1 by the metadata
+    // node, on node 2 by the client (the Delete answer lists them).
+    c.delete(&job, "big").unwrap();
+    let mut home = Client::connect(meta.addr).unwrap();
+    for l in m.blocks.iter().chain(&m2.blocks) {
+        let node = if l.node == 1 { &mut home } else { &mut direct };
+        // Frees of other cores' blocks land shortly after the answer: poll.
+        let t = std::time::Instant::now();
+        loop {
+            match node.read_block(l.block, 0, 1) {
+                Err(e) if e.status() == Some(Status::NotFound) => break,
+                r => assert!(t.elapsed().as_secs() < 10, "{l:?} still readable: {r:?}"),
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    // An empty object names no node at all.
+    c.put_buffer(&job, "empty", b"", PutOptions::default()).unwrap();
+    assert!(c.lookup(&job, "empty").unwrap().blocks.is_empty());
+    assert_eq!(c.get_buffer(&job, "empty").unwrap(), b"");
+    drop((meta, store));
+}
+
+/// One raw request on a fresh connection; returns the status and body.
+fn raw(addr: std::net::SocketAddr, op: Opcode, fl: u16, key: &[u8], body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let h = Header {
+        opcode: op as u8,
+        flags: fl,
+        status: 0,
+        request_id: 1,
+        key_len: key.len() as u16,
+        body_len: body.len() as u32,
+    };
+    let mut frame = vec![0u8; HEADER_LEN];
+    encode_header(&h, &mut frame);
+    frame.extend_from_slice(key);
+    frame.extend_from_slice(body);
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let status = u16::from_le_bytes([head[6], head[7]]);
+    let len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]) as usize;
+    let mut b = vec![0u8; len];
+    s.read_exact(&mut b).unwrap();
+    (status, b)
+}
+
+/// The metadata node takes locations on nodes it does not know as they are
+/// (it cannot check them), answers Lookup with every location, refuses a
+/// PERSIST object with a flash block elsewhere (it could not be marked),
+/// and answers Delete with the blocks the client must free.
+#[test]
+fn put_object_keeps_remote_locations_and_delete_returns_them() {
+    for net in [NetBackend::Epoll, NetBackend::Uring] {
+        let n = Node::start(NodeConfig { node_number: Some(4), ..node_config(1, net, BS, 16) }).unwrap();
+        assert_eq!(n.node_number(), 4);
+        let mut c = Client::connect(n.addr()).unwrap();
+        let job = c.register_job("j", JobHints::default()).unwrap();
+        let local = c.alloc_block(&job, 0).unwrap();
+        c.write_block(local, 0, &[1u8; BS]).unwrap();
+        let far = |node, b| Location { node, block: BlockId(b) };
+        let m = ObjectMeta {
+            size: 3 * BS as u64,
+            flags: 0,
+            blocks: vec![far(9, 77), Location { node: 4, block: local }, far(300, 1 << 48)],
+        };
+        let mut body = Vec::new();
+        m.encode(&mut body);
+        assert_eq!(raw(n.addr(), Opcode::PutObject, 0, b"j/x", &body).0, Status::Ok as u16);
+        assert_eq!(c.lookup(&job, "x").unwrap(), m);
+
+        let p = ObjectMeta { size: 10, flags: flags::PERSIST, blocks: vec![far(9, 1 << 56)] };
+        let mut body = Vec::new();
+        p.encode(&mut body);
+        let (st, msg) = raw(n.addr(), Opcode::PutObject, flags::PERSIST, b"j/p", &body);
+        assert_eq!(st, Status::Malformed as u16);
+        assert!(String::from_utf8_lossy(&msg).contains("PERSIST"), "{}", String::from_utf8_lossy(&msg));
+
+        let (st, body) = raw(n.addr(), Opcode::Delete, 0, b"j/x", &[]);
+        assert_eq!(st, Status::Ok as u16);
+        let mut r = dataplane::proto::Reader::new(&body);
+        let remote = dataplane::proto::decode_locations(&mut r, 10).unwrap();
+        assert_eq!(remote, vec![far(9, 77), far(300, 1 << 48)], "the blocks on other nodes, in object order");
+        let t = std::time::Instant::now();
+        while c.read_block(local, 0, 1).is_ok() {
+            assert!(t.elapsed().as_secs() < 10, "the local block was not freed");
+            std::thread::yield_now();
+        }
+        // A directory's delete answers an empty body.
+        c.create_dir(&job, "d").unwrap();
+        assert_eq!(raw(n.addr(), Opcode::Delete, 0, b"j/d", &[]), (Status::Ok as u16, vec![]));
+        n.shutdown();
+    }
+}
+
+/// The node number is kept in the data directory: a restart without a
+/// number keeps it, another number is refused, by the library and by
+/// `pollen node`, with an error that says which number the directory has.
+#[test]
+fn the_node_number_is_kept_in_the_data_directory() {
+    let dir = TierDir::new("located-number");
+    let cfg = |number| NodeConfig {
+        node_number: number,
+        data_dir: Some(dir.0.clone()),
+        ..node_config(1, NetBackend::Epoll, BS, 16)
+    };
+    let n = Node::start(cfg(Some(7))).unwrap();
+    assert_eq!(Client::connect(n.addr()).unwrap().node_number(), 7);
+    n.shutdown();
+    assert_eq!(std::fs::read_to_string(dir.file("node-number")).unwrap(), "7\n");
+    let n = Node::start(cfg(None)).unwrap();
+    assert_eq!((n.node_number(), Client::connect(n.addr()).unwrap().node_number()), (7, 7));
+    n.shutdown();
+    match Node::start(cfg(Some(8))) {
+        Err(e @ NodeError::NodeNumber { asked: 8, kept: 7, .. }) => {
+            assert!(e.to_string().contains("--node-number 7"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a contradicting node number was accepted"),
+    }
+
+    let data = dir.0.display().to_string();
+    let out = Command::new(pollen_bin())
+        .args(["node", "--port", "0", "--no-pin", "--controller", "http://127.0.0.1:9", "--cores", "1"])
+        .args(["--block-size", "4KiB", "--dram-gb", "0.004", "--data-dir", &data, "--node-number", "9"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "pollen node started with a contradicting number");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to node number 7"), "{err}");
+
+    // A node without a data directory and without a number is node 0.
+    let n = Node::start(node_config(1, NetBackend::Epoll, BS, 16)).unwrap();
+    assert_eq!(Client::connect(n.addr()).unwrap().node_number(), 0);
+    n.shutdown();
+}
+
+/// A metadata log written by the code before node numbers (format version
+/// 1, `tests/fixtures/meta-v1`) replays on today's node: the job with its id
+/// and hints, the directory, the empty object, the DRAM object as `data
+/// unavailable` (its blocks were this node's, so a restart lost them), the
+/// deleted object gone. The file is rewritten as version 2, and later
+/// changes survive a restart on it.
+#[test]
+fn a_version_1_metadata_log_replays() {
+    let dir = TierDir::new("located-v1");
+    std::fs::create_dir_all(dir.file("meta")).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/meta-v1/core-0.log");
+    std::fs::copy(&fixture, dir.file("meta/core-0.log")).unwrap();
+    let cfg = || NodeConfig {
+        node_number: Some(3),
+        data_dir: Some(dir.0.clone()),
+        ..node_config(1, NetBackend::Epoll, 64 << 10, 16)
+    };
+    let n = Node::start(cfg()).unwrap();
+    let header = std::fs::read(dir.file("meta/core-0.log")).unwrap();
+    assert_eq!(&header[0..8], b"PLNMETA\0");
+    assert_eq!(u32::from_le_bytes(header[8..12].try_into().unwrap()), 2, "rewritten as version 2");
+
+    let check = |c: &mut Client| {
+        let job = c.job("v1job").unwrap();
+        assert_eq!(job.id, 1);
+        assert_eq!((job.hints.max_workers, job.hints.capacity), (7, 1 << 20));
+        let dir_entry = DirEntry { name: "d".into(), is_dir: true, size: 0, flags: 0 };
+        assert_eq!(c.enumerate(&job, "").unwrap()[0], dir_entry);
+        let names: Vec<String> = c.enumerate(&job, "d").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["dram", "empty"]);
+        assert_eq!(c.lookup(&job, "d/empty").unwrap().size, 0);
+        assert_eq!(c.lookup(&job, "d/dram").unwrap_err().status(), Some(Status::DataUnavailable));
+        assert_eq!(c.lookup(&job, "gone").unwrap_err().status(), Some(Status::NotFound));
+        job
+    };
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = check(&mut c);
+    c.put_buffer(&job, "new", b"after", PutOptions { tier: Some(tier::DRAM), ..PutOptions::default() })
+        .unwrap();
+    let m = c.lookup(&job, "new").unwrap();
+    assert!(m.blocks.iter().all(|l| l.node == 3), "{m:?}");
+    drop(c);
+    n.shutdown();
+
+    let n = Node::start(cfg()).unwrap();
+    let mut c = Client::connect(n.addr()).unwrap();
+    check(&mut c);
+    assert_eq!(c.lookup(&job, "new").unwrap_err().status(), Some(Status::DataUnavailable), "a DRAM object");
+    n.shutdown();
+}
