@@ -112,7 +112,7 @@ impl Rights {
         Some(match op {
             Ping | NodeInfo | Auth => return None,
             Lookup | Enumerate | JobInfo | BlockRead => Rights::READ,
-            CreateDir | PutObject | Delete | BlockAlloc | BlockWrite | BlockAppend | BlockFree => {
+            CreateDir | PutObject | Delete | Place | BlockAlloc | BlockWrite | BlockAppend | BlockFree => {
                 Rights::WRITE
             }
             RegisterJob | DeregisterJob => Rights::ADMIN,
@@ -286,6 +286,7 @@ mod tests {
         assert_eq!(Rights::needed_for(Opcode::Ping), None);
         assert_eq!(Rights::needed_for(Opcode::BlockRead), Some(Rights::READ));
         assert_eq!(Rights::needed_for(Opcode::PutObject), Some(Rights::WRITE));
+        assert_eq!(Rights::needed_for(Opcode::Place), Some(Rights::WRITE));
         assert_eq!(Rights::needed_for(Opcode::RegisterJob), Some(Rights::ADMIN));
         assert!(Rights::ALL.contains(Rights::READ_WRITE) && !Rights::READ.contains(Rights::WRITE));
     }

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::core::pin::{cpu_count, pin_current_thread};
 use crate::core::ring::{mesh, Links};
 use crate::core::{Core, CoreConfig, CoreShared, MetaStart};
+use crate::meta::cluster::{ClusterView, WeightMap};
 use crate::meta::log::{self as metalog, LogShape, MetaLog};
 use crate::meta::Namespaces;
 use crate::proto::{BlockId, Limits, NodeInfo};
@@ -326,6 +327,8 @@ pub struct Node {
     /// The DPDK port, kept started while the node runs.
     #[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
     dpdk: Option<DpdkNode>,
+    /// What the controller tells the node about the cluster, read by its cores.
+    cluster: Arc<ClusterView>,
 }
 
 /// A kernel node's listeners, per core (the main port with SO_REUSEPORT,
@@ -480,6 +483,8 @@ impl Node {
             },
         };
 
+        let cluster = Arc::new(ClusterView::default());
+
         // Takes the data directory's lock, then settles the node number.
         let (mut metas, meta_lock, node_number) = replay_meta(&cfg)?;
         cfg.node_number = Some(node_number);
@@ -529,6 +534,7 @@ impl Node {
                 limits: Limits::new(cfg.max_body),
                 node_info: info_body.clone(),
                 secret: cfg.cluster_secret.clone().map(Arc::new),
+                cluster: cluster.clone(),
             };
             let ctx = CoreStart {
                 cfg: core_cfg,
@@ -587,6 +593,7 @@ impl Node {
             threads,
             _meta_lock: meta_lock,
             dpdk,
+            cluster,
         };
         if let Some(e) = failure {
             node.shutdown();
@@ -629,6 +636,36 @@ impl Node {
     /// `NodeConfig::node_number`).
     pub fn node_number(&self) -> u16 {
         self.cfg.node_number.unwrap_or(0)
+    }
+
+    /// Sets job `job`'s weight map (node number → weight in [0, 1]): from
+    /// then on `Place` for the job draws node numbers with probability
+    /// proportional to their weights (weight 0: never). It replaces the
+    /// job's earlier map; the job need not be registered yet. The
+    /// controller calls this on the job's metadata node whenever the job's
+    /// allocation changes. Not kept across a restart: the controller sets
+    /// it again.
+    pub fn set_job_weights(&self, job: &str, weights: &[(u16, f64)]) -> Result<(), NodeError> {
+        let map = Arc::new(
+            WeightMap::new(weights)
+                .map_err(|e| NodeError::Config(format!("weight map of job '{job}': {e}")))?,
+        );
+        self.cluster.update(|s| {
+            s.weights.insert(job.to_string(), map);
+        });
+        Ok(())
+    }
+
+    /// Drops job `job`'s weight map: `Place` puts its blocks on this node again.
+    pub fn remove_job_weights(&self, job: &str) {
+        self.cluster.update(|s| {
+            s.weights.remove(job);
+        });
+    }
+
+    /// Job `job`'s weight map, as last set.
+    pub fn job_weights(&self, job: &str) -> Option<Vec<(u16, f64)>> {
+        self.cluster.snapshot().weights.get(job).map(|w| w.entries().to_vec())
     }
 
     pub fn stop_handle(&self) -> StopHandle {

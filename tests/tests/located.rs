@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use dataplane::client::{Client, PutOptions};
+use dataplane::client::{Client, Job, PutOptions};
 use dataplane::node::{NetBackend, Node, NodeConfig, NodeError};
 use dataplane::proto::{
     encode_header, flags, tier, BlockId, BlockKey, DirEntry, Header, JobHints, Location, ObjectMeta, Opcode,
@@ -265,4 +265,64 @@ fn a_version_1_metadata_log_replays() {
     check(&mut c);
     assert_eq!(c.lookup(&job, "new").unwrap_err().status(), Some(Status::DataUnavailable), "a DRAM object");
     n.shutdown();
+}
+
+/// `Place` draws a job's blocks by the weight map the metadata node holds
+/// (`Node::set_job_weights`), and a client that knows other nodes puts
+/// there: 1000 blocks of one job over three nodes, in proportion to the
+/// weights within generous bounds; a node of weight 0 gets none.
+#[test]
+fn blocks_of_a_job_spread_by_its_weights() {
+    let cfg = |number| NodeConfig { node_number: Some(number), ..node_config(2, NetBackend::Epoll, BS, 256) };
+    let meta = Node::start(cfg(1)).unwrap();
+    let two = Node::start(cfg(2)).unwrap();
+    let three = Node::start(cfg(3)).unwrap();
+    let mut c = Client::connect(meta.addr()).unwrap();
+    let job = c.register_job("w", JobHints::default()).unwrap();
+
+    // Without a weight map every block stays on the metadata node.
+    assert_eq!(c.place(&job, 5).unwrap(), vec![1; 5]);
+    let other = Job { name: "nope".into(), ..job.clone() };
+    assert_eq!(c.place(&other, 1).unwrap_err().status(), Some(Status::NotFound));
+    assert_eq!(c.place(&job, 0).unwrap_err().status(), Some(Status::Malformed));
+
+    // Node 4 has weight 0 and no address: drawing it would fail the puts.
+    let weights = [(1, 0.2), (2, 0.5), (3, 0.3), (4, 0.0)];
+    assert!(meta.set_job_weights("w", &[(1, 1.5)]).is_err(), "weights are in [0, 1]");
+    meta.set_job_weights("w", &weights).unwrap();
+    assert_eq!(meta.job_weights("w").unwrap(), weights);
+    c.set_node_addrs([(2, two.addr()), (3, three.addr())]);
+    let mut objects = Vec::new();
+    for i in 0..40 {
+        let data = bytes(25 * BS, 100 + i);
+        c.put_buffer(&job, &format!("o{i}"), &data, PutOptions::default()).unwrap();
+        objects.push(data);
+    }
+    let mut count = std::collections::HashMap::new();
+    for i in 0..40 {
+        for l in c.lookup(&job, &format!("o{i}")).unwrap().blocks {
+            *count.entry(l.node).or_insert(0u32) += 1;
+        }
+    }
+    assert_eq!(count.values().sum::<u32>(), 1000);
+    assert_eq!(count.get(&4), None);
+    // Expected 200, 500, 300; one standard deviation is 13 to 16 blocks.
+    for (node, want) in [(1u16, 200i64), (2, 500), (3, 300)] {
+        let got = count.get(&node).copied().unwrap_or(0) as i64;
+        assert!((got - want).abs() <= 80, "node {node}: {got} blocks, expected about {want} ({count:?})");
+    }
+    for (i, data) in objects.iter().enumerate().step_by(7) {
+        assert_eq!(&c.get_buffer(&job, &format!("o{i}")).unwrap(), data, "object {i}");
+    }
+    // A map with no weight above 0 leaves nowhere to put.
+    meta.set_job_weights("w", &[(2, 0.0)]).unwrap();
+    let e = c.put_buffer(&job, "none", &[1; 10], PutOptions::default()).unwrap_err();
+    assert_eq!(e.status(), Some(Status::NoCapacity), "{e}");
+    // Without the map, puts go to the metadata node again.
+    meta.remove_job_weights("w");
+    c.put_buffer(&job, "home", &bytes(3 * BS, 9), PutOptions::default()).unwrap();
+    assert!(c.lookup(&job, "home").unwrap().blocks.iter().all(|l| l.node == 1));
+    for n in [meta, two, three] {
+        n.shutdown();
+    }
 }

@@ -149,7 +149,8 @@ fn request_payload(h: &Header, key: &[u8], body: &[u8]) {
         | Opcode::Lookup
         | Opcode::Enumerate
         | Opcode::Delete
-        | Opcode::JobInfo => job_key(key),
+        | Opcode::JobInfo
+        | Opcode::Place => job_key(key),
         Opcode::BlockWrite | Opcode::BlockAppend | Opcode::BlockRead | Opcode::BlockFree => block_key(key),
     }
 }

@@ -589,9 +589,51 @@ impl Client {
         Ok(lanes)
     }
 
-    /// Allocates and writes every block, spread round-robin over the cores
-    /// of the put nodes, `window` requests in flight per core; `asked` is
-    /// the put's tier (placed per node, `placement`).
+    /// Asks the job's metadata node where `count` new blocks of the job go
+    /// (`Place`): one node number per block, drawn by the job's weight map
+    /// (all the metadata node's own when the job has none).
+    pub fn place(&mut self, job: &Job, count: u32) -> Result<Vec<u16>, ClientError> {
+        let body = self.meta_call(&job.name, Opcode::Place, 0, job.name.as_bytes(), &count.to_le_bytes())?;
+        if body.len() != 2 * count as usize {
+            return Err(ClientError::Protocol(format!(
+                "Place answered {} bytes for {count} blocks",
+                body.len()
+            )));
+        }
+        Ok(body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+    }
+
+    /// The connection each of `n` new blocks of `job` is allocated on: over
+    /// the put nodes' cores (`set_put_nodes`) round-robin; or, when the
+    /// client knows other nodes (`set_node_addrs`) and no put nodes were
+    /// set, on the nodes `Place` draws, round-robin over each node's cores;
+    /// else over the metadata node's cores.
+    fn assign_blocks(&mut self, job: &Job, n: usize) -> Result<Vec<Lane>, ClientError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let start = self.next_core;
+        self.next_core = self.next_core.wrapping_add(n);
+        if !self.put_nodes.is_empty() || self.node_addrs.is_empty() {
+            let lanes = self.put_lanes()?;
+            return Ok((0..n).map(|i| lanes[start.wrapping_add(i) % lanes.len()]).collect());
+        }
+        let count = u32::try_from(n).map_err(|_| ClientError::Local(format!("{n} blocks are too many")))?;
+        let nodes = self.place(job, count)?;
+        let mut next: HashMap<u16, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(n);
+        for number in nodes {
+            let node = self.node_index(number)?;
+            let c = next.entry(number).or_insert(start);
+            out.push(Lane { node, core: *c % self.nodes[node].conns.len() });
+            *c = c.wrapping_add(1);
+        }
+        Ok(out)
+    }
+
+    /// Allocates and writes every block where `assign_blocks` puts it,
+    /// `window` requests in flight per core; `asked` is the put's tier
+    /// (placed per node, `placement`).
     fn write_blocks(
         &mut self,
         job: &Job,
@@ -600,13 +642,16 @@ impl Client {
         blocks: &mut [Option<Location>],
         asked: Option<u8>,
     ) -> Result<(), ClientError> {
-        let r = self.put_lanes().and_then(|lanes| self.write_lanes(job, size, src, blocks, asked, &lanes));
+        let r = self
+            .assign_blocks(job, blocks.len())
+            .and_then(|assign| self.write_lanes(job, size, src, blocks, asked, &assign));
         if r.is_err() {
             self.drop_all();
         }
         r
     }
 
+    /// `write_blocks` with block *i* allocated on connection `assign[i]`.
     fn write_lanes(
         &mut self,
         job: &Job,
@@ -614,17 +659,12 @@ impl Client {
         src: &Source,
         blocks: &mut [Option<Location>],
         asked: Option<u8>,
-        lanes: &[Lane],
+        assign: &[Lane],
     ) -> Result<(), ClientError> {
+        debug_assert_eq!(assign.len(), blocks.len());
         let bs = self.block_size();
+        let (lanes, plan) = group_by_lane(assign);
         let count = lanes.len();
-        let start = self.next_core % count;
-        self.next_core = (start + blocks.len()) % count;
-        // Per connection: the object's block indexes it holds, in order.
-        let mut plan: Vec<Vec<usize>> = vec![Vec::new(); count];
-        for i in 0..blocks.len() {
-            plan[(start + i) % count].push(i);
-        }
         // BlockAlloc's key per connection: the job id, then the node's tier byte.
         let alloc_keys: Vec<Vec<u8>> = lanes
             .iter()
@@ -715,10 +755,8 @@ impl Client {
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), ClientError>,
     ) -> Result<(), ClientError> {
         let bs = self.block_size();
-        let mut lanes: Vec<Lane> = Vec::new();
-        let mut plan: Vec<Vec<usize>> = Vec::new();
-        let mut lane_of: HashMap<Lane, usize> = HashMap::new();
-        for (i, l) in meta.blocks.iter().enumerate() {
+        let mut assign = Vec::with_capacity(meta.blocks.len());
+        for l in &meta.blocks {
             let node = self.node_index(l.node)?;
             let core = l.block.core() as usize;
             if core >= self.nodes[node].conns.len() {
@@ -727,14 +765,9 @@ impl Client {
                     l.block.0, l.node
                 )));
             }
-            let lane = Lane { node, core };
-            let x = *lane_of.entry(lane).or_insert_with(|| {
-                lanes.push(lane);
-                plan.push(Vec::new());
-                lanes.len() - 1
-            });
-            plan[x].push(i);
+            assign.push(Lane { node, core });
         }
+        let (lanes, plan) = group_by_lane(&assign);
         let window = self.window;
         let mut sent = vec![0usize; lanes.len()];
         loop {
@@ -775,6 +808,23 @@ impl Client {
             }
         }
     }
+}
+
+/// The distinct connections of `assign` (block *i* goes to `assign[i]`),
+/// in first-use order, and per connection the block indexes it carries.
+fn group_by_lane(assign: &[Lane]) -> (Vec<Lane>, Vec<Vec<usize>>) {
+    let mut lanes: Vec<Lane> = Vec::new();
+    let mut plan: Vec<Vec<usize>> = Vec::new();
+    let mut lane_of: HashMap<Lane, usize> = HashMap::new();
+    for (i, &lane) in assign.iter().enumerate() {
+        let x = *lane_of.entry(lane).or_insert_with(|| {
+            lanes.push(lane);
+            plan.push(Vec::new());
+            lanes.len() - 1
+        });
+        plan[x].push(i);
+    }
+    (lanes, plan)
 }
 
 /// `BlockAlloc`'s tier byte for a put of `job` on a node described by

@@ -214,6 +214,40 @@ impl State {
                 let info = self.ns.info(job_name(key)?)?;
                 respond_with(out, id, opc, ok, |o| info.encode(o));
             }
+            Opcode::Place => {
+                let name = job_name(key)?;
+                let mut r = Reader::new(body);
+                let n = r.u32("block count")?;
+                r.end("Place's body is a 4-byte block count")?;
+                let max = proto::max_blocks(self.cfg.limits.max_body);
+                if n == 0 || n as usize > max {
+                    return Err(Fail(Status::Malformed, format!("block count {n} is not in 1..={max}")));
+                }
+                self.ns.info(name)?;
+                self.refresh_view();
+                let here = self.ns.node();
+                let Some(map) = self.view.weights.get(name).cloned() else {
+                    // No weight map: the job's blocks stay on this node.
+                    respond_with(out, id, opc, ok, |o| {
+                        for _ in 0..n {
+                            o.extend_from_slice(&here.to_le_bytes());
+                        }
+                    });
+                    return Ok(Exec::Done);
+                };
+                let drawable = map.drawable(|_| false);
+                if drawable.is_empty() {
+                    let msg = format!("no node has a weight above 0 in job '{name}''s weight map");
+                    return Err(Fail(Status::NoCapacity, msg));
+                }
+                let rng = &mut self.rng;
+                respond_with(out, id, opc, ok, |o| {
+                    for _ in 0..n {
+                        let node = drawable.pick(rng.next_unit()).unwrap_or(here);
+                        o.extend_from_slice(&node.to_le_bytes());
+                    }
+                });
+            }
             Opcode::CreateDir => {
                 no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
@@ -407,6 +441,16 @@ impl State {
             }
         }
         Exec::Pending(slot)
+    }
+
+    /// Takes the node's cluster state again if it changed since this core
+    /// last read it (one atomic load when it did not).
+    fn refresh_view(&mut self) {
+        let v = self.cfg.cluster.version();
+        if v != self.view_version {
+            self.view = self.cfg.cluster.snapshot();
+            self.view_version = v;
+        }
     }
 
     /// A block for `job` on tier `t` of this core.

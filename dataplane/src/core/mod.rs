@@ -120,6 +120,8 @@ pub struct CoreConfig {
     /// The cluster secret: when set, connections must present a capability
     /// token (`Auth`) before job-scoped requests.
     pub secret: Option<Arc<crate::auth::Secret>>,
+    /// What the controller told the node about the cluster (weight maps).
+    pub cluster: Arc<crate::meta::cluster::ClusterView>,
 }
 
 #[derive(Default)]
@@ -238,6 +240,11 @@ struct State {
     marks: VecDeque<MarkJob>,
     ns: Namespaces,
     ns_changed: bool,
+    /// The cluster state this core last read (`cfg.cluster`), and its version.
+    view: Arc<crate::meta::cluster::ClusterState>,
+    view_version: u64,
+    /// Random numbers for `Place`.
+    rng: crate::meta::cluster::PlaceRng,
     /// The metadata log and the answers waiting for it.
     commit: commit::Commit,
     /// When tokens expire is checked against this clock, read once per
@@ -312,6 +319,7 @@ impl<T: Transport> Core<T> {
         shared.huge_pages.store(u.huge_pages, Ordering::Relaxed);
         // Replaced by the node's namespaces (`with_meta`) before the core runs.
         let ns = Namespaces::new(cfg.id, u.block_size, 0);
+        let rng = crate::meta::cluster::PlaceRng::new(crate::meta::cluster::PlaceRng::seed_for(cfg.id));
         let io_slots = engines.len() * IO_SLOTS_PER_ENGINE;
         Core {
             transport,
@@ -328,6 +336,9 @@ impl<T: Transport> Core<T> {
                 marks: VecDeque::new(),
                 ns,
                 ns_changed: false,
+                view: Arc::default(),
+                view_version: 0,
+                rng,
                 commit: commit::Commit::default(),
                 access_now: Instant::now(),
                 conns: Vec::new(),

@@ -5,6 +5,7 @@
 //! caller as an effect; blocks on other nodes are the client's to free
 //! (`remote_blocks`).
 
+pub mod cluster;
 pub mod log;
 
 use std::borrow::Cow;

@@ -163,7 +163,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn header_round_trips(op in prop::sample::select(vec![0x01u8, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x20, 0x21, 0x22, 0x23, 0x24]),
+        fn header_round_trips(op in prop::sample::select(vec![0x01u8, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x20, 0x21, 0x22, 0x23, 0x24]),
                               fl in 0u16..4, id: u64, key in 0u16..=1024, body in 0u32..=(1 << 20)) {
             let h = Header { opcode: op, flags: fl, status: 0, request_id: id, key_len: key, body_len: body };
             let mut b = [0u8; HEADER_LEN];

@@ -32,6 +32,7 @@ pub enum Opcode {
     Enumerate = 0x15,
     Delete = 0x16,
     JobInfo = 0x17,
+    Place = 0x18,
     BlockAlloc = 0x20,
     BlockWrite = 0x21,
     BlockAppend = 0x22,
@@ -54,6 +55,7 @@ impl Opcode {
             0x15 => Enumerate,
             0x16 => Delete,
             0x17 => JobInfo,
+            0x18 => Place,
             0x20 => BlockAlloc,
             0x21 => BlockWrite,
             0x22 => BlockAppend,
@@ -75,6 +77,7 @@ impl Opcode {
                 | Opcode::Enumerate
                 | Opcode::Delete
                 | Opcode::JobInfo
+                | Opcode::Place
         )
     }
 }

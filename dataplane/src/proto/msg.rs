@@ -284,6 +284,13 @@ pub fn encode_locations(locs: &[Location], out: &mut Vec<u8>) {
     }
 }
 
+/// The most blocks an object may have on a node whose body limit is
+/// `max_body`: its `PutObject` body (an ObjectMeta with a one-node table)
+/// must fit.
+pub fn max_blocks(max_body: usize) -> usize {
+    max_body.saturating_sub(ObjectMeta::FIXED_LEN + 8) / LOCATION_LEN
+}
+
 /// Whether `locs` names few enough distinct nodes to be encoded.
 pub fn check_location_nodes(locs: &[Location]) -> Result<(), DecodeError> {
     let mut seen = std::collections::HashSet::new();
