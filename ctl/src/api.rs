@@ -259,6 +259,10 @@ pub struct JobEntry {
     /// The live nodes could not hold the allocation: it is spread over them anyway.
     pub overcommitted: bool,
     pub registered_unix_ms: u64,
+    /// Node number → data address of every live node, for clients that read
+    /// blocks on nodes other than the job's (`Client::set_node_addrs`).
+    #[serde(default)]
+    pub node_addrs: std::collections::BTreeMap<u16, String>,
     /// A capability token for the job's data (read and write), when the
     /// cluster has a secret: in the reply to a registration and to
     /// `POST /v1/jobs/{name}/token` only.

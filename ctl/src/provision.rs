@@ -60,8 +60,8 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
 pub struct LocalConfig {
     /// The `pollen` binary.
     pub pollen: PathBuf,
-    /// Node `i` lives in `dir/nodes/node-i/` (its log `node.log`, its
-    /// metadata log under `meta/`).
+    /// Node `i` (number i + 1) lives in `dir/nodes/node-i/` (its log
+    /// `node.log`, its metadata log under `meta/`).
     pub dir: PathBuf,
     /// Where nodes send heartbeats; see [`LocalProvisioner::set_controller_url`].
     pub controller_url: String,
@@ -81,6 +81,9 @@ pub struct LocalConfig {
 #[derive(Debug)]
 pub struct LocalProvisioner {
     cfg: LocalConfig,
+    /// Index of the next node: ids and node numbers are never reused, since
+    /// objects may still name a stopped node's blocks.
+    next: std::sync::atomic::AtomicUsize,
     url: Mutex<String>,
     children: Mutex<BTreeMap<String, (Child, PathBuf)>>,
 }
@@ -88,7 +91,12 @@ pub struct LocalProvisioner {
 impl LocalProvisioner {
     pub fn new(cfg: LocalConfig) -> LocalProvisioner {
         let url = Mutex::new(cfg.controller_url.clone());
-        LocalProvisioner { cfg, url, children: Mutex::new(BTreeMap::new()) }
+        LocalProvisioner {
+            cfg,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            url,
+            children: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Sets the controller URL nodes report to, once the controller's port
@@ -120,9 +128,12 @@ impl Provisioner for LocalProvisioner {
         if children.len() >= self.cfg.max_nodes {
             return Err(ProvisionError::Full(self.cfg.max_nodes));
         }
-        // The lowest free index, so ids stay small across scale-downs.
-        let node_id =
-            (0..).map(|i| format!("node-{i}")).find(|id| !children.contains_key(id)).unwrap_or_default();
+        let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Node numbers are 16 bits; 0 means "not numbered".
+        let Ok(number) = u16::try_from(index + 1) else {
+            return Err(ProvisionError::Full(u16::MAX as usize));
+        };
+        let node_id = format!("node-{index}");
         let dir = self.cfg.dir.join("nodes").join(&node_id);
         let err = |reason: String| ProvisionError::Start { node_id: node_id.clone(), reason };
         if url.is_empty() {
@@ -133,7 +144,6 @@ impl Provisioner for LocalProvisioner {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| err(format!("creating {}: {e}", log_path.display())))?;
         let log2 = log.try_clone().map_err(|e| err(format!("{}: {e}", log_path.display())))?;
-        let index: usize = node_id.trim_start_matches("node-").parse().unwrap_or(0);
         let pinning = if self.cfg.pin {
             vec!["--cpu-offset".to_string(), index.saturating_mul(self.cfg.cores).to_string()]
         } else {
@@ -145,6 +155,7 @@ impl Provisioner for LocalProvisioner {
             .args(&pinning)
             .args(["--node-id", &node_id, "--port", "0", "--controller", &url])
             .args(["--heartbeat-ms", &self.cfg.heartbeat_ms.to_string()])
+            .args(["--node-number", &number.to_string()])
             .arg("--data-dir")
             .arg(&dir)
             .current_dir(&dir)

@@ -88,3 +88,36 @@ fn provisioner_scales_drains_and_grows_for_a_job() {
         assert!(!alive(pid), "node process {pid} outlived pollen up");
     }
 }
+
+/// The local provisioner numbers its nodes (1, 2, ...); the controller hands
+/// out number → address with every job, so pollenctl reads an object whose
+/// blocks a client spread over both nodes.
+#[test]
+fn numbered_nodes_and_objects_over_several_nodes() {
+    use dataplane::client::{Client, PutOptions};
+    let mut up = Up::start(POLICY, &["--nodes", "2", "--max-nodes", "2", "--cores", "1"]);
+    up.wait_open_nodes(2, "two nodes up");
+    let nodes = up.nodes();
+    let mut numbers: Vec<(String, u16)> =
+        nodes.nodes.iter().map(|n| (n.report.node_id.clone(), n.report.node_number)).collect();
+    numbers.sort();
+    assert_eq!(numbers, vec![("node-0".to_string(), 1), ("node-1".to_string(), 2)]);
+
+    let j: JobEntry = up.ctl.json(&["job", "register", "spread"]);
+    assert_eq!(j.node_addrs.len(), 2, "{:?}", j.node_addrs);
+    let mut c = Client::connect(j.node_addr.as_str()).expect("connect");
+    c.set_node_addrs(j.node_addrs.iter().map(|(n, a)| (*n, a.parse().expect("address"))));
+    c.set_put_nodes(&[1, 2]).expect("both nodes");
+    let job = c.job("spread").expect("job");
+    let data: Vec<u8> = (0..10 * 65536u32).map(|i| (i % 251) as u8).collect();
+    c.put_buffer(&job, "obj", &data, PutOptions::default()).expect("put over two nodes");
+    let meta = c.lookup(&job, "obj").expect("lookup");
+    let mut on: Vec<u16> = meta.blocks.iter().map(|l| l.node).collect();
+    on.sort();
+    on.dedup();
+    assert_eq!(on, vec![1, 2], "the object's blocks sit on both nodes");
+    let out = up.dir.path().join("out.bin");
+    up.ctl.ok(&["get", "spread", "obj", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    assert!(up.proc.terminate().success());
+}

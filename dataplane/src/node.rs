@@ -772,6 +772,7 @@ impl Node {
         jobs.sort_by(|a, b| a.name.cmp(&b.name));
         NodeReport {
             node_id: self.cfg.node_id.clone(),
+            node_number: self.node_number(),
             addr: self.addr.to_string(),
             net: self.net,
             net_fallback_reason: self.net_fallback_reason.clone(),

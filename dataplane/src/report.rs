@@ -7,6 +7,10 @@ use crate::node::{NetBackend, PollMode};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeReport {
     pub node_id: String,
+    /// The node's number in block locations (`NodeInfo::node_number`);
+    /// 0 in reports from nodes that predate it.
+    #[serde(default)]
+    pub node_number: u16,
     /// Main data address, `ip:port`.
     pub addr: String,
     /// The backend actually running.

@@ -600,9 +600,26 @@ impl Cluster {
             weights: BTreeMap::new(),
             overcommitted: false,
             registered_unix_ms: 0,
+            node_addrs: self.node_addrs(),
             token: None,
             token_expiry_unix: None,
         })
+    }
+
+    /// Node number → address of the live nodes (a number two live nodes
+    /// claim is left out: neither can be told apart).
+    pub fn node_addrs(&self) -> BTreeMap<u16, String> {
+        let mut out = BTreeMap::new();
+        let mut clash = BTreeSet::new();
+        for r in self.nodes.values().filter(|r| r.state == NodeState::Up) {
+            if out.insert(r.report.node_number, r.report.addr.clone()).is_some() {
+                clash.insert(r.report.node_number);
+            }
+        }
+        for n in clash {
+            out.remove(&n);
+        }
+        out
     }
 
     fn job_entry(&self, j: &JobRecord) -> JobEntry {
@@ -627,6 +644,7 @@ impl Cluster {
             weights,
             overcommitted: j.overcommitted,
             registered_unix_ms: j.registered_unix_ms,
+            node_addrs: self.node_addrs(),
             token: None,
             token_expiry_unix: None,
         }
@@ -1098,6 +1116,7 @@ mod tests {
     fn report(id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
         let tiers = cores.iter().map(|c| tier(c.core, 65536)).collect();
         NodeReport {
+            node_number: 0,
             node_id: id.into(),
             addr: "127.0.0.1:7400".into(),
             net: NetBackend::Epoll,
