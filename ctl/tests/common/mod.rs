@@ -43,6 +43,23 @@ impl Drop for Reaper {
 }
 
 impl Reaper {
+    /// SIGTERM and up to 15 s for a clean exit, then SIGKILL; never panics
+    /// (for drops while a failed test unwinds).
+    pub fn stop_quietly(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGKILL and reap: the process dies without any clean-up.
     pub fn sigkill(&mut self) {
         if let Some(mut child) = self.0.take() {
@@ -133,11 +150,18 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// `pollen up ARGS` in a fresh directory with `policy.toml`, on a free
-/// controller port with 100 ms heartbeats; killed on drop.
+/// controller port with 100 ms heartbeats; stopped with SIGTERM on drop, so
+/// it stops the node processes it started (a SIGKILL would orphan them).
 pub struct Up {
     pub proc: Reaper,
     pub dir: tempfile::TempDir,
     pub ctl: Pollenctl,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.proc.stop_quietly();
+    }
 }
 
 impl Up {
