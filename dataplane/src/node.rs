@@ -375,7 +375,17 @@ struct DpdkNode {
 fn dpdk_start(cfg: &NodeConfig) -> Result<(SocketAddr, Vec<SocketAddr>, DpdkNode), NodeError> {
     let fail = |e: ffi::DpdkError| NodeError::Config(format!("DPDK: {e}"));
     let (ip, prefix) = cfg.dpdk.ip.ok_or_else(|| NodeError::Config("DPDK needs --ip A.B.C.D/NN".into()))?;
-    let eal = ffi::Eal::init(&cfg.dpdk.eal_args).map_err(fail)?;
+    // The EAL pins the thread that initialises it to its main lcore, and
+    // threads spawned later (the cores, the caller's own) would inherit that:
+    // the caller's CPU set is put back.
+    let affinity = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+    let eal = ffi::Eal::init(&cfg.dpdk.eal_args);
+    if let Some(set) = affinity {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            tracing::warn!(error = %e, "could not restore the CPU affinity the DPDK EAL changed");
+        }
+    }
+    let eal = eal.map_err(fail)?;
     let queues = u16::try_from(cfg.cores).map_err(|_| NodeError::Config("too many cores for DPDK".into()))?;
     let mut port = ffi::Port::start(eal, &ffi::PortConfig::new(cfg.dpdk.port_id, queues)).map_err(fail)?;
     let main_port = if cfg.port == 0 { 7400 } else { cfg.port };
@@ -388,8 +398,11 @@ fn dpdk_start(cfg: &NodeConfig) -> Result<(SocketAddr, Vec<SocketAddr>, DpdkNode
         (0..cfg.cores).map(|i| SocketAddr::new(IpAddr::V4(ip), base + i as u16)).collect();
     let mut ports = vec![main_port];
     ports.extend(core_addrs.iter().map(|a| a.port()));
+    // The tap device's queue choice is not stable per flow (see `Shared`).
+    let steer_all = port.info().driver == "net_tap";
     let shared = std::sync::Arc::new(crate::transport::dpdk::Shared::new(
         core_addrs.iter().map(|a| a.port()).collect(),
+        steer_all,
     ));
     let mac = port.info().mac;
     tracing::info!(port = cfg.dpdk.port_id, driver = %port.info().driver, mac = ?mac, rss = port.info().rss_in_use, "DPDK port started");

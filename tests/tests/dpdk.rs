@@ -34,6 +34,17 @@ fn start() -> Option<Node> {
     Some(n)
 }
 
+/// The CPUs a thread may run on (`Cpus_allowed_list` of /proc/PATH/status).
+fn cpus_allowed(path: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{path}/status")).expect("thread status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string()
+}
+
 fn mbufs(n: &Node) -> u64 {
     n.dpdk_counters().expect("a DPDK node has counters").mbufs_in_use
 }
@@ -206,7 +217,14 @@ fn malformed_frames() -> Vec<Vec<u8>> {
 /// and the pools hold as many buffers out as they did at the start.
 #[test]
 fn malformed_input_is_survived_and_no_mbuf_leaks() {
+    let before = cpus_allowed("thread-self");
     let Some(n) = start() else { return };
+    // The EAL pins the thread that initialises it; the node puts that back,
+    // and its unpinned cores may run anywhere the process may.
+    assert_eq!(cpus_allowed("thread-self"), before, "the caller's CPU affinity is restored");
+    for tid in n.core_thread_ids() {
+        assert_eq!(cpus_allowed(&format!("self/task/{tid}")), before, "core thread {tid} is not pinned");
+    }
     let start_mbufs = mbufs(&n);
     let c0 = n.dpdk_counters().unwrap();
 
@@ -259,6 +277,37 @@ fn malformed_input_is_survived_and_no_mbuf_leaks() {
     assert_eq!(n.report().cores.len(), 2, "both cores still report");
     wait_mbufs(&n, start_mbufs);
     // Every connection the clients closed is closed on the node too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let open = || n.report().cores.iter().map(|c| c.connections).sum::<u64>();
+    while open() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(open(), 0, "connections left open on the node");
+    n.shutdown();
+}
+
+/// A burst of connections at once, more than the listening sockets a port
+/// keeps ready: each is accepted (SYNs wait for listeners instead of being
+/// reset), answers, and closes.
+#[test]
+fn a_burst_of_connections_is_accepted() {
+    let Some(n) = start() else { return };
+    let addr = n.addr();
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..32u64)
+            .map(|i| {
+                s.spawn(move || {
+                    let mut r = Raw::connect(addr);
+                    r.send(&Raw::frame(Opcode::Ping, 0, i, &[], &i.to_le_bytes()));
+                    let resp = r.recv().expect("a pong");
+                    assert_eq!((resp.header.request_id, resp.body), (i, i.to_le_bytes().to_vec()));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("every connection is accepted and answered");
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
     let open = || n.report().cores.iter().map(|c| c.connections).sum::<u64>();
     while open() != 0 && Instant::now() < deadline {

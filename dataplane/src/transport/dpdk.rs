@@ -78,6 +78,14 @@ pub struct Shared {
     steer_pending: Vec<AtomicBool>,
     /// The TCP port of each core.
     core_ports: Vec<u16>,
+    /// Every TCP flow goes to a core chosen by hashing its addresses and
+    /// ports, whatever queue it arrived on: for devices whose queue choice
+    /// is not stable per flow. The tap device is one: the kernel picks its
+    /// queue from the sending socket's hash, which TCP changes after a
+    /// retransmission timeout, and a flow that moved to another core's stack
+    /// would be reset there. NICs hash the addresses and ports in hardware
+    /// (RSS) and keep a flow on one queue: no steering but for core ports.
+    steer_all: bool,
     /// Each core's waker (an eventfd), to end its idle nap when a frame is
     /// steered to it; set once the cores exist.
     wakers: std::sync::OnceLock<Vec<RawFd>>,
@@ -88,7 +96,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(core_ports: Vec<u16>) -> Shared {
+    pub fn new(core_ports: Vec<u16>, steer_all: bool) -> Shared {
         let cores = core_ports.len();
         Shared {
             arp: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
@@ -96,6 +104,7 @@ impl Shared {
             steer: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
             steer_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             core_ports,
+            steer_all,
             wakers: std::sync::OnceLock::new(),
             dropped_rx: AtomicU64::new(0),
             dropped_tx: AtomicU64::new(0),
@@ -107,8 +116,9 @@ impl Shared {
         let _ = self.wakers.set(fds);
     }
 
-    /// The core that owns a frame: core i for TCP to core i's port, `None`
-    /// for anything else (handled where it arrived).
+    /// The core that owns a frame: core i for TCP to core i's port; with
+    /// `steer_all`, the core its flow hashes to for other TCP; `None` for
+    /// anything else (handled where it arrived).
     fn owner(&self, frame: &[u8]) -> Option<usize> {
         if self.core_ports.len() < 2 || frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
             return None;
@@ -119,8 +129,18 @@ impl Shared {
         if ip[9] != 6 || ihl < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 || ip.len() < ihl + 4 {
             return None;
         }
+        let src = u16::from_be_bytes([ip[ihl], ip[ihl + 1]]);
         let dst = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
-        self.core_ports.iter().position(|&p| p == dst)
+        if let Some(core) = self.core_ports.iter().position(|&p| p == dst) {
+            return Some(core);
+        }
+        if !self.steer_all {
+            return None;
+        }
+        // The peer's address and port pick the core (our side is one address).
+        let peer = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
+        let h = (peer ^ (u32::from(src) << 16 | u32::from(dst))).wrapping_mul(0x9e37_79b1);
+        Some((h >> 16) as usize % self.core_ports.len())
     }
 }
 
@@ -183,6 +203,15 @@ impl phy::TxToken for TxTok<'_> {
     }
 }
 
+/// Whether `frame` is an IPv4 TCP segment opening a connection (SYN, no ACK).
+fn is_syn(frame: &[u8]) -> bool {
+    if frame.len() < 14 + 20 + 14 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
+        return false;
+    }
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame.get(14 + ihl + 13).is_some_and(|&flags| flags & 0x12 == 0x02)
+}
+
 /// The queue pair as smoltcp's device.
 struct Nic {
     q: QueuePair,
@@ -196,6 +225,11 @@ struct Nic {
     steered_in: Vec<Mbuf>,
     /// Frames the stack may still take this pass.
     budget: usize,
+    /// Connection requests (SYNs) the stack may take in this run: no more
+    /// than there are listening sockets, which are only added between runs.
+    syn_room: usize,
+    /// A SYN was held back for want of a listener.
+    syn_held: bool,
 }
 
 impl Nic {
@@ -204,6 +238,10 @@ impl Nic {
             return Some(Frame::Copy(v));
         }
         if let Some(m) = self.steered_in.pop() {
+            if !self.admit(&m) {
+                self.steered_in.push(m);
+                return None;
+            }
             return Some(Frame::Mbuf(m));
         }
         loop {
@@ -230,8 +268,27 @@ impl Nic {
                 self.steer(owner, m);
                 continue;
             }
+            if !self.admit(&m) {
+                self.rx.push_front(m);
+                self.budget += 1;
+                return None;
+            }
             return Some(Frame::Mbuf(m));
         }
+    }
+
+    /// Whether the stack may take `m` now: a SYN needs a listening socket
+    /// (past them, it would be answered with a reset).
+    fn admit(&mut self, m: &Mbuf) -> bool {
+        if !is_syn(m.data()) {
+            return true;
+        }
+        if self.syn_room == 0 {
+            self.syn_held = true;
+            return false;
+        }
+        self.syn_room -= 1;
+        true
     }
 
     fn fan_out_arp(&self, frame: &[u8]) {
@@ -404,6 +461,8 @@ impl DpdkTransport {
             arp_in: Vec::new(),
             steered_in: Vec::new(),
             budget: 0,
+            syn_room: 0,
+            syn_held: false,
         };
         let epoch = Instant::now();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(net.mac)));
@@ -493,10 +552,42 @@ impl DpdkTransport {
     fn run_stack(&mut self) {
         self.nic.take_arp();
         self.nic.take_steered();
-        let now = stack_now(self.epoch);
-        if self.iface.poll(now, &mut self.nic, &mut self.sockets) == PollResult::SocketStateChanged {
-            self.scan = true;
+        // Listening sockets are added between runs of the stack: a burst of
+        // SYNs is taken in as many runs as it needs listeners.
+        for _ in 0..8 {
+            let mut room = self.listening_min();
+            if room < BACKLOG {
+                // Handshakes took listeners since the last refill.
+                self.refill_listeners();
+                room = self.listening_min();
+            }
+            // Zero: at the connection or handshake limit, SYNs are reset.
+            self.nic.syn_room = if room == 0 { usize::MAX } else { room };
+            self.nic.syn_held = false;
+            let now = stack_now(self.epoch);
+            if self.iface.poll(now, &mut self.nic, &mut self.sockets) == PollResult::SocketStateChanged {
+                self.scan = true;
+            }
+            if !self.nic.syn_held {
+                break;
+            }
         }
+    }
+
+    /// The fewest listening sockets of any port.
+    fn listening_min(&self) -> usize {
+        self.ports
+            .iter()
+            .map(|&port| {
+                self.listeners
+                    .iter()
+                    .filter(|(p, h)| {
+                        *p == port && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen
+                    })
+                    .count()
+            })
+            .min()
+            .unwrap_or(0)
     }
 
     /// One pass: receive, run the stack, deliver events, send. Returns the
