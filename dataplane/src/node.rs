@@ -676,6 +676,26 @@ impl Node {
         });
     }
 
+    /// The storage nodes the controller declared dead, as of `version`
+    /// (a set with a version not newer than the last one applied is
+    /// ignored; returns whether this one was applied). From then on, on
+    /// this node as a metadata node: `Lookup` of an object with a block on
+    /// a dead node answers `data unavailable` (7) at once, `PutObject`
+    /// naming a block on one answers 7, and `Place` draws no dead node
+    /// (7 when every node with a weight for the job is dead). A node that
+    /// leaves the set is used again.
+    pub fn set_dead_nodes(&self, version: u64, dead: &[u16]) -> bool {
+        self.cluster.update(|s| s.set_dead(version, dead))
+    }
+
+    /// The dead set last applied and its version (`None` before the first).
+    pub fn dead_nodes(&self) -> (Option<u64>, Vec<u16>) {
+        let s = self.cluster.snapshot();
+        let mut v: Vec<u16> = s.dead.iter().copied().collect();
+        v.sort_unstable();
+        (s.dead_version, v)
+    }
+
     /// Job `job`'s weight map, as last set.
     pub fn job_weights(&self, job: &str) -> Option<Vec<(u16, f64)>> {
         self.cluster.snapshot().weights.get(job).map(|w| w.entries().to_vec())

@@ -326,3 +326,63 @@ fn blocks_of_a_job_spread_by_its_weights() {
         n.shutdown();
     }
 }
+
+/// A storage node killed with SIGKILL and declared dead
+/// (`Node::set_dead_nodes`): a lookup of an object with a block there
+/// answers `data unavailable` at once, objects without one stay readable,
+/// new puts go to live nodes only, a put naming the dead node is refused,
+/// older dead sets are ignored, and a node that leaves the set is used again.
+#[test]
+fn dead_nodes_answer_data_unavailable_at_once() {
+    let meta = Node::start(NodeConfig { node_number: Some(1), ..node_config(2, NetBackend::Epoll, BS, 256) })
+        .unwrap();
+    let store = NodeProc::start(&args("2", &[]));
+    let mut c = Client::connect(meta.addr()).unwrap();
+    c.set_node_addrs([(2, store.addr)]);
+    let job = c.register_job("d", JobHints::default()).unwrap();
+    meta.set_job_weights("d", &[(1, 0.5), (2, 0.5)]).unwrap();
+    let spread = bytes(20 * BS, 1);
+    c.put_buffer(&job, "spread", &spread, PutOptions::default()).unwrap();
+    let m = c.lookup(&job, "spread").unwrap();
+    assert!(m.blocks.iter().any(|l| l.node == 2) && m.blocks.iter().any(|l| l.node == 1), "{m:?}");
+    c.set_put_nodes(&[1]).unwrap();
+    let home = bytes(5 * BS, 2);
+    c.put_buffer(&job, "home", &home, PutOptions::default()).unwrap();
+    c.set_put_nodes(&[]).unwrap();
+
+    drop(store.kill());
+    assert_eq!(meta.dead_nodes(), (None, vec![]));
+    assert!(meta.set_dead_nodes(7, &[2]));
+    assert_eq!(meta.dead_nodes(), (Some(7), vec![2]));
+    let t = std::time::Instant::now();
+    let e = c.get_buffer(&job, "spread").unwrap_err();
+    assert_eq!(e.status(), Some(Status::DataUnavailable), "{e}");
+    assert!(e.to_string().contains("node 2"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "answered at once, not after a timeout");
+    assert_eq!(c.get_buffer(&job, "home").unwrap(), home, "objects on live nodes stay readable");
+
+    // New puts go to live nodes: Place leaves node 2 out.
+    for i in 0..5 {
+        c.put_buffer(&job, &format!("new{i}"), &bytes(8 * BS, 10 + i), PutOptions::default()).unwrap();
+        let m = c.lookup(&job, &format!("new{i}")).unwrap();
+        assert!(m.blocks.iter().all(|l| l.node == 1), "{m:?}");
+    }
+    assert!(c.place(&job, 100).unwrap().iter().all(|&n| n == 1));
+    // A put naming a block on the dead node is refused; so is Place when
+    // every weighted node is dead.
+    let m = ObjectMeta { size: 1, flags: 0, blocks: vec![Location { node: 2, block: BlockId(5) }] };
+    let mut body = Vec::new();
+    m.encode(&mut body);
+    let (st, msg) = raw(meta.addr(), Opcode::PutObject, 0, b"d/x", &body);
+    assert_eq!(st, Status::DataUnavailable as u16, "{}", String::from_utf8_lossy(&msg));
+    meta.set_job_weights("d", &[(2, 1.0)]).unwrap();
+    assert_eq!(c.place(&job, 1).unwrap_err().status(), Some(Status::DataUnavailable));
+
+    // An older set is ignored; a newer one without node 2 brings it back.
+    assert!(!meta.set_dead_nodes(6, &[]));
+    assert_eq!(c.lookup(&job, "spread").unwrap_err().status(), Some(Status::DataUnavailable));
+    assert!(meta.set_dead_nodes(8, &[]));
+    assert!(c.lookup(&job, "spread").unwrap().blocks.iter().any(|l| l.node == 2));
+    assert_eq!(c.place(&job, 3).unwrap(), vec![2; 3]);
+    meta.shutdown();
+}

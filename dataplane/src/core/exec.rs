@@ -235,8 +235,13 @@ impl State {
                     });
                     return Ok(Exec::Done);
                 };
-                let drawable = map.drawable(|_| false);
+                let dead = self.view.dead.clone();
+                let drawable = map.drawable(|n| dead.contains(&n));
                 if drawable.is_empty() {
+                    if map.entries().iter().any(|&(_, w)| w > 0.0) {
+                        let msg = format!("every node with a weight for job '{name}' is dead");
+                        return Err(Fail(Status::DataUnavailable, msg));
+                    }
                     let msg = format!("no node has a weight above 0 in job '{name}''s weight map");
                     return Err(Fail(Status::NoCapacity, msg));
                 }
@@ -263,6 +268,11 @@ impl State {
                     return Err(malformed("object flags in the body differ from the header flags"));
                 }
                 self.check_blocks(&meta.blocks)?;
+                self.refresh_view();
+                if let Some((i, node)) = self.view.first_dead(&meta.blocks) {
+                    let msg = format!("block {i} is on node {node}, which is dead");
+                    return Err(Fail(Status::DataUnavailable, msg));
+                }
                 let here = self.ns.node();
                 let on_device = |l: &&proto::Location| l.block.tier() != tier::DRAM;
                 let is_persist = meta.flags & flags::PERSIST != 0;
@@ -292,7 +302,12 @@ impl State {
             Opcode::Lookup => {
                 no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
+                self.refresh_view();
                 let meta = self.ns.lookup(job, path)?;
+                if let Some((i, node)) = self.view.first_dead(&meta.blocks) {
+                    let msg = format!("block {i} of '{path}' is on node {node}, which is dead");
+                    return Err(Fail(Status::DataUnavailable, msg));
+                }
                 respond_with(out, id, opc, ok, |o| meta.encode(o));
             }
             Opcode::Enumerate => {

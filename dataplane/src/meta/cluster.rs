@@ -1,12 +1,13 @@
 //! What the controller tells a metadata node about the cluster: each job's
 //! weight map (node number → weight), which places the job's new blocks
-//! (`Place`). Set from outside the cores (`Node::set_job_weights`), read by
+//! (`Place`), and the storage nodes it declared dead. Set from outside the
+//! cores (`Node::set_job_weights`, `Node::set_dead_nodes`), read by
 //! the cores on the request path: the state is an immutable snapshot behind
 //! an `Arc`, replaced whole on every change and announced by a version
 //! counter, so a core compares one atomic per request and takes the lock
 //! only after a change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -115,6 +116,31 @@ impl PlaceRng {
 pub struct ClusterState {
     /// Each job's weight map, by job name.
     pub weights: HashMap<String, Arc<WeightMap>>,
+    /// The storage nodes the controller declared dead.
+    pub dead: Arc<HashSet<u16>>,
+    /// The version of `dead` (`None`: never set); older sets are ignored.
+    pub dead_version: Option<u64>,
+}
+
+impl ClusterState {
+    /// Replaces the dead set if `version` is newer than the one held;
+    /// returns whether it did.
+    pub fn set_dead(&mut self, version: u64, dead: &[u16]) -> bool {
+        if self.dead_version.is_some_and(|v| v >= version) {
+            return false;
+        }
+        self.dead = Arc::new(dead.iter().copied().collect());
+        self.dead_version = Some(version);
+        true
+    }
+
+    /// The first location in `blocks` on a dead node, as (block index, node).
+    pub fn first_dead(&self, blocks: &[crate::proto::Location]) -> Option<(usize, u16)> {
+        if self.dead.is_empty() {
+            return None;
+        }
+        blocks.iter().position(|l| self.dead.contains(&l.node)).map(|i| (i, blocks[i].node))
+    }
 }
 
 /// The node's cluster state, shared by its cores.
@@ -138,18 +164,20 @@ impl ClusterView {
         }
     }
 
-    /// Replaces the state with `change` applied to a copy of it.
-    pub fn update(&self, change: impl FnOnce(&mut ClusterState)) {
+    /// Replaces the state with `change` applied to a copy of it; returns
+    /// what `change` returned.
+    pub fn update<R>(&self, change: impl FnOnce(&mut ClusterState) -> R) -> R {
         let mut g = match self.current.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
         let mut next = ClusterState::clone(&g);
-        change(&mut next);
+        let r = change(&mut next);
         *g = Arc::new(next);
         // Published after the new state, so a core that sees the new
         // version and then locks finds that state (or a later one).
         self.version.fetch_add(1, Ordering::AcqRel);
+        r
     }
 }
 
@@ -207,5 +235,22 @@ mod tests {
             s.weights.remove("j");
         });
         assert!(v.snapshot().weights.is_empty());
+    }
+
+    #[test]
+    fn dead_sets_apply_only_when_newer() {
+        use crate::proto::{BlockId, Location};
+        let mut s = ClusterState::default();
+        let at = |node| Location { node, block: BlockId(0) };
+        assert_eq!(s.first_dead(&[at(1), at(2)]), None);
+        assert!(s.set_dead(0, &[2, 5]), "the first set applies, whatever its version");
+        assert_eq!(s.first_dead(&[at(1), at(2), at(5)]), Some((1, 2)));
+        assert!(!s.set_dead(0, &[]), "the same version again is ignored");
+        assert_eq!(s.first_dead(&[at(5)]), Some((0, 5)));
+        assert!(s.set_dead(3, &[5]));
+        assert!(!s.set_dead(2, &[]), "an older version is ignored");
+        assert_eq!(s.first_dead(&[at(2), at(5)]), Some((1, 5)));
+        assert!(s.set_dead(4, &[]));
+        assert_eq!(s.first_dead(&[at(5)]), None);
     }
 }
