@@ -273,7 +273,9 @@ fn a_version_1_metadata_log_replays() {
 /// weights within generous bounds; a node of weight 0 gets none.
 #[test]
 fn blocks_of_a_job_spread_by_its_weights() {
-    let cfg = |number| NodeConfig { node_number: Some(number), ..node_config(2, NetBackend::Epoll, BS, 256) };
+    // 1024 blocks per core: room for every block of the job on any one node.
+    let cfg =
+        |number| NodeConfig { node_number: Some(number), ..node_config(2, NetBackend::Epoll, BS, 1024) };
     let meta = Node::start(cfg(1)).unwrap();
     let two = Node::start(cfg(2)).unwrap();
     let three = Node::start(cfg(3)).unwrap();
