@@ -916,3 +916,75 @@ impl Transport for DpdkTransport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Ethernet + IPv4 (IHL 5) + a 20-byte TCP header from `src` to `dst`.
+    fn tcp_frame(peer: [u8; 4], src: u16, dst: u16, flags: u8) -> Vec<u8> {
+        let mut f = vec![0xff; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&peer);
+        ip.extend_from_slice(&[10, 0, 0, 2]);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&src.to_be_bytes());
+        f.extend_from_slice(&dst.to_be_bytes());
+        f.extend_from_slice(&[0; 9]);
+        f.push(flags);
+        f.extend_from_slice(&[0; 6]);
+        f
+    }
+
+    #[test]
+    fn core_ports_and_flows_pick_their_core() {
+        let s = Shared::new(vec![7401, 7402], false);
+        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7402, 0x10)), Some(1));
+        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7401, 0x10)), Some(0));
+        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7400, 0x10)), None, "the main port stays put");
+        let all = Shared::new(vec![7401, 7402], true);
+        let f = tcp_frame([10, 0, 0, 1], 50000, 7400, 0x10);
+        let core = all.owner(&f).expect("every flow has a core");
+        assert!(core < 2);
+        assert_eq!(all.owner(&f), Some(core), "a flow always goes to the same core");
+        let cores: std::collections::HashSet<_> =
+            (0..64u16).filter_map(|p| all.owner(&tcp_frame([10, 0, 0, 1], 40000 + p, 7400, 0x10))).collect();
+        assert_eq!(cores.len(), 2, "flows spread over both cores");
+        // A later fragment carries no ports: handled where it arrived.
+        let mut frag = tcp_frame([10, 0, 0, 1], 50000, 7402, 0x10);
+        frag[20] = 0x00;
+        frag[21] = 0x10;
+        assert_eq!(s.owner(&frag), None);
+    }
+
+    #[test]
+    fn syns_are_recognised() {
+        assert!(is_syn(&tcp_frame([10, 0, 0, 1], 1, 7400, 0x02)));
+        assert!(!is_syn(&tcp_frame([10, 0, 0, 1], 1, 7400, 0x12)), "a SYN-ACK opens nothing here");
+        assert!(!is_syn(&tcp_frame([10, 0, 0, 1], 1, 7400, 0x10)));
+        assert!(!is_syn(&[0x45; 20]));
+    }
+
+    proptest! {
+        /// Whatever arrives, classifying it never panics.
+        #[test]
+        fn classifying_any_frame_never_panics(frame in proptest::collection::vec(any::<u8>(), 0..200), ihl in 0u8..16) {
+            let mut f = frame;
+            if f.len() > 14 {
+                f[12] = 0x08;
+                f[13] = 0x00;
+                f[14] = 0x40 | ihl;
+            }
+            if f.len() > 23 {
+                f[23] = 6;
+            }
+            let s = Shared::new(vec![7401, 7402, 7403], true);
+            if let Some(core) = s.owner(&f) {
+                prop_assert!(core < 3);
+            }
+            let _ = is_syn(&f);
+        }
+    }
+}
