@@ -31,7 +31,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use dataplane::node::{NetBackend, PollMode};
-pub use dataplane::report::{CoreReport, JobReport, NodeReport, TierReport};
+pub use dataplane::report::{AppliedView, CoreReport, JobReport, NodeReport, TierReport};
 
 /// A node's liveness as the controller sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +63,7 @@ pub struct ErrorBody {
 }
 
 /// Reply to `POST /v1/nodes/heartbeat`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatReply {
     pub node_id: String,
     /// The interval the controller expects between heartbeats; a node whose
@@ -77,11 +77,20 @@ pub struct HeartbeatReply {
 }
 
 /// A command for a node, carried back on a heartbeat reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeCommand {
     /// Cores `0..cores` poll; the others park as soon as they are idle.
     SetPollingCores { cores: usize },
+    /// The storage nodes (by node number) the controller holds dead, as of
+    /// `version`; versions only grow (`Node::set_dead_nodes`). Sent to every
+    /// live node whose report shows another version.
+    SetDeadNodes { version: u64, dead: Vec<u16> },
+    /// The weight maps (node number → weight) of every job whose namespace
+    /// the node holds, replacing all earlier ones: a job not listed has no
+    /// map (`Node::set_job_weights`, `Node::remove_job_weights`). Sent when
+    /// the node's report shows another `weights_version`.
+    SetJobWeights { version: u64, jobs: std::collections::BTreeMap<String, Vec<(u16, f64)>> },
 }
 
 /// `POST /v1/nodes/{id}/cores`: how many of the node's cores should poll.
@@ -263,6 +272,11 @@ pub struct JobEntry {
     /// blocks on nodes other than the job's (`Client::set_node_addrs`).
     #[serde(default)]
     pub node_addrs: std::collections::BTreeMap<u16, String>,
+    /// The job's metadata node holds its current weight map (by node number,
+    /// pushed on heartbeat replies), so `Place` draws by `weights`; false
+    /// until the node's next heartbeat after a change.
+    #[serde(default)]
+    pub weights_applied: bool,
     /// A capability token for the job's data (read and write), when the
     /// cluster has a secret: in the reply to a registration and to
     /// `POST /v1/jobs/{name}/token` only.
@@ -271,6 +285,14 @@ pub struct JobEntry {
     /// When the token expires, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expiry_unix: Option<u64>,
+}
+
+impl JobEntry {
+    /// `node_addrs` as socket addresses, for `Client::set_node_addrs` (an
+    /// address that does not parse is left out: its blocks cannot be reached).
+    pub fn node_socket_addrs(&self) -> Vec<(u16, std::net::SocketAddr)> {
+        self.node_addrs.iter().filter_map(|(n, a)| a.parse().ok().map(|a| (*n, a))).collect()
+    }
 }
 
 /// `DELETE /v1/jobs/{name}`.

@@ -16,3 +16,4 @@ pub mod provision;
 pub mod size;
 pub mod table;
 pub mod tls;
+pub mod view;

@@ -1,7 +1,9 @@
 //! A controller and several `pollen node` processes over 127.0.0.1, driven
 //! through `pollenctl`: jobs with hints → allocation and weight map, data on
 //! the job's node, deregistration freeing blocks, a killed node declared dead
-//! and its weight spread over the live nodes.
+//! and its weight spread over the live nodes; with numbered nodes, a job's
+//! blocks spread by its weight map and a killed node's blocks answer
+//! `data unavailable` at once.
 
 mod common;
 
@@ -42,22 +44,35 @@ impl TestCluster {
     /// A controller (100 ms heartbeats, 3 missed = dead) and `n` nodes
     /// `n1..=n{n}`, each with one core and 16 MiB of DRAM.
     fn start(n: usize) -> TestCluster {
+        TestCluster::start_with(n, false)
+    }
+
+    /// As `start`, with node `n{i}` numbered `i` (`--node-number`), so the
+    /// controller hands out weight maps by node number and node addresses.
+    fn start_numbered(n: usize) -> TestCluster {
+        TestCluster::start_with(n, true)
+    }
+
+    fn start_with(n: usize, numbered: bool) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
         let (ctl, url) = spawn_controller(dir.path(), "127.0.0.1:0");
         let mut c = TestCluster { dir, url, ctl, nodes: BTreeMap::new() };
         for i in 1..=n {
-            c.start_node(&format!("n{i}"));
+            let number = i.to_string();
+            let extra: &[&str] = if numbered { &["--node-number", &number] } else { &[] };
+            c.start_node(&format!("n{i}"), extra);
         }
         c.wait_nodes_up(n);
         c
     }
 
-    fn start_node(&mut self, id: &str) {
+    fn start_node(&mut self, id: &str, extra: &[&str]) {
         let log = |name: &str| std::fs::File::create(self.dir.path().join(name)).expect("log file");
         let child = Command::new(POLLEN)
             .args(["node", "--port", "0", "--cores", "1", "--no-pin", "--dram-gb", "0.015625"])
             .args(["--node-id", id, "--heartbeat-ms", "100", "--controller", &self.url])
+            .args(extra)
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log(&format!("{id}.err")))
@@ -353,4 +368,141 @@ fn a_restarted_controller_adopts_jobs_from_node_reports() {
     });
     let r: JobsResponse = c.json(&["jobs"]);
     assert!(r.registered.iter().all(|j| j.name != "kept"), "a deregistered job came back");
+}
+
+/// Numbered nodes: the controller pushes the job's weight map to its
+/// metadata node, whose `Place` spreads the job's blocks over the three
+/// nodes by weight; a storage node killed with SIGKILL is pushed to every
+/// live node as dead, so reads of objects with a block there answer `data
+/// unavailable` (7) at once, other objects still read, and new puts go to
+/// the live nodes.
+#[test]
+fn blocks_spread_by_weight_and_a_killed_node_reads_as_unavailable() {
+    use dataplane::client::{Client, PutOptions};
+    use dataplane::proto::Status;
+
+    let mut c = TestCluster::start_numbered(3);
+    // 25 lambdas x 10 MB/s = 250 MB/s: more than two 100 MB/s nodes.
+    let j: JobEntry = c.json(&["job", "register", "spread", "--lambdas", "25", "--capacity", "16MiB"]);
+    assert_close(weight_sum(&j), 1.0, "weights of spread");
+    assert!(j.weights.values().all(|&w| w > 0.05), "250 MB/s needs all three nodes: {:?}", j.weights);
+    assert_eq!(j.node_addrs.len(), 3, "{:?}", j.node_addrs);
+    let number = |id: &str| -> u16 { id.trim_start_matches('n').parse().expect("node number") };
+    // The metadata node gets the map on its next heartbeat.
+    wait_for(Duration::from_secs(10), "the weight map on the job's metadata node", || {
+        registered(&c, "spread").weights_applied.then_some(())
+    });
+
+    // The library path: the job entry's addresses, and puts go where `Place` says.
+    let mut client = Client::connect(j.node_addr.as_str()).expect("connect to the metadata node");
+    client.set_node_addrs(j.node_socket_addrs());
+    let job = client.job("spread").expect("job");
+    let bs = client.block_size() as usize;
+    let body =
+        |i: usize, len: usize| -> Vec<u8> { (0..len).map(|k| ((k * 31 + i * 7) % 251) as u8).collect() };
+    // 120 one-block objects and 4 of 20 blocks: 200 blocks.
+    let mut objects: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..120 {
+        objects.push((format!("small-{i}"), body(i, bs / 2 + i)));
+    }
+    for i in 0..4 {
+        objects.push((format!("big-{i}"), body(1000 + i, 20 * bs)));
+    }
+    for (name, data) in &objects {
+        client.put_buffer(&job, name, data, PutOptions::default()).expect("put");
+    }
+    let located = |client: &mut Client, name: &str| -> Vec<u16> {
+        client.lookup(&job, name).expect("lookup").blocks.iter().map(|l| l.node).collect()
+    };
+    let mut per_node: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut where_: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for (name, _) in &objects {
+        let nodes = located(&mut client, name);
+        for &n in &nodes {
+            *per_node.entry(n).or_default() += 1;
+        }
+        where_.insert(name.clone(), nodes);
+    }
+    let total: usize = per_node.values().sum();
+    assert_eq!(total, 200);
+    // Each node's share within 5 standard deviations (plus slack) of its weight's.
+    for (id, &w) in &j.weights {
+        let got = per_node.get(&number(id)).copied().unwrap_or(0) as f64;
+        let want = w * total as f64;
+        let sd = (total as f64 * w * (1.0 - w)).sqrt();
+        assert!(
+            (got - want).abs() <= 5.0 * sd + 3.0,
+            "{id}: {got} blocks, weight {w} wants {want}: {per_node:?}"
+        );
+    }
+    // The reports agree: each node's DRAM holds its blocks.
+    for id in j.weights.keys() {
+        let blocks = per_node.get(&number(id)).copied().unwrap_or(0) as u64;
+        wait_for(Duration::from_secs(10), "blocks in the nodes' reports", || {
+            (used_dram(&c, id) == blocks * bs as u64).then_some(())
+        });
+    }
+    // pollenctl reads an object spread over the nodes.
+    let (big, big_data) = &objects[120];
+    c.ok(&["get", "spread", big, &c.path("big.out")]);
+    assert_eq!(&std::fs::read(c.path("big.out")).unwrap(), big_data);
+
+    // Kill the storage node (not the metadata node) with the most blocks.
+    let victim = j
+        .weights
+        .keys()
+        .filter(|id| **id != j.node_id)
+        .max_by_key(|id| per_node.get(&number(id)).copied().unwrap_or(0))
+        .expect("a storage node")
+        .clone();
+    let dead = number(&victim);
+    let (lost, kept): (Vec<_>, Vec<_>) = objects.iter().partition(|(name, _)| where_[name].contains(&dead));
+    assert!(!lost.is_empty() && !kept.is_empty(), "{per_node:?}");
+    c.nodes.get_mut(&victim).expect("victim").sigkill();
+
+    // Within a few heartbeats: data unavailable, answered at once.
+    let (lost_name, _) = lost[0];
+    wait_for(Duration::from_secs(10), "data unavailable for a block on the dead node", || {
+        let mut client = Client::connect(j.node_addr.as_str()).expect("connect");
+        client.set_node_addrs(j.node_socket_addrs());
+        (client.get_buffer(&job, lost_name).err()?.status() == Some(Status::DataUnavailable)).then_some(())
+    });
+    for (name, _) in &lost {
+        let t = std::time::Instant::now();
+        let e = client.get_buffer(&job, name).expect_err("a block is on the dead node");
+        assert_eq!(e.status(), Some(Status::DataUnavailable), "{name}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{name}: answered after {:?}", t.elapsed());
+    }
+    let out = c.ctl(&["get", "spread", lost_name, &c.path("lost.out")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data unavailable"), "{err}");
+    // Objects wholly on live nodes still read, byte for byte.
+    for (name, data) in &kept {
+        assert_eq!(&client.get_buffer(&job, name).expect("an object on live nodes"), data, "{name}");
+    }
+
+    // New puts succeed, on the live nodes only.
+    let entry = registered(&c, "spread");
+    assert_eq!(entry.weights[&victim], 0.0);
+    let mut client = Client::connect(j.node_addr.as_str()).expect("connect");
+    client.set_node_addrs(entry.node_socket_addrs());
+    for i in 0..20 {
+        let data = body(2000 + i, 2 * bs);
+        let name = format!("after-{i}");
+        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put after the failure");
+        assert!(!located(&mut client, &name).contains(&dead), "{name} has a block on the dead node");
+        assert_eq!(client.get_buffer(&job, &name).expect("get"), data);
+    }
+    let put: PutOutput = c.json(&["put", "spread", "after-cli", &c.path("big.out")]);
+    assert_eq!(put.bytes, big_data.len() as u64);
+    c.ok(&["get", "spread", "after-cli", &c.path("after.out")]);
+    assert_eq!(&std::fs::read(c.path("after.out")).unwrap(), big_data);
+
+    for (_, mut n) in std::mem::take(&mut c.nodes) {
+        if n.0.is_some() {
+            assert!(n.terminate().success());
+        }
+    }
+    assert!(c.ctl.terminate().success());
 }

@@ -815,6 +815,7 @@ impl Node {
             cores,
             tiers,
             jobs,
+            applied: None,
         }
     }
 }

@@ -23,6 +23,21 @@ pub struct NodeReport {
     pub cores: Vec<CoreReport>,
     pub tiers: Vec<TierReport>,
     pub jobs: Vec<JobReport>,
+    /// What the node holds of the cluster view the controller pushes on
+    /// heartbeat replies; the controller sends again what it lacks (after a
+    /// restart, or a lost reply). `None` from nodes that do not apply it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<AppliedView>,
+}
+
+/// The versions of the cluster view a node applied (`NodeReport::applied`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedView {
+    /// Version of the dead-node set (`Node::set_dead_nodes`); `None` before the first.
+    pub dead_version: Option<u64>,
+    /// Version of the weight maps of the jobs whose namespace the node
+    /// holds (`Node::set_job_weights`); `None` before the first.
+    pub weights_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

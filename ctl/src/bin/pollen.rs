@@ -19,6 +19,7 @@ use pollen_ctl::heartbeat::{self, HeartbeatHandle};
 use pollen_ctl::local::{self, LocalCluster};
 use pollen_ctl::provision::{LocalConfig, LocalProvisioner, Provisioner};
 use pollen_ctl::size::Bytes;
+use pollen_ctl::view::ViewApplier;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Parser)]
@@ -155,13 +156,17 @@ impl RunningNode {
     ) -> Result<RunningNode> {
         let addr = SocketAddr::new(cfg.listen, cfg.port);
         let node = Arc::new(Node::start(cfg).with_context(|| format!("starting the node on {addr}"))?);
-        let reporter = node.clone();
+        let view = Arc::new(ViewApplier::new(node.clone()));
+        let reporter = view.clone();
         let commanded = node.clone();
         let apply = move |c: &NodeCommand| match c {
             NodeCommand::SetPollingCores { cores } => match commanded.set_polling_cores(*cores) {
                 Ok(n) => tracing::info!(polling = n, "the controller set the polling cores"),
                 Err(e) => tracing::warn!(error = %e, "cannot set the polling cores"),
             },
+            other => {
+                view.apply(other);
+            }
         };
         let heartbeat = match heartbeat::spawn_with_commands(
             move || reporter.report(),

@@ -881,9 +881,8 @@ fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, S
     let mut client = Client::connect(entry.node_addr.as_str())
         .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", entry.node_id, entry.node_addr))?;
     // Blocks of an object may sit on other nodes: tell the client where they are.
-    let addrs: Vec<(u16, std::net::SocketAddr)> =
-        entry.node_addrs.iter().filter_map(|(n, a)| a.parse().ok().map(|a| (*n, a))).collect();
-    client.set_node_addrs(addrs);
+    // With them, puts ask the metadata node where each block goes (`Place`).
+    client.set_node_addrs(entry.node_socket_addrs());
     // The token given on the command line, else one the controller mints
     // for the job (when the cluster has a secret).
     let token = match (&ctl.token, &entry.token) {

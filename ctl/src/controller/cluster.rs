@@ -119,7 +119,18 @@ pub struct Cluster {
     /// Jobs deregistered recently, with when: a report sent before the node
     /// freed them must not bring them back as adopted jobs.
     deregistered: BTreeMap<String, Instant>,
+    /// The cluster view pushed on heartbeat replies ([`Cluster::view_commands`]):
+    /// the dead nodes' numbers with their version, and for each metadata
+    /// node the weight maps of its jobs with theirs.
+    dead_view: (u64, Vec<u16>),
+    weights_view: BTreeMap<String, (u64, WeightMaps)>,
+    /// The last version handed out: versions only grow, and start from the
+    /// wall clock so they grow across controller restarts too.
+    last_version: u64,
 }
+
+/// Job → weight map by node number, as a metadata node applies it.
+pub type WeightMaps = BTreeMap<String, Vec<(u16, f64)>>;
 
 impl Cluster {
     pub fn new(heartbeat: Duration, missed_heartbeats: u32) -> Cluster {
@@ -139,6 +150,9 @@ impl Cluster {
             draining: BTreeMap::new(),
             commands: BTreeMap::new(),
             deregistered: BTreeMap::new(),
+            dead_view: (unix_ms(), Vec::new()),
+            weights_view: BTreeMap::new(),
+            last_version: unix_ms(),
         }
     }
 
@@ -411,9 +425,7 @@ impl Cluster {
         let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
         let extra_nodes =
             if packing.overcommitted { extra_nodes(&alloc, &rooms, packing.shortfall) } else { 0 };
-        let registered_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let registered_unix_ms = unix_ms();
         self.jobs.insert(
             name.to_string(),
             JobRecord {
@@ -536,9 +548,7 @@ impl Cluster {
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
         let Some(packing) = policy::pack(&alloc, &rooms) else { return false };
-        let registered_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let registered_unix_ms = unix_ms();
         self.jobs.insert(
             name.to_string(),
             JobRecord {
@@ -601,6 +611,7 @@ impl Cluster {
             overcommitted: false,
             registered_unix_ms: 0,
             node_addrs: self.node_addrs(),
+            weights_applied: false,
             token: None,
             token_expiry_unix: None,
         })
@@ -609,10 +620,15 @@ impl Cluster {
     /// Node number → address of the live nodes (a number two live nodes
     /// claim is left out: neither can be told apart).
     pub fn node_addrs(&self) -> BTreeMap<u16, String> {
+        self.live_numbers().into_iter().map(|(n, r)| (n, r.report.addr.clone())).collect()
+    }
+
+    /// Node number → record of the live nodes, but for numbers two live nodes claim.
+    fn live_numbers(&self) -> BTreeMap<u16, &NodeRecord> {
         let mut out = BTreeMap::new();
         let mut clash = BTreeSet::new();
         for r in self.nodes.values().filter(|r| r.state == NodeState::Up) {
-            if out.insert(r.report.node_number, r.report.addr.clone()).is_some() {
+            if out.insert(r.report.node_number, r).is_some() {
                 clash.insert(r.report.node_number);
             }
         }
@@ -633,6 +649,13 @@ impl Cluster {
             })
             .collect();
         let node = self.nodes.get(&j.node_id);
+        let numbers = self.numbers_by_id();
+        let want = job_weight_map(j, &numbers);
+        let held = node.and_then(|r| r.report.applied).and_then(|a| a.weights_version);
+        let weights_applied = match self.weights_view.get(&j.node_id) {
+            Some((v, maps)) => held == Some(*v) && maps.get(&j.name).map_or(want.is_empty(), |m| *m == want),
+            None => want.is_empty(),
+        };
         JobEntry {
             name: j.name.clone(),
             node_id: j.node_id.clone(),
@@ -645,6 +668,7 @@ impl Cluster {
             overcommitted: j.overcommitted,
             registered_unix_ms: j.registered_unix_ms,
             node_addrs: self.node_addrs(),
+            weights_applied,
             token: None,
             token_expiry_unix: None,
         }
@@ -780,12 +804,10 @@ impl Cluster {
                 // A command not yet applied counts as applied, so the policy
                 // does not ask twice.
                 let queued = self.commands.get(id).and_then(|q| {
-                    q.iter()
-                        .rev()
-                        .map(|c| match c {
-                            NodeCommand::SetPollingCores { cores } => *cores,
-                        })
-                        .next()
+                    q.iter().rev().find_map(|c| match c {
+                        NodeCommand::SetPollingCores { cores } => Some(*cores),
+                        _ => None,
+                    })
                 });
                 let polling: Vec<usize> =
                     r.report.cores.iter().filter(|c| c.polling).map(|c| c.core).collect();
@@ -897,6 +919,7 @@ impl Cluster {
     pub fn forget(&mut self, node_id: &str, message: String) {
         self.nodes.remove(node_id);
         self.draining.remove(node_id);
+        self.weights_view.remove(node_id);
         for j in self.jobs.values_mut() {
             j.weights.remove(node_id);
         }
@@ -907,6 +930,107 @@ impl Cluster {
     pub fn scale_event(&mut self, kind: EventKind, node: Option<&str>, message: String) {
         self.events.push(kind, node, None, message);
     }
+}
+
+// ---- the cluster view on heartbeat replies ----------------------------------------
+
+impl Cluster {
+    /// The next version of a view: larger than every earlier one, and at
+    /// least the wall clock in ms.
+    fn next_version(&mut self) -> u64 {
+        self.last_version = self.last_version.saturating_add(1).max(unix_ms());
+        self.last_version
+    }
+
+    /// Node id → number of the live nodes whose number is theirs alone.
+    fn numbers_by_id(&self) -> BTreeMap<&str, u16> {
+        self.live_numbers().into_iter().map(|(n, r)| (r.report.node_id.as_str(), n)).collect()
+    }
+
+    /// Numbers of the dead nodes, sorted; a number a live node holds is not dead.
+    fn dead_numbers(&self) -> Vec<u16> {
+        let live: BTreeSet<u16> =
+            self.nodes.values().filter(|r| r.state == NodeState::Up).map(|r| r.report.node_number).collect();
+        let dead: BTreeSet<u16> = self
+            .nodes
+            .values()
+            .filter(|r| r.state == NodeState::Down)
+            .map(|r| r.report.node_number)
+            .filter(|n| !live.contains(n))
+            .collect();
+        dead.into_iter().collect()
+    }
+
+    /// The weight maps of the registered jobs whose namespace `node_id` holds.
+    fn weight_maps_of(&self, node_id: &str) -> WeightMaps {
+        let numbers = self.numbers_by_id();
+        self.jobs
+            .values()
+            .filter(|j| !j.pending && j.node_id == node_id)
+            .map(|j| (j.name.clone(), job_weight_map(j, &numbers)))
+            .filter(|(_, m)| !m.is_empty())
+            .collect()
+    }
+
+    /// What `node_id` lacks of the cluster view, as commands for its
+    /// heartbeat reply: the dead set when its report shows another version
+    /// (every live node: any of them may be a metadata node), and the weight
+    /// maps of its jobs when it shows another weights version. A restarted
+    /// node reports none and gets both again; a lost reply is made up for
+    /// on the next heartbeat. Nodes that do not report what they applied
+    /// get nothing (they would not understand it).
+    pub fn view_commands(&mut self, node_id: &str) -> Vec<NodeCommand> {
+        let Some(held) = self.nodes.get(node_id).and_then(|r| r.report.applied) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let dead = self.dead_numbers();
+        // A node holding a newer version (from an earlier controller whose
+        // clock ran ahead) would ignore ours: go past it.
+        let ahead = held.dead_version.is_some_and(|v| v > self.dead_view.0);
+        if dead != self.dead_view.1 || ahead {
+            let mut v = self.next_version();
+            if let Some(h) = held.dead_version.filter(|&h| h >= v) {
+                v = h.saturating_add(1);
+                self.last_version = v;
+            }
+            self.dead_view = (v, dead);
+        }
+        let (version, dead) = &self.dead_view;
+        if held.dead_version != Some(*version) && !(held.dead_version.is_none() && dead.is_empty()) {
+            out.push(NodeCommand::SetDeadNodes { version: *version, dead: dead.clone() });
+        }
+        let maps = self.weight_maps_of(node_id);
+        let changed = match self.weights_view.get(node_id) {
+            Some((_, m)) => *m != maps,
+            None => !maps.is_empty() || held.weights_version.is_some(),
+        };
+        if changed {
+            let v = self.next_version();
+            self.weights_view.insert(node_id.to_string(), (v, maps));
+        }
+        if let Some((v, maps)) = self.weights_view.get(node_id) {
+            if held.weights_version != Some(*v) {
+                out.push(NodeCommand::SetJobWeights { version: *v, jobs: maps.clone() });
+            }
+        }
+        out
+    }
+}
+
+/// Job `j`'s weight map by node number: its live nodes with a weight
+/// above 0 and a number of their own (weights clamped to 1, which a sum's
+/// rounding may pass: the node refuses a map with a weight above 1).
+fn job_weight_map(j: &JobRecord, numbers: &BTreeMap<&str, u16>) -> Vec<(u16, f64)> {
+    j.weights
+        .iter()
+        .filter(|(_, &w)| w > 0.0)
+        .filter_map(|(id, &w)| numbers.get(id.as_str()).map(|&n| (n, w.min(1.0))))
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How many nodes the size of the average open node would hold the
@@ -1083,7 +1207,7 @@ mod tests {
     use super::*;
     use crate::api::{CoreReport, JobReport, NetBackend, PollMode, TierReport};
 
-    fn core(core: usize, busy_ns: u64, total_ns: u64) -> CoreReport {
+    pub(super) fn core(core: usize, busy_ns: u64, total_ns: u64) -> CoreReport {
         CoreReport {
             core,
             cpu: Some(core),
@@ -1113,7 +1237,7 @@ mod tests {
         }
     }
 
-    fn report(id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
+    pub(super) fn report(id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
         let tiers = cores.iter().map(|c| tier(c.core, 65536)).collect();
         NodeReport {
             node_number: 0,
@@ -1127,6 +1251,7 @@ mod tests {
             cores,
             tiers,
             jobs: vec![],
+            applied: None,
         }
     }
 
@@ -1239,5 +1364,120 @@ mod tests {
         r.tiers.push(r.tiers[0].clone());
         assert_eq!(c.heartbeat(r, t0), Err(ReportError::DuplicateTier("dram".into(), 0)));
         assert_eq!(c.node_count(), 0, "rejected reports are not stored");
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::api::AppliedView;
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, uptime_ms: u64, applied: Option<AppliedView>) -> NodeReport {
+        let mut r =
+            super::tests::report(id, uptime_ms, vec![super::tests::core(0, 0, uptime_ms * 1_000_000)]);
+        r.node_number = number;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = applied;
+        r
+    }
+
+    fn weights_cmd(cmds: &[NodeCommand]) -> Option<(u64, WeightMaps)> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::SetJobWeights { version, jobs } => Some((*version, jobs.clone())),
+            _ => None,
+        })
+    }
+
+    fn dead_cmd(cmds: &[NodeCommand]) -> Option<(u64, Vec<u16>)> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::SetDeadNodes { version, dead } => Some((*version, dead.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn weight_maps_and_dead_set_go_to_the_nodes_that_lack_them() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let fresh = Some(AppliedView::default());
+        for (id, n) in [("a", 1), ("b", 2), ("c", 3)] {
+            c.heartbeat(report(id, n, 1000, fresh), t0).unwrap();
+            assert!(c.view_commands(id).is_empty(), "nothing to send to {id} yet");
+        }
+        // A node that does not report what it applied gets no view commands.
+        c.heartbeat(report("old", 9, 1000, None), t0).unwrap();
+        assert!(c.view_commands("old").is_empty());
+
+        let plan = c.plan_job("j", Hints::default()).unwrap();
+        c.commit_job("j").unwrap();
+        let w = BTreeMap::from([("a".to_string(), 0.5), ("b".to_string(), 0.25), ("c".to_string(), 0.25)]);
+        c.jobs.get_mut("j").unwrap().weights = w;
+        let home = plan.node_id.clone();
+        let number = |id: &str| -> u16 {
+            match id {
+                "a" => 1,
+                "b" => 2,
+                _ => 3,
+            }
+        };
+        let home_n = number(&home);
+
+        // The job's metadata node gets the map by node number; others do not.
+        let (v, maps) = weights_cmd(&c.view_commands(&home)).expect("weights for the job's node");
+        assert_eq!(maps["j"], vec![(1, 0.5), (2, 0.25), (3, 0.25)]);
+        assert!(!c.job("j").unwrap().weights_applied, "not applied before the node says so");
+        // Until the node reports the version, the same map is sent again.
+        assert_eq!(weights_cmd(&c.view_commands(&home)), Some((v, maps.clone())));
+        let in_step = Some(AppliedView { dead_version: None, weights_version: Some(v) });
+        c.heartbeat(report(&home, home_n, 2000, in_step), t0 + HB).unwrap();
+        assert!(c.view_commands(&home).is_empty(), "in step: nothing to send");
+        assert!(c.job("j").unwrap().weights_applied);
+
+        // `c` misses three heartbeats: dead. Every live node gets the dead
+        // set; the job's node gets its map without `c`.
+        let victim = if home == "c" { "b" } else { "c" };
+        let t1 = t0 + 4 * HB;
+        for id in ["a", "b", "c"].into_iter().filter(|&id| id != victim) {
+            let held = if id == home { in_step } else { fresh };
+            c.heartbeat(report(id, number(id), 5000, held), t1).unwrap();
+        }
+        c.heartbeat(report("old", 9, 5000, None), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.state(victim), Some(NodeState::Down));
+        let cmds = c.view_commands(&home);
+        let (dv, dead) = dead_cmd(&cmds).expect("dead set");
+        assert_eq!(dead, vec![number(victim)]);
+        let (v2, maps) = weights_cmd(&cmds).expect("the job's map changed");
+        assert!(v2 > v && maps["j"].iter().all(|&(n, _)| n != number(victim)), "{maps:?}");
+        assert!(!c.job("j").unwrap().weights_applied);
+        let other = ["a", "b", "c"].into_iter().find(|&id| id != home && id != victim).unwrap();
+        let cmds = c.view_commands(other);
+        assert_eq!(dead_cmd(&cmds), Some((dv, vec![number(victim)])));
+        assert_eq!(weights_cmd(&cmds), None, "{other} holds no job");
+
+        // The job's node restarts: it reports nothing applied and gets both again.
+        c.heartbeat(report(&home, home_n, 10, Some(AppliedView::default())), t1 + HB).unwrap();
+        let cmds = c.view_commands(&home);
+        assert_eq!(dead_cmd(&cmds), Some((dv, vec![number(victim)])));
+        assert_eq!(weights_cmd(&cmds).map(|(v, _)| v), Some(v2));
+
+        // The dead node comes back: a newer, empty dead set.
+        c.heartbeat(report(victim, number(victim), 9000, fresh), t1 + 2 * HB).unwrap();
+        let held = Some(AppliedView { dead_version: Some(dv), weights_version: Some(v2) });
+        c.heartbeat(report(&home, home_n, 1010, held), t1 + 2 * HB).unwrap();
+        let (dv2, dead) = dead_cmd(&c.view_commands(&home)).expect("dead set again");
+        assert!(dv2 > dv && dead.is_empty());
+    }
+
+    #[test]
+    fn a_node_holding_a_newer_dead_set_gets_a_newer_version_still() {
+        let mut c = Cluster::new(HB, 3);
+        let ahead = c.dead_view.0 + 1_000_000;
+        let held = Some(AppliedView { dead_version: Some(ahead), weights_version: None });
+        c.heartbeat(report("a", 1, 1000, held), Instant::now()).unwrap();
+        let (v, dead) = dead_cmd(&c.view_commands("a")).expect("an empty dead set, newer");
+        assert!(v > ahead && dead.is_empty());
     }
 }

@@ -104,7 +104,8 @@ async fn heartbeat(
     // State changes become events inside `heartbeat`.
     c.heartbeat(report, Instant::now())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
-    let commands = c.take_commands(&node_id);
+    let mut commands = c.take_commands(&node_id);
+    commands.extend(c.view_commands(&node_id));
     let reply = HeartbeatReply {
         commands,
         node_id,
