@@ -44,31 +44,37 @@ impl TestCluster {
     /// A controller (100 ms heartbeats, 3 missed = dead) and `n` nodes
     /// `n1..=n{n}`, each with one core and 16 MiB of DRAM.
     fn start(n: usize) -> TestCluster {
-        TestCluster::start_with(n, false)
+        TestCluster::start_with(n, false, &[])
     }
 
-    /// As `start`, with node `n{i}` numbered `i` (`--node-number`), so the
-    /// controller hands out weight maps by node number and node addresses.
+    /// As `start`, with node `n{i}` numbered `i` (`--node-number`) and a
+    /// data directory (`numbered_args`), so the controller hands out weight
+    /// maps by node number and node addresses.
     fn start_numbered(n: usize) -> TestCluster {
-        TestCluster::start_with(n, true)
+        TestCluster::start_with(n, true, &[])
     }
 
-    fn start_with(n: usize, numbered: bool) -> TestCluster {
+    /// `ctl_args` are added to the controller's command line.
+    fn start_with(n: usize, numbered: bool, ctl_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
-        let (ctl, url) = spawn_controller(dir.path(), "127.0.0.1:0");
+        let (ctl, url) = spawn_controller(dir.path(), "127.0.0.1:0", ctl_args);
         let mut c = TestCluster { dir, url, ctl, nodes: BTreeMap::new() };
         for i in 1..=n {
-            let number = i.to_string();
-            let extra: &[&str] = if numbered { &["--node-number", &number] } else { &[] };
-            c.start_node(&format!("n{i}"), extra);
+            let extra = if numbered { numbered_args(i) } else { Vec::new() };
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            c.start_node(&format!("n{i}"), &extra);
         }
         c.wait_nodes_up(n);
         c
     }
 
     fn start_node(&mut self, id: &str, extra: &[&str]) {
-        let log = |name: &str| std::fs::File::create(self.dir.path().join(name)).expect("log file");
+        // Appended to, so a restarted node's log follows its earlier one.
+        let log = |name: &str| {
+            let path = self.dir.path().join(name);
+            std::fs::OpenOptions::new().create(true).append(true).open(path).expect("log file")
+        };
         let child = Command::new(POLLEN)
             .args(["node", "--port", "0", "--cores", "1", "--no-pin", "--dram-gb", "0.015625"])
             .args(["--node-id", id, "--heartbeat-ms", "100", "--controller", &self.url])
@@ -123,9 +129,15 @@ impl TestCluster {
     }
 }
 
+/// `pollen node` arguments of node `n{i}` in a numbered cluster: number
+/// `i`, and its own data directory (a restart keeps its jobs).
+fn numbered_args(i: usize) -> Vec<String> {
+    ["--node-number".to_string(), i.to_string(), "--data-dir".to_string(), format!("n{i}-data")].into()
+}
+
 /// `pollen controller` in `dir` with the test policy, listening on
 /// `listen`; returns it and its URL (from its banner).
-fn spawn_controller(dir: &std::path::Path, listen: &str) -> (Reaper, String) {
+fn spawn_controller(dir: &std::path::Path, listen: &str, extra: &[&str]) -> (Reaper, String) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -133,6 +145,7 @@ fn spawn_controller(dir: &std::path::Path, listen: &str) -> (Reaper, String) {
         .expect("log file");
     let mut child = Command::new(POLLEN)
         .args(["controller", "--listen", listen, "--heartbeat-ms", "100", "--policy", "policy.toml"])
+        .args(extra)
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(log)
@@ -340,7 +353,7 @@ fn a_restarted_controller_adopts_jobs_from_node_reports() {
     let before: JobEntry = c.json(&["job", "register", "kept", "--lambdas", "3", "--capacity", "1MiB"]);
     c.ctl.sigkill();
     let listen = c.url.trim_start_matches("http://").to_string();
-    let (ctl, url) = spawn_controller(c.dir.path(), &listen);
+    let (ctl, url) = spawn_controller(c.dir.path(), &listen, &[]);
     assert_eq!(url, c.url);
     c.ctl = ctl;
     c.wait_nodes_up(2);
@@ -498,6 +511,68 @@ fn blocks_spread_by_weight_and_a_killed_node_reads_as_unavailable() {
     assert_eq!(put.bytes, big_data.len() as u64);
     c.ok(&["get", "spread", "after-cli", &c.path("after.out")]);
     assert_eq!(&std::fs::read(c.path("after.out")).unwrap(), big_data);
+
+    for (_, mut n) in std::mem::take(&mut c.nodes) {
+        if n.0.is_some() {
+            assert!(n.terminate().success());
+        }
+    }
+    assert!(c.ctl.terminate().success());
+}
+
+/// A metadata node killed with SIGKILL and started again before the
+/// controller declares it dead holds no weight maps, though the job's map did
+/// not change; its first report says so and the controller sends the map
+/// again, so puts spread over the job's nodes once more (without the map
+/// every block would stay on the metadata node).
+#[test]
+fn a_restarted_metadata_node_gets_its_weight_maps_again() {
+    use dataplane::client::{Client, PutOptions};
+
+    // 50 missed heartbeats (5 s): the restart is quicker, so nothing is declared dead.
+    let mut c = TestCluster::start_with(3, true, &["--missed-heartbeats", "50"]);
+    let j: JobEntry = c.json(&["job", "register", "heal", "--lambdas", "25", "--capacity", "16MiB"]);
+    assert!(j.weights.values().all(|&w| w >= 0.15), "{:?}", j.weights);
+    wait_for(Duration::from_secs(10), "the weight map on the job's metadata node", || {
+        registered(&c, "heal").weights_applied.then_some(())
+    });
+    let home = j.node_id.clone();
+    let i: usize = home.trim_start_matches('n').parse().expect("node number");
+    c.nodes.get_mut(&home).expect("home").sigkill();
+    let extra = numbered_args(i);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    c.start_node(&home, &extra);
+    wait_for(Duration::from_secs(10), "the controller seeing the restart", || {
+        c.events()
+            .events
+            .into_iter()
+            .find(|e| e.kind == EventKind::NodeRestarted && e.node.as_deref() == Some(home.as_str()))
+    });
+    // The job replayed from the node's log, and the same map sent again.
+    let entry = wait_for(Duration::from_secs(10), "the restarted node holding the job's map", || {
+        let e = registered(&c, "heal");
+        e.weights_applied.then_some(e)
+    });
+    assert_eq!(entry.weights, j.weights, "the map did not change");
+    assert!(!c.events().events.iter().any(|e| e.kind == EventKind::NodeDown), "nothing was declared dead");
+
+    let mut client = Client::connect(entry.node_addr.as_str()).expect("connect");
+    client.set_node_addrs(entry.node_socket_addrs());
+    let job = client.job("heal").expect("the job survived the restart");
+    let bs = client.block_size() as usize;
+    let mut on: BTreeMap<u16, usize> = BTreeMap::new();
+    for k in 0..60 {
+        let data: Vec<u8> = (0..bs).map(|b| ((b + k) % 251) as u8).collect();
+        let name = format!("obj-{k}");
+        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put");
+        for l in client.lookup(&job, &name).expect("lookup").blocks {
+            *on.entry(l.node).or_default() += 1;
+        }
+        assert_eq!(client.get_buffer(&job, &name).expect("get"), data);
+    }
+    // Every weight is at least 0.15: a node gets none of 60 blocks with
+    // probability at most 0.85^60 < 1e-4.
+    assert_eq!(on.len(), 3, "the blocks spread over the job's three nodes: {on:?}");
 
     for (_, mut n) in std::mem::take(&mut c.nodes) {
         if n.0.is_some() {
