@@ -313,6 +313,21 @@ fn jobs_with_hints_get_allocations_weights_and_survive_a_dead_node() {
 }
 
 /// A job registered with the controller, from `pollenctl jobs --json`.
+/// Once the job's metadata node holds its weight map (sent on a heartbeat
+/// reply): a client connected there that knows every node's address, the
+/// job, and the block size.
+fn client_of(c: &TestCluster, j: &JobEntry) -> (dataplane::client::Client, dataplane::client::Job, usize) {
+    wait_for(Duration::from_secs(10), "the weight map on the job's metadata node", || {
+        registered(c, &j.name).weights_applied.then_some(())
+    });
+    let mut client =
+        dataplane::client::Client::connect(j.node_addr.as_str()).expect("connect to the metadata node");
+    client.set_node_addrs(j.node_socket_addrs());
+    let job = client.job(&j.name).expect("job");
+    let bs = client.block_size() as usize;
+    (client, job, bs)
+}
+
 fn registered(c: &TestCluster, name: &str) -> JobEntry {
     let r: JobsResponse = c.json(&["jobs"]);
     r.registered.into_iter().find(|j| j.name == name).unwrap_or_else(|| panic!("job {name} not registered"))
@@ -401,16 +416,8 @@ fn blocks_spread_by_weight_and_a_killed_node_reads_as_unavailable() {
     assert!(j.weights.values().all(|&w| w > 0.05), "250 MB/s needs all three nodes: {:?}", j.weights);
     assert_eq!(j.node_addrs.len(), 3, "{:?}", j.node_addrs);
     let number = |id: &str| -> u16 { id.trim_start_matches('n').parse().expect("node number") };
-    // The metadata node gets the map on its next heartbeat.
-    wait_for(Duration::from_secs(10), "the weight map on the job's metadata node", || {
-        registered(&c, "spread").weights_applied.then_some(())
-    });
-
     // The library path: the job entry's addresses, and puts go where `Place` says.
-    let mut client = Client::connect(j.node_addr.as_str()).expect("connect to the metadata node");
-    client.set_node_addrs(j.node_socket_addrs());
-    let job = client.job("spread").expect("job");
-    let bs = client.block_size() as usize;
+    let (mut client, job, bs) = client_of(&c, &j);
     let body =
         |i: usize, len: usize| -> Vec<u8> { (0..len).map(|k| ((k * 31 + i * 7) % 251) as u8).collect() };
     // 120 one-block objects and 4 of 20 blocks: 200 blocks.
@@ -573,6 +580,73 @@ fn a_restarted_metadata_node_gets_its_weight_maps_again() {
     // Every weight is at least 0.15: a node gets none of 60 blocks with
     // probability at most 0.85^60 < 1e-4.
     assert_eq!(on.len(), 3, "the blocks spread over the job's three nodes: {on:?}");
+
+    for (_, mut n) in std::mem::take(&mut c.nodes) {
+        if n.0.is_some() {
+            assert!(n.terminate().success());
+        }
+    }
+    assert!(c.ctl.terminate().success());
+}
+
+/// Deregistering through the controller frees the job's blocks on every
+/// node, not only on its metadata node: a job spread over three `pollen
+/// node` processes by its weight map (objects, a PERSIST object, and a
+/// block allocated by a put that never finished) is deregistered with
+/// `pollenctl`, and each node's DRAM in use (its reports) returns to what it
+/// was before, but for the PERSIST object's blocks.
+#[test]
+fn deregistering_through_the_controller_frees_blocks_on_every_node() {
+    use dataplane::client::{Client, PutOptions};
+
+    let mut c = TestCluster::start_numbered(3);
+    let ids = ["n1", "n2", "n3"];
+    let before: Vec<u64> = ids.iter().map(|id| used_dram(&c, id)).collect();
+    let j: JobEntry = c.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
+    assert!(j.weights.values().all(|&w| w >= 0.15), "{:?}", j.weights);
+    let (mut client, job, bs) = client_of(&c, &j);
+    let mut on: BTreeMap<u16, u64> = BTreeMap::new();
+    for k in 0..40 {
+        let data: Vec<u8> = (0..2 * bs).map(|b| ((b + k) % 251) as u8).collect();
+        let name = format!("obj-{k}");
+        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put");
+        for l in client.lookup(&job, &name).expect("lookup").blocks {
+            *on.entry(l.node).or_default() += 1;
+        }
+    }
+    assert_eq!(on.len(), 3, "the blocks spread over the job's three nodes: {on:?}");
+    let kept: Vec<u8> = (0..6 * bs).map(|b| (b % 253) as u8).collect();
+    let persist = PutOptions { persist: true, ..PutOptions::default() };
+    client.put_buffer(&job, "kept", &kept, persist).expect("PERSIST put");
+    let mut kept_on: BTreeMap<u16, u64> = BTreeMap::new();
+    for l in client.lookup(&job, "kept").expect("lookup").blocks {
+        *kept_on.entry(l.node).or_default() += 1;
+    }
+    // A block of the job that no object names, on a node other than the metadata node.
+    let home: u16 = j.node_id.trim_start_matches('n').parse().expect("node number");
+    let other = (1..=3u16).find(|&n| n != home).expect("another node");
+    client.alloc_block_at(&job, other, 0, dataplane::proto::tier::DRAM).expect("alloc on another node");
+    let after_alloc = before[other as usize - 1]
+        + (on.get(&other).copied().unwrap_or(0) + kept_on.get(&other).copied().unwrap_or(0) + 1) * bs as u64;
+    wait_for(Duration::from_secs(10), "the stray block in the report", || {
+        (used_dram(&c, ids[other as usize - 1]) == after_alloc).then_some(())
+    });
+    let d: DeregisterResponse = c.json(&["job", "deregister", "wide"]);
+    assert!(d.freed && d.note.is_none(), "{d:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let n = i as u16 + 1;
+        let want = before[i] + kept_on.get(&n).copied().unwrap_or(0) * bs as u64;
+        wait_for(Duration::from_secs(10), "the job's blocks freed on every node", || {
+            (used_dram(&c, id) == want).then_some(())
+        });
+    }
+    // The PERSIST object survives whole once the job registers again.
+    let _: JobEntry = c.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
+    let entry = registered(&c, "wide");
+    let mut client = Client::connect(entry.node_addr.as_str()).expect("connect");
+    client.set_node_addrs(entry.node_socket_addrs());
+    let job = client.job("wide").expect("job");
+    assert_eq!(client.get_buffer(&job, "kept").expect("the PERSIST object"), kept);
 
     for (_, mut n) in std::mem::take(&mut c.nodes) {
         if n.0.is_some() {

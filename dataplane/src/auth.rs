@@ -95,7 +95,7 @@ impl Rights {
     pub const READ: Rights = Rights(1);
     /// `CreateDir`, `PutObject`, `Delete`, `BlockAlloc`, `BlockWrite`, `BlockAppend`, `BlockFree`.
     pub const WRITE: Rights = Rights(2);
-    /// `RegisterJob`, `DeregisterJob`.
+    /// `RegisterJob`, `DeregisterJob`, `FreeOwner`.
     pub const ADMIN: Rights = Rights(4);
     /// What a job's own workers get: read and write, not (de)register.
     pub const READ_WRITE: Rights = Rights(1 | 2);
@@ -115,7 +115,7 @@ impl Rights {
             CreateDir | PutObject | Delete | Place | BlockAlloc | BlockWrite | BlockAppend | BlockFree => {
                 Rights::WRITE
             }
-            RegisterJob | DeregisterJob => Rights::ADMIN,
+            RegisterJob | DeregisterJob | FreeOwner => Rights::ADMIN,
         })
     }
 }
@@ -288,6 +288,11 @@ mod tests {
         assert_eq!(Rights::needed_for(Opcode::PutObject), Some(Rights::WRITE));
         assert_eq!(Rights::needed_for(Opcode::Place), Some(Rights::WRITE));
         assert_eq!(Rights::needed_for(Opcode::RegisterJob), Some(Rights::ADMIN));
+        assert_eq!(
+            Rights::needed_for(Opcode::FreeOwner),
+            Some(Rights::ADMIN),
+            "a bulk free is a deregistration"
+        );
         assert!(Rights::ALL.contains(Rights::READ_WRITE) && !Rights::READ.contains(Rights::WRITE));
     }
 }

@@ -410,3 +410,35 @@ pub mod proc {
         }
     }
 }
+
+/// One raw request on a fresh connection; returns the status and body.
+pub fn raw_request(
+    addr: std::net::SocketAddr,
+    op: dataplane::proto::Opcode,
+    fl: u16,
+    key: &[u8],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let h = dataplane::proto::Header {
+        opcode: op as u8,
+        flags: fl,
+        status: 0,
+        request_id: 1,
+        key_len: key.len() as u16,
+        body_len: body.len() as u32,
+    };
+    let mut frame = vec![0u8; dataplane::proto::HEADER_LEN];
+    dataplane::proto::encode_header(&h, &mut frame);
+    frame.extend_from_slice(key);
+    frame.extend_from_slice(body);
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; dataplane::proto::HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let status = u16::from_le_bytes([head[6], head[7]]);
+    let len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]) as usize;
+    let mut b = vec![0u8; len];
+    s.read_exact(&mut b).unwrap();
+    (status, b)
+}

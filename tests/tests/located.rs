@@ -8,11 +8,10 @@ use std::process::{Command, Stdio};
 use dataplane::client::{Client, Job, PutOptions};
 use dataplane::node::{NetBackend, Node, NodeConfig, NodeError};
 use dataplane::proto::{
-    encode_header, flags, tier, BlockId, BlockKey, DirEntry, Header, JobHints, Location, ObjectMeta, Opcode,
-    Status, HEADER_LEN,
+    flags, tier, BlockId, BlockKey, DirEntry, JobHints, Location, ObjectMeta, Opcode, Status,
 };
 use pollen_tests::proc::{pollen_bin, NodeProc};
-use pollen_tests::{bytes, node_config, TierDir};
+use pollen_tests::{bytes, node_config, raw_request as raw, TierDir};
 
 const BS: usize = 4096;
 
@@ -97,32 +96,6 @@ fn an_object_spread_over_two_nodes_is_put_read_and_deleted() {
     assert!(c.lookup(&job, "empty").unwrap().blocks.is_empty());
     assert_eq!(c.get_buffer(&job, "empty").unwrap(), b"");
     drop((meta, store));
-}
-
-/// One raw request on a fresh connection; returns the status and body.
-fn raw(addr: std::net::SocketAddr, op: Opcode, fl: u16, key: &[u8], body: &[u8]) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let h = Header {
-        opcode: op as u8,
-        flags: fl,
-        status: 0,
-        request_id: 1,
-        key_len: key.len() as u16,
-        body_len: body.len() as u32,
-    };
-    let mut frame = vec![0u8; HEADER_LEN];
-    encode_header(&h, &mut frame);
-    frame.extend_from_slice(key);
-    frame.extend_from_slice(body);
-    s.write_all(&frame).unwrap();
-    let mut head = [0u8; HEADER_LEN];
-    s.read_exact(&mut head).unwrap();
-    let status = u16::from_le_bytes([head[6], head[7]]);
-    let len = u32::from_le_bytes([head[20], head[21], head[22], head[23]]) as usize;
-    let mut b = vec![0u8; len];
-    s.read_exact(&mut b).unwrap();
-    (status, b)
 }
 
 /// The metadata node takes locations on nodes it does not know as they are

@@ -703,7 +703,10 @@ fn job_deregister(ctl: &Controller, json: bool, name: &str) -> Result<()> {
         return print_json(&r);
     }
     match &r.note {
-        None => outln!("deregistered job {name}: blocks freed on {} (PERSIST objects kept)", r.node_id),
+        None => outln!(
+            "deregistered job {name}: blocks freed on {} and every live node (PERSIST objects kept)",
+            r.node_id
+        ),
         Some(n) => outln!("deregistered job {name}; note: {n}"),
     }
     Ok(())

@@ -240,21 +240,23 @@ async fn deregister_job(
     State(s): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Json<DeregisterResponse>, ApiError> {
-    let (node_id, addr, up) = {
+    let (node_id, addr, up, nodes) = {
         let mut c = s.cluster();
         c.sweep(Instant::now());
         let entry =
             c.job(&name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
         c.remove_job(&name);
-        (entry.node_id, entry.node_addr, entry.node_state == Some(NodeState::Up))
+        (entry.node_id, entry.node_addr, entry.node_state == Some(NodeState::Up), c.node_addrs())
     };
     let (freed, note) = if !up || addr.is_empty() {
         (false, Some(format!("node {node_id} is down: its blocks of the job were not freed")))
     } else {
         let job_name = name.clone();
         let secret = s.cluster_secret.clone();
-        let done =
-            tokio::task::spawn_blocking(move || nodeops::deregister(&addr, &job_name, secret.as_ref())).await;
+        let done = tokio::task::spawn_blocking(move || {
+            nodeops::deregister(&addr, &job_name, &nodes, secret.as_ref())
+        })
+        .await;
         match done {
             Ok(Ok(true)) => (true, None),
             Ok(Ok(false)) => (false, Some(format!("node {node_id} did not know the job"))),
@@ -263,7 +265,7 @@ async fn deregister_job(
         }
     };
     let outcome = match &note {
-        None => format!("blocks freed on {node_id} (PERSIST objects kept)"),
+        None => format!("blocks freed on {node_id} and every live node (PERSIST objects kept)"),
         Some(n) => n.clone(),
     };
     s.cluster().record_deregistered(&name, &node_id, &outcome);

@@ -3,6 +3,8 @@
 //! namespace lives. Blocking; the HTTP handlers run them with
 //! `spawn_blocking`, never holding the cluster lock.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use std::time::SystemTime;
@@ -60,10 +62,22 @@ pub fn register(addr: &str, name: &str, hints: JobHints, secret: Option<&Secret>
     }
 }
 
-/// Deregisters `name` on the node at `addr`, freeing its blocks except
-/// PERSIST ones. `Ok(false)` when the node does not know the job.
-pub fn deregister(addr: &str, name: &str, secret: Option<&Secret>) -> Result<bool, String> {
+/// Deregisters `name` on its metadata node at `addr`, freeing its blocks
+/// except PERSIST ones there and on every other node of `nodes` (node number
+/// → address: the live nodes). `Ok(false)` when the node does not know the job.
+pub fn deregister(
+    addr: &str,
+    name: &str,
+    nodes: &BTreeMap<u16, String>,
+    secret: Option<&Secret>,
+) -> Result<bool, String> {
     let mut c = connect(addr, name, secret)?;
+    let mut addrs = Vec::with_capacity(nodes.len());
+    for (&n, a) in nodes {
+        let a: SocketAddr = a.parse().map_err(|e| format!("node {n} has a bad address {a}: {e}"))?;
+        addrs.push((n, a));
+    }
+    c.set_node_addrs(addrs);
     let job = match c.job(name) {
         Ok(j) => j,
         Err(e) if e.status() == Some(Status::NotFound) => return Ok(false),

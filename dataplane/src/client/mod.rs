@@ -400,9 +400,53 @@ impl Client {
         JobInfo::decode(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// Frees the job's blocks, except those of PERSIST objects.
+    /// Deregisters the job and frees its blocks, except those of PERSIST
+    /// objects: the metadata node frees its own; every other node this
+    /// client knows (`set_node_addrs`) is told to free every block of the
+    /// job but the PERSIST ones there (`FreeOwner`), including blocks that
+    /// no object names (allocated by a put that never finished). A node
+    /// that cannot be reached keeps them: the error says which; the job is
+    /// deregistered all the same.
     pub fn deregister_job(&mut self, job: &Job) -> Result<(), ClientError> {
-        self.meta_call(&job.name, Opcode::DeregisterJob, 0, job.name.as_bytes(), &[]).map(drop)
+        let body = self.meta_call(&job.name, Opcode::DeregisterJob, 0, job.name.as_bytes(), &[])?;
+        // Nodes before commit 'jobids' answered nothing: only their own blocks were theirs to free.
+        if body.is_empty() {
+            return Ok(());
+        }
+        let id = u32_body(body.get(..4).unwrap_or(&body))?;
+        let kept = if body.len() > 4 {
+            let mut r = Reader::new(&body[4..]);
+            proto::decode_locations(&mut r, body.len() / proto::LOCATION_LEN)
+                .map_err(|e| ClientError::Protocol(format!("DeregisterJob answer: {e}")))?
+        } else {
+            Vec::new()
+        };
+        let home = self.node_number();
+        let mut key = id.to_le_bytes().to_vec();
+        key.extend_from_slice(&home.to_le_bytes());
+        let mut others: Vec<u16> = self.node_addrs.keys().copied().collect();
+        others.sort_unstable();
+        let mut failed = Vec::new();
+        for n in others {
+            let keep: Vec<u8> =
+                kept.iter().filter(|l| l.node == n).flat_map(|l| l.block.0.to_le_bytes()).collect();
+            let r = self
+                .node_index(n)
+                .and_then(|node| self.call_lane(Lane { node, core: 0 }, Opcode::FreeOwner, 0, &key, &keep));
+            if let Err(e) = r {
+                failed.push(format!("node {n}: {e}"));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ClientError::Local(format!(
+                "job '{}' was deregistered, but its blocks on {} other nodes could not be freed: {}",
+                job.name,
+                failed.len(),
+                failed.join("; ")
+            )))
+        }
     }
 
     pub fn create_dir(&mut self, job: &Job, path: &str) -> Result<(), ClientError> {
@@ -665,14 +709,12 @@ impl Client {
         let bs = self.block_size();
         let (lanes, plan) = group_by_lane(assign);
         let count = lanes.len();
-        // BlockAlloc's key per connection: the job id, then the node's tier byte.
+        // BlockAlloc's key per connection: the job id, the node's tier byte,
+        // then the metadata node's number (the job id is unique on it alone).
+        let home = self.node_number();
         let alloc_keys: Vec<Vec<u8>> = lanes
             .iter()
-            .map(|l| {
-                let mut k = job.id.to_le_bytes().to_vec();
-                k.push(placement_on(&self.nodes[l.node].info, job, asked));
-                k
-            })
+            .map(|l| alloc_key(job, placement_on(&self.nodes[l.node].info, job, asked), home))
             .collect();
         let numbers: Vec<u16> = lanes.iter().map(|l| self.nodes[l.node].info.node_number).collect();
         let mut buf = vec![0u8; bs as usize];
@@ -847,16 +889,31 @@ impl Client {
 
     /// Allocates a block for `job` on `core`.
     pub fn alloc_block(&mut self, job: &Job, core: usize) -> Result<BlockId, ClientError> {
-        let body = self.call(core, Opcode::BlockAlloc, 0, &job.id.to_le_bytes(), &[])?;
-        Ok(BlockId(u64_body(&body)?))
+        self.alloc_block_on(job, core, tier::DRAM)
     }
 
     /// Allocates a block for `job` on `core` in tier `tier` (`proto::tier`:
     /// DRAM, FLASH or DISK). `NotFound` if the node has no such tier.
     pub fn alloc_block_on(&mut self, job: &Job, core: usize, tier: u8) -> Result<BlockId, ClientError> {
-        let mut key = job.id.to_le_bytes().to_vec();
-        key.push(tier);
+        let key = alloc_key(job, tier, self.node_number());
         let body = self.call(core, Opcode::BlockAlloc, 0, &key, &[])?;
+        Ok(BlockId(u64_body(&body)?))
+    }
+
+    /// Allocates a block for `job` on core `core` of node `node` (the
+    /// metadata node or one with an address, `set_node_addrs`), in tier
+    /// `tier`. It belongs to the job as its metadata node knows it: the
+    /// job's deregistration frees it on every node the client knows.
+    pub fn alloc_block_at(
+        &mut self,
+        job: &Job,
+        node: u16,
+        core: usize,
+        tier: u8,
+    ) -> Result<BlockId, ClientError> {
+        let key = alloc_key(job, tier, self.node_number());
+        let node = self.node_index(node)?;
+        let (_, body) = self.call_lane(Lane { node, core }, Opcode::BlockAlloc, 0, &key, &[])?;
         Ok(BlockId(u64_body(&body)?))
     }
 
@@ -915,6 +972,17 @@ fn path_key(job: &Job, path: &str) -> Result<String, ClientError> {
     proto::split_job_key(key.as_bytes())
         .map_err(|e| ClientError::Local(format!("invalid path '{path}': {e}")))?;
     Ok(key)
+}
+
+/// `BlockAlloc`'s key: the job id, the tier byte, and the number of the
+/// job's metadata node unless it is 0 (what nodes before node numbers sent).
+fn alloc_key(job: &Job, tier_byte: u8, meta_node: u16) -> Vec<u8> {
+    let mut k = job.id.to_le_bytes().to_vec();
+    k.push(tier_byte);
+    if meta_node != 0 {
+        k.extend_from_slice(&meta_node.to_le_bytes());
+    }
+    k
 }
 
 fn u32_body(b: &[u8]) -> Result<u32, ClientError> {

@@ -1,6 +1,9 @@
 //! Executing one request on the core that owns its data. Every call appends
 //! exactly one response frame to `out`.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use super::ring::Msg;
 use super::{PendingIo, ReplyTo, State, Undo};
 use crate::meta::log::Record;
@@ -9,7 +12,7 @@ use crate::proto::{
     self, encode_header, flags, tier, BlockId, BlockKey, Header, JobHints, ObjectMeta, Opcode, Reader,
     Status, HEADER_LEN,
 };
-use crate::storage::{Completion, FlashEngine, StorageError};
+use crate::storage::{job_owner, Completion, FlashEngine, Owner, StorageError, FIRST_RESERVED_JOB_ID};
 use crate::transport::Output;
 
 /// What executing a request did.
@@ -203,11 +206,29 @@ impl State {
             Opcode::DeregisterJob => {
                 no_body(body)?;
                 let name = job_name(key)?;
+                // Its blocks on other nodes are the caller's to free (`FreeOwner`
+                // there): the answer lists those to keep, of its PERSIST objects.
+                let kept = self.ns.remote_persistent_blocks(name);
+                if kept.len() > proto::max_blocks(self.cfg.limits.max_body)
+                    || proto::check_location_nodes(&kept).is_err()
+                {
+                    let msg = format!(
+                        "job '{name}' keeps {} blocks of PERSIST objects on other nodes, more than one answer lists: delete some first",
+                        kept.len()
+                    );
+                    return Err(Fail(Status::TooLarge, msg));
+                }
+                let job = self.ns.info(name)?.id;
                 let r = self.ns.deregister(name)?;
                 self.ns_changed = true;
                 self.log(Record::Deregister { job: name });
                 self.release_committed(r);
-                respond(out, id, opc, ok, &[]);
+                respond_with(out, id, opc, ok, |o| {
+                    o.extend_from_slice(&job.to_le_bytes());
+                    if !kept.is_empty() {
+                        proto::encode_locations(&kept, o);
+                    }
+                });
             }
             Opcode::JobInfo => {
                 no_body(body)?;
@@ -337,16 +358,18 @@ impl State {
                 let mut r = Reader::new(key);
                 let job = r.u32("job id")?;
                 let t = if key.len() > 4 { r.u8("tier")? } else { tier::DRAM };
-                r.end("BlockAlloc key is a 4-byte job id, optionally followed by a 1-byte tier")?;
-                if job >= crate::storage::PERSISTED_OWNER {
+                let meta_node = if key.len() > 5 { r.u16("metadata node")? } else { 0 };
+                r.end("BlockAlloc key is a 4-byte job id, optionally a 1-byte tier, then a 2-byte metadata node")?;
+                if job >= FIRST_RESERVED_JOB_ID {
                     return Err(malformed("job ids 0xfffffffe and 0xffffffff are reserved"));
                 }
+                let owner = job_owner(meta_node, job);
                 let (t, spill) = (t & !tier::SPILL, t & tier::SPILL != 0);
-                let b = match self.alloc_on(t, job) {
+                let b = match self.alloc_on(t, owner) {
                     // One step down, to the next tier this node has; its
                     // answer (a block, or its own `no capacity`) is final.
                     Err(Fail(Status::NoCapacity, msg)) if spill => match self.tier_below(t) {
-                        Some(lower) => self.alloc_on(lower, job)?,
+                        Some(lower) => self.alloc_on(lower, owner)?,
                         None => return Err(Fail(Status::NoCapacity, msg)),
                     },
                     r => r?,
@@ -395,6 +418,25 @@ impl State {
                     tier::DRAM => self.dram.free(k.block)?,
                     t => engine(&mut self.engines, t)?.free(k.block)?,
                 }
+                respond(out, id, opc, ok, &[]);
+            }
+            Opcode::FreeOwner => {
+                let mut r = Reader::new(key);
+                let job = r.u32("job id")?;
+                let meta_node = r.u16("metadata node")?;
+                r.end("FreeOwner key is a 4-byte job id and a 2-byte metadata node")?;
+                if job >= FIRST_RESERVED_JOB_ID {
+                    return Err(malformed("job ids 0xfffffffe and 0xffffffff are reserved"));
+                }
+                if !body.len().is_multiple_of(8) {
+                    return Err(malformed("FreeOwner body is 8-byte block ids"));
+                }
+                // The body is bounded by the frame limit; so is this set.
+                let keep: HashSet<BlockId> = body
+                    .chunks_exact(8)
+                    .map(|c| BlockId(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+                    .collect();
+                self.free_owner_everywhere(job_owner(meta_node, job), Arc::new(keep));
                 respond(out, id, opc, ok, &[]);
             }
         }
@@ -469,10 +511,10 @@ impl State {
     }
 
     /// A block for `job` on tier `t` of this core.
-    fn alloc_on(&mut self, t: u8, job: u32) -> Result<BlockId, Fail> {
+    fn alloc_on(&mut self, t: u8, owner: Owner) -> Result<BlockId, Fail> {
         Ok(match t {
-            tier::DRAM => self.dram.alloc(job)?,
-            t => engine(&mut self.engines, t)?.alloc(job)?,
+            tier::DRAM => self.dram.alloc(owner)?,
+            t => engine(&mut self.engines, t)?.alloc(owner)?,
         })
     }
 

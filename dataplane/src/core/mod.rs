@@ -19,7 +19,9 @@ use crate::meta::{JobSummary, Namespaces};
 use crate::node::PollMode;
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
-use crate::storage::{Completion, DramTier, FlashEngine, StorageError, TierUsage, PERSISTED_OWNER};
+use crate::storage::{
+    is_job_owner, job_owner, Completion, DramTier, FlashEngine, Owner, StorageError, TierUsage,
+};
 use crate::transport::{ConnId, EventSink, Output, Transport};
 use exec::Exec;
 use ring::{Links, Msg};
@@ -293,9 +295,10 @@ impl<T: Transport> Core<T> {
         // of this one: job ids start over with the node, and a new job with
         // an old id must not free them when it deregisters.
         for e in &mut engines {
-            let mut by_owner: HashMap<u32, HashSet<proto::BlockId>> = HashMap::new();
+            let mut by_owner: HashMap<Owner, HashSet<proto::BlockId>> = HashMap::new();
             for &(id, owner, _) in e.recovered_persistent() {
-                if owner < PERSISTED_OWNER {
+                let owner = owner as Owner;
+                if is_job_owner(owner) {
                     by_owner.entry(owner).or_default().insert(id);
                 }
             }
@@ -663,8 +666,8 @@ impl State {
                     }
                 }
             }
-            Msg::FreeJob { job, keep } => {
-                self.free_owner(job, &keep);
+            Msg::FreeJob { owner, keep } => {
+                self.free_owner(owner, &keep);
             }
             Msg::Persist { origin, slot, blocks } => {
                 debug_assert!(!blocks.is_empty());
@@ -869,11 +872,21 @@ impl State {
         }
     }
 
-    /// Frees every block `job` allocated on this core, on every tier, but `keep`.
-    fn free_owner(&mut self, job: u32, keep: &HashSet<proto::BlockId>) {
-        self.dram.free_owner(job, keep);
+    /// Frees every block `owner` allocated on this core, on every tier, but `keep`.
+    fn free_owner(&mut self, owner: Owner, keep: &HashSet<proto::BlockId>) {
+        self.dram.free_owner(owner, keep);
         for e in &mut self.engines {
-            e.free_owner(job, keep);
+            e.free_owner(owner, keep);
+        }
+    }
+
+    /// Frees every block `owner` allocated on every core of this node, on
+    /// every tier, but `keep`: here at once, on the other cores when they
+    /// take the message from their ring.
+    pub(crate) fn free_owner_everywhere(&mut self, owner: Owner, keep: Arc<HashSet<proto::BlockId>>) {
+        self.free_owner(owner, &keep);
+        for o in self.links.out.iter_mut().flatten() {
+            o.push(Msg::FreeJob { owner, keep: keep.clone() });
         }
     }
 
@@ -1042,10 +1055,7 @@ impl State {
                 // By id first: covers blocks allocated under an earlier id.
                 self.release(Release::Blocks(drop));
                 let keep: Arc<HashSet<proto::BlockId>> = Arc::new(keep.into_iter().collect());
-                self.free_owner(job, &keep);
-                for o in self.links.out.iter_mut().flatten() {
-                    o.push(Msg::FreeJob { job, keep: keep.clone() });
-                }
+                self.free_owner_everywhere(job_owner(self.ns.node(), job), keep);
             }
         }
     }

@@ -18,8 +18,9 @@ pub enum Msg {
     Response { conn: ConnId, gen: u32, frame: Vec<u8> },
     /// Blocks of a deleted object that live on the receiving core.
     FreeBlocks(Vec<BlockId>),
-    /// A job was deregistered: free its blocks on the receiving core except `keep`.
-    FreeJob { job: u32, keep: Arc<HashSet<BlockId>> },
+    /// A job was deregistered: free the blocks of `owner` (`storage::job_owner`)
+    /// on the receiving core except `keep`.
+    FreeJob { owner: crate::storage::Owner, keep: Arc<HashSet<BlockId>> },
     /// Flash or disk blocks of a PERSIST object, on the receiving core: mark
     /// them persistent, then answer `Persisted` with `slot` to `origin`.
     Persist { origin: u8, slot: u32, blocks: Vec<BlockId> },

@@ -133,7 +133,7 @@ impl Namespaces {
             let seq = self.next_id;
             self.next_id = if seq >= MAX_JOB_SEQ { 1 } else { seq + 1 };
             let id = (self.core as u32) << 24 | seq;
-            if id < crate::storage::PERSISTED_OWNER && !self.live_ids.contains(&id) {
+            if id < crate::storage::FIRST_RESERVED_JOB_ID && !self.live_ids.contains(&id) {
                 return Some(id);
             }
         }
@@ -184,7 +184,7 @@ impl Namespaces {
                 }
                 if *id >> 24 != self.core as u32
                     || *id & MAX_JOB_SEQ == 0
-                    || *id >= crate::storage::PERSISTED_OWNER
+                    || *id >= crate::storage::FIRST_RESERVED_JOB_ID
                 {
                     return Err(err(Status::Malformed, format!("job id {id:#x} is not one of this core's")));
                 }
@@ -416,6 +416,23 @@ impl Namespaces {
             Some(Entry::Object(m, _)) => m.blocks.iter().filter(|l| l.node != self.node).copied().collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// The blocks on other nodes of job `name`'s `PERSIST` objects: what a
+    /// deregistration keeps there. The caller of `DeregisterJob` has every
+    /// other node free the job's blocks but these (`FreeOwner`).
+    pub fn remote_persistent_blocks(&self, name: &str) -> Vec<Location> {
+        let Some(j) = self.jobs.get(name).filter(|j| j.registered) else { return Vec::new() };
+        j.entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Object(m, _) if m.flags & flags::PERSIST != 0 => Some(m.blocks.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|l| l.node != self.node)
+            .copied()
+            .collect()
     }
 
     /// Deletes an object (its blocks of this node are released; see

@@ -38,6 +38,7 @@ pub enum Opcode {
     BlockAppend = 0x22,
     BlockRead = 0x23,
     BlockFree = 0x24,
+    FreeOwner = 0x25,
 }
 
 impl Opcode {
@@ -61,6 +62,7 @@ impl Opcode {
             0x22 => BlockAppend,
             0x23 => BlockRead,
             0x24 => BlockFree,
+            0x25 => FreeOwner,
             _ => return None,
         })
     }

@@ -6,11 +6,30 @@ use std::collections::{HashSet, VecDeque};
 use super::{Arena, StorageError, TierUsage};
 use crate::proto::{tier, BlockId};
 
+/// Who allocated a block: the job id in the low 32 bits, the number of the
+/// job's metadata node in the next 16 (`job_owner`). Job ids are unique
+/// per metadata node only; with the node's number, owners are unique in a
+/// cluster. Node 0's owners are its job ids, as before node numbers.
+pub type Owner = u64;
+
 /// Owner value of a free slot.
-const FREE: u32 = u32::MAX;
+const FREE: Owner = u32::MAX as Owner;
 /// Owner of blocks kept by a deregistered job's PERSIST objects: no job id
 /// (old or new) can free them in bulk any more, only by id.
-pub const PERSISTED_OWNER: u32 = u32::MAX - 1;
+pub const PERSISTED_OWNER: Owner = (u32::MAX - 1) as Owner;
+/// Job ids 0xFFFFFFFE and 0xFFFFFFFF are never handed out (on any node):
+/// as owners of node 0 they would be `PERSISTED_OWNER` and `FREE`.
+pub const FIRST_RESERVED_JOB_ID: u32 = u32::MAX - 1;
+
+/// The owner of blocks allocated for job `job` of metadata node `node`.
+pub const fn job_owner(node: u16, job: u32) -> Owner {
+    (node as Owner) << 32 | job as Owner
+}
+
+/// Whether `o` is a job's owner (not free, not persisted).
+pub const fn is_job_owner(o: Owner) -> bool {
+    (o as u32) < FIRST_RESERVED_JOB_ID && o >> 48 == 0
+}
 
 pub struct DramTier {
     core: u8,
@@ -20,8 +39,8 @@ pub struct DramTier {
     lens: Vec<u32>,
     /// Bumped on every free, so handles to an earlier use of a slot go stale.
     gens: Vec<u32>,
-    /// Job id that allocated the block, `PERSISTED_OWNER`, or `FREE`.
-    owners: Vec<u32>,
+    /// `job_owner` of the job that allocated the block, `PERSISTED_OWNER`, or `FREE`.
+    owners: Vec<Owner>,
     /// Free slots, oldest first: FIFO reuse spreads generations over every
     /// slot instead of cycling one.
     free: VecDeque<u32>,
@@ -83,8 +102,8 @@ impl DramTier {
         &mut self.arena.as_mut_slice()[i * bs..(i + 1) * bs]
     }
 
-    pub fn alloc(&mut self, owner: u32) -> Result<BlockId, StorageError> {
-        debug_assert!(owner < PERSISTED_OWNER);
+    pub fn alloc(&mut self, owner: Owner) -> Result<BlockId, StorageError> {
+        debug_assert!(is_job_owner(owner));
         let i = self.free.pop_front().ok_or(StorageError::NoCapacity)? as usize;
         debug_assert_eq!(self.owners[i], FREE);
         self.owners[i] = owner;
@@ -153,8 +172,8 @@ impl DramTier {
 
     /// Frees every block `owner` allocated except those in `keep`, which
     /// pass to `PERSISTED_OWNER`. Returns how many were freed.
-    pub fn free_owner(&mut self, owner: u32, keep: &HashSet<BlockId>) -> usize {
-        assert!(owner < PERSISTED_OWNER, "bulk free of a reserved owner");
+    pub fn free_owner(&mut self, owner: Owner, keep: &HashSet<BlockId>) -> usize {
+        assert!(is_job_owner(owner), "bulk free of a reserved owner");
         let mut n = 0;
         for i in 0..self.owners.len() {
             if self.owners[i] != owner {
@@ -256,6 +275,20 @@ mod tests {
         assert_eq!(t.read(BlockId::new(tier::DRAM, 4, 0, 0), 0, 1), Err(StorageError::NotFound));
         assert_eq!(t.read(BlockId::new(1, 3, 0, 0), 0, 1), Err(StorageError::NotFound));
         assert_eq!(t.read(BlockId::new(tier::DRAM, 3, 0, 99), 0, 1), Err(StorageError::NotFound));
+    }
+
+    #[test]
+    fn owners_of_other_metadata_nodes_are_apart() {
+        let mut t = tier(5);
+        // Job id 5 of metadata nodes 0, 1 and 2: three owners.
+        let blocks: Vec<BlockId> = (0..3u16).map(|n| t.alloc(job_owner(n, 5)).unwrap()).collect();
+        assert_eq!(job_owner(0, 5), 5, "node 0's owners are its job ids");
+        assert_eq!(t.free_owner(job_owner(1, 5), &HashSet::new()), 1);
+        assert!(t.read(blocks[0], 0, 0).is_ok() && t.read(blocks[2], 0, 0).is_ok());
+        assert!(t.read(blocks[1], 0, 0).is_err());
+        assert!(!is_job_owner(PERSISTED_OWNER) && !is_job_owner(FREE));
+        assert!(!is_job_owner(job_owner(7, FIRST_RESERVED_JOB_ID)));
+        assert!(is_job_owner(job_owner(u16::MAX, FIRST_RESERVED_JOB_ID - 1)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::pool::{BufPool, ReadBuf, WriteBuf};
 use super::ring::{probe_iopoll, tag, IoMode, OwnRings};
 use super::slots::Slots;
 use crate::proto::BlockId;
-use crate::storage::{StorageError, TierUsage, PERSISTED_OWNER};
+use crate::storage::{is_job_owner, Owner, StorageError, TierUsage, PERSISTED_OWNER};
 
 /// Header flushes in flight at once (each owns a staging sector).
 const FLIGHTS: u32 = 4;
@@ -874,8 +874,8 @@ impl FlashEngine {
         BlockId::new(self.tier, self.core, self.slots.gen(slot), slot)
     }
 
-    pub fn alloc(&mut self, owner: u32) -> Result<BlockId, StorageError> {
-        debug_assert!(owner < PERSISTED_OWNER);
+    pub fn alloc(&mut self, owner: Owner) -> Result<BlockId, StorageError> {
+        debug_assert!(is_job_owner(owner));
         let (slot, _) = self.slots.alloc(owner).ok_or(StorageError::NoCapacity)?;
         debug_assert!(self.sio[slot as usize].reads == 0 && !self.sio[slot as usize].writing);
         Ok(self.id(slot))
@@ -907,8 +907,8 @@ impl FlashEngine {
 
     /// Frees every block `owner` allocated except those in `keep`, which
     /// pass to `PERSISTED_OWNER`. Returns how many were freed.
-    pub fn free_owner(&mut self, owner: u32, keep: &HashSet<BlockId>) -> usize {
-        assert!(owner < PERSISTED_OWNER, "bulk free of a reserved owner");
+    pub fn free_owner(&mut self, owner: Owner, keep: &HashSet<BlockId>) -> usize {
+        assert!(is_job_owner(owner), "bulk free of a reserved owner");
         let mut n = 0;
         for slot in 0..self.slots.count() {
             if self.slots.owner(slot) != owner {

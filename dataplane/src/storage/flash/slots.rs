@@ -5,9 +5,10 @@
 use std::collections::VecDeque;
 
 use super::layout::{generation, Entry};
+use crate::storage::Owner;
 
 /// Owner value of a slot that holds no block.
-pub const FREE: u32 = u32::MAX;
+pub const FREE: Owner = u32::MAX as Owner;
 
 /// The block survives a restart: its header entry is (being) written.
 pub const PERSIST: u8 = 1 << 0;
@@ -19,7 +20,7 @@ pub const RETIRED: u8 = 1 << 2;
 
 pub struct Slots {
     epoch: u32,
-    owner: Vec<u32>,
+    owner: Vec<Owner>,
     gen: Vec<u32>,
     /// Bytes of data in each block (committed: every write counted here
     /// has completed).
@@ -48,7 +49,9 @@ impl Slots {
         for &(i, e) in recovered {
             let i = i as usize;
             assert!(i < n_us && s.owner[i] == FREE, "slot {i} recovered twice");
-            s.owner[i] = e.owner;
+            // On disk an owner is its job id alone: recovered blocks belong
+            // to no job of this run either way (`Core::new`).
+            s.owner[i] = e.owner as Owner;
             s.gen[i] = e.generation;
             s.len[i] = e.len;
             s.flags[i] = PERSIST;
@@ -75,7 +78,7 @@ impl Slots {
         i < self.owner.len() && self.owner[i] != FREE && self.gen[i] == gen
     }
 
-    pub fn alloc(&mut self, owner: u32) -> Option<(u32, u32)> {
+    pub fn alloc(&mut self, owner: Owner) -> Option<(u32, u32)> {
         debug_assert_ne!(owner, FREE);
         let i = self.free.pop_front()?;
         let u = i as usize;
@@ -124,11 +127,11 @@ impl Slots {
         self.free.push_back(i);
     }
 
-    pub fn owner(&self, i: u32) -> u32 {
+    pub fn owner(&self, i: u32) -> Owner {
         self.owner[i as usize]
     }
 
-    pub fn set_owner(&mut self, i: u32, owner: u32) {
+    pub fn set_owner(&mut self, i: u32, owner: Owner) {
         debug_assert!(self.owner[i as usize] != FREE && owner != FREE);
         self.owner[i as usize] = owner;
     }
@@ -160,7 +163,7 @@ impl Slots {
     pub fn entry(&self, i: u32) -> Option<Entry> {
         let u = i as usize;
         (self.owner[u] != FREE && self.flags[u] & PERSIST != 0).then(|| Entry {
-            owner: self.owner[u],
+            owner: self.owner[u] as u32,
             generation: self.gen[u],
             len: self.len[u],
             epoch: self.epoch,

@@ -974,7 +974,7 @@ proptest! {
             let eng = e.as_mut().unwrap();
             let pick = if live.is_empty() { None } else { Some(x as usize % live.len()) };
             match (op, pick) {
-                (0, _) => match eng.alloc(x as u32) {
+                (0, _) => match eng.alloc(u64::from(x as u32)) {
                     Ok(id) => {
                         let data = pattern(seed, y as usize % bs as usize);
                         write(eng, id, 0, &data).unwrap();
