@@ -527,7 +527,7 @@ impl Node {
 
         #[cfg(feature = "dpdk")]
         if let Some(d) = &dpdk {
-            d.shared.set_wakers(shared.iter().map(|c| c.waker.fd()).collect());
+            d.shared.set_wakers(shared.iter().map(|c| c.waker.clone()).collect());
         }
 
         let started = Instant::now();
@@ -904,15 +904,17 @@ impl CoreStart {
                 }
             },
             #[cfg(feature = "dpdk")]
-            NetBackend::Dpdk => match dpdk_transport(self.dpdk, id, waker_fd, self.max_conns) {
-                // The lcore registration lasts as long as the core runs.
-                Ok((t, _lcore)) => Self::serve(
-                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
-                ),
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("DPDK transport: {e}"))));
+            NetBackend::Dpdk => {
+                match dpdk_transport(self.dpdk, id, self.peers[id].waker.clone(), self.max_conns) {
+                    // The lcore registration lasts as long as the core runs.
+                    Ok((t, _lcore)) => Self::serve(
+                        self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
+                    ),
+                    Err(e) => {
+                        let _ = ready.send((id, Err(format!("DPDK transport: {e}"))));
+                    }
                 }
-            },
+            }
             #[cfg(not(feature = "dpdk"))]
             NetBackend::Dpdk => {
                 let _ = ready.send((id, Err("this build has no DPDK support".into())));
@@ -975,7 +977,7 @@ impl CoreStart {
 fn dpdk_transport(
     net: Option<DpdkCore>,
     id: usize,
-    waker_fd: std::os::fd::RawFd,
+    waker: Arc<crate::core::waker::Waker>,
     max_conns: usize,
 ) -> Result<(crate::transport::dpdk::DpdkTransport, Option<ffi::ThreadRegistration>), String> {
     let net = net.ok_or("no DPDK queue for this core")?;
@@ -986,8 +988,7 @@ fn dpdk_transport(
             None
         }
     };
-    let t =
-        crate::transport::dpdk::DpdkTransport::new(net, waker_fd, max_conns).map_err(|e| e.to_string())?;
+    let t = crate::transport::dpdk::DpdkTransport::new(net, waker, max_conns).map_err(|e| e.to_string())?;
     Ok((t, lcore))
 }
 

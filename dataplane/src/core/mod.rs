@@ -55,7 +55,7 @@ const STORAGE_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// What other threads may see of a core: lock-free counters, its waker, and a
 /// job list it publishes off the request path.
 pub struct CoreShared {
-    pub waker: Waker,
+    pub waker: Arc<Waker>,
     /// Whether the core polls (spins while idle, per its poll mode); a core
     /// turned off by the controller parks as soon as it is idle and still
     /// serves what arrives. Set by the node's management thread.
@@ -88,7 +88,7 @@ pub struct CoreShared {
 impl CoreShared {
     pub fn new() -> std::io::Result<CoreShared> {
         Ok(CoreShared {
-            waker: Waker::new()?,
+            waker: Arc::new(Waker::new()?),
             polling: AtomicBool::new(true),
             parked: AtomicBool::new(false),
             busy_ns: AtomicU64::new(0),

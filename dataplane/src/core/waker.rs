@@ -1,7 +1,7 @@
 //! Cross-thread wake-up of a parked core: an eventfd the core's transport
 //! watches alongside its sockets.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -22,6 +22,18 @@ impl Waker {
 
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Clears pending wake-ups (for a consumer that polls the fd itself).
+    pub fn drain(&self) {
+        // Nothing pending (EAGAIN) is as good as drained.
+        let _ = self.fd.read();
+    }
+}
+
+impl AsFd for Waker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

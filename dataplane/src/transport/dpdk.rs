@@ -18,7 +18,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +30,7 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
+use crate::core::waker::Waker;
 use crate::node::NetBackend;
 
 /// A connection's receive and send buffers inside the TCP stack. The receive
@@ -88,7 +88,7 @@ pub struct Shared {
     steer_all: bool,
     /// Each core's waker (an eventfd), to end its idle nap when a frame is
     /// steered to it; set once the cores exist.
-    wakers: std::sync::OnceLock<Vec<RawFd>>,
+    wakers: std::sync::OnceLock<Vec<Arc<Waker>>>,
     /// Frames dropped before the stack: multi-segment, runt or oversized.
     pub dropped_rx: AtomicU64,
     /// Frames the stack built that found no mbuf (pool exhausted).
@@ -112,8 +112,8 @@ impl Shared {
     }
 
     /// Records the cores' wakers (eventfds that outlive the transports).
-    pub fn set_wakers(&self, fds: Vec<RawFd>) {
-        let _ = self.wakers.set(fds);
+    pub fn set_wakers(&self, wakers: Vec<Arc<Waker>>) {
+        let _ = self.wakers.set(wakers);
     }
 
     /// The core that owns a frame: core i for TCP to core i's port; with
@@ -315,11 +315,8 @@ impl Nic {
         q.push(m);
         drop(q);
         if !self.shared.steer_pending[owner].swap(true, Ordering::AcqRel) {
-            if let Some(&fd) = self.shared.wakers.get().and_then(|w| w.get(owner)) {
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: writes 8 bytes from a local array to a core's
-                // eventfd, which lives as long as the node.
-                let _ = unsafe { nix::libc::write(fd, one.as_ptr().cast(), 8) };
+            if let Some(w) = self.shared.wakers.get().and_then(|w| w.get(owner)) {
+                w.wake();
             }
         }
     }
@@ -432,7 +429,7 @@ pub struct DpdkTransport {
     closes: CloseList,
     expired: Vec<ConnId>,
     timeouts: CloseTimeouts,
-    waker_fd: RawFd,
+    waker: Arc<Waker>,
     epoch: Instant,
     nap: Duration,
 }
@@ -442,7 +439,7 @@ fn stack_now(epoch: Instant) -> smoltcp::time::Instant {
 }
 
 impl DpdkTransport {
-    pub fn new(net: CoreNet, waker_fd: RawFd, max_conns: usize) -> io::Result<DpdkTransport> {
+    pub fn new(net: CoreNet, waker: Arc<Waker>, max_conns: usize) -> io::Result<DpdkTransport> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
         if net.mac[0] & 1 != 0 || net.mac == [0; 6] {
             return Err(invalid(format!("port MAC {:02x?} is not a unicast address", net.mac)));
@@ -497,7 +494,7 @@ impl DpdkTransport {
             closes: CloseList::new(),
             expired: Vec::new(),
             timeouts: CloseTimeouts::DEFAULT,
-            waker_fd,
+            waker,
             epoch,
             nap: IDLE_NAP_MIN,
         };
@@ -778,22 +775,17 @@ impl DpdkTransport {
 
     /// Sleeps up to `d` on the waker; true if woken by it.
     fn nap(&self, d: Duration) -> io::Result<bool> {
-        let mut pfd = nix::libc::pollfd { fd: self.waker_fd, events: nix::libc::POLLIN, revents: 0 };
-        let ts = nix::libc::timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ };
-        // SAFETY: one valid pollfd and a valid timespec, both outliving the
-        // call; no signal mask is changed.
-        let rc = unsafe { nix::libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+        use nix::poll::{ppoll, PollFd, PollFlags};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.waker.as_fd(), PollFlags::POLLIN)];
+        match ppoll(&mut fds, Some(nix::sys::time::TimeSpec::from_duration(d)), None) {
+            Ok(n) if n > 0 && fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) => {
+                self.waker.drain();
+                Ok(true)
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        if rc > 0 && pfd.revents & nix::libc::POLLIN != 0 {
-            let mut b = [0u8; 8];
-            // SAFETY: reads 8 bytes into a local array from our own eventfd.
-            let _ = unsafe { nix::libc::read(self.waker_fd, b.as_mut_ptr().cast(), 8) };
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     /// Mbufs of this core's pool that are out of it.
