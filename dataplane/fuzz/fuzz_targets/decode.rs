@@ -134,7 +134,9 @@ fn payload<'a>(data: &'a [u8], h: &Header) -> Option<(&'a [u8], &'a [u8])> {
 fn request_payload(h: &Header, key: &[u8], body: &[u8]) {
     let Some(op) = h.op() else { unreachable!("request header with unknown opcode") };
     match op {
-        Opcode::Ping | Opcode::NodeInfo | Opcode::BlockAlloc => {}
+        // Fixed-size fields read in place by the node (`FreeOwner`: a job id,
+        // a metadata node, 8-byte block ids), no decoder to exercise here.
+        Opcode::Ping | Opcode::NodeInfo | Opcode::BlockAlloc | Opcode::FreeOwner => {}
         Opcode::Auth => token(body),
         Opcode::RegisterJob => {
             job_key(key);
@@ -164,6 +166,8 @@ fn response_payload(h: &Header, _key: &[u8], body: &[u8]) {
         Some(Opcode::NodeInfo) => node_info(body),
         Some(Opcode::Lookup) => object_meta(body),
         Some(Opcode::Delete) if !body.is_empty() => locations(body),
+        // The job id, then the kept PERSIST blocks on other nodes.
+        Some(Opcode::DeregisterJob) if body.len() > 4 => locations(&body[4..]),
         Some(Opcode::Enumerate) => entries(body),
         Some(Opcode::JobInfo) => job_info(body),
         _ => {}
