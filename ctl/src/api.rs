@@ -30,7 +30,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use dataplane::node::{NetBackend, PollMode};
+pub use dataplane::node::{NetBackend, PollMode, Role};
 pub use dataplane::report::{AppliedView, CoreReport, JobReport, NodeReport, TierReport};
 
 /// A node's liveness as the controller sees it.
@@ -116,6 +116,10 @@ pub struct NodeSummary {
     pub node_id: String,
     /// The node's main data port, `ip:port`; clients connect here.
     pub addr: String,
+    /// What the node serves (storage, metadata or both); `both` from
+    /// controllers that predate roles.
+    #[serde(default)]
+    pub role: Role,
     pub state: NodeState,
     /// The transport the node actually runs (after any fallback).
     pub net: NetBackend,

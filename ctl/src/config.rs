@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use dataplane::node::{DpdkConfig, NetBackend, NodeConfig, PollMode, TierSpec};
+use dataplane::node::{DpdkConfig, NetBackend, NodeConfig, PollMode, Role, TierSpec};
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -61,6 +61,7 @@ override the file; the file overrides the defaults shown here. An unknown key is
 
     # pollen node only
     controller = \"http://127.0.0.1:7070\"
+    role = \"both\"              # or \"storage\" (blocks only) or \"metadata\" (namespaces only)
     ip = \"127.0.0.1\"          # with net = \"dpdk\": the stack's address and prefix, \"10.0.0.2/24\"
     dpdk_args = \"-l 2-3 -a 0000:03:00.0\"   # DPDK EAL arguments (net = \"dpdk\")
     dpdk_port = 0
@@ -269,6 +270,10 @@ pub struct NodeArgs {
     /// its own TCP/IP stack (A.B.C.D/NN) [default: 127.0.0.1]
     #[arg(long, value_name = "IP[/NN]")]
     pub ip: Option<IpSpec>,
+    /// What the node serves: storage (blocks only), metadata (job namespaces only) or both
+    /// (docs/control-plane.md, "Node roles") [default: both]
+    #[arg(long, value_name = "ROLE", value_parser = ["storage", "metadata", "both"])]
+    pub role: Option<String>,
     /// Keep the metadata log in DIR/meta, so jobs, directories and objects survive a restart
     /// [default: none; the namespaces live in memory only]
     #[arg(long, value_name = "DIR")]
@@ -335,6 +340,7 @@ pub struct FileConfig {
     // `pollen node` only.
     pub controller: Option<Spanned<String>>,
     pub ip: Option<Spanned<IpSpec>>,
+    pub role: Option<Spanned<Role>>,
 }
 
 /// Why a config file was refused.
@@ -388,6 +394,7 @@ impl FileConfig {
         misplaced("ctl_port", Command::Up, file.ctl_port.as_ref().map(Spanned::span))?;
         misplaced("controller", Command::Node, file.controller.as_ref().map(Spanned::span))?;
         misplaced("ip", Command::Node, file.ip.as_ref().map(Spanned::span))?;
+        misplaced("role", Command::Node, file.role.as_ref().map(Spanned::span))?;
         Ok(file)
     }
 }
@@ -475,6 +482,7 @@ impl NodeFlags {
             max_body: max_body.context("the max body is too large")?,
             max_conns_per_core: self.max_conns.or(file.max_conns_per_core).unwrap_or(base.max_conns_per_core),
             node_id: self.node_id.clone().or_else(|| file.node_id.clone()).unwrap_or(base.node_id),
+            role: base.role,
             node_number: self.node_number.or(file.node_number),
             // Tiers are off unless a flag or the file names them.
             flash: self.flash.clone().or_else(|| file.flash.clone()),
@@ -559,6 +567,10 @@ impl NodeArgs {
             .unwrap_or(IpSpec { addr: DEFAULT_NODE_IP, prefix: None });
         let (mut node, heartbeat) = self.node.merge(file, ip.addr, ip.prefix)?;
         node.data_dir = self.data_dir.clone().or_else(|| file.data_dir.clone().map(Spanned::into_inner));
+        node.role = match &self.role {
+            Some(r) => r.parse().map_err(|e: String| anyhow::anyhow!("--role {r}: {e}"))?,
+            None => file.role.as_ref().map_or(Role::Both, |r| *r.get_ref()),
+        };
         let controller = self
             .controller
             .clone()
@@ -912,6 +924,16 @@ mod tests {
         assert_eq!((s.controller.as_str(), s.node.node_id.as_str()), ("http://10.0.0.1:7070", "n1"));
         let s = node_flags(&["--ip", "127.0.0.2", "--controller", "http://c:1"]).merge(&f).unwrap();
         assert_eq!((s.node.listen.to_string(), s.controller.as_str()), ("127.0.0.2".into(), "http://c:1"));
+    }
+
+    #[test]
+    fn role_comes_from_the_flag_or_the_file_and_is_both_by_default() {
+        assert_eq!(node_flags(&[]).merge(&FileConfig::default()).unwrap().node.role, Role::Both);
+        let f = file("role = \"metadata\"", Command::Node);
+        assert_eq!(node_flags(&[]).merge(&f).unwrap().node.role, Role::Metadata);
+        assert_eq!(node_flags(&["--role", "storage"]).merge(&f).unwrap().node.role, Role::Storage);
+        assert!(file_err("role = \"archive\"", Command::Node).contains("unknown variant"));
+        assert!(file_err("role = \"storage\"", Command::Up).contains("pollen node"));
     }
 
     #[test]

@@ -56,16 +56,30 @@ impl TestCluster {
 
     /// `ctl_args` are added to the controller's command line.
     fn start_with(n: usize, numbered: bool, ctl_args: &[&str]) -> TestCluster {
+        TestCluster::start_nodes(&vec![None; n], numbered, ctl_args)
+    }
+
+    /// A numbered cluster whose node `n{i}` runs with `--role roles[i - 1]`.
+    fn start_roles(roles: &[&str]) -> TestCluster {
+        let roles: Vec<Option<&str>> = roles.iter().copied().map(Some).collect();
+        TestCluster::start_nodes(&roles, true, &[])
+    }
+
+    /// Nodes `n1..` with `--role` where given (the default, `both`, where not).
+    fn start_nodes(roles: &[Option<&str>], numbered: bool, ctl_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
         let (ctl, url) = spawn_controller(dir.path(), "127.0.0.1:0", ctl_args);
         let mut c = TestCluster { dir, url, ctl, nodes: BTreeMap::new() };
-        for i in 1..=n {
-            let extra = if numbered { numbered_args(i) } else { Vec::new() };
+        for (i, role) in (1..).zip(roles) {
+            let mut extra = if numbered { numbered_args(i) } else { Vec::new() };
+            if let Some(role) = role {
+                extra.extend(["--role".to_string(), role.to_string()]);
+            }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             c.start_node(&format!("n{i}"), &extra);
         }
-        c.wait_nodes_up(n);
+        c.wait_nodes_up(roles.len());
         c
     }
 
@@ -652,6 +666,110 @@ fn deregistering_through_the_controller_frees_blocks_on_every_node() {
         if n.0.is_some() {
             assert!(n.terminate().success());
         }
+    }
+    assert!(c.ctl.terminate().success());
+}
+
+/// One metadata-only node and two storage-only nodes: the job's namespace
+/// goes to the metadata node, its blocks only to the storage nodes; a
+/// storage node refuses namespace requests and the metadata node refuses
+/// `BlockAlloc`, each with the status docs/protocol.md gives and a message
+/// that says why.
+#[test]
+fn metadata_and_storage_roles_split_namespaces_from_blocks() {
+    use dataplane::client::{Client, PutOptions};
+    use dataplane::proto::{tier, Status};
+    use pollen_ctl::api::Role;
+
+    let mut c = TestCluster::start_roles(&["metadata", "storage", "storage"]);
+    let r: NodesResponse = c.json(&["nodes"]);
+    let roles: BTreeMap<String, Role> =
+        r.nodes.iter().map(|n| (n.report.node_id.clone(), n.report.role)).collect();
+    let want = [("n1", Role::Metadata), ("n2", Role::Storage), ("n3", Role::Storage)];
+    assert_eq!(roles, want.iter().map(|(id, r)| (id.to_string(), *r)).collect(), "roles in the reports");
+    let table = String::from_utf8_lossy(&c.ok(&["nodes"]).stdout).to_string();
+    let role_of = |id: &str| -> Option<String> {
+        let line = table.lines().find(|l| l.split_whitespace().next() == Some(id))?;
+        line.split_whitespace().nth(1).map(str::to_string)
+    };
+    assert_eq!(role_of("n1").as_deref(), Some("metadata"), "{table}");
+    assert_eq!(role_of("n2").as_deref(), Some("storage"), "{table}");
+    let before: Vec<u64> = ["n1", "n2", "n3"].iter().map(|id| used_dram(&c, id)).collect();
+
+    let j: JobEntry = c.json(&["job", "register", "split", "--lambdas", "15", "--capacity", "8MiB"]);
+    assert_eq!(j.node_id, "n1", "the only metadata-capable node holds the namespace");
+    assert_eq!(j.weights.get("n1").copied().unwrap_or(0.0), 0.0, "{:?}", j.weights);
+    assert!(j.weights["n2"] > 0.0 && j.weights["n3"] > 0.0, "{:?}", j.weights);
+    assert_close(weight_sum(&j), 1.0, "weights of split");
+
+    let (mut client, job, bs) = client_of(&c, &j);
+    let mut on: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut objects = Vec::new();
+    for k in 0..30 {
+        let data: Vec<u8> = (0..2 * bs).map(|b| ((b * 7 + k) % 251) as u8).collect();
+        let name = format!("obj-{k}");
+        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put");
+        for l in client.lookup(&job, &name).expect("lookup").blocks {
+            *on.entry(l.node).or_default() += 1;
+        }
+        objects.push((name, data));
+    }
+    assert_eq!(
+        on.keys().copied().collect::<Vec<_>>(),
+        vec![2, 3],
+        "blocks on the storage nodes only: {on:?}"
+    );
+    for (name, data) in &objects {
+        assert_eq!(&client.get_buffer(&job, name).expect("get"), data, "{name}");
+    }
+    for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
+        let want = before[i] + on.get(&(i as u16 + 1)).copied().unwrap_or(0) * bs as u64;
+        wait_for(Duration::from_secs(10), "each node's DRAM holds its blocks", || {
+            (used_dram(&c, id) == want).then_some(())
+        });
+    }
+
+    // The metadata-only node holds no blocks for others.
+    let e = client.alloc_block_at(&job, 1, 0, tier::DRAM).expect_err("BlockAlloc on the metadata-only node");
+    assert_eq!(e.status(), Some(Status::NoCapacity), "{e}");
+    assert!(e.to_string().contains("metadata-only"), "{e}");
+    let on_storage = client.alloc_block_at(&job, 2, 0, tier::DRAM).expect("a storage node allocates");
+    // Other block opcodes behave as on any node: it holds no block, so 1.
+    let e = client.read_block(on_storage, 0, 1).expect_err("BlockRead on the metadata-only node");
+    assert_eq!(e.status(), Some(Status::NotFound), "{e}");
+    let e = client.write_block(on_storage, 0, b"x").expect_err("BlockWrite on the metadata-only node");
+    assert_eq!(e.status(), Some(Status::NotFound), "{e}");
+
+    // A storage-only node serves no namespace: each namespace opcode is refused.
+    let storage_addr = r.nodes.iter().find(|n| n.report.node_id == "n2").expect("n2").report.addr.clone();
+    let mut storage = Client::connect(storage_addr.as_str()).expect("connect to a storage node");
+    let refused = |e: dataplane::client::ClientError, what: &str| {
+        assert_eq!(e.status(), Some(Status::Malformed), "{what}: {e}");
+        assert!(e.to_string().contains("this node is storage-only"), "{what}: {e}");
+    };
+    refused(storage.job("split").expect_err("JobInfo"), "JobInfo");
+    refused(storage.register_job("other", Default::default()).expect_err("RegisterJob"), "RegisterJob");
+    refused(storage.lookup(&job, "obj-0").expect_err("Lookup"), "Lookup");
+    refused(storage.enumerate(&job, "").expect_err("Enumerate"), "Enumerate");
+    refused(storage.create_dir(&job, "d").expect_err("CreateDir"), "CreateDir");
+    refused(storage.delete(&job, "obj-0").expect_err("Delete"), "Delete");
+    refused(storage.place(&job, 1).expect_err("Place"), "Place");
+    refused(storage.deregister_job(&job).expect_err("DeregisterJob"), "DeregisterJob");
+    // Nothing was deleted or deregistered by those: the object still reads.
+    assert_eq!(client.get_buffer(&job, "obj-0").expect("get"), objects[0].1);
+
+    // Deregistration frees the job's blocks on the storage nodes (FreeOwner
+    // there; the metadata-only node has none to free and answers ok).
+    let d: DeregisterResponse = c.json(&["job", "deregister", "split"]);
+    assert!(d.freed && d.note.is_none(), "{d:?}");
+    for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
+        wait_for(Duration::from_secs(10), "the job's blocks freed", || {
+            (used_dram(&c, id) == before[i]).then_some(())
+        });
+    }
+
+    for (_, mut n) in std::mem::take(&mut c.nodes) {
+        assert!(n.terminate().success());
     }
     assert!(c.ctl.terminate().success());
 }

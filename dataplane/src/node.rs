@@ -63,6 +63,33 @@ macro_rules! name_enum {
 name_enum!(PollMode, Busy => "busy", Adaptive => "adaptive");
 name_enum!(NetBackend, Uring => "uring", Epoll => "epoll", Dpdk => "dpdk");
 
+/// What a node serves (docs/control-plane.md, "Node roles"): a `storage`
+/// node holds blocks and refuses namespace opcodes; a `metadata` node holds
+/// namespaces and refuses `BlockAlloc` (it holds no blocks for others);
+/// `both` serves everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Storage,
+    Metadata,
+    #[default]
+    Both,
+}
+
+impl Role {
+    /// Whether the node serves namespaces (is a metadata server).
+    pub fn metadata(self) -> bool {
+        self != Role::Storage
+    }
+
+    /// Whether the node allocates blocks for jobs (is a storage node).
+    pub fn storage(self) -> bool {
+        self != Role::Metadata
+    }
+}
+
+name_enum!(Role, Storage => "storage", Metadata => "metadata", Both => "both");
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub listen: IpAddr,
@@ -84,6 +111,8 @@ pub struct NodeConfig {
     pub max_body: usize,
     pub max_conns_per_core: usize,
     pub node_id: String,
+    /// What the node serves: blocks, namespaces or both.
+    pub role: Role,
     /// The node's 16-bit number in its cluster, which object locations name
     /// (`NodeInfo::node_number`). With a data directory the number is kept
     /// in `<data_dir>/node-number` on first start: `None` then takes the
@@ -168,6 +197,7 @@ impl Default for NodeConfig {
             max_body: 1 << 20,
             max_conns_per_core: 4096,
             node_id: "node-0".to_string(),
+            role: Role::Both,
             node_number: None,
             flash: None,
             disk: None,
@@ -546,6 +576,7 @@ impl Node {
                 spin: Duration::from_micros(cfg.spin_us),
                 limits: Limits::new(cfg.max_body),
                 node_info: info_body.clone(),
+                role: cfg.role,
                 secret: cfg.cluster_secret.clone().map(Arc::new),
                 cluster: cluster.clone(),
             };
@@ -806,6 +837,7 @@ impl Node {
         NodeReport {
             node_id: self.cfg.node_id.clone(),
             node_number: self.node_number(),
+            role: self.cfg.role,
             addr: self.addr.to_string(),
             net: self.net,
             net_fallback_reason: self.net_fallback_reason.clone(),

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::node::{NetBackend, PollMode};
+use crate::node::{NetBackend, PollMode, Role};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeReport {
@@ -11,6 +11,9 @@ pub struct NodeReport {
     /// 0 in reports from nodes that predate it.
     #[serde(default)]
     pub node_number: u16,
+    /// What the node serves; `both` in reports from nodes that predate roles.
+    #[serde(default)]
+    pub role: Role,
     /// Main data address, `ip:port`.
     pub addr: String,
     /// The backend actually running.

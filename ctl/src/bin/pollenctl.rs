@@ -737,12 +737,14 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
         return print_json(&ctl.get::<serde_json::Value>("/v1/nodes")?);
     }
     let r: NodesResponse = ctl.get("/v1/nodes")?;
-    let mut t = Table::new(["NODE", "ADDR", "STATE", "CORES", "JOBS", "USED / CAPACITY", "LAST HEARTBEAT"]);
+    let mut t =
+        Table::new(["NODE", "ROLE", "ADDR", "STATE", "CORES", "JOBS", "USED / CAPACITY", "LAST HEARTBEAT"]);
     for n in &r.nodes {
         let used: u64 = n.report.tiers.iter().map(|t| t.used_bytes).sum();
         let cap: u64 = n.report.tiers.iter().map(|t| t.capacity_bytes).sum();
         t.row([
             n.report.node_id.clone(),
+            n.report.role.to_string(),
             n.report.addr.clone(),
             if n.draining { format!("{} (draining)", n.state) } else { n.state.to_string() },
             n.report.cores.len().to_string(),

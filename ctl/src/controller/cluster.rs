@@ -35,8 +35,10 @@ pub enum JobError {
     Exists(String),
     #[error("no job `{0}`")]
     NotFound(String),
-    #[error("no live node to place the job on")]
+    #[error("no live storage node (role storage or both) to place the job on")]
     NoNodes,
+    #[error("no live metadata node (role metadata or both, not draining) to hold the job's namespace")]
+    NoMetadataNode,
     #[error("the controller already holds {MAX_JOBS} jobs")]
     TooMany,
 }
@@ -352,14 +354,15 @@ impl Cluster {
         self.nodes.get(node_id).is_some_and(|r| r.state == NodeState::Up)
     }
 
-    /// What each live node can offer, after the reservations of every job
-    /// (`except` left out, for re-packing it).
+    /// What each live storage-capable node can offer, after the reservations
+    /// of every job (`except` left out, for re-packing it). Metadata-only
+    /// nodes hold no blocks: they get no room, so no weight.
     fn rooms(&self, except: Option<&str>) -> Vec<NodeRoom> {
         let tp_per_core = self.policy.allocation.core_throughput;
         let mut rooms: Vec<NodeRoom> = self
             .nodes
             .iter()
-            .filter(|(_, r)| r.state == NodeState::Up)
+            .filter(|(_, r)| r.state == NodeState::Up && r.report.role.storage())
             .map(|(id, r)| {
                 let tier_cap = |name: &str| -> u64 {
                     r.report.tiers.iter().filter(|t| t.tier == name).map(|t| t.capacity_bytes).sum()
@@ -396,9 +399,11 @@ impl Cluster {
         }
     }
 
-    /// Allocates and packs a new job and picks the node for its namespace
-    /// (the live node holding the fewest jobs, then the most free DRAM). The
-    /// job is recorded as pending until [`Cluster::commit_job`].
+    /// Allocates and packs a new job over the storage-capable nodes and picks
+    /// the node for its namespace: the live metadata-capable node (role
+    /// `metadata` or `both`, not draining) holding the fewest jobs, then the
+    /// most free DRAM. The job is recorded as pending until
+    /// [`Cluster::commit_job`].
     pub fn plan_job(&mut self, name: &str, hints: Hints) -> Result<JobPlan, JobError> {
         if !valid_job_name(name) {
             return Err(JobError::BadName);
@@ -413,15 +418,7 @@ impl Cluster {
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
         let packing = policy::pack(&alloc, &rooms).ok_or(JobError::NoNodes)?;
-        let home = rooms
-            .iter()
-            .filter(|r| !r.closed)
-            .min_by_key(|r| {
-                let homed = self.jobs.values().filter(|j| j.node_id == r.node_id).count();
-                (homed, std::cmp::Reverse(r.dram_cap.saturating_sub(r.dram_reserved)))
-            })
-            .ok_or(JobError::NoNodes)?;
-        let node_id = home.node_id.clone();
+        let node_id = self.metadata_home(&rooms).ok_or(JobError::NoMetadataNode)?;
         let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
         let extra_nodes =
             if packing.overcommitted { extra_nodes(&alloc, &rooms, packing.shortfall) } else { 0 };
@@ -440,6 +437,28 @@ impl Cluster {
             },
         );
         Ok(JobPlan { node_id, node_addr, extra_nodes })
+    }
+
+    /// The live, not draining, metadata-capable node holding the fewest
+    /// jobs, then the most free DRAM (a metadata-only node's DRAM holds no
+    /// blocks: all of it counts as free).
+    fn metadata_home(&self, rooms: &[NodeRoom]) -> Option<String> {
+        self.nodes
+            .iter()
+            .filter(|(id, r)| {
+                r.state == NodeState::Up && r.report.role.metadata() && !self.draining.contains_key(*id)
+            })
+            .min_by_key(|(id, r)| {
+                let homed = self.jobs.values().filter(|j| &j.node_id == *id).count();
+                let free = match rooms.iter().find(|room| &room.node_id == *id) {
+                    Some(room) => room.dram_cap.saturating_sub(room.dram_reserved),
+                    None => {
+                        r.report.tiers.iter().filter(|t| t.tier == "dram").map(|t| t.capacity_bytes).sum()
+                    }
+                };
+                (homed, std::cmp::Reverse(free))
+            })
+            .map(|(id, _)| id.clone())
     }
 
     pub fn job_record(&self, name: &str) -> Option<&JobRecord> {
@@ -813,11 +832,14 @@ impl Cluster {
                     r.report.cores.iter().filter(|c| c.polling).map(|c| c.core).collect();
                 let active = queued.unwrap_or(polling.len()).max(1);
                 let busy: Vec<f64> = polling.iter().filter_map(|c| r.busy.get(c).copied()).collect();
+                // A metadata-only node's tiers hold no job data: its capacity
+                // is not the cluster's (its cores and network still count).
+                let stores = r.report.role.storage();
                 let tier = |name: &str| -> (u64, u64) {
                     r.report
                         .tiers
                         .iter()
-                        .filter(|t| t.tier == name)
+                        .filter(|t| stores && t.tier == name)
                         .fold((0, 0), |(u, c), t| (u + t.used_bytes, c + t.capacity_bytes))
                 };
                 let (dram_used, dram_cap) = tier("dram");
@@ -1179,6 +1201,7 @@ fn summary(rec: &NodeRecord, now: Instant) -> NodeSummary {
     NodeSummary {
         node_id: r.node_id.clone(),
         addr: r.addr.clone(),
+        role: r.role,
         state: rec.state,
         net: r.net,
         net_fallback_reason: r.net_fallback_reason.clone(),
@@ -1242,6 +1265,7 @@ mod tests {
         NodeReport {
             node_number: 0,
             node_id: id.into(),
+            role: Default::default(),
             addr: "127.0.0.1:7400".into(),
             net: NetBackend::Epoll,
             net_fallback_reason: None,
@@ -1395,6 +1419,40 @@ mod view_tests {
             NodeCommand::SetDeadNodes { version, dead } => Some((*version, dead.clone())),
             _ => None,
         })
+    }
+
+    #[test]
+    fn roles_decide_the_metadata_node_and_the_weights() {
+        use crate::api::Role;
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let with_role = |id: &str, n: u16, role: Role| {
+            let mut r = report(id, n, 1000, Some(AppliedView::default()));
+            r.role = role;
+            r
+        };
+        c.heartbeat(with_role("m", 1, Role::Metadata), t0).unwrap();
+        // Only a metadata node: nowhere to put blocks.
+        assert_eq!(c.plan_job("early", Hints::default()).unwrap_err(), JobError::NoNodes);
+        c.heartbeat(with_role("s1", 2, Role::Storage), t0).unwrap();
+        c.heartbeat(with_role("s2", 3, Role::Storage), t0).unwrap();
+        for i in 0..4 {
+            let name = format!("j{i}");
+            let plan = c.plan_job(&name, Hints::default()).unwrap();
+            assert_eq!(plan.node_id, "m", "only m serves namespaces");
+            c.commit_job(&name).unwrap();
+            let w = &c.job_record(&name).unwrap().weights;
+            assert!(w.get("m").copied().unwrap_or(0.0) == 0.0, "metadata-only m has a weight: {w:?}");
+            let sum: f64 = w.values().sum();
+            assert!((sum - 1.0).abs() < 1e-9, "weights {w:?} sum to {sum}");
+        }
+        // Without a live metadata-capable node, registration is refused.
+        let t1 = t0 + 4 * HB;
+        c.heartbeat(with_role("s1", 2, Role::Storage), t1).unwrap();
+        c.heartbeat(with_role("s2", 3, Role::Storage), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.plan_job("late", Hints::default()).unwrap_err(), JobError::NoMetadataNode);
+        assert_eq!(c.summaries(t1).iter().find(|n| n.node_id == "m").unwrap().role, Role::Metadata);
     }
 
     #[test]

@@ -165,7 +165,7 @@ fn job_error(e: JobError) -> ApiError {
         JobError::BadName => StatusCode::BAD_REQUEST,
         JobError::Exists(_) => StatusCode::CONFLICT,
         JobError::NotFound(_) => StatusCode::NOT_FOUND,
-        JobError::NoNodes | JobError::TooMany => StatusCode::SERVICE_UNAVAILABLE,
+        JobError::NoNodes | JobError::NoMetadataNode | JobError::TooMany => StatusCode::SERVICE_UNAVAILABLE,
     };
     ApiError(code, e.to_string())
 }

@@ -128,6 +128,28 @@ impl From<proto::DecodeError> for Fail {
     }
 }
 
+/// The refusal of an opcode the node's role does not serve
+/// (docs/protocol.md §7, "Node roles"): namespace opcodes on a storage-only
+/// node are status 5 (the request went to the wrong node: the job's metadata
+/// node is elsewhere); `BlockAlloc` on a metadata-only node is status 3 (it
+/// holds no blocks for others, as a full node would answer). Other block
+/// opcodes run on every node: a metadata-only node holds no blocks, so they
+/// answer 1, and `FreeOwner` frees nothing.
+pub(super) fn refused_by_role(role: crate::node::Role, op: Opcode) -> Option<Fail> {
+    if op.is_namespace() && !role.metadata() {
+        let msg = format!(
+            "this node is storage-only: it serves no namespace ({op:?} goes to the job's metadata node)"
+        );
+        return Some(Fail(Status::Malformed, msg));
+    }
+    if op == Opcode::BlockAlloc && !role.storage() {
+        let msg =
+            "this node is metadata-only: it holds no blocks for others (BlockAlloc goes to a storage node)";
+        return Some(Fail(Status::NoCapacity, msg.to_string()));
+    }
+    None
+}
+
 fn malformed(msg: &str) -> Fail {
     Fail(Status::Malformed, msg.to_string())
 }
@@ -179,6 +201,9 @@ impl State {
         let Some(op) = h.op() else { return Err(malformed("unknown opcode")) };
         if h.flags != 0 && op != Opcode::PutObject {
             return Err(malformed("flags are only valid on PutObject"));
+        }
+        if let Some(fail) = refused_by_role(self.cfg.role, op) {
+            return Err(fail);
         }
         if matches!(
             op,
@@ -248,6 +273,13 @@ impl State {
                 self.refresh_view();
                 let here = self.ns.node();
                 let Some(map) = self.view.weights.get(name).cloned() else {
+                    if !self.cfg.role.storage() {
+                        let msg = format!(
+                            "job '{name}' has no weight map yet and this node is metadata-only: \
+                             it holds no blocks for others"
+                        );
+                        return Err(Fail(Status::NoCapacity, msg));
+                    }
                     // No weight map: the job's blocks stay on this node.
                     respond_with(out, id, opc, ok, |o| {
                         for _ in 0..n {
@@ -566,5 +598,55 @@ fn no_body(body: &[u8]) -> Result<(), Fail> {
         Ok(())
     } else {
         Err(malformed("this opcode takes no body"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::Role;
+
+    #[test]
+    fn roles_refuse_what_they_do_not_serve() {
+        let namespace = [
+            Opcode::RegisterJob,
+            Opcode::DeregisterJob,
+            Opcode::CreateDir,
+            Opcode::PutObject,
+            Opcode::Lookup,
+            Opcode::Enumerate,
+            Opcode::Delete,
+            Opcode::JobInfo,
+            Opcode::Place,
+        ];
+        let blocks = [
+            Opcode::BlockWrite,
+            Opcode::BlockAppend,
+            Opcode::BlockRead,
+            Opcode::BlockFree,
+            Opcode::FreeOwner,
+        ];
+        let always = [Opcode::Ping, Opcode::NodeInfo, Opcode::Auth];
+        for op in namespace {
+            let Some(Fail(status, msg)) = refused_by_role(Role::Storage, op) else {
+                panic!("a storage-only node serves {op:?}")
+            };
+            assert_eq!(status, Status::Malformed);
+            assert!(msg.contains("this node is storage-only"), "{msg}");
+            assert!(refused_by_role(Role::Metadata, op).is_none(), "{op:?}");
+        }
+        let Some(Fail(status, msg)) = refused_by_role(Role::Metadata, Opcode::BlockAlloc) else {
+            panic!("a metadata-only node allocates blocks")
+        };
+        assert_eq!(status, Status::NoCapacity);
+        assert!(msg.contains("metadata-only"), "{msg}");
+        assert!(refused_by_role(Role::Storage, Opcode::BlockAlloc).is_none());
+        for op in namespace.into_iter().chain(blocks).chain(always).chain([Opcode::BlockAlloc]) {
+            assert!(refused_by_role(Role::Both, op).is_none(), "{op:?}");
+        }
+        for op in blocks.into_iter().chain(always) {
+            assert!(refused_by_role(Role::Storage, op).is_none(), "{op:?}");
+            assert!(refused_by_role(Role::Metadata, op).is_none(), "{op:?}");
+        }
     }
 }

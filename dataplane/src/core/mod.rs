@@ -119,6 +119,8 @@ pub struct CoreConfig {
     pub limits: Limits,
     /// Encoded `NodeInfo` response body.
     pub node_info: Vec<u8>,
+    /// Which opcodes the node serves (`exec::refused_by_role`).
+    pub role: crate::node::Role,
     /// The cluster secret: when set, connections must present a capability
     /// token (`Auth`) before job-scoped requests.
     pub secret: Option<Arc<crate::auth::Secret>>,
