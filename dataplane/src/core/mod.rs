@@ -479,25 +479,7 @@ impl<T: Transport> Core<T> {
         let _ = self.transport.flush();
         if let Some(ring) = self.transport.shared_ring() {
             for e in st.engines.iter_mut().filter(|e| e.is_shared()) {
-                loop {
-                    let n = e.push_submissions(&mut ring.submission());
-                    if n == 0 {
-                        break;
-                    }
-                    work += n;
-                    if let Err(error) = ring.submit() {
-                        if !matches!(
-                            error.raw_os_error(),
-                            Some(nix::libc::EINTR | nix::libc::EAGAIN | nix::libc::EBUSY)
-                        ) {
-                            tracing::error!(%error, "network ring submit failed");
-                            break;
-                        }
-                    }
-                    if !e.has_ready() {
-                        break;
-                    }
-                }
+                work += e.submit_on(ring);
             }
         }
         for id in st.sent.drain(..) {

@@ -1555,17 +1555,31 @@ impl FlashEngine {
     }
 
     /// Shared ring: starts what can start and pushes one submission batch
-    /// of ready operations into `sq` (as many as fit). The caller submits,
-    /// and calls again while `has_ready`, one system call per batch.
+    /// of ready operations into `sq` (as many as fit). The caller submits;
+    /// `submit_on` does both for every batch ready.
     pub fn push_submissions(&mut self, sq: &mut io_uring::SubmissionQueue<'_>) -> usize {
         self.schedule();
         self.start_flushes();
         self.push_data(sq) + self.push_meta(sq)
     }
 
-    /// Operations ready to be pushed (more than one batch held back).
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty() || !self.hdr.ready.is_empty()
+    /// Shared ring: submits everything ready, one system call per batch
+    /// (`TierPolicy::submit_batch`), so the device starts on the first
+    /// while the next are submitted. Returns the operations submitted.
+    pub fn submit_on(&mut self, ring: &mut IoUring) -> usize {
+        let mut total = 0;
+        loop {
+            let n = self.push_submissions(&mut ring.submission());
+            if n == 0 {
+                break;
+            }
+            total += n;
+            Self::enter(ring);
+            if self.ready.is_empty() && self.hdr.ready.is_empty() {
+                break;
+            }
+        }
+        total
     }
 
     /// Handles one completion of this engine (see `tag`). On a shared ring
