@@ -771,6 +771,15 @@ fn cores_set(ctl: &Controller, json: bool, node: &str, cores: usize) -> Result<(
     Ok(())
 }
 
+/// A scale or drain answer, as JSON or as lines.
+fn show_scale(r: &ScaleResponse, json: bool) -> Result<()> {
+    if json {
+        print_json(r)
+    } else {
+        print_scale(r)
+    }
+}
+
 fn print_scale(r: &ScaleResponse) -> Result<()> {
     for id in &r.started {
         outln!("started {id}");
@@ -788,11 +797,7 @@ fn scale(ctl: &Controller, json: bool, nodes: usize) -> Result<()> {
         Ok(r) => r,
         Err((code, msg)) => bail!("scale to {nodes} nodes: the controller answered {code}: {msg}"),
     };
-    if json {
-        return print_json(&r);
-    }
-    print_scale(&r)?;
-    Ok(())
+    show_scale(&r, json)
 }
 
 fn drain(ctl: &Controller, json: bool, node: &str) -> Result<()> {
@@ -800,11 +805,7 @@ fn drain(ctl: &Controller, json: bool, node: &str) -> Result<()> {
         Ok(r) => r,
         Err((code, msg)) => bail!("drain {node}: the controller answered {code}: {msg}"),
     };
-    if json {
-        return print_json(&r);
-    }
-    print_scale(&r)?;
-    Ok(())
+    show_scale(&r, json)
 }
 
 fn events(ctl: &Controller, json: bool, since: u64) -> Result<()> {

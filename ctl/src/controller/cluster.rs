@@ -59,6 +59,28 @@ pub struct JobRecord {
     pub pending: bool,
 }
 
+impl JobRecord {
+    /// A job placed by `packing`, homed on `node_id`, not yet registered there.
+    fn planned(
+        name: &str,
+        hints: Hints,
+        alloc: Allocation,
+        packing: policy::Packing,
+        node_id: &str,
+    ) -> JobRecord {
+        JobRecord {
+            name: name.to_string(),
+            hints,
+            alloc,
+            weights: packing.weights,
+            node_id: node_id.to_string(),
+            overcommitted: packing.overcommitted,
+            registered_unix_ms: unix_ms(),
+            pending: true,
+        }
+    }
+}
+
 /// What registering a planned job on its node needs.
 #[derive(Debug, Clone)]
 pub struct JobPlan {
@@ -422,20 +444,7 @@ impl Cluster {
         let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
         let extra_nodes =
             if packing.overcommitted { extra_nodes(&alloc, &rooms, packing.shortfall) } else { 0 };
-        let registered_unix_ms = unix_ms();
-        self.jobs.insert(
-            name.to_string(),
-            JobRecord {
-                name: name.to_string(),
-                hints,
-                alloc,
-                weights: packing.weights,
-                node_id: node_id.clone(),
-                overcommitted: packing.overcommitted,
-                registered_unix_ms,
-                pending: true,
-            },
-        );
+        self.jobs.insert(name.to_string(), JobRecord::planned(name, hints, alloc, packing, &node_id));
         Ok(JobPlan { node_id, node_addr, extra_nodes })
     }
 
@@ -567,20 +576,7 @@ impl Cluster {
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
         let Some(packing) = policy::pack(&alloc, &rooms) else { return false };
-        let registered_unix_ms = unix_ms();
-        self.jobs.insert(
-            name.to_string(),
-            JobRecord {
-                name: name.to_string(),
-                hints,
-                alloc,
-                weights: packing.weights,
-                node_id: node_id.to_string(),
-                overcommitted: packing.overcommitted,
-                registered_unix_ms,
-                pending: true,
-            },
-        );
+        self.jobs.insert(name.to_string(), JobRecord::planned(name, hints, alloc, packing, node_id));
         self.commit_job(name);
         self.events.push(
             EventKind::JobRegistered,
