@@ -336,7 +336,6 @@ fn pollen_up_reads_a_config_file() {
 
 #[test]
 fn separate_controller_and_node_processes() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Command::new(POLLEN)
         .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100"])
@@ -347,15 +346,7 @@ fn separate_controller_and_node_processes() {
         .expect("spawn pollen controller");
     let stdout = ctl.stdout.take().unwrap();
     let mut ctl = Reaper(Some(ctl));
-    // "controller listening on http://127.0.0.1:PORT; ..."
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .trim_end_matches(';')
-        .to_string();
+    let url = common::controller_url(stdout);
 
     let mut node = Reaper(Some(
         Command::new(POLLEN)

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -167,14 +166,7 @@ fn spawn_controller(dir: &std::path::Path, listen: &str, extra: &[&str]) -> (Rea
         .expect("spawn pollen controller");
     let stdout = child.stdout.take().expect("stdout");
     let ctl = Reaper(Some(child));
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .trim_end_matches(';')
-        .to_string();
+    let url = common::controller_url(stdout);
     (ctl, url)
 }
 

@@ -4,7 +4,6 @@
 //! user-space stack. Needs the `dpdk` feature and root; skipped otherwise.
 #![cfg(feature = "dpdk")]
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -47,14 +46,7 @@ fn pollen_node_on_dpdk_serves_pollenctl() {
         .expect("spawn pollen controller");
     let stdout = ctl.stdout.take().unwrap();
     let mut ctl = Reaper(Some(ctl));
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"))
-        .trim_end_matches(';')
-        .to_string();
+    let url = common::controller_url(stdout);
 
     // A per-process tap and subnet of the benchmarking range (198.19.0.0/16).
     let iface = format!("pcli{}", std::process::id() % 100_000);

@@ -71,6 +71,19 @@ impl Reaper {
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`
 /// with `what` and the last value's description.
+/// The URL a `pollen controller` prints first on its standard output
+/// ("controller listening on http://127.0.0.1:PORT; ...").
+pub fn controller_url(stdout: std::process::ChildStdout) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("controller banner");
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"))
+        .trim_end_matches(';')
+        .to_string()
+}
+
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
