@@ -91,6 +91,26 @@ pub enum NodeCommand {
     /// map (`Node::set_job_weights`, `Node::remove_job_weights`). Sent when
     /// the node's report shows another `weights_version`.
     SetJobWeights { version: u64, jobs: std::collections::BTreeMap<String, Vec<(u16, f64)>> },
+    /// Blocks of deregistered jobs the node still holds because it was down
+    /// or unreachable at the deregistration: free each owner's blocks but
+    /// the kept ones (`Node::free_owner`), then list the ids in the next
+    /// report's `frees_done`. Sent on every reply until acknowledged.
+    FreeOwners { frees: Vec<OwedFree> },
+}
+
+/// One deregistered job's blocks a node must still free (`FreeOwners`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwedFree {
+    /// Unique per controller (and growing across restarts): the report acknowledges it.
+    pub id: u64,
+    /// The job's name, for logs and events.
+    pub job: String,
+    /// The owner of the blocks: the job's id on its metadata node, and that node's number.
+    pub job_id: u32,
+    pub meta_node: u16,
+    /// Block ids of the job's PERSIST objects on this node: not freed.
+    #[serde(default)]
+    pub keep: Vec<u64>,
 }
 
 /// `POST /v1/nodes/{id}/cores`: how many of the node's cores should poll.
@@ -150,6 +170,10 @@ pub struct StatusResponse {
     pub tiers: Vec<TierTotals>,
     /// Distinct registered job names over all known nodes.
     pub jobs: usize,
+    /// Frees of deregistered jobs' blocks owed to nodes that were away
+    /// (sent when they report again).
+    #[serde(default)]
+    pub owed_frees: usize,
 }
 
 /// A node's latest report and what the controller knows about it.
@@ -308,6 +332,11 @@ pub struct DeregisterResponse {
     pub freed: bool,
     /// Why the node did not free them, when it did not.
     pub note: Option<String>,
+    /// Numbers of the nodes that were down or unreachable and still hold
+    /// the job's blocks: the controller has them freed when they report
+    /// again (an `owed_free` event says when).
+    #[serde(default)]
+    pub owed: Vec<u16>,
 }
 
 /// `POST /v1/scale`: the number of live storage nodes wanted.
@@ -342,6 +371,8 @@ pub enum EventKind {
     Scale,
     Drain,
     Cores,
+    /// A free owed to a node away at a deregistration: recorded, then done.
+    OwedFree,
     Error,
 }
 

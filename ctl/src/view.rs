@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use dataplane::node::Node;
+use dataplane::proto::BlockId;
 
 use crate::api::{AppliedView, NodeCommand, NodeReport};
 
@@ -25,7 +26,13 @@ struct Held {
     weights_version: Option<u64>,
     /// Jobs with a weight map set by the controller.
     jobs: BTreeSet<String>,
+    /// Ids of the owed frees applied, among those the controller still
+    /// sends (reported in `frees_done` until the controller stops sending them).
+    frees_done: BTreeSet<u64>,
 }
+
+/// Most owed-free ids a node remembers (the controller sends fewer per reply).
+const MAX_FREES_DONE: usize = 4096;
 
 impl ViewApplier {
     pub fn new(node: Arc<Node>) -> ViewApplier {
@@ -42,6 +49,7 @@ impl ViewApplier {
     pub fn report(&self) -> NodeReport {
         let mut r = self.node.report();
         r.applied = Some(self.applied());
+        r.frees_done = self.held().frees_done.iter().copied().collect();
         r
     }
 
@@ -75,6 +83,36 @@ impl ViewApplier {
                 held.jobs = jobs.keys().cloned().collect();
                 held.weights_version = Some(*version);
                 tracing::info!(version, jobs = jobs.len(), "the controller set the jobs' weight maps");
+                true
+            }
+            NodeCommand::FreeOwners { frees } => {
+                let mut held = self.held();
+                // Only the ids still sent need acknowledging: the others the
+                // controller has dropped.
+                let sent: BTreeSet<u64> = frees.iter().map(|f| f.id).collect();
+                held.frees_done.retain(|id| sent.contains(id));
+                for f in frees {
+                    if held.frees_done.contains(&f.id) {
+                        continue;
+                    }
+                    let keep: Vec<BlockId> = f.keep.iter().copied().map(BlockId).collect();
+                    match self.node.free_owner(f.meta_node, f.job_id, &keep) {
+                        Ok(()) => tracing::info!(
+                            job = %f.job,
+                            job_id = f.job_id,
+                            meta_node = f.meta_node,
+                            kept = keep.len(),
+                            "freed the blocks of a job deregistered while this node was away"
+                        ),
+                        // Sending it again would fail the same way: acknowledged all the same.
+                        Err(e) => {
+                            tracing::warn!(job = %f.job, error = %e, "cannot free an owed job's blocks")
+                        }
+                    }
+                    if held.frees_done.len() < MAX_FREES_DONE {
+                        held.frees_done.insert(f.id);
+                    }
+                }
                 true
             }
             NodeCommand::SetPollingCores { .. } => false,

@@ -173,6 +173,7 @@ fn report(node_id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
         tiers,
         jobs: vec![JobReport { name: "j".into(), id: 1, registered: true, objects: 2, bytes: 3 }],
         applied: None,
+        frees_done: Vec::new(),
     }
 }
 

@@ -748,6 +748,25 @@ impl Node {
         self.join();
     }
 
+    /// Frees every block that job `job_id` of metadata node `meta_node`
+    /// allocated on this node, on every core and tier, but the blocks in
+    /// `keep` (which pass to no owner): what a `FreeOwner` request does,
+    /// applied from outside the data path, for the frees the controller
+    /// owed a node that was down or unreachable when the job was
+    /// deregistered. Returns once every core has it queued (each applies it
+    /// at the start of its next pass; a parked core is woken).
+    pub fn free_owner(&self, meta_node: u16, job_id: u32, keep: &[BlockId]) -> Result<(), NodeError> {
+        if job_id >= crate::storage::FIRST_RESERVED_JOB_ID {
+            return Err(NodeError::Config(format!("job id {job_id:#x} is reserved")));
+        }
+        let owner = crate::storage::job_owner(meta_node, job_id);
+        let keep: Arc<std::collections::HashSet<BlockId>> = Arc::new(keep.iter().copied().collect());
+        for c in self.stop.cores.iter() {
+            c.send_external(crate::core::External::FreeOwner { owner, keep: keep.clone() });
+        }
+        Ok(())
+    }
+
     /// Turns polling on for cores `0..n` and off for the others (an idle
     /// core that does not poll parks at once; it still serves its
     /// connections and blocks). Returns the number of polling cores.
@@ -848,6 +867,7 @@ impl Node {
             tiers,
             jobs,
             applied: None,
+            frees_done: Vec::new(),
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct NodeReport {
     /// restart, or a lost reply). `None` from nodes that do not apply it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<AppliedView>,
+    /// Ids of the owed frees (`FreeOwners` commands on heartbeat replies)
+    /// the node has applied, so the controller stops sending them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frees_done: Vec<u64>,
 }
 
 /// The versions of the cluster view a node applied (`NodeReport::applied`).

@@ -77,6 +77,10 @@ struct ControllerArgs {
     /// How long the capability tokens handed out for jobs are valid, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl_secs: u64,
+    /// Where the controller keeps what must survive its restart (the frees it owes nodes
+    /// that were away when a job was deregistered) [default: none, kept in memory only]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -256,6 +260,7 @@ fn up(a: UpArgs) -> Result<()> {
         admin_token,
         tls,
         cluster_secret: node_cfg.cluster_secret.clone(),
+        data_dir: Some(a.data_dir.join("controller")),
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -372,6 +377,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         admin_token,
         tls,
         cluster_secret: a.node.cluster_secret.clone(),
+        data_dir: Some(a.data_dir.join("controller")),
         ..ControllerConfig::default()
     };
     let ctl = rt.block_on(Controller::bind(ctl_cfg)).context("starting the controller")?;
@@ -529,6 +535,7 @@ fn controller(a: ControllerArgs) -> Result<()> {
         tls,
         cluster_secret: pollen_ctl::config::cluster_secret(a.cluster_secret_file.as_deref())?,
         token_ttl: Duration::from_secs(a.token_ttl_secs),
+        data_dir: a.data_dir,
         ..ControllerConfig::default()
     };
     let rt = runtime()?;

@@ -709,6 +709,13 @@ fn job_deregister(ctl: &Controller, json: bool, name: &str) -> Result<()> {
         ),
         Some(n) => outln!("deregistered job {name}; note: {n}"),
     }
+    if !r.owed.is_empty() {
+        let list: Vec<String> = r.owed.iter().map(u16::to_string).collect();
+        outln!(
+            "node(s) {} were away: they free the job's blocks when they report again (pollenctl events)",
+            list.join(", ")
+        );
+    }
     Ok(())
 }
 

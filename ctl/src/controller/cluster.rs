@@ -9,12 +9,16 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use dataplane::client::Deregistered;
+
 use super::events::{EventLog, DEFAULT_CAPACITY};
+use super::owed::Owed;
 use super::policy::{self, Allocation, Hints, NodeRoom, Policy, TierRoom};
 use super::rightsize;
 use crate::api::{
     CoreRow, CoresResponse, EventKind, EventsResponse, JobEntry, JobRow, JobsResponse, NodeCommand,
-    NodeEntry, NodeReport, NodeState, NodeSummary, NodesResponse, TierRow, TierTotals, TiersResponse,
+    NodeEntry, NodeReport, NodeState, NodeSummary, NodesResponse, OwedFree, TierRow, TierTotals,
+    TiersResponse,
 };
 
 /// Limits on what a heartbeat may describe, checked before it is stored.
@@ -151,6 +155,8 @@ pub struct Cluster {
     /// The last version handed out: versions only grow, and start from the
     /// wall clock so they grow across controller restarts too.
     last_version: u64,
+    /// Frees of deregistered jobs' blocks owed to nodes that were away.
+    owed: Owed,
 }
 
 /// Job → weight map by node number, as a metadata node applies it.
@@ -177,7 +183,18 @@ impl Cluster {
             dead_view: (unix_ms(), Vec::new()),
             weights_view: BTreeMap::new(),
             last_version: unix_ms(),
+            owed: Owed::default(),
         }
+    }
+
+    /// Takes over the owed frees kept by an earlier controller (its data
+    /// directory); free ids continue past theirs.
+    pub fn set_owed(&mut self, owed: Owed) {
+        self.last_version = self.last_version.max(owed.max_id().unwrap_or(0));
+        if !owed.is_empty() {
+            tracing::info!(owed = owed.len(), "frees owed to nodes, kept by an earlier controller");
+        }
+        self.owed = owed;
     }
 
     pub fn policy(&self) -> &Policy {
@@ -209,6 +226,7 @@ impl Cluster {
     /// Returns the state changes it caused.
     pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
         validate(&report)?;
+        self.acknowledge_frees(&report);
         let mut transitions = Vec::new();
         match self.nodes.get_mut(&report.node_id) {
             None => {
@@ -440,7 +458,7 @@ impl Cluster {
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
         let packing = policy::pack(&alloc, &rooms).ok_or(JobError::NoNodes)?;
-        let node_id = self.metadata_home(&rooms).ok_or(JobError::NoMetadataNode)?;
+        let node_id = self.metadata_home(&rooms, name).ok_or(JobError::NoMetadataNode)?;
         let node_addr = self.nodes.get(&node_id).map(|r| r.report.addr.clone()).unwrap_or_default();
         let extra_nodes =
             if packing.overcommitted { extra_nodes(&alloc, &rooms, packing.shortfall) } else { 0 };
@@ -448,15 +466,21 @@ impl Cluster {
         Ok(JobPlan { node_id, node_addr, extra_nodes })
     }
 
-    /// The live, not draining, metadata-capable node holding the fewest
-    /// jobs, then the most free DRAM (a metadata-only node's DRAM holds no
-    /// blocks: all of it counts as free).
-    fn metadata_home(&self, rooms: &[NodeRoom]) -> Option<String> {
-        self.nodes
-            .iter()
-            .filter(|(id, r)| {
+    /// The live, not draining, metadata-capable node that already holds job
+    /// `name` (its PERSIST objects outlive a deregistration there, and a
+    /// controller restart), else the one holding the fewest jobs, then the
+    /// most free DRAM (a metadata-only node's DRAM holds no blocks: all of
+    /// it counts as free).
+    fn metadata_home(&self, rooms: &[NodeRoom], name: &str) -> Option<String> {
+        let open = || {
+            self.nodes.iter().filter(|(id, r)| {
                 r.state == NodeState::Up && r.report.role.metadata() && !self.draining.contains_key(*id)
             })
+        };
+        if let Some((id, _)) = open().find(|(_, r)| r.report.jobs.iter().any(|j| j.name == name)) {
+            return Some(id.clone());
+        }
+        open()
             .min_by_key(|(id, r)| {
                 let homed = self.jobs.values().filter(|j| &j.node_id == *id).count();
                 let free = match rooms.iter().find(|room| &room.node_id == *id) {
@@ -935,7 +959,12 @@ impl Cluster {
 
     /// Forgets a node that was stopped on purpose, with an event.
     pub fn forget(&mut self, node_id: &str, message: String) {
-        self.nodes.remove(node_id);
+        if let Some(n) = self.nodes.remove(node_id).map(|r| r.report.node_number) {
+            // Its blocks went with it; another node with its number is another node.
+            if !self.nodes.values().any(|r| r.report.node_number == n) && self.owed.forget(n) > 0 {
+                self.save_owed();
+            }
+        }
         self.draining.remove(node_id);
         self.weights_view.remove(node_id);
         for j in self.jobs.values_mut() {
@@ -1018,6 +1047,9 @@ impl Cluster {
         if held.dead_version != Some(*version) && !(held.dead_version.is_none() && dead.is_empty()) {
             out.push(NodeCommand::SetDeadNodes { version: *version, dead: dead.clone() });
         }
+        if let Some(frees) = self.frees_for(node_id) {
+            out.push(NodeCommand::FreeOwners { frees });
+        }
         let maps = self.weight_maps_of(node_id);
         let changed = match self.weights_view.get(node_id) {
             Some((_, m)) => *m != maps,
@@ -1033,6 +1065,92 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+// ---- frees owed to nodes that were away at a deregistration ----------------------
+
+impl Cluster {
+    /// After job `job` was deregistered (`d`) with the client knowing the
+    /// nodes `asked`: owes a `FreeOwner` to every other node the controller
+    /// knows (down, or not reachable as a live node) and to those of `asked`
+    /// whose free failed, each with its PERSIST blocks to keep. Returns
+    /// their numbers.
+    pub fn owe_frees(&mut self, job: &str, d: &Deregistered, asked: &BTreeSet<u16>) -> Vec<u16> {
+        let failed: BTreeSet<u16> = d.unfreed.iter().map(|(n, _)| *n).collect();
+        let known: BTreeSet<u16> = self.nodes.values().map(|r| r.report.node_number).collect();
+        let owed: Vec<u16> = known
+            .into_iter()
+            .filter(|&n| n != d.meta_node && (!asked.contains(&n) || failed.contains(&n)))
+            .collect();
+        for &n in &owed {
+            let keep = d.kept.iter().filter(|l| l.node == n).map(|l| l.block.0).collect();
+            let id = self.next_version();
+            self.owed.add(
+                n,
+                OwedFree { id, job: job.to_string(), job_id: d.job_id, meta_node: d.meta_node, keep },
+            );
+        }
+        if !owed.is_empty() {
+            let list: Vec<String> = owed.iter().map(u16::to_string).collect();
+            self.events.push(
+                EventKind::OwedFree,
+                None,
+                Some(job),
+                format!(
+                    "{job}: node(s) {} were away: their blocks of the job are freed when they report again",
+                    list.join(", ")
+                ),
+            );
+            self.save_owed();
+        }
+        owed
+    }
+
+    /// The frees `node_id` still owes, if it can be told (it applies the
+    /// view, and its number is its own); an empty list when it acknowledges
+    /// frees no longer owed, so it stops reporting them.
+    fn frees_for(&self, node_id: &str) -> Option<Vec<OwedFree>> {
+        let r = self.nodes.get(node_id).filter(|r| r.report.applied.is_some())?;
+        let n = r.report.node_number;
+        if self.numbers_by_id().get(node_id).is_none_or(|&m| m != n) {
+            return None;
+        }
+        let frees = self.owed.for_node(n);
+        (!frees.is_empty() || !r.report.frees_done.is_empty()).then_some(frees)
+    }
+
+    /// The frees `report` says its node applied are no longer owed.
+    fn acknowledge_frees(&mut self, report: &NodeReport) {
+        if report.frees_done.is_empty() {
+            return;
+        }
+        let done = self.owed.acknowledge(report.node_number, &report.frees_done);
+        for f in &done {
+            self.events.push(
+                EventKind::OwedFree,
+                Some(&report.node_id),
+                Some(&f.job),
+                format!(
+                    "{}: node {} freed the job's blocks (owed since it was away at the deregistration)",
+                    f.job, report.node_id
+                ),
+            );
+        }
+        if !done.is_empty() {
+            self.save_owed();
+        }
+    }
+
+    /// Number of frees owed, over all nodes.
+    pub fn owed_frees(&self) -> usize {
+        self.owed.len()
+    }
+
+    fn save_owed(&mut self) {
+        if let Err(e) = self.owed.save() {
+            self.events.push(EventKind::Error, None, None, format!("owed frees not kept on disk: {e}"));
+        }
     }
 }
 
@@ -1272,6 +1390,7 @@ mod tests {
             tiers,
             jobs: vec![],
             applied: None,
+            frees_done: Vec::new(),
         }
     }
 
@@ -1533,5 +1652,85 @@ mod view_tests {
         c.heartbeat(report("a", 1, 1000, held), Instant::now()).unwrap();
         let (v, dead) = dead_cmd(&c.view_commands("a")).expect("an empty dead set, newer");
         assert!(v > ahead && dead.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod owed_tests {
+    use super::*;
+    use crate::api::AppliedView;
+    use dataplane::proto::{BlockId, Location};
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, uptime_ms: u64) -> NodeReport {
+        let mut r =
+            super::tests::report(id, uptime_ms, vec![super::tests::core(0, 0, uptime_ms * 1_000_000)]);
+        r.node_number = number;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = Some(AppliedView::default());
+        r
+    }
+
+    fn frees(cmds: &[NodeCommand]) -> Option<Vec<OwedFree>> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::FreeOwners { frees } => Some(frees.clone()),
+            _ => None,
+        })
+    }
+
+    /// Nodes 1 (the job's metadata node), 2 (live, its free failed), 3
+    /// (down) and 4 (live, freed): 2 and 3 are owed the free, with their
+    /// PERSIST blocks to keep; each gets it on every reply until its report
+    /// acknowledges it, and then an empty list once so it stops reporting.
+    #[test]
+    fn frees_are_owed_to_nodes_away_until_they_acknowledge_them() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        for (id, n) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
+            c.heartbeat(report(id, n, 1000), t0).unwrap();
+        }
+        let t1 = t0 + 4 * HB;
+        for (id, n) in [("a", 1), ("b", 2), ("d", 4)] {
+            c.heartbeat(report(id, n, 5000), t1).unwrap();
+        }
+        c.sweep(t1);
+        assert_eq!(c.state("c"), Some(NodeState::Down));
+        let d = Deregistered {
+            job_id: 7,
+            meta_node: 1,
+            kept: vec![
+                Location { node: 3, block: BlockId(33) },
+                Location { node: 2, block: BlockId(22) },
+                Location { node: 4, block: BlockId(44) },
+            ],
+            unfreed: vec![(2, "timed out".into())],
+        };
+        let asked = BTreeSet::from([2, 4]);
+        assert_eq!(c.owe_frees("j", &d, &asked), vec![2, 3]);
+        assert_eq!(c.owed_frees(), 2);
+        assert!(frees(&c.view_commands("a")).is_none() && frees(&c.view_commands("d")).is_none());
+        let to_b = frees(&c.view_commands("b")).expect("b is owed");
+        assert_eq!(to_b.len(), 1);
+        assert_eq!((to_b[0].job_id, to_b[0].meta_node, to_b[0].keep.clone()), (7, 1, vec![22]));
+        // Down: nothing is sent. Back: sent on every reply until acknowledged.
+        assert!(frees(&c.view_commands("c")).is_none());
+        c.heartbeat(report("c", 3, 6000), t1 + HB).unwrap();
+        let to_c = frees(&c.view_commands("c")).expect("c is owed");
+        assert_eq!(to_c[0].keep, vec![33]);
+        assert_eq!(frees(&c.view_commands("c")), Some(to_c.clone()));
+        let mut acked = report("c", 3, 7000);
+        acked.frees_done = vec![to_c[0].id];
+        c.heartbeat(acked.clone(), t1 + 2 * HB).unwrap();
+        assert_eq!(c.owed_frees(), 1);
+        assert_eq!(frees(&c.view_commands("c")), Some(vec![]), "an empty list clears the node's acks");
+        acked.frees_done.clear();
+        c.heartbeat(acked, t1 + 3 * HB).unwrap();
+        assert!(frees(&c.view_commands("c")).is_none());
+        let events = c.events(0, usize::MAX).events;
+        assert!(events.iter().any(|e| e.kind == EventKind::OwedFree && e.node.as_deref() == Some("c")));
+        // A node stopped for good is owed nothing any more.
+        c.forget("b", "stopped".into());
+        assert_eq!(c.owed_frees(), 0);
     }
 }

@@ -1,6 +1,7 @@
 //! Routes and handlers of the controller's HTTP/JSON API. Handlers only
 //! translate between HTTP and [`Cluster`](super::cluster::Cluster) calls.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -248,28 +249,38 @@ async fn deregister_job(
         c.remove_job(&name);
         (entry.node_id, entry.node_addr, entry.node_state == Some(NodeState::Up), c.node_addrs())
     };
+    let mut owed = Vec::new();
     let (freed, note) = if !up || addr.is_empty() {
         (false, Some(format!("node {node_id} is down: its blocks of the job were not freed")))
     } else {
         let job_name = name.clone();
         let secret = s.cluster_secret.clone();
+        let asked: BTreeSet<u16> = nodes.keys().copied().collect();
         let done = tokio::task::spawn_blocking(move || {
             nodeops::deregister(&addr, &job_name, &nodes, secret.as_ref())
         })
         .await;
         match done {
-            Ok(Ok(true)) => (true, None),
-            Ok(Ok(false)) => (false, Some(format!("node {node_id} did not know the job"))),
+            Ok(Ok(Some(d))) => {
+                owed = s.cluster().owe_frees(&name, &d, &asked);
+                (true, None)
+            }
+            Ok(Ok(None)) => (false, Some(format!("node {node_id} did not know the job"))),
             Ok(Err(e)) => (false, Some(e)),
             Err(e) => (false, Some(format!("deregistration task failed: {e}"))),
         }
     };
     let outcome = match &note {
-        None => format!("blocks freed on {node_id} and every live node (PERSIST objects kept)"),
+        None if owed.is_empty() => {
+            format!("blocks freed on {node_id} and every live node (PERSIST objects kept)")
+        }
+        None => format!(
+            "blocks freed on {node_id} and every live node (PERSIST objects kept); owed to node(s) {owed:?}"
+        ),
         Some(n) => n.clone(),
     };
     s.cluster().record_deregistered(&name, &node_id, &outcome);
-    Ok(Json(DeregisterResponse { name, node_id, freed, note }))
+    Ok(Json(DeregisterResponse { name, node_id, freed, note, owed }))
 }
 
 #[derive(serde::Deserialize)]

@@ -11,6 +11,7 @@ pub mod events;
 mod http;
 pub mod metrics;
 mod nodeops;
+pub mod owed;
 pub mod policy;
 pub mod rightsize;
 mod scale;
@@ -67,6 +68,9 @@ pub struct ControllerConfig {
     pub cluster_secret: Option<dataplane::auth::Secret>,
     /// Lifetime of the tokens handed out for jobs.
     pub token_ttl: Duration,
+    /// Where the controller keeps the frees it owes nodes (`owed-frees.json`)
+    /// across its restarts; `None`: in memory only.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -84,6 +88,7 @@ impl Default for ControllerConfig {
             tls: None,
             cluster_secret: None,
             token_ttl: DEFAULT_TOKEN_TTL,
+            data_dir: None,
         }
     }
 }
@@ -168,6 +173,7 @@ impl Shared {
                 nodes,
                 tiers: c.tier_totals(),
                 jobs: c.job_count(),
+                owed_frees: c.owed_frees(),
             }
         })
     }
@@ -201,13 +207,16 @@ impl Controller {
         if cfg.admin_token.as_deref().is_some_and(|t| !crate::auth::valid(t)) {
             return Err(ControllerError::Config("the admin token is malformed".into()));
         }
+        let owed = owed::Owed::open(cfg.data_dir.as_deref()).map_err(ControllerError::Config)?;
+        let mut cluster = Cluster::with_policy(cfg.heartbeat, cfg.missed_heartbeats, cfg.policy);
+        cluster.set_owed(owed);
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
         let addr =
             listener.local_addr().map_err(|source| ControllerError::Bind { addr: cfg.listen, source })?;
         let shared = Arc::new(Shared {
-            cluster: Mutex::new(Cluster::with_policy(cfg.heartbeat, cfg.missed_heartbeats, cfg.policy)),
+            cluster: Mutex::new(cluster),
             started: Instant::now(),
             max_body: cfg.max_body,
             accepted: watch::Sender::new(0),

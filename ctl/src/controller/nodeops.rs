@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use dataplane::auth::{Rights, Secret, Token};
-use dataplane::client::Client;
+use dataplane::client::{Client, Deregistered};
 use dataplane::proto::{JobHints, Status};
 
 use super::policy::{Allocation, Hints};
@@ -64,13 +64,14 @@ pub fn register(addr: &str, name: &str, hints: JobHints, secret: Option<&Secret>
 
 /// Deregisters `name` on its metadata node at `addr`, freeing its blocks
 /// except PERSIST ones there and on every other node of `nodes` (node number
-/// → address: the live nodes). `Ok(false)` when the node does not know the job.
+/// → address: the live nodes). `Ok(None)` when the node does not know the
+/// job; else what was done, with the nodes whose free failed.
 pub fn deregister(
     addr: &str,
     name: &str,
     nodes: &BTreeMap<u16, String>,
     secret: Option<&Secret>,
-) -> Result<bool, String> {
+) -> Result<Option<Deregistered>, String> {
     let mut c = connect(addr, name, secret)?;
     let mut addrs = Vec::with_capacity(nodes.len());
     for (&n, a) in nodes {
@@ -80,11 +81,10 @@ pub fn deregister(
     c.set_node_addrs(addrs);
     let job = match c.job(name) {
         Ok(j) => j,
-        Err(e) if e.status() == Some(Status::NotFound) => return Ok(false),
+        Err(e) if e.status() == Some(Status::NotFound) => return Ok(None),
         Err(e) => return Err(format!("node at {addr}: job {name}: {e}")),
     };
-    c.deregister_job(&job).map_err(|e| format!("node at {addr}: deregister {name}: {e}"))?;
-    Ok(true)
+    c.deregister_job_detailed(&job).map(Some).map_err(|e| format!("node at {addr}: deregister {name}: {e}"))
 }
 
 /// The hints the node at `addr` keeps for `name` (to adopt the job).

@@ -77,6 +77,20 @@ pub struct Job {
     pub hints: JobHints,
 }
 
+/// What [`Client::deregister_job_detailed`] did, and what it could not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deregistered {
+    /// The job's id on its metadata node; with `meta_node`, the owner of
+    /// its blocks on every storage node (`FreeOwner`).
+    pub job_id: u32,
+    pub meta_node: u16,
+    /// Blocks of the job's PERSIST objects on nodes other than the metadata
+    /// node: a `FreeOwner` to their node keeps them.
+    pub kept: Vec<Location>,
+    /// Nodes the client knows whose `FreeOwner` failed (node number, why).
+    pub unfreed: Vec<(u16, String)>,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PutOptions {
     /// Keep the object when its job is deregistered.
@@ -408,10 +422,35 @@ impl Client {
     /// that cannot be reached keeps them: the error says which; the job is
     /// deregistered all the same.
     pub fn deregister_job(&mut self, job: &Job) -> Result<(), ClientError> {
+        let d = self.deregister_job_detailed(job)?;
+        if d.unfreed.is_empty() {
+            return Ok(());
+        }
+        let failed: Vec<String> = d.unfreed.iter().map(|(n, e)| format!("node {n}: {e}")).collect();
+        Err(ClientError::Local(format!(
+            "job '{}' was deregistered, but its blocks on {} other nodes could not be freed: {}",
+            job.name,
+            failed.len(),
+            failed.join("; ")
+        )))
+    }
+
+    /// As [`Client::deregister_job`], and says what is left to do: the
+    /// job's owner on the storage nodes, the blocks each node must keep
+    /// (PERSIST), and the nodes that could not be reached, so a caller
+    /// (the controller) can send their `FreeOwner` later. `Err` only when
+    /// the metadata node did not deregister the job.
+    pub fn deregister_job_detailed(&mut self, job: &Job) -> Result<Deregistered, ClientError> {
+        let home = self.node_number();
         let body = self.meta_call(&job.name, Opcode::DeregisterJob, 0, job.name.as_bytes(), &[])?;
         // Nodes before commit 'jobids' answered nothing: only their own blocks were theirs to free.
         if body.is_empty() {
-            return Ok(());
+            return Ok(Deregistered {
+                job_id: job.id,
+                meta_node: home,
+                kept: Vec::new(),
+                unfreed: Vec::new(),
+            });
         }
         let id = u32_body(body.get(..4).unwrap_or(&body))?;
         let kept = if body.len() > 4 {
@@ -421,12 +460,11 @@ impl Client {
         } else {
             Vec::new()
         };
-        let home = self.node_number();
         let mut key = id.to_le_bytes().to_vec();
         key.extend_from_slice(&home.to_le_bytes());
         let mut others: Vec<u16> = self.node_addrs.keys().copied().collect();
         others.sort_unstable();
-        let mut failed = Vec::new();
+        let mut unfreed = Vec::new();
         for n in others {
             let keep: Vec<u8> =
                 kept.iter().filter(|l| l.node == n).flat_map(|l| l.block.0.to_le_bytes()).collect();
@@ -434,19 +472,10 @@ impl Client {
                 .node_index(n)
                 .and_then(|node| self.call_lane(Lane { node, core: 0 }, Opcode::FreeOwner, 0, &key, &keep));
             if let Err(e) = r {
-                failed.push(format!("node {n}: {e}"));
+                unfreed.push((n, e.to_string()));
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(ClientError::Local(format!(
-                "job '{}' was deregistered, but its blocks on {} other nodes could not be freed: {}",
-                job.name,
-                failed.len(),
-                failed.join("; ")
-            )))
-        }
+        Ok(Deregistered { job_id: id, meta_node: home, kept, unfreed })
     }
 
     pub fn create_dir(&mut self, job: &Job, path: &str) -> Result<(), ClientError> {

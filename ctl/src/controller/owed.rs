@@ -1,0 +1,157 @@
+//! Frees the controller owes nodes: a job deregistered while one of its
+//! storage nodes was down or unreachable leaves its blocks there. The
+//! controller keeps, per node number, the `FreeOwner`s that node has not
+//! acknowledged, sends them on every heartbeat reply (`FreeOwners`) until the
+//! node's report lists them in `frees_done`, and, with a data directory,
+//! keeps them in `DIR/owed-frees.json` across its own restarts.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::api::OwedFree;
+
+/// The file, in the controller's data directory.
+pub const FILE: &str = "owed-frees.json";
+/// Most frees sent on one reply (the rest follow on later ones).
+pub const MAX_PER_REPLY: usize = 256;
+/// Most frees owed in all: past it the oldest are dropped (with a warning),
+/// so a node that never returns cannot grow the state without bound.
+pub const MAX_OWED: usize = 100_000;
+
+/// Node number → free id → the free.
+type ByNode = BTreeMap<u16, BTreeMap<u64, OwedFree>>;
+
+#[derive(Default)]
+pub struct Owed {
+    by_node: ByNode,
+    /// Where the frees are kept; `None`: in memory only.
+    path: Option<PathBuf>,
+}
+
+impl Owed {
+    /// The frees kept in `dir` (none when the file does not exist yet), or
+    /// in memory only without a directory.
+    pub fn open(dir: Option<&Path>) -> Result<Owed, String> {
+        let Some(dir) = dir else { return Ok(Owed::default()) };
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(FILE);
+        let by_node = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<ByNode>(&bytes)
+                .map_err(|e| format!("{} is not a list of owed frees: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ByNode::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Ok(Owed { by_node, path: Some(path) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_node.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_node.values().all(BTreeMap::is_empty)
+    }
+
+    /// The largest free id kept (ids must grow past it after a restart).
+    pub fn max_id(&self) -> Option<u64> {
+        self.by_node.values().filter_map(|m| m.keys().next_back().copied()).max()
+    }
+
+    /// Owes `free` to node `node`.
+    pub fn add(&mut self, node: u16, free: OwedFree) {
+        self.by_node.entry(node).or_default().insert(free.id, free);
+        while self.len() > MAX_OWED {
+            let oldest = self.by_node.iter().filter_map(|(n, m)| m.keys().next().map(|id| (*id, *n))).min();
+            let Some((id, n)) = oldest else { break };
+            if let Some(f) = self.by_node.get_mut(&n).and_then(|m| m.remove(&id)) {
+                tracing::warn!(node = n, job = %f.job, "too many owed frees: the oldest is dropped");
+            }
+        }
+    }
+
+    /// What node `node` still has to free, oldest first, at most one reply's worth.
+    pub fn for_node(&self, node: u16) -> Vec<OwedFree> {
+        self.by_node.get(&node).map_or_else(Vec::new, |m| m.values().take(MAX_PER_REPLY).cloned().collect())
+    }
+
+    /// Node `node` applied the frees `done`: they are no longer owed.
+    /// Returns the ones this removed.
+    pub fn acknowledge(&mut self, node: u16, done: &[u64]) -> Vec<OwedFree> {
+        let Some(m) = self.by_node.get_mut(&node) else { return Vec::new() };
+        let gone: Vec<OwedFree> = done.iter().filter_map(|id| m.remove(id)).collect();
+        if m.is_empty() {
+            self.by_node.remove(&node);
+        }
+        gone
+    }
+
+    /// Forgets what node `node` owes (it was stopped for good).
+    pub fn forget(&mut self, node: u16) -> usize {
+        self.by_node.remove(&node).map_or(0, |m| m.len())
+    }
+
+    /// Writes the frees to the file, if there is one: a temporary file,
+    /// synced, renamed over the old one, the directory synced, so a crash
+    /// leaves the old list or the new one.
+    pub fn save(&self) -> Result<(), String> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(&self.by_node).map_err(|e| format!("encoding the owed frees: {e}"))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free(id: u64) -> OwedFree {
+        OwedFree { id, job: format!("j{id}"), job_id: id as u32, meta_node: 1, keep: vec![id * 10] }
+    }
+
+    #[test]
+    fn frees_are_kept_in_the_directory_until_acknowledged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut o = Owed::open(Some(dir.path())).expect("open");
+        assert!(o.is_empty());
+        o.add(3, free(7));
+        o.add(3, free(9));
+        o.add(2, free(8));
+        o.save().expect("save");
+        let mut again = Owed::open(Some(dir.path())).expect("reopen");
+        assert_eq!(again.len(), 3);
+        assert_eq!(again.max_id(), Some(9));
+        assert_eq!(again.for_node(3), vec![free(7), free(9)]);
+        assert_eq!(again.acknowledge(3, &[9, 100]), vec![free(9)]);
+        assert_eq!(again.acknowledge(2, &[8]), vec![free(8)]);
+        assert_eq!(again.for_node(2), vec![]);
+        again.save().expect("save");
+        let last = Owed::open(Some(dir.path())).expect("reopen");
+        assert_eq!(last.for_node(3), vec![free(7)]);
+        assert_eq!(last.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_and_memory_only_needs_no_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(FILE), b"not json").expect("write");
+        let e = Owed::open(Some(dir.path())).err().expect("refused");
+        assert!(e.contains("not a list of owed frees"), "{e}");
+        let mut mem = Owed::open(None).expect("memory");
+        mem.add(1, free(1));
+        mem.save().expect("nothing to write");
+        assert_eq!(mem.forget(1), 1);
+        assert!(mem.is_empty());
+    }
+}

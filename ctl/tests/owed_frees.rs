@@ -1,0 +1,202 @@
+//! Deregistration completes on a node that was away: a job spread over
+//! three `pollen node` processes is deregistered while one of them is
+//! stopped (SIGSTOP: the process and its blocks are intact, it just does not
+//! answer, as in a partition), the controller restarts on its data
+//! directory, and when the node runs again it gets the free on a heartbeat
+//! reply and its DRAM in use returns to what it was, but for the job's
+//! PERSIST blocks.
+//!
+//! Why SIGSTOP and not a restart: a restarted node's DRAM blocks are gone
+//! anyway (a restart frees every block that is not PERSIST), so only a node
+//! that keeps running while unreachable still holds the job's blocks.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, Pollenctl, Reaper};
+use dataplane::client::{Client, PutOptions};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pollen_ctl::api::{
+    DeregisterResponse, EventKind, EventsResponse, JobEntry, NodeState, NodesResponse, StatusResponse,
+};
+
+const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
+const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
+
+const POLICY: &str = r#"
+[allocation]
+per_worker_throughput = "10MB"
+default_workers = 4
+default_capacity = "8MiB"
+core_throughput = "100MB"
+"#;
+
+fn controller(dir: &std::path::Path, listen: &str) -> (Reaper, String) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("controller.err"))
+        .expect("log file");
+    let mut child = Command::new(POLLEN)
+        .args(["controller", "--listen", listen, "--heartbeat-ms", "100", "--policy", "policy.toml"])
+        .args(["--data-dir", "ctl-data"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pollen controller");
+    let stdout = child.stdout.take().expect("stdout");
+    let ctl = Reaper(Some(child));
+    (ctl, common::controller_url(stdout))
+}
+
+fn node(dir: &std::path::Path, url: &str, i: u16) -> Reaper {
+    let log = std::fs::File::create(dir.join(format!("n{i}.err"))).expect("log file");
+    let child = Command::new(POLLEN)
+        .args(["node", "--port", "0", "--cores", "1", "--no-pin", "--dram-gb", "0.015625"])
+        .args(["--node-id", &format!("n{i}"), "--heartbeat-ms", "100", "--controller", url])
+        .args(["--node-number", &i.to_string(), "--data-dir", &format!("n{i}-data")])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn pollen node");
+    Reaper(Some(child))
+}
+
+fn used_dram(ctl: &Pollenctl, node: &str) -> Option<u64> {
+    let r: NodesResponse = ctl.json(&["nodes"]);
+    let n = r.nodes.iter().find(|n| n.report.node_id == node && n.state == NodeState::Up)?;
+    Some(n.report.tiers.iter().filter(|t| t.tier == "dram").map(|t| t.used_bytes).sum())
+}
+
+fn job_entry(url: &str, name: &str) -> JobEntry {
+    let resp = ureq::get(format!("{url}/v1/jobs/{name}")).call().expect("GET /v1/jobs/NAME");
+    resp.into_body().read_json().expect("job JSON")
+}
+
+#[test]
+fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
+    let (mut ctl_proc, url) = controller(dir.path(), "127.0.0.1:0");
+    let mut nodes: Vec<Reaper> = (1..=3).map(|i| node(dir.path(), &url, i)).collect();
+    let ctl = Pollenctl {
+        bin: POLLENCTL,
+        url: url.clone(),
+        cwd: dir.path().to_path_buf(),
+        logs: ["controller.err", "n1.err", "n2.err", "n3.err"].iter().map(|f| dir.path().join(f)).collect(),
+    };
+    let ids = ["n1", "n2", "n3"];
+    wait_for(Duration::from_secs(30), "three nodes up", || {
+        ids.iter().all(|id| used_dram(&ctl, id).is_some()).then_some(())
+    });
+    let before: Vec<u64> = ids.iter().map(|id| used_dram(&ctl, id).expect("up")).collect();
+
+    let j: JobEntry = ctl.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
+    assert!(j.weights.values().all(|&w| w >= 0.15), "the job spans the three nodes: {:?}", j.weights);
+    let home: u16 = j.node_id.trim_start_matches('n').parse().expect("node number");
+    let away = (1..=3u16).rev().find(|&n| n != home).expect("a node other than the metadata node");
+    let entry = wait_for(Duration::from_secs(10), "the weight map on the metadata node", || {
+        let e = job_entry(&url, "wide");
+        (e.weights_applied && e.node_addrs.len() == 3).then_some(e)
+    });
+    let mut client = Client::connect(entry.node_addr.as_str()).expect("connect");
+    client.set_node_addrs(entry.node_socket_addrs());
+    let job = client.job("wide").expect("job");
+    let bs = client.block_size();
+    let mut on: BTreeMap<u16, u64> = BTreeMap::new();
+    for k in 0..40u64 {
+        let data: Vec<u8> = (0..2 * bs).map(|b| ((b + k) % 251) as u8).collect();
+        let name = format!("obj-{k}");
+        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put");
+        for l in client.lookup(&job, &name).expect("lookup").blocks {
+            *on.entry(l.node).or_default() += 1;
+        }
+    }
+    let kept: Vec<u8> = (0..6 * bs).map(|b| (b % 253) as u8).collect();
+    client
+        .put_buffer(&job, "kept", &kept, PutOptions { persist: true, ..PutOptions::default() })
+        .expect("PERSIST put");
+    let mut kept_on: BTreeMap<u16, u64> = BTreeMap::new();
+    for l in client.lookup(&job, "kept").expect("lookup").blocks {
+        *kept_on.entry(l.node).or_default() += 1;
+    }
+    // A block of the job that no object names, on the node that will be away.
+    client.alloc_block_at(&job, away, 0, dataplane::proto::tier::DRAM).expect("alloc on the away node");
+    drop(client);
+    let away_id = ids[away as usize - 1];
+    let on_away = on.get(&away).copied().unwrap_or(0) + kept_on.get(&away).copied().unwrap_or(0) + 1;
+    assert!(on_away > 1, "the away node holds blocks of the job: {on:?}");
+    let holding = before[away as usize - 1] + on_away * bs;
+    wait_for(Duration::from_secs(10), "the away node's blocks in its report", || {
+        (used_dram(&ctl, away_id) == Some(holding)).then_some(())
+    });
+
+    // The node stops answering (its process and blocks are intact) and is declared dead.
+    let pid = Pid::from_raw(nodes[away as usize - 1].0.as_ref().expect("running").id() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for(Duration::from_secs(10), "the stopped node declared down", || {
+        used_dram(&ctl, away_id).is_none().then_some(())
+    });
+    let d: DeregisterResponse = ctl.json(&["job", "deregister", "wide"]);
+    assert!(d.freed && d.note.is_none(), "{d:?}");
+    assert_eq!(d.owed, vec![away], "the free is owed to the stopped node");
+    for (i, id) in ids.iter().enumerate() {
+        let n = i as u16 + 1;
+        if n == away {
+            continue;
+        }
+        let want = before[i] + kept_on.get(&n).copied().unwrap_or(0) * bs;
+        wait_for(Duration::from_secs(10), "the job's blocks freed on the live nodes", || {
+            (used_dram(&ctl, id) == Some(want)).then_some(())
+        });
+    }
+
+    // The controller restarts on its data directory: the owed free survives.
+    assert!(ctl_proc.terminate().success());
+    let saved =
+        std::fs::read_to_string(dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
+    assert!(saved.contains("\"wide\""), "{saved}");
+    let listen = url.trim_start_matches("http://").to_string();
+    let (mut ctl_proc, _) = controller(dir.path(), &listen);
+    let status: StatusResponse = ctl.json(&["status"]);
+    assert_eq!(status.owed_frees, 1);
+
+    // The node runs again: its next heartbeat reply carries the free.
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let want = before[away as usize - 1] + kept_on.get(&away).copied().unwrap_or(0) * bs;
+    wait_for(Duration::from_secs(15), "the owed free applied on the node that was away", || {
+        (used_dram(&ctl, away_id) == Some(want)).then_some(())
+    });
+    wait_for(Duration::from_secs(10), "the free acknowledged", || {
+        let s: StatusResponse = ctl.json(&["status"]);
+        (s.owed_frees == 0).then_some(())
+    });
+    let events: EventsResponse = ctl.json(&["events"]);
+    assert!(
+        events.events.iter().any(|e| e.kind == EventKind::OwedFree && e.node.as_deref() == Some(away_id)),
+        "{:?}",
+        events.events
+    );
+    let saved =
+        std::fs::read_to_string(dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
+    assert!(!saved.contains("\"wide\""), "{saved}");
+
+    // The PERSIST object reads back whole once the job registers again.
+    let _: JobEntry = ctl.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
+    let entry = job_entry(&url, "wide");
+    let mut client = Client::connect(entry.node_addr.as_str()).expect("connect");
+    client.set_node_addrs(entry.node_socket_addrs());
+    let job = client.job("wide").expect("job");
+    assert_eq!(client.get_buffer(&job, "kept").expect("the PERSIST object"), kept);
+
+    for mut n in nodes.drain(..) {
+        assert!(n.terminate().success());
+    }
+    assert!(ctl_proc.terminate().success());
+}
