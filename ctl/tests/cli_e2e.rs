@@ -1,7 +1,7 @@
 //! End to end through the binaries: `pollen up` in a temporary directory,
 //! then `pollenctl` status / put / get / ls / rm against it, then SIGTERM.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,17 +10,27 @@ use pollen_ctl::api::{
 };
 use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
 
-mod common;
-use common::Reaper;
+use pollen_tests::control::{Reaper, Up};
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
 
-/// A running `pollen up` in its own directory; killed on drop (by its
-/// [`Reaper`]) if the test did not stop it.
-struct PollenUp {
-    proc: Reaper,
-    dir: tempfile::TempDir,
+/// A running `pollen up` in its own directory; stopped on drop if the test
+/// did not stop it. Its `pollenctl` calls find the controller through
+/// `pollen-data/pollen.json`, as an operator's would.
+struct PollenUp(Up);
+
+impl std::ops::Deref for PollenUp {
+    type Target = Up;
+    fn deref(&self) -> &Up {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PollenUp {
+    fn deref_mut(&mut self) -> &mut Up {
+        &mut self.0
+    }
 }
 
 impl PollenUp {
@@ -37,40 +47,10 @@ impl PollenUp {
         if let Some(text) = config {
             std::fs::write(dir.path().join("pollen.toml"), text).expect("write pollen.toml");
         }
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
-        let child = Command::new(POLLEN)
-            .arg("up")
-            .args(args)
-            .args(["--heartbeat-ms", "200"])
-            .current_dir(dir.path())
-            .env_remove(CONTROLLER_ENV)
-            .stdin(Stdio::null())
-            .stdout(log("up.out"))
-            .stderr(log("up.err"))
-            .spawn()
-            .expect("spawn pollen up");
-        let mut up = PollenUp { proc: Reaper(Some(child)), dir };
-        let data = up.dir.path().join(DEFAULT_DATA_DIR);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(lc)) = LocalCluster::read(&data) {
-                return (up, lc);
-            }
-            if let Ok(Some(status)) = up.proc.0.as_mut().expect("running").try_wait() {
-                panic!("pollen up exited early with {status}\n{}", up.logs());
-            }
-            assert!(Instant::now() < deadline, "pollen up was not ready in 30 s\n{}", up.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn logs(&self) -> String {
-        let read = |n: &str| std::fs::read_to_string(self.path(n)).unwrap_or_default();
-        format!("--- pollen up stdout\n{}--- pollen up stderr\n{}", read("up.out"), read("up.err"))
+        let mut all = args.to_vec();
+        all.extend(["--heartbeat-ms", "200"]);
+        let (up, lc) = Up::spawn(dir, &all);
+        (PollenUp(up), lc)
     }
 
     /// Runs pollenctl in the cluster's directory.
@@ -346,7 +326,7 @@ fn separate_controller_and_node_processes() {
         .expect("spawn pollen controller");
     let stdout = ctl.stdout.take().unwrap();
     let mut ctl = Reaper(Some(ctl));
-    let url = common::controller_url(stdout);
+    let url = pollen_tests::control::controller_url(stdout);
 
     let mut node = Reaper(Some(
         Command::new(POLLEN)

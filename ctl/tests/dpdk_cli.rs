@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use pollen_ctl::api::CoresResponse;
 
-mod common;
-use common::Reaper;
+use pollen_tests::control::Reaper;
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
@@ -46,7 +45,7 @@ fn pollen_node_on_dpdk_serves_pollenctl() {
         .expect("spawn pollen controller");
     let stdout = ctl.stdout.take().unwrap();
     let mut ctl = Reaper(Some(ctl));
-    let url = common::controller_url(stdout);
+    let url = pollen_tests::control::controller_url(stdout);
 
     // A per-process tap and subnet of the benchmarking range (198.19.0.0/16).
     let iface = format!("pcli{}", std::process::id() % 100_000);

@@ -10,63 +10,19 @@
 //! anyway (a restart frees every block that is not PERSIST), so only a node
 //! that keeps running while unreachable still holds the job's blocks.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Pollenctl, Reaper};
 use dataplane::client::{Client, PutOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pollen_ctl::api::{
     DeregisterResponse, EventKind, EventsResponse, JobEntry, NodeState, NodesResponse, StatusResponse,
 };
+use pollen_tests::control::{spawn_controller, wait_for, Cluster, Pollenctl, SMALL_POLICY};
 
-const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
-const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
-
-const POLICY: &str = r#"
-[allocation]
-per_worker_throughput = "10MB"
-default_workers = 4
-default_capacity = "8MiB"
-core_throughput = "100MB"
-"#;
-
-fn controller(dir: &std::path::Path, listen: &str) -> (Reaper, String) {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("controller.err"))
-        .expect("log file");
-    let mut child = Command::new(POLLEN)
-        .args(["controller", "--listen", listen, "--heartbeat-ms", "100", "--policy", "policy.toml"])
-        .args(["--data-dir", "ctl-data"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn pollen controller");
-    let stdout = child.stdout.take().expect("stdout");
-    let ctl = Reaper(Some(child));
-    (ctl, common::controller_url(stdout))
-}
-
-fn node(dir: &std::path::Path, url: &str, i: u16) -> Reaper {
-    let log = std::fs::File::create(dir.join(format!("n{i}.err"))).expect("log file");
-    let child = Command::new(POLLEN)
-        .args(["node", "--port", "0", "--cores", "1", "--no-pin", "--dram-gb", "0.015625"])
-        .args(["--node-id", &format!("n{i}"), "--heartbeat-ms", "100", "--controller", url])
-        .args(["--node-number", &i.to_string(), "--data-dir", &format!("n{i}-data")])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn pollen node");
-    Reaper(Some(child))
-}
+/// The controller keeps what it owes in its data directory.
+const CTL_ARGS: &[&str] = &["--data-dir", "ctl-data"];
 
 fn used_dram(ctl: &Pollenctl, node: &str) -> Option<u64> {
     let r: NodesResponse = ctl.json(&["nodes"]);
@@ -81,20 +37,13 @@ fn job_entry(url: &str, name: &str) -> JobEntry {
 
 #[test]
 fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy file");
-    let (mut ctl_proc, url) = controller(dir.path(), "127.0.0.1:0");
-    let mut nodes: Vec<Reaper> = (1..=3).map(|i| node(dir.path(), &url, i)).collect();
-    let ctl = Pollenctl {
-        bin: POLLENCTL,
-        url: url.clone(),
-        cwd: dir.path().to_path_buf(),
-        logs: ["controller.err", "n1.err", "n2.err", "n3.err"].iter().map(|f| dir.path().join(f)).collect(),
-    };
+    // Three numbered nodes with data directories, one core and 16 MiB each.
+    let mut c = Cluster::controller(SMALL_POLICY, CTL_ARGS, &["--cores", "1", "--dram-gb", "0.015625"]);
+    c.start_numbered(&[None, None, None], |_| Vec::new());
+    let mut ctl = c.pollenctl();
+    ctl.logs.extend(["n1.err", "n2.err", "n3.err"].iter().map(|f| c.dir.path().join(f)));
+    let url = c.url.clone();
     let ids = ["n1", "n2", "n3"];
-    wait_for(Duration::from_secs(30), "three nodes up", || {
-        ids.iter().all(|id| used_dram(&ctl, id).is_some()).then_some(())
-    });
     let before: Vec<u64> = ids.iter().map(|id| used_dram(&ctl, id).expect("up")).collect();
 
     let j: JobEntry = ctl.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
@@ -138,7 +87,7 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
     });
 
     // The node stops answering (its process and blocks are intact) and is declared dead.
-    let pid = Pid::from_raw(nodes[away as usize - 1].0.as_ref().expect("running").id() as i32);
+    let pid = Pid::from_raw(c.nodes[away_id].0.as_ref().expect("running").id() as i32);
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
     wait_for(Duration::from_secs(10), "the stopped node declared down", || {
         used_dram(&ctl, away_id).is_none().then_some(())
@@ -158,12 +107,12 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
     }
 
     // The controller restarts on its data directory: the owed free survives.
-    assert!(ctl_proc.terminate().success());
+    assert!(c.ctl.terminate().success());
     let saved =
-        std::fs::read_to_string(dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
+        std::fs::read_to_string(c.dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
     assert!(saved.contains("\"wide\""), "{saved}");
     let listen = url.trim_start_matches("http://").to_string();
-    let (mut ctl_proc, _) = controller(dir.path(), &listen);
+    c.ctl = spawn_controller(c.dir.path(), &listen, CTL_ARGS).0;
     let status: StatusResponse = ctl.json(&["status"]);
     assert_eq!(status.owed_frees, 1);
 
@@ -184,7 +133,7 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
         events.events
     );
     let saved =
-        std::fs::read_to_string(dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
+        std::fs::read_to_string(c.dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
     assert!(!saved.contains("\"wide\""), "{saved}");
 
     // The PERSIST object reads back whole once the job registers again.
@@ -195,8 +144,5 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
     let job = client.job("wide").expect("job");
     assert_eq!(client.get_buffer(&job, "kept").expect("the PERSIST object"), kept);
 
-    for mut n in nodes.drain(..) {
-        assert!(n.terminate().success());
-    }
-    assert!(ctl_proc.terminate().success());
+    c.stop();
 }

@@ -5,30 +5,12 @@
 //! polling core. Each step is checked in the event log and in what the
 //! nodes themselves report.
 
-mod common;
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{wait_for, Up};
 use dataplane::client::{Client, PutOptions};
-use pollen_ctl::api::{CoresResponse, Event, EventKind, JobEntry};
-
-/// A core is assumed to serve 1 MB/s, so a few MB/s of reads are far above
-/// the 50% network band and silence is far below 5%.
-const POLICY: &str = r#"
-[allocation]
-per_worker_throughput = "1KB"
-default_workers = 1
-default_capacity = "1MiB"
-core_throughput = "1MB"
-
-[scaling]
-interval_ms = 200
-cooldown_ms = 700
-network = { low = 0.05, high = 0.5 }
-"#;
+use pollen_ctl::api::{Event, EventKind, JobEntry};
+use pollen_tests::control::{wait_for, ReadLoad, Up, RIGHTSIZING_POLICY};
 
 /// Waits for an event matching `f`; on timeout, fails with the event log.
 fn find(up: &Up, what: &str, f: impl Fn(&Event) -> bool) -> Event {
@@ -47,22 +29,14 @@ fn find(up: &Up, what: &str, f: impl Fn(&Event) -> bool) -> Event {
     }
 }
 
-/// Polling cores per node id, from the nodes' own reports.
-fn polling(up: &Up) -> Vec<(String, usize)> {
-    let r: CoresResponse = up.ctl.json(&["cores"]);
-    let mut out: Vec<(String, usize)> = Vec::new();
-    for c in r.cores.iter().filter(|c| c.polling) {
-        match out.iter_mut().find(|(n, _)| *n == c.node_id) {
-            Some((_, k)) => *k += 1,
-            None => out.push((c.node_id.clone(), 1)),
-        }
-    }
-    out
+/// Node `node-0` alone, polling `n` cores.
+fn only_node0(n: usize) -> BTreeMap<String, usize> {
+    BTreeMap::from([("node-0".to_string(), n)])
 }
 
 #[test]
 fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
-    let mut up = Up::start(POLICY, &["--nodes", "1", "--max-nodes", "2", "--cores", "2"]);
+    let mut up = Up::start(RIGHTSIZING_POLICY, &["--nodes", "1", "--max-nodes", "2", "--cores", "2"]);
     up.wait_open_nodes(1, "one node up");
 
     // Idle: the second core is turned off, by a command the node applies.
@@ -72,7 +46,7 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
             && e.message.contains("rightsizing")
     });
     wait_for(Duration::from_secs(10), "node-0 reporting one polling core", || {
-        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+        (up.ctl.polling() == only_node0(1)).then_some(())
     });
 
     // Load: a client reads one 256 KiB object over and over.
@@ -82,21 +56,7 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
     let data = vec![42u8; 256 << 10];
     client.put_buffer(&j, "obj", &data, PutOptions::default()).expect("put");
     let before_load = up.events().last_seq;
-    let stop = Arc::new(AtomicBool::new(false));
-    let loader = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let got = client.get_buffer(&j, "obj").expect("get under load");
-                assert_eq!(got.len(), 256 << 10);
-                reads += 1;
-                // A few MB/s is plenty; leave the CPUs to the nodes.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            reads
-        })
-    };
+    let load = ReadLoad::start(client, j, "obj", data.len());
     // Network (or, on a loaded machine, the cores' busy fraction) goes above its band.
     let on = find(&up, "a core turned on under load", |e| {
         e.kind == EventKind::Cores
@@ -111,9 +71,7 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
     up.wait_open_nodes(2, "two nodes under load");
 
     // The load stops: cores off, then the added node is drained and stopped.
-    stop.store(true, Ordering::Relaxed);
-    let reads = loader.join().expect("load thread");
-    assert!(reads > 0);
+    assert!(load.stop() > 0);
     let drained = find(&up, "the added node drained and stopped", |e| {
         e.kind == EventKind::Drain && e.message.contains("stopped") && e.seq > added.seq
     });
@@ -121,7 +79,7 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
     assert_ne!(node, "node-0", "the node holding the job's data is not the least used");
     up.wait_open_nodes(1, "back to one node");
     wait_for(Duration::from_secs(30), "back to one polling core", || {
-        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+        (up.ctl.polling() == only_node0(1)).then_some(())
     });
     let text = String::from_utf8_lossy(&up.ctl.ok(&["events"]).stdout).into_owned();
     assert!(text.contains("rightsizing"), "{text}");
@@ -134,16 +92,16 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
 fn cores_set_reaches_the_node() {
     let mut up = Up::start("[scaling]\nenabled = false\n", &["--nodes", "1", "--cores", "2"]);
     up.wait_open_nodes(1, "one node up");
-    assert_eq!(polling(&up), vec![("node-0".to_string(), 2)]);
+    assert_eq!(up.ctl.polling(), only_node0(2));
     up.ctl.ok(&["cores", "set", "node-0", "1"]);
     wait_for(Duration::from_secs(10), "node-0 polling one core", || {
-        (polling(&up) == vec![("node-0".to_string(), 1)]).then_some(())
+        (up.ctl.polling() == only_node0(1)).then_some(())
     });
     let table = String::from_utf8_lossy(&up.ctl.ok(&["cores"]).stdout).into_owned();
     assert!(table.contains("off ("), "{table}");
     up.ctl.ok(&["cores", "set", "node-0", "2"]);
     wait_for(Duration::from_secs(10), "node-0 polling two cores", || {
-        (polling(&up) == vec![("node-0".to_string(), 2)]).then_some(())
+        (up.ctl.polling() == only_node0(2)).then_some(())
     });
     assert!(up.ctl.fails(&["cores", "set", "node-0", "3"]).contains("1..=2"));
     assert!(up.ctl.fails(&["cores", "set", "nope", "1"]).contains("404"));

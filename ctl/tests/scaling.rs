@@ -2,12 +2,10 @@
 //! storage nodes as processes; `pollenctl scale` and `drain` start and stop
 //! them, and a registration that does not fit starts a node first.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{alive, wait_for, Up};
 use pollen_ctl::api::{DeregisterResponse, EventKind, JobEntry, JobsResponse, ScaleResponse};
+use pollen_tests::control::{alive, wait_for, Up};
 
 /// One-core nodes serve 100 MB/s; a worker drives 10 MB/s.
 const POLICY: &str = r#"

@@ -3,13 +3,11 @@
 //! over https; pollenctl finds URL, token and certificate in pollen.json, and
 //! is refused without the token or with a wrong one.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::Up;
 use pollen_ctl::api::{JobEntry, NodeState, NodesResponse};
 use pollen_ctl::local::CONTROLLER_ENV;
+use pollen_tests::control::Up;
 
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
 const TOKEN: &str = "s3cret-token-for-the-test-0123456789";
@@ -60,7 +58,7 @@ fn admin_token_and_tls_guard_the_controller() {
             .output()
             .unwrap()
     };
-    common::wait_for(std::time::Duration::from_secs(20), "two nodes up over TLS", || {
+    pollen_tests::control::wait_for(std::time::Duration::from_secs(20), "two nodes up over TLS", || {
         let out = auto(&["nodes", "--json"]);
         let r: NodesResponse = serde_json::from_slice(&out.stdout).ok()?;
         (r.nodes.iter().filter(|n| n.state == NodeState::Up).count() == 2).then_some(())

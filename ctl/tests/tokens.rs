@@ -4,15 +4,13 @@
 //! token or a forged one gets `unauthorized`; pollenctl's data commands
 //! fetch a token from the controller by themselves.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::Up;
 use dataplane::auth::{Rights, Secret, Token};
 use dataplane::client::{Client, PutOptions};
 use dataplane::proto::Status;
 use pollen_ctl::api::{DeregisterResponse, JobEntry, JobsResponse};
+use pollen_tests::control::Up;
 
 #[test]
 fn registration_mints_a_token_the_nodes_accept() {

@@ -1,4 +1,8 @@
-//! Helpers shared by the integration tests: nodes on ephemeral loopback ports.
+//! Helpers shared by the integration tests: nodes on ephemeral loopback ports,
+//! and (`control`) controllers, node processes and `pollenctl` for the
+//! control-plane tests here and in `ctl/tests`.
+
+pub mod control;
 
 use dataplane::node::{NetBackend, Node, NodeConfig, PollMode};
 
@@ -282,18 +286,29 @@ pub mod proc {
     /// The `pollen` binary of this build (built by `cargo test --workspace`;
     /// built here when a test runs alone with `-p pollen-tests`).
     pub fn pollen_bin() -> PathBuf {
+        ctl_bin("pollen")
+    }
+
+    /// The `pollenctl` binary of this build, as [`pollen_bin`].
+    pub fn pollenctl_bin() -> PathBuf {
+        ctl_bin("pollenctl")
+    }
+
+    /// A binary of package pollen-ctl beside the test executable, built when
+    /// missing.
+    fn ctl_bin(name: &str) -> PathBuf {
         let exe = std::env::current_exe().expect("test executable");
-        // target/<profile>/deps/<test> → target/<profile>/pollen
-        let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join("pollen");
+        // target/<profile>/deps/<test> → target/<profile>/<name>
+        let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join(name);
         if !bin.exists() {
             let st = Command::new(env!("CARGO"))
-                .args(["build", "-p", "pollen-ctl", "--bin", "pollen"])
+                .args(["build", "-p", "pollen-ctl", "--bin", name])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("run cargo build");
-            assert!(st.success(), "building the pollen binary failed");
+            assert!(st.success(), "building the {name} binary failed");
         }
-        assert!(bin.exists(), "no pollen binary at {}", bin.display());
+        assert!(bin.exists(), "no {name} binary at {}", bin.display());
         bin
     }
 
