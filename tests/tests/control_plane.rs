@@ -98,10 +98,16 @@ fn client_of(c: &Cluster, name: &str) -> (Client, Job, JobEntry) {
 
 /// The done-when cluster of one-core nodes with job `name` registered for
 /// 25 lambdas (250 MB/s: more than two 100 MB/s nodes, so its weights span
-/// all three storage nodes) and 16 MiB, and a client of it.
+/// all three storage nodes) and 16 MiB, and a client of it. No node has
+/// flash, so the job, not latency-sensitive, gets DRAM (the table's last row).
 fn with_wide_job(name: &str) -> (Cluster, Client, Job, JobEntry) {
     let c = cluster(SMALL_POLICY, &[], one_core);
-    let _: JobEntry = c.json(&["job", "register", name, "--lambdas", "25", "--capacity", "16MiB"]);
+    let args = ["--lambdas", "25", "--capacity", "16MiB"];
+    let j: JobEntry = c.json(&[&["job", "register", name][..], &args].concat());
+    let table = Policy::parse(SMALL_POLICY).expect("the test policy").allocation;
+    let a = j.allocation.expect("an allocation");
+    let want = Hinted::parse(&args).documented(&table, 3 * (16 << 20), false);
+    assert_eq!((a.throughput, a.capacity, a.dram, a.flash, a.latency_sensitive), want, "{:?}", a.basis);
     let (client, job, entry) = client_of(&c, name);
     (c, client, job, entry)
 }
