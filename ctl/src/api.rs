@@ -96,6 +96,12 @@ pub enum NodeCommand {
     /// the kept ones (`Node::free_owner`), then list the ids in the next
     /// report's `frees_done`. Sent on every reply until acknowledged.
     FreeOwners { frees: Vec<OwedFree> },
+    /// Storage nodes (by number) that restarted with a new boot id, each
+    /// with a version, oldest first: a metadata node marks lost every
+    /// object naming their blocks of before (`Node::mark_node_lost`) and
+    /// reports the newest version it applied (`restarts_version`). Sent to
+    /// each metadata-capable node until it reports them.
+    NodesRestarted { restarts: Vec<(u64, u16)> },
 }
 
 /// One deregistered job's blocks a node must still free (`FreeOwners`).

@@ -24,6 +24,8 @@ pub struct ViewApplier {
 #[derive(Default)]
 struct Held {
     weights_version: Option<u64>,
+    /// The newest restart of another node applied (`NodesRestarted`).
+    restarts_version: Option<u64>,
     /// Jobs with a weight map set by the controller.
     jobs: BTreeSet<String>,
     /// Ids of the owed frees applied, among those the controller still
@@ -54,7 +56,12 @@ impl ViewApplier {
     }
 
     pub fn applied(&self) -> AppliedView {
-        AppliedView { dead_version: self.node.dead_nodes().0, weights_version: self.held().weights_version }
+        let held = self.held();
+        AppliedView {
+            dead_version: self.node.dead_nodes().0,
+            weights_version: held.weights_version,
+            restarts_version: held.restarts_version,
+        }
     }
 
     /// Applies `c` if it is a view command; false for other commands.
@@ -112,6 +119,23 @@ impl ViewApplier {
                     if held.frees_done.len() < MAX_FREES_DONE {
                         held.frees_done.insert(f.id);
                     }
+                }
+                true
+            }
+            NodeCommand::NodesRestarted { restarts } => {
+                let mut held = self.held();
+                // In order, each once: a version at or below the one held was applied.
+                for &(version, node) in restarts {
+                    if held.restarts_version.is_some_and(|v| v >= version) {
+                        continue;
+                    }
+                    self.node.mark_node_lost(node);
+                    tracing::info!(
+                        node,
+                        version,
+                        "node restarted: objects naming its earlier blocks are lost"
+                    );
+                    held.restarts_version = Some(version);
                 }
                 true
             }

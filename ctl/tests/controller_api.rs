@@ -161,6 +161,7 @@ fn report(node_id: &str, uptime_ms: u64, cores: Vec<CoreReport>) -> NodeReport {
         .collect();
     NodeReport {
         node_number: 0,
+        boot_id: 0,
         role: Default::default(),
         node_id: node_id.into(),
         addr: "127.0.0.1:7400".into(),

@@ -345,6 +345,8 @@ impl StopHandle {
 
 pub struct Node {
     cfg: NodeConfig,
+    /// Random per start (`Node::boot_id`).
+    boot_id: u64,
     addr: SocketAddr,
     core_addrs: Vec<SocketAddr>,
     net: NetBackend,
@@ -633,6 +635,7 @@ impl Node {
             net,
             net_fallback_reason,
             started,
+            boot_id: new_boot_id(),
             stop,
             threads,
             _meta_lock: meta_lock,
@@ -676,6 +679,13 @@ impl Node {
         None
     }
 
+    /// A random number drawn at every start, in every report: a report with
+    /// another boot id than the last one says the node restarted and lost
+    /// its DRAM and non-`PERSIST` blocks (`mark_node_lost`). Never 0.
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
     /// The node's number in its cluster (settled at start, see
     /// `NodeConfig::node_number`).
     pub fn node_number(&self) -> u16 {
@@ -715,8 +725,14 @@ impl Node {
     /// naming a block on one answers 7, and `Place` draws no dead node
     /// (7 when every node with a weight for the job is dead). A node that
     /// leaves the set is used again.
+    ///
+    /// This node's own number is left out: a node that reads as dead to the
+    /// others (it is restarting, see `mark_node_lost`) still serves its own
+    /// blocks.
     pub fn set_dead_nodes(&self, version: u64, dead: &[u16]) -> bool {
-        self.cluster.update(|s| s.set_dead(version, dead))
+        let me = self.node_number();
+        let dead: Vec<u16> = dead.iter().copied().filter(|&n| n != me).collect();
+        self.cluster.update(|s| s.set_dead(version, &dead))
     }
 
     /// The dead set last applied and its version (`None` before the first).
@@ -765,6 +781,21 @@ impl Node {
             c.send_external(crate::core::External::FreeOwner { owner, keep: keep.clone() });
         }
         Ok(())
+    }
+
+    /// Storage node `node` restarted (the controller saw a new boot id in
+    /// its reports): its DRAM and non-`PERSIST` blocks of before are gone.
+    /// On this node as a metadata node, every object naming a block there
+    /// is marked lost from then on (reads answer 7, `data unavailable`,
+    /// instead of the storage node's `not found`), and the mark is logged
+    /// (a lost `Put` record) so it survives this node's restart. Queued to
+    /// every core like `free_owner`. Objects written on `node` after its
+    /// restart and before this call are marked too: the controller keeps
+    /// the node in the dead set meanwhile, so `Place` does not draw it.
+    pub fn mark_node_lost(&self, node: u16) {
+        for c in self.stop.cores.iter() {
+            c.send_external(crate::core::External::NodeLost { node });
+        }
     }
 
     /// Turns polling on for cores `0..n` and off for the others (an idle
@@ -856,6 +887,7 @@ impl Node {
         NodeReport {
             node_id: self.cfg.node_id.clone(),
             node_number: self.node_number(),
+            boot_id: self.boot_id,
             role: self.cfg.role,
             addr: self.addr.to_string(),
             net: self.net,
@@ -1053,6 +1085,18 @@ struct StorageStart<'a> {
 }
 
 /// The name of a tier number in reports and messages.
+/// A boot id: random (std's per-process random hash keys), mixed with the
+/// clock and the process id, never 0.
+fn new_boot_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
 pub fn tier_name(t: u8) -> &'static str {
     match t {
         crate::proto::tier::DRAM => "dram",

@@ -11,6 +11,11 @@ pub struct NodeReport {
     /// 0 in reports from nodes that predate it.
     #[serde(default)]
     pub node_number: u16,
+    /// Random per start of the node (`Node::boot_id`): another one than
+    /// before means the node restarted and lost its DRAM blocks. 0 in
+    /// reports from nodes that predate it.
+    #[serde(default)]
+    pub boot_id: u64,
     /// What the node serves; `both` in reports from nodes that predate roles.
     #[serde(default)]
     pub role: Role,
@@ -45,6 +50,10 @@ pub struct AppliedView {
     /// Version of the weight maps of the jobs whose namespace the node
     /// holds (`Node::set_job_weights`); `None` before the first.
     pub weights_version: Option<u64>,
+    /// The newest restart of another node (`NodesRestarted`) whose blocks
+    /// the node marked lost; `None` before the first.
+    #[serde(default)]
+    pub restarts_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -157,6 +157,12 @@ pub struct Cluster {
     last_version: u64,
     /// Frees of deregistered jobs' blocks owed to nodes that were away.
     owed: Owed,
+    /// Each node's boot id as last reported (`NodeReport::boot_id`).
+    boots: BTreeMap<String, u64>,
+    /// For each metadata-capable node, the restarts of other nodes it has
+    /// yet to apply (version → restarted node's number); the restarted
+    /// node stays in the dead set while a live one has it queued.
+    restarts: BTreeMap<String, BTreeMap<u64, u16>>,
 }
 
 /// Job → weight map by node number, as a metadata node applies it.
@@ -184,6 +190,8 @@ impl Cluster {
             weights_view: BTreeMap::new(),
             last_version: unix_ms(),
             owed: Owed::default(),
+            boots: BTreeMap::new(),
+            restarts: BTreeMap::new(),
         }
     }
 
@@ -227,6 +235,7 @@ impl Cluster {
     pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
         validate(&report)?;
         self.acknowledge_frees(&report);
+        self.note_boot(&report);
         let mut transitions = Vec::new();
         match self.nodes.get_mut(&report.node_id) {
             None => {
@@ -967,6 +976,8 @@ impl Cluster {
         }
         self.draining.remove(node_id);
         self.weights_view.remove(node_id);
+        self.restarts.remove(node_id);
+        self.boots.remove(node_id);
         for j in self.jobs.values_mut() {
             j.weights.remove(node_id);
         }
@@ -998,13 +1009,20 @@ impl Cluster {
     fn dead_numbers(&self) -> Vec<u16> {
         let live: BTreeSet<u16> =
             self.nodes.values().filter(|r| r.state == NodeState::Up).map(|r| r.report.node_number).collect();
-        let dead: BTreeSet<u16> = self
+        let mut dead: BTreeSet<u16> = self
             .nodes
             .values()
             .filter(|r| r.state == NodeState::Down)
             .map(|r| r.report.node_number)
             .filter(|n| !live.contains(n))
             .collect();
+        // A restarted node stays dead until every live metadata node has
+        // marked its earlier blocks lost: no new block goes there meanwhile.
+        for (id, queue) in &self.restarts {
+            if self.state(id) == Some(NodeState::Up) {
+                dead.extend(queue.values());
+            }
+        }
         dead.into_iter().collect()
     }
 
@@ -1047,6 +1065,9 @@ impl Cluster {
         if held.dead_version != Some(*version) && !(held.dead_version.is_none() && dead.is_empty()) {
             out.push(NodeCommand::SetDeadNodes { version: *version, dead: dead.clone() });
         }
+        if let Some(queue) = self.restarts.get(node_id).filter(|q| !q.is_empty()) {
+            out.push(NodeCommand::NodesRestarted { restarts: queue.iter().map(|(&v, &n)| (v, n)).collect() });
+        }
         if let Some(frees) = self.frees_for(node_id) {
             out.push(NodeCommand::FreeOwners { frees });
         }
@@ -1065,6 +1086,58 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+// ---- nodes that restarted: their earlier blocks are lost --------------------------
+
+impl Cluster {
+    /// Notes `report`'s boot id. Another one than before means its node
+    /// restarted: every metadata-capable node that applies the view (but
+    /// the restarted one) is to mark lost the objects naming its blocks,
+    /// and a restart it reports applied (`restarts_version`) is dropped
+    /// from its queue.
+    fn note_boot(&mut self, report: &NodeReport) {
+        let id = &report.node_id;
+        if let Some(v) = report.applied.and_then(|a| a.restarts_version) {
+            if let Some(q) = self.restarts.get_mut(id) {
+                q.retain(|&version, _| version > v);
+            }
+        }
+        if report.boot_id == 0 {
+            return;
+        }
+        let before = self.boots.insert(id.clone(), report.boot_id);
+        if before.is_none_or(|b| b == report.boot_id) {
+            return;
+        }
+        let number = report.node_number;
+        let version = self.next_version();
+        let told: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(other, r)| {
+                *other != id
+                    && r.report.role.metadata()
+                    && r.report.applied.is_some()
+                    && r.report.node_number != number
+            })
+            .map(|(other, _)| other.clone())
+            .collect();
+        for m in &told {
+            self.restarts.entry(m.clone()).or_default().insert(version, number);
+        }
+        self.events.push(
+            EventKind::NodeRestarted,
+            Some(id),
+            None,
+            format!(
+                "node {id} (number {number}) restarted with a new boot id: its blocks of before are gone; \
+                 {} metadata node(s) mark the objects naming them lost (data unavailable), and it takes \
+                 no new blocks until the live ones have",
+                told.len()
+            ),
+        );
     }
 }
 
@@ -1378,6 +1451,7 @@ mod tests {
         let tiers = cores.iter().map(|c| tier(c.core, 65536)).collect();
         NodeReport {
             node_number: 0,
+            boot_id: 0,
             node_id: id.into(),
             role: Default::default(),
             addr: "127.0.0.1:7400".into(),
@@ -1603,7 +1677,8 @@ mod view_tests {
         assert!(!c.job("j").unwrap().weights_applied, "not applied before the node says so");
         // Until the node reports the version, the same map is sent again.
         assert_eq!(weights_cmd(&c.view_commands(&home)), Some((v, maps.clone())));
-        let in_step = Some(AppliedView { dead_version: None, weights_version: Some(v) });
+        let in_step =
+            Some(AppliedView { dead_version: None, weights_version: Some(v), restarts_version: None });
         c.heartbeat(report(&home, home_n, 2000, in_step), t0 + HB).unwrap();
         assert!(c.view_commands(&home).is_empty(), "in step: nothing to send");
         assert!(c.job("j").unwrap().weights_applied);
@@ -1638,7 +1713,8 @@ mod view_tests {
 
         // The dead node comes back: a newer, empty dead set.
         c.heartbeat(report(victim, number(victim), 9000, fresh), t1 + 2 * HB).unwrap();
-        let held = Some(AppliedView { dead_version: Some(dv), weights_version: Some(v2) });
+        let held =
+            Some(AppliedView { dead_version: Some(dv), weights_version: Some(v2), restarts_version: None });
         c.heartbeat(report(&home, home_n, 1010, held), t1 + 2 * HB).unwrap();
         let (dv2, dead) = dead_cmd(&c.view_commands(&home)).expect("dead set again");
         assert!(dv2 > dv && dead.is_empty());
@@ -1648,7 +1724,8 @@ mod view_tests {
     fn a_node_holding_a_newer_dead_set_gets_a_newer_version_still() {
         let mut c = Cluster::new(HB, 3);
         let ahead = c.dead_view.0 + 1_000_000;
-        let held = Some(AppliedView { dead_version: Some(ahead), weights_version: None });
+        let held =
+            Some(AppliedView { dead_version: Some(ahead), weights_version: None, restarts_version: None });
         c.heartbeat(report("a", 1, 1000, held), Instant::now()).unwrap();
         let (v, dead) = dead_cmd(&c.view_commands("a")).expect("an empty dead set, newer");
         assert!(v > ahead && dead.is_empty());
@@ -1732,5 +1809,72 @@ mod owed_tests {
         // A node stopped for good is owed nothing any more.
         c.forget("b", "stopped".into());
         assert_eq!(c.owed_frees(), 0);
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::api::{AppliedView, Role};
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, boot: u64, role: Role, applied: AppliedView) -> NodeReport {
+        let mut r = super::tests::report(id, 1000, vec![super::tests::core(0, 0, 1_000_000_000)]);
+        r.node_number = number;
+        r.boot_id = boot;
+        r.role = role;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = Some(applied);
+        r
+    }
+
+    fn restarts(cmds: &[NodeCommand]) -> Option<Vec<(u64, u16)>> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::NodesRestarted { restarts } => Some(restarts.clone()),
+            _ => None,
+        })
+    }
+
+    fn dead(cmds: &[NodeCommand]) -> Option<Vec<u16>> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::SetDeadNodes { dead, .. } => Some(dead.clone()),
+            _ => None,
+        })
+    }
+
+    /// A storage node that reports a new boot id is a restart: both
+    /// metadata-capable nodes are told (not the storage-only one, not the
+    /// node itself), the node is dead to them until each live one reports
+    /// the restart applied, and then it is not.
+    #[test]
+    fn a_new_boot_id_is_told_to_metadata_nodes_and_holds_the_node_dead_until_applied() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let none = AppliedView::default();
+        c.heartbeat(report("m", 1, 11, Role::Metadata, none), t0).unwrap();
+        c.heartbeat(report("b", 2, 22, Role::Both, none), t0).unwrap();
+        c.heartbeat(report("s", 3, 33, Role::Storage, none), t0).unwrap();
+        c.heartbeat(report("s", 3, 33, Role::Storage, none), t0).unwrap();
+        assert!(restarts(&c.view_commands("m")).is_none(), "same boot id: no restart");
+        c.heartbeat(report("s", 3, 34, Role::Storage, none), t0).unwrap();
+        let to_m = restarts(&c.view_commands("m")).expect("m is told");
+        assert_eq!(to_m.len(), 1);
+        assert_eq!(to_m[0].1, 3);
+        assert_eq!(dead(&c.view_commands("m")).unwrap_or_default(), vec![3]);
+        assert_eq!(restarts(&c.view_commands("b")), Some(to_m.clone()));
+        assert!(restarts(&c.view_commands("s")).is_none(), "a storage-only node holds no namespace");
+        let applied = AppliedView { restarts_version: Some(to_m[0].0), ..none };
+        c.heartbeat(report("m", 1, 11, Role::Metadata, applied), t0 + HB).unwrap();
+        assert!(restarts(&c.view_commands("m")).is_none(), "applied: not sent again");
+        assert_eq!(dead(&c.view_commands("m")).unwrap_or_default(), vec![3], "b has not applied it yet");
+        c.heartbeat(report("b", 2, 22, Role::Both, applied), t0 + HB).unwrap();
+        assert_eq!(
+            dead(&c.view_commands("m")).unwrap_or_default(),
+            Vec::<u16>::new(),
+            "every live metadata node applied it"
+        );
+        let events = c.events(0, usize::MAX).events;
+        assert!(events.iter().any(|e| e.kind == EventKind::NodeRestarted && e.message.contains("boot id")));
     }
 }

@@ -96,6 +96,9 @@ pub enum External {
     /// Free every block of `owner` on this core, on every tier, but `keep`
     /// (a `FreeOwner` the controller owed this node, see `Node::free_owner`).
     FreeOwner { owner: Owner, keep: Arc<HashSet<proto::BlockId>> },
+    /// Storage node `node` restarted with a new epoch: objects of this
+    /// core's namespaces that name its blocks are lost (and logged so).
+    NodeLost { node: u16 },
 }
 
 impl CoreShared {
@@ -891,6 +894,26 @@ impl State {
         for w in &work {
             match w {
                 External::FreeOwner { owner, keep } => self.free_owner(*owner, keep),
+                External::NodeLost { node } => {
+                    let changed = self.ns.mark_node_lost(*node);
+                    if !changed.is_empty() {
+                        tracing::info!(
+                            core = self.cfg.id,
+                            node,
+                            objects = changed.len(),
+                            "objects marked lost: their node restarted"
+                        );
+                        self.ns_changed = true;
+                    }
+                    for (job, path, meta) in &changed {
+                        self.log(crate::meta::log::Record::Put {
+                            job,
+                            path,
+                            meta: std::borrow::Cow::Borrowed(meta),
+                            lost: true,
+                        });
+                    }
+                }
             }
         }
         work.len()

@@ -198,6 +198,14 @@ impl Namespaces {
             Record::Put { job, path, meta, lost: false } => self.put(job, path, meta.clone().into_owned()),
             Record::Put { job, path, meta, lost: true } => {
                 let j = self.job_mut(job)?;
+                // Logged when another node restarted: the object is lost from
+                // then on and keeps only the blocks that survived
+                // (`mark_node_lost`). Sizes and counts do not change.
+                if let Some(Entry::Object(m, lost)) = j.entries.get_mut(*path) {
+                    *m = meta.clone().into_owned();
+                    *lost = true;
+                    return Ok(());
+                }
                 if path.is_empty() || j.entries.contains_key(*path) || !j.parent_exists(path) {
                     return Err(err(Status::Malformed, format!("lost object '{path}' does not fit")));
                 }
@@ -256,6 +264,32 @@ impl Namespaces {
             }
         }
         named
+    }
+
+    /// Storage node `node` restarted (a new epoch): its blocks of before are
+    /// gone. Every object naming a block there drops those blocks and is
+    /// lost (reads answer `data unavailable`, a delete frees only the rest).
+    /// Returns each object changed, (job, path, its new meta), to log as a
+    /// lost `Put` so a replay marks it again. This node's own blocks are
+    /// left alone (its own restart settles them, `settle_after_restart`).
+    pub fn mark_node_lost(&mut self, node: u16) -> Vec<(String, String, ObjectMeta)> {
+        let mut changed = Vec::new();
+        if node == self.node {
+            return changed;
+        }
+        for (name, j) in &mut self.jobs {
+            for (path, e) in &mut j.entries {
+                if let Entry::Object(m, lost) = e {
+                    let before = m.blocks.len();
+                    m.blocks.retain(|l| l.node != node);
+                    if m.blocks.len() < before {
+                        *lost = true;
+                        changed.push((name.clone(), path.clone(), m.clone()));
+                    }
+                }
+            }
+        }
+        changed
     }
 
     /// Objects whose data was lost in a restart.
@@ -622,14 +656,18 @@ mod tests {
         let mut snap = Vec::new();
         n.snapshot(&mut snap);
         let mut back = Namespaces::new(n.core, n.block_size, n.node);
-        let mut buf = &snap[..];
+        replay(&mut back, &snap);
+        back
+    }
+
+    /// Applies encoded records (as a log holds them) to `n`.
+    fn replay(n: &mut Namespaces, mut buf: &[u8]) {
         while !buf.is_empty() {
             let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
             let rec = Record::decode(&buf[8..8 + len], log::FILE_VERSION, n.node).unwrap();
-            back.apply(&rec).unwrap_or_else(|e| panic!("{rec:?}: {e}"));
+            n.apply(&rec).unwrap_or_else(|e| panic!("{rec:?}: {e}"));
             buf = &buf[8 + len..];
         }
-        back
     }
 
     #[test]
@@ -696,5 +734,45 @@ mod tests {
             Release::Job { job: id, keep: vec![], drop: vec![BlockId(20)] },
             "only this node's blocks are released"
         );
+    }
+
+    /// Another node restarted: objects naming its blocks drop them and are
+    /// lost; the lost `Put` records logged for them mark the same objects
+    /// again when replayed after the records that created them.
+    #[test]
+    fn a_restarted_node_s_blocks_are_lost_and_the_mark_replays() {
+        let mut n = ns();
+        n.register("j", JobHints::default()).unwrap();
+        let at = |node, b| Location { node, block: BlockId(b) };
+        let two = |a: Location, b: Location| ObjectMeta { size: 128, flags: 0, blocks: vec![a, b] };
+        let mixed = two(here(1), at(9, 2));
+        let elsewhere = two(at(7, 3), at(8, 4));
+        n.put("j", "mixed", mixed.clone()).unwrap();
+        n.put("j", "elsewhere", elsewhere.clone()).unwrap();
+        let mut log = Vec::new();
+        Record::Register { job: "j", id: n.info("j").unwrap().id, hints: JobHints::default() }
+            .encode(&mut log);
+        Record::Put { job: "j", path: "mixed", meta: Cow::Borrowed(&mixed), lost: false }.encode(&mut log);
+        Record::Put { job: "j", path: "elsewhere", meta: Cow::Borrowed(&elsewhere), lost: false }
+            .encode(&mut log);
+        assert!(n.mark_node_lost(HERE).is_empty(), "this node's own blocks are its restart's business");
+        let changed = n.mark_node_lost(9);
+        assert_eq!(
+            changed,
+            vec![("j".to_string(), "mixed".to_string(), ObjectMeta { blocks: vec![here(1)], ..mixed })]
+        );
+        assert_eq!(n.lookup("j", "mixed").unwrap_err().status, Status::DataUnavailable);
+        assert!(n.lookup("j", "elsewhere").is_ok());
+        assert_eq!(n.summaries()[0].objects, 2, "a lost object is still counted");
+        for (job, path, meta) in &changed {
+            Record::Put { job, path, meta: Cow::Borrowed(meta), lost: true }.encode(&mut log);
+        }
+        let mut back = ns();
+        replay(&mut back, &log);
+        assert_eq!(back.lookup("j", "mixed").unwrap_err().status, Status::DataUnavailable);
+        assert_eq!(back.summaries(), n.summaries());
+        // Deleting it frees only this node's block, and names nothing on node 9.
+        assert!(back.remote_blocks("j", "mixed").is_empty());
+        assert_eq!(back.delete("j", "mixed").unwrap(), Release::Blocks(vec![BlockId(1)]));
     }
 }
