@@ -222,6 +222,11 @@ pub struct CoreRow {
     /// Polling, or turned off by the controller (parks as soon as idle).
     #[serde(default = "yes")]
     pub polling: bool,
+    /// Takes new connections on the node's shared port (a core turned off
+    /// does not, but on DPDK).
+    #[serde(default = "yes")]
+    pub accepting: bool,
+    /// Connections the core accepted since the node started.
     pub connections: u64,
     pub requests: u64,
     pub forwarded: u64,

@@ -142,6 +142,7 @@ fn core(core: usize, busy_ns: u64, total_ns: u64) -> CoreReport {
         bytes_out: 8192,
         parked: false,
         polling: true,
+        accepting: true,
     }
 }
 

@@ -483,7 +483,7 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> 
     }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    s.listen(1024)?;
+    s.listen(crate::transport::LISTEN_BACKLOG)?;
     Ok(s.into())
 }
 
@@ -857,6 +857,7 @@ impl Node {
                 bytes_out: c.bytes_out.load(r),
                 parked: c.parked.load(r),
                 polling: c.polling.load(r),
+                accepting: c.accepting.load(r),
             });
             let bs = self.cfg.block_size as u64;
             let (total, used) = (c.blocks_total.load(r), c.blocks_used.load(r));

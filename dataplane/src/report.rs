@@ -78,6 +78,11 @@ pub struct CoreReport {
     /// soon as they are idle) and on. Reports that predate it: on.
     #[serde(default = "polling_default")]
     pub polling: bool,
+    /// Whether the core takes new connections on the node's shared port: a
+    /// core turned off leaves the port's `SO_REUSEPORT` group (epoll and
+    /// io_uring; a DPDK core keeps taking its share). Reports that predate it: on.
+    #[serde(default = "polling_default")]
+    pub accepting: bool,
 }
 
 fn polling_default() -> bool {

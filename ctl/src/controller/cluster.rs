@@ -346,6 +346,7 @@ impl Cluster {
                     busy: rec.busy.get(&c.core).copied(),
                     parked: c.parked,
                     polling: c.polling,
+                    accepting: c.accepting,
                     connections: c.connections,
                     requests: c.requests,
                     forwarded: c.forwarded,
@@ -1431,6 +1432,7 @@ mod tests {
             bytes_out: 0,
             parked: false,
             polling: true,
+            accepting: true,
         }
     }
 

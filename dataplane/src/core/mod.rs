@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::meta::{JobSummary, Namespaces};
-use crate::node::PollMode;
+use crate::node::{NetBackend, PollMode};
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
 use crate::storage::{
@@ -60,6 +60,9 @@ pub struct CoreShared {
     /// turned off by the controller parks as soon as it is idle and still
     /// serves what arrives. Set by the node's management thread.
     pub polling: AtomicBool,
+    /// Whether the core takes new connections on the shared port (it
+    /// follows `polling`, see `Transport::set_accepting`). Set by the core.
+    pub accepting: AtomicBool,
     pub parked: AtomicBool,
     pub busy_ns: AtomicU64,
     /// The CPU the core thread is pinned to; `u64::MAX` when it is not (not
@@ -106,6 +109,7 @@ impl CoreShared {
         Ok(CoreShared {
             waker: Arc::new(Waker::new()?),
             polling: AtomicBool::new(true),
+            accepting: AtomicBool::new(true),
             parked: AtomicBool::new(false),
             busy_ns: AtomicU64::new(0),
             pinned_cpu: AtomicU64::new(u64::MAX),
@@ -305,6 +309,9 @@ pub struct Core<T: Transport> {
     st: State,
     stop: Arc<AtomicBool>,
     peers: Arc<Vec<Arc<CoreShared>>>,
+    /// Whether the core takes new connections on the shared port: it
+    /// follows `CoreShared::polling` (`Transport::set_accepting`).
+    accepting: bool,
 }
 
 impl<T: Transport> Core<T> {
@@ -387,6 +394,7 @@ impl<T: Transport> Core<T> {
             },
             stop,
             peers,
+            accepting: true,
         }
     }
 
@@ -404,6 +412,7 @@ impl<T: Transport> Core<T> {
         let mut pass = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = self.st.take_external();
+            work += self.follow_polling();
             work += self.st.retry_deferred();
             work += self.st.run_marks();
             work += self.st.drain_rings();
@@ -454,6 +463,30 @@ impl<T: Transport> Core<T> {
         }
         self.drain_shared_storage();
         tracing::debug!(core = self.st.cfg.id, "core stopped");
+    }
+
+    /// A core turned off stops taking new connections on the shared port
+    /// (and takes them again when turned on); one atomic load per pass.
+    fn follow_polling(&mut self) -> usize {
+        let on = self.st.shared.polling.load(Ordering::Relaxed);
+        if on == self.accepting {
+            return 0;
+        }
+        // Not retried on failure: the core serves either way.
+        self.accepting = on;
+        match self.transport.set_accepting(on, &mut self.st) {
+            Ok(n) => {
+                tracing::info!(core = self.st.cfg.id, accepting = on, "shared port");
+                // A DPDK core has no kernel listener to leave: it keeps accepting.
+                let accepting = on || self.transport.backend() == NetBackend::Dpdk;
+                self.st.shared.accepting.store(accepting, Ordering::Relaxed);
+                n + 1
+            }
+            Err(e) => {
+                tracing::warn!(core = self.st.cfg.id, accepting = on, error = %e, "cannot change the shared port");
+                1
+            }
+        }
     }
 
     /// Lets engines on the network's ring finish their I/O (and header

@@ -65,6 +65,8 @@ pub struct EpollTransport {
     expired: Vec<ConnId>,
     timeouts: CloseTimeouts,
     waker_fd: RawFd,
+    /// Listener 0 (the shared port) is out of its group (`set_accepting`).
+    paused: bool,
 }
 
 impl EpollTransport {
@@ -97,6 +99,7 @@ impl EpollTransport {
             expired: Vec::new(),
             timeouts: CloseTimeouts::DEFAULT,
             waker_fd,
+            paused: false,
         })
     }
 
@@ -359,7 +362,10 @@ impl Transport for EpollTransport {
                     let _ = unsafe { nix::libc::read(self.waker_fd, b.as_mut_ptr().cast(), 8) };
                 }
                 Token(t) if t >= LISTENER_BASE => {
-                    n += self.accept_all(t - LISTENER_BASE, sink);
+                    // A paused listener is not listening: accept would fail.
+                    if !(self.paused && t == LISTENER_BASE) {
+                        n += self.accept_all(t - LISTENER_BASE, sink);
+                    }
                 }
                 Token(id) => {
                     if writable {
@@ -397,6 +403,19 @@ impl Transport for EpollTransport {
 
     fn unsent(&self, conn: ConnId) -> usize {
         self.conns.get(conn).map_or(0, |c| c.out.len() - c.sent)
+    }
+
+    fn set_accepting(&mut self, on: bool, sink: &mut dyn EventSink) -> io::Result<usize> {
+        if self.listeners.is_empty() || self.paused != on {
+            return Ok(0);
+        }
+        // What the kernel queued before the pause is served, not reset.
+        let n = if on { 0 } else { self.accept_all(0, sink) };
+        super::set_listening(&self.listeners[0], on)?;
+        self.paused = !on;
+        // Connections that arrived while listening resumed raised their edge
+        // already or will; take any queued before the next one.
+        Ok(if on { self.accept_all(0, sink) } else { n })
     }
 
     fn set_reading(&mut self, conn: ConnId, on: bool) {

@@ -20,6 +20,24 @@ use std::time::{Duration, Instant};
 /// after `EventSink::closed` has been delivered for the previous holder.
 pub type ConnId = usize;
 
+/// Backlog of the node's listeners (and of a shared listener resumed by
+/// `Transport::set_accepting`).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Takes a listening socket out of its `SO_REUSEPORT` group (`on` false:
+/// `shutdown(SHUT_RD)` stops it listening, keeping its bound address and
+/// its descriptor, so event registrations stay) or puts it back (`listen`
+/// again). New connections then hash over the group's other sockets;
+/// connections still queued on it when it stops are reset.
+pub(crate) fn set_listening(l: &impl std::os::fd::AsFd, on: bool) -> io::Result<()> {
+    let s = socket2::SockRef::from(l);
+    if on {
+        s.listen(LISTEN_BACKLOG)
+    } else {
+        s.shutdown(std::net::Shutdown::Read)
+    }
+}
+
 /// Receives what a `poll` observed.
 pub trait EventSink {
     fn accepted(&mut self, conn: ConnId);
@@ -184,6 +202,19 @@ pub trait Transport {
 
     /// Pushes queued output to the kernel (one batch per loop pass).
     fn flush(&mut self) -> io::Result<()>;
+
+    /// Stops (`false`) or resumes taking new connections on the node's
+    /// shared port (listener 0, in its `SO_REUSEPORT` group with the other
+    /// cores'): a core turned off leaves the group, so the kernel spreads new
+    /// connections over the cores still on. Connections already accepted are
+    /// served as before; the core's own port keeps listening (a client that
+    /// names the core wants its state). Returns the connections accepted
+    /// while pausing (those the kernel had queued). A transport without
+    /// kernel listeners (DPDK) does nothing.
+    fn set_accepting(&mut self, on: bool, sink: &mut dyn EventSink) -> io::Result<usize> {
+        let _ = (on, sink);
+        Ok(0)
+    }
 
     /// The io_uring this transport runs on, when storage engines may share
     /// it (`FlashEngine::open_on`, at the slots `uring::STORAGE_SLOTS`

@@ -561,6 +561,8 @@ impl Ring {
 struct Listener {
     sock: TcpListener,
     armed: bool,
+    /// Out of its `SO_REUSEPORT` group (`set_accepting`): not armed again.
+    paused: bool,
 }
 
 /// Used while dropping, when nobody listens any more.
@@ -659,7 +661,7 @@ impl UringTransport {
             // The ring waits for connections; a blocking socket lets it park
             // the accept instead of completing it with EAGAIN.
             l.set_nonblocking(false)?;
-            ls.push(Listener { sock: l, armed: false });
+            ls.push(Listener { sock: l, armed: false, paused: false });
         }
         // Accepts and the waker's poll are armed by the first `poll`, so
         // every request is submitted from the thread that polls.
@@ -695,7 +697,7 @@ impl UringTransport {
             return;
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            if !l.armed {
+            if !l.armed && !l.paused {
                 let e = opcode::AcceptMulti::new(types::Fd(l.sock.as_raw_fd()))
                     .flags(libc::SOCK_CLOEXEC)
                     .build()
@@ -1035,7 +1037,8 @@ impl UringTransport {
                 if res >= 0 {
                     self.accepted(res, sink)
                 } else {
-                    if res != -libc::ECANCELED {
+                    let paused = self.listeners.get(id).is_some_and(|l| l.paused);
+                    if res != -libc::ECANCELED && !paused {
                         // EMFILE and friends: keep serving the connections we have.
                         let error = io::Error::from_raw_os_error(-res);
                         tracing::warn!(listener = id, %error, "accept failed");
@@ -1232,6 +1235,22 @@ impl Transport for UringTransport {
 
     fn unsent(&self, conn: ConnId) -> usize {
         self.conns.get(conn).filter(|c| !c.dead).map_or(0, Conn::unsent)
+    }
+
+    fn set_accepting(&mut self, on: bool, _: &mut dyn EventSink) -> io::Result<usize> {
+        let Some(l) = self.listeners.first_mut() else { return Ok(0) };
+        if l.paused != on {
+            return Ok(0);
+        }
+        if !on && l.armed {
+            // Its completion (ECANCELED, or what the shutdown ends it with)
+            // clears `armed`; a paused listener is not armed again.
+            self.ring.cancel(user_data(op::ACCEPT, 0, 0), op::CANCEL, 0, 0);
+        }
+        super::set_listening(&self.listeners[0].sock, on)?;
+        self.listeners[0].paused = !on;
+        // Resumed: armed again at the next poll.
+        Ok(0)
     }
 
     fn set_reading(&mut self, conn: ConnId, on: bool) {
