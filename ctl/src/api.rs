@@ -102,6 +102,11 @@ pub enum NodeCommand {
     /// reports the newest version it applied (`restarts_version`). Sent to
     /// each metadata-capable node until it reports them.
     NodesRestarted { restarts: Vec<(u64, u16)> },
+    /// Every job's DRAM share on this storage node, replacing the earlier
+    /// ones (`Node::set_dram_shares`): a latency-sensitive job's DRAM
+    /// allocation times the node's weight for it. Sent when the node's
+    /// report shows another `dram_shares_version`.
+    SetDramShares { version: u64, shares: Vec<dataplane::meta::cluster::DramShare> },
 }
 
 /// One deregistered job's blocks a node must still free (`FreeOwners`).

@@ -1,7 +1,8 @@
 //! The node side of the cluster view the controller pushes on heartbeat
 //! replies: the dead storage nodes and the weight maps of the jobs whose
 //! namespace this node holds (`NodeCommand::SetDeadNodes`,
-//! `NodeCommand::SetJobWeights`). It applies them with the `Node` APIs and
+//! `NodeCommand::SetJobWeights`) and, on a storage node, each job's DRAM
+//! share (`NodeCommand::SetDramShares`). It applies them with the `Node` APIs and
 //! remembers their versions, which the node's report carries back
 //! (`NodeReport::applied`), so the controller sends again only what the
 //! node lacks: everything after a restart, nothing while it is in step.
@@ -61,6 +62,7 @@ impl ViewApplier {
             dead_version: self.node.dead_nodes().0,
             weights_version: held.weights_version,
             restarts_version: held.restarts_version,
+            dram_shares_version: self.node.dram_shares().0,
         }
     }
 
@@ -136,6 +138,22 @@ impl ViewApplier {
                         "node restarted: objects naming its earlier blocks are lost"
                     );
                     held.restarts_version = Some(version);
+                }
+                true
+            }
+            NodeCommand::SetDramShares { version, shares } => {
+                match self.node.set_dram_shares(*version, shares) {
+                    Ok(true) => tracing::info!(
+                        version,
+                        jobs = shares.len(),
+                        "the controller set the jobs' DRAM shares"
+                    ),
+                    Ok(false) => {
+                        tracing::debug!(version, "DRAM shares not newer than the ones held: ignored")
+                    }
+                    Err(e) => {
+                        tracing::warn!(version, error = %e, "cannot apply the controller's DRAM shares")
+                    }
                 }
                 true
             }

@@ -743,6 +743,39 @@ impl Node {
         (s.dead_version, v)
     }
 
+    /// The DRAM share of each job on this node as a storage node, as of
+    /// `version` (shares with a version not newer than the last applied are
+    /// ignored: `Ok(false)`). From then on a put that asks for DRAM with
+    /// the rest on the next tier (`tier::DRAM | tier::SPILL`, how clients
+    /// place latency-sensitive jobs) goes to the next tier once the job
+    /// holds its share of this node's DRAM: each core allows its
+    /// 1/cores of the share, rounded up to whole blocks. Jobs not listed
+    /// use DRAM while it lasts. The controller sets this on heartbeat
+    /// replies (each job's DRAM allocation times its weight for the node).
+    pub fn set_dram_shares(
+        &self,
+        version: u64,
+        shares: &[crate::meta::cluster::DramShare],
+    ) -> Result<bool, NodeError> {
+        self.cluster.update(|s| s.set_dram_shares(version, shares)).map_err(NodeError::Config)
+    }
+
+    /// The DRAM shares last applied and their version (`None` before the first).
+    pub fn dram_shares(&self) -> (Option<u64>, Vec<crate::meta::cluster::DramShare>) {
+        let s = self.cluster.snapshot();
+        let mut v: Vec<_> = s
+            .dram_shares
+            .iter()
+            .map(|(&o, &bytes)| crate::meta::cluster::DramShare {
+                metadata_node: (o >> 32) as u16,
+                job: o as u32,
+                bytes,
+            })
+            .collect();
+        v.sort_unstable_by_key(|d| (d.metadata_node, d.job));
+        (s.dram_shares_version, v)
+    }
+
     /// Job `job`'s weight map, as last set.
     pub fn job_weights(&self, job: &str) -> Option<Vec<(u16, f64)>> {
         self.cluster.snapshot().weights.get(job).map(|w| w.entries().to_vec())

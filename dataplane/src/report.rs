@@ -54,6 +54,10 @@ pub struct AppliedView {
     /// the node marked lost; `None` before the first.
     #[serde(default)]
     pub restarts_version: Option<u64>,
+    /// Version of the jobs' DRAM shares on this node (`Node::set_dram_shares`);
+    /// `None` before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dram_shares_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use dataplane::client::{Client, ClientError, Job, PutOptions};
+use dataplane::meta::cluster::DramShare;
 use dataplane::node::{NetBackend, Node, NodeConfig, TierSpec};
 use dataplane::proto::{
     flags, meta_core, tier, BlockId, BlockKey, JobHints, Opcode, Status, HEADER_LEN, MAGIC,
@@ -970,6 +971,57 @@ fn latency_sensitive_job_fills_dram_then_flash(net: NetBackend) {
     n.shutdown();
 }
 
+/// A latency-sensitive job with a DRAM share on the node (what the
+/// controller sets: its DRAM allocation times the node's weight) keeps
+/// that much in DRAM and puts the rest on flash, while DRAM is still free;
+/// a job without a share goes on using DRAM; a newer share replaces the
+/// old, an older one is ignored.
+fn dram_share_then_flash(net: NetBackend) {
+    let dir = TierDir::new("place-share");
+    let n = start_small(net, &dir, 16, 32);
+    let mut c = Client::connect(n.addr()).unwrap();
+    let hints = JobHints { latency_sensitive: true, ..JobHints::default() };
+    let shared = c.register_job("shared", hints).unwrap();
+    let other = c.register_job("other", hints).unwrap();
+    let share = |job: &Job, blocks: u64| DramShare {
+        metadata_node: n.node_number(),
+        job: job.id,
+        bytes: blocks * BS as u64 - 1,
+    };
+    assert!(n.set_dram_shares(5, &[share(&shared, 3)]).unwrap());
+    assert_eq!(n.dram_shares(), (Some(5), vec![share(&shared, 3)]));
+
+    let tiers_of = |c: &mut Client, job: &Job, name: &str| -> Vec<u8> {
+        c.lookup(job, name).unwrap().blocks.iter().map(|b| b.block.tier()).collect()
+    };
+    let data = bytes(6 * BS, 51);
+    c.put_buffer(&shared, "a", &data, PutOptions::default()).unwrap();
+    // 3 blocks less a byte round up to 3 blocks of DRAM; 13 of 16 are still free.
+    let want = [tier::DRAM, tier::DRAM, tier::DRAM, tier::FLASH, tier::FLASH, tier::FLASH];
+    assert_eq!(tiers_of(&mut c, &shared, "a"), want);
+    assert_eq!(c.get_buffer(&shared, "a").unwrap(), data);
+    assert_eq!(dram_used(&n), 3);
+    // No share: DRAM while it lasts.
+    c.put_buffer(&other, "b", &bytes(4 * BS, 52), PutOptions::default()).unwrap();
+    assert!(tiers_of(&mut c, &other, "b").iter().all(|&t| t == tier::DRAM));
+
+    // An older version changes nothing; a newer one with a larger share does.
+    assert!(!n.set_dram_shares(4, &[]).unwrap());
+    assert!(n.set_dram_shares(6, &[share(&shared, 5)]).unwrap());
+    c.put_buffer(&shared, "c", &bytes(3 * BS, 53), PutOptions::default()).unwrap();
+    assert_eq!(tiers_of(&mut c, &shared, "c"), [tier::DRAM, tier::DRAM, tier::FLASH]);
+    // Freed DRAM counts against the share no more.
+    c.delete(&shared, "a").unwrap();
+    wait_used(&n, 4 + 3);
+    c.put_buffer(&shared, "d", &bytes(4 * BS, 54), PutOptions::default()).unwrap();
+    assert_eq!(tiers_of(&mut c, &shared, "d"), [tier::DRAM, tier::DRAM, tier::DRAM, tier::FLASH]);
+    // A reserved job id is refused, and the shares held stay.
+    let bad = DramShare { metadata_node: 0, job: u32::MAX, bytes: 1 };
+    assert!(n.set_dram_shares(7, &[bad]).is_err());
+    assert_eq!(n.dram_shares().0, Some(6));
+    n.shutdown();
+}
+
 /// A full tier: `no capacity` without spill-over, with nothing left
 /// allocated and earlier data intact; with spill-over the rest goes one
 /// tier down, and a tier with nothing below it still fills.
@@ -1166,6 +1218,7 @@ pollen_tests::on_every_backend!(
     flash_persist_survives_restart,
     flash_device_errors_reach_the_client,
     latency_sensitive_job_fills_dram_then_flash,
+    dram_share_then_flash,
     full_tier_spills_only_when_allowed,
     default_placement_follows_the_node,
 );

@@ -5,6 +5,7 @@
 //! It holds nodes and their latest reports, the jobs registered through the
 //! controller with their allocations and weight maps, and the event log.
 
+use dataplane::meta::cluster::DramShare;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -152,6 +153,8 @@ pub struct Cluster {
     /// node the weight maps of its jobs with theirs.
     dead_view: (u64, Vec<u16>),
     weights_view: BTreeMap<String, (u64, WeightMaps)>,
+    /// For each storage node, the DRAM shares of the jobs placed on it, with their version.
+    dram_view: BTreeMap<String, (u64, Vec<DramShare>)>,
     /// The last version handed out: versions only grow, and start from the
     /// wall clock so they grow across controller restarts too.
     last_version: u64,
@@ -188,6 +191,7 @@ impl Cluster {
             deregistered: BTreeMap::new(),
             dead_view: (unix_ms(), Vec::new()),
             weights_view: BTreeMap::new(),
+            dram_view: BTreeMap::new(),
             last_version: unix_ms(),
             owed: Owed::default(),
             boots: BTreeMap::new(),
@@ -979,6 +983,7 @@ impl Cluster {
         self.weights_view.remove(node_id);
         self.restarts.remove(node_id);
         self.boots.remove(node_id);
+        self.dram_view.remove(node_id);
         for j in self.jobs.values_mut() {
             j.weights.remove(node_id);
         }
@@ -1038,6 +1043,29 @@ impl Cluster {
             .collect()
     }
 
+    /// The DRAM shares on storage node `node_id`: for each registered job
+    /// that has DRAM and flash in its allocation (a latency-sensitive job
+    /// larger than its DRAM) and a weight on the node, its DRAM times that
+    /// weight, rounded up. A job whose metadata node has not reported it
+    /// yet (its id there is not known) gets its share on a later heartbeat.
+    fn dram_shares_of(&self, node_id: &str) -> Vec<DramShare> {
+        let mut out: Vec<DramShare> = self
+            .jobs
+            .values()
+            .filter(|j| !j.pending && j.alloc.dram > 0 && j.alloc.flash > 0)
+            .filter_map(|j| {
+                let w = j.weights.get(node_id).copied().filter(|&w| w > 0.0)?;
+                let home = self.nodes.get(&j.node_id)?;
+                let id = home.report.jobs.iter().find(|r| r.name == j.name && r.registered)?.id;
+                let bytes = (j.alloc.dram as f64 * w.min(1.0)).ceil() as u64;
+                Some(DramShare { metadata_node: home.report.node_number, job: id, bytes })
+            })
+            .collect();
+        out.sort_unstable_by_key(|d| (d.metadata_node, d.job));
+        out.dedup_by_key(|d| (d.metadata_node, d.job));
+        out
+    }
+
     /// What `node_id` lacks of the cluster view, as commands for its
     /// heartbeat reply: the dead set when its report shows another version
     /// (every live node: any of them may be a metadata node), and the weight
@@ -1084,6 +1112,20 @@ impl Cluster {
         if let Some((v, maps)) = self.weights_view.get(node_id) {
             if held.weights_version != Some(*v) {
                 out.push(NodeCommand::SetJobWeights { version: *v, jobs: maps.clone() });
+            }
+        }
+        let shares = self.dram_shares_of(node_id);
+        let changed = match self.dram_view.get(node_id) {
+            Some((_, s)) => *s != shares,
+            None => !shares.is_empty() || held.dram_shares_version.is_some(),
+        };
+        if changed {
+            let v = self.next_version();
+            self.dram_view.insert(node_id.to_string(), (v, shares));
+        }
+        if let Some((v, shares)) = self.dram_view.get(node_id) {
+            if held.dram_shares_version != Some(*v) {
+                out.push(NodeCommand::SetDramShares { version: *v, shares: shares.clone() });
             }
         }
         out
@@ -1679,8 +1721,12 @@ mod view_tests {
         assert!(!c.job("j").unwrap().weights_applied, "not applied before the node says so");
         // Until the node reports the version, the same map is sent again.
         assert_eq!(weights_cmd(&c.view_commands(&home)), Some((v, maps.clone())));
-        let in_step =
-            Some(AppliedView { dead_version: None, weights_version: Some(v), restarts_version: None });
+        let in_step = Some(AppliedView {
+            dead_version: None,
+            weights_version: Some(v),
+            restarts_version: None,
+            dram_shares_version: None,
+        });
         c.heartbeat(report(&home, home_n, 2000, in_step), t0 + HB).unwrap();
         assert!(c.view_commands(&home).is_empty(), "in step: nothing to send");
         assert!(c.job("j").unwrap().weights_applied);
@@ -1715,19 +1761,89 @@ mod view_tests {
 
         // The dead node comes back: a newer, empty dead set.
         c.heartbeat(report(victim, number(victim), 9000, fresh), t1 + 2 * HB).unwrap();
-        let held =
-            Some(AppliedView { dead_version: Some(dv), weights_version: Some(v2), restarts_version: None });
+        let held = Some(AppliedView {
+            dead_version: Some(dv),
+            weights_version: Some(v2),
+            restarts_version: None,
+            dram_shares_version: None,
+        });
         c.heartbeat(report(&home, home_n, 1010, held), t1 + 2 * HB).unwrap();
         let (dv2, dead) = dead_cmd(&c.view_commands(&home)).expect("dead set again");
         assert!(dv2 > dv && dead.is_empty());
+    }
+
+    fn shares_cmd(cmds: &[NodeCommand]) -> Option<(u64, Vec<DramShare>)> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::SetDramShares { version, shares } => Some((*version, shares.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn storage_nodes_get_the_dram_shares_of_jobs_with_dram_and_flash() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let fresh = Some(AppliedView::default());
+        for (id, n) in [("a", 1), ("b", 2), ("c", 3)] {
+            c.heartbeat(report(id, n, 1000, fresh), t0).unwrap();
+        }
+        for (name, dram, flash) in [("mixed", 100u64 << 20, 300u64 << 20), ("dram-only", 64 << 20, 0)] {
+            c.plan_job(name, Hints::default()).unwrap();
+            c.commit_job(name).unwrap();
+            let j = c.jobs.get_mut(name).unwrap();
+            (j.alloc.dram, j.alloc.flash) = (dram, flash);
+            j.weights = BTreeMap::from([("a".to_string(), 0.75), ("b".to_string(), 0.25)]);
+            // Both namespaces on c, which holds no blocks of them.
+            j.node_id = "c".into();
+        }
+        let home = "c";
+        // Until the metadata node reports the job's id, no share can name it.
+        assert_eq!(shares_cmd(&c.view_commands("a")), None);
+        let home_n = c.nodes[home].report.node_number;
+        let mut r = report(home, home_n, 2000, fresh);
+        r.jobs = ["mixed", "dram-only"]
+            .iter()
+            .zip([7u32, 8])
+            .map(|(n, id)| crate::api::JobReport {
+                name: n.to_string(),
+                id,
+                registered: true,
+                objects: 0,
+                bytes: 0,
+            })
+            .collect();
+        c.heartbeat(r, t0 + HB).unwrap();
+
+        let share = |bytes: u64| vec![DramShare { metadata_node: home_n, job: 7, bytes }];
+        let (va, got) = shares_cmd(&c.view_commands("a")).expect("a's shares");
+        assert_eq!(got, share(75 << 20), "DRAM times a's weight; the DRAM-only job has no share");
+        assert_eq!(shares_cmd(&c.view_commands("b")).map(|(_, s)| s), Some(share(25 << 20)));
+        assert_eq!(shares_cmd(&c.view_commands("c")), None, "c has no weight for the job");
+        // Sent until applied, then not again.
+        assert_eq!(shares_cmd(&c.view_commands("a")).map(|(v, _)| v), Some(va));
+        let held = Some(AppliedView { dram_shares_version: Some(va), ..AppliedView::default() });
+        c.heartbeat(report("a", 1, 2000, held), t0 + HB).unwrap();
+        assert_eq!(shares_cmd(&c.view_commands("a")), None);
+        // New weights: a newer version with the new share.
+        c.jobs.get_mut("mixed").unwrap().weights.insert("a".into(), 0.5);
+        let (va2, got) = shares_cmd(&c.view_commands("a")).expect("new share");
+        assert!(va2 > va);
+        assert_eq!(got, share(50 << 20));
+        // A restarted node holds none and gets them again.
+        c.heartbeat(report("a", 1, 10, fresh), t0 + 2 * HB).unwrap();
+        assert_eq!(shares_cmd(&c.view_commands("a")).map(|(v, _)| v), Some(va2));
     }
 
     #[test]
     fn a_node_holding_a_newer_dead_set_gets_a_newer_version_still() {
         let mut c = Cluster::new(HB, 3);
         let ahead = c.dead_view.0 + 1_000_000;
-        let held =
-            Some(AppliedView { dead_version: Some(ahead), weights_version: None, restarts_version: None });
+        let held = Some(AppliedView {
+            dead_version: Some(ahead),
+            weights_version: None,
+            restarts_version: None,
+            dram_shares_version: None,
+        });
         c.heartbeat(report("a", 1, 1000, held), Instant::now()).unwrap();
         let (v, dead) = dead_cmd(&c.view_commands("a")).expect("an empty dead set, newer");
         assert!(v > ahead && dead.is_empty());

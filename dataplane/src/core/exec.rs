@@ -397,6 +397,12 @@ impl State {
                 }
                 let owner = job_owner(meta_node, job);
                 let (t, spill) = (t & !tier::SPILL, t & tier::SPILL != 0);
+                // A DRAM share with the rest below: past the job's share,
+                // straight to the next tier this node has.
+                let t = match self.tier_below(t) {
+                    Some(lower) if t == tier::DRAM && spill && self.holds_dram_share(owner) => lower,
+                    _ => t,
+                };
                 let b = match self.alloc_on(t, owner) {
                     // One step down, to the next tier this node has; its
                     // answer (a block, or its own `no capacity`) is final.
@@ -540,6 +546,15 @@ impl State {
             self.view = self.cfg.cluster.snapshot();
             self.view_version = v;
         }
+    }
+
+    /// Whether `owner` already holds this core's part of its DRAM share on
+    /// this node (`Node::set_dram_shares`); false for a job without one.
+    fn holds_dram_share(&mut self, owner: Owner) -> bool {
+        self.refresh_view();
+        let Some(&bytes) = self.view.dram_shares.get(&owner) else { return false };
+        let blocks = bytes.div_ceil(u64::from(self.dram.block_size()));
+        self.dram.held_by(owner) >= blocks.div_ceil(self.cfg.cores as u64)
     }
 
     /// A block for `job` on tier `t` of this core.

@@ -120,6 +120,23 @@ pub struct ClusterState {
     pub dead: Arc<HashSet<u16>>,
     /// The version of `dead` (`None`: never set); older sets are ignored.
     pub dead_version: Option<u64>,
+    /// Each job's DRAM share on this node as a storage node, in bytes, by
+    /// block owner (`storage::job_owner`): a put that asks for "DRAM, the
+    /// rest on the next tier" (`tier::DRAM | tier::SPILL`) goes to the next
+    /// tier once the job holds its share of DRAM. Owners not listed have
+    /// no share: DRAM while it lasts.
+    pub dram_shares: Arc<HashMap<crate::storage::Owner, u64>>,
+    /// The version of `dram_shares` (`None`: never set); older ones are ignored.
+    pub dram_shares_version: Option<u64>,
+}
+
+/// One job's DRAM share on a storage node: the job (its metadata node's
+/// number and its id there) and the bytes of DRAM it may hold on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DramShare {
+    pub metadata_node: u16,
+    pub job: u32,
+    pub bytes: u64,
 }
 
 impl ClusterState {
@@ -132,6 +149,31 @@ impl ClusterState {
         self.dead = Arc::new(dead.iter().copied().collect());
         self.dead_version = Some(version);
         true
+    }
+
+    /// Replaces the DRAM shares if `version` is newer than the one held;
+    /// returns whether it did, or why the shares are refused (a reserved
+    /// job id, or a job listed twice).
+    pub fn set_dram_shares(&mut self, version: u64, shares: &[DramShare]) -> Result<bool, String> {
+        if self.dram_shares_version.is_some_and(|v| v >= version) {
+            return Ok(false);
+        }
+        let mut map = HashMap::with_capacity(shares.len());
+        for s in shares {
+            let owner = crate::storage::job_owner(s.metadata_node, s.job);
+            if !crate::storage::is_job_owner(owner) {
+                return Err(format!("job id {:#x} is reserved", s.job));
+            }
+            if map.insert(owner, s.bytes).is_some() {
+                return Err(format!(
+                    "job {} of metadata node {} has two DRAM shares",
+                    s.job, s.metadata_node
+                ));
+            }
+        }
+        self.dram_shares = Arc::new(map);
+        self.dram_shares_version = Some(version);
+        Ok(true)
     }
 
     /// The first location in `blocks` on a dead node, as (block index, node).

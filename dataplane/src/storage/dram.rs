@@ -1,7 +1,7 @@
 //! The DRAM tier of one core: a preallocated arena cut into fixed-size blocks,
 //! a free list, and per-block length, generation and owner.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::{Arena, StorageError, TierUsage};
 use crate::proto::{tier, BlockId};
@@ -44,6 +44,9 @@ pub struct DramTier {
     /// Free slots, oldest first: FIFO reuse spreads generations over every
     /// slot instead of cycling one.
     free: VecDeque<u32>,
+    /// Blocks each job owner holds (owners with none are absent): what a
+    /// job's DRAM share is checked against.
+    held: HashMap<Owner, u64>,
     /// Slots whose generation ran out: never handed out again.
     retired: u64,
 }
@@ -72,6 +75,7 @@ impl DramTier {
             gens: vec![0; n],
             owners: vec![FREE; n],
             free: (0..n as u32).collect(),
+            held: HashMap::new(),
             retired: 0,
         })
     }
@@ -107,6 +111,7 @@ impl DramTier {
         let i = self.free.pop_front().ok_or(StorageError::NoCapacity)? as usize;
         debug_assert_eq!(self.owners[i], FREE);
         self.owners[i] = owner;
+        *self.held.entry(owner).or_default() += 1;
         self.lens[i] = 0;
         Ok(BlockId::new(tier::DRAM, self.core, self.gens[i], i as u32))
     }
@@ -152,8 +157,28 @@ impl DramTier {
         Ok(())
     }
 
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Blocks `owner` holds on this core.
+    pub fn held_by(&self, owner: Owner) -> u64 {
+        self.held.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// `owner` gives up one block (freed, or kept as persisted).
+    fn unhold(&mut self, owner: Owner) {
+        if let Some(n) = self.held.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&owner);
+            }
+        }
+    }
+
     fn release(&mut self, i: usize) {
         debug_assert_ne!(self.owners[i], FREE);
+        self.unhold(self.owners[i]);
         self.owners[i] = FREE;
         self.lens[i] = 0;
         if self.gens[i] == BlockId::MAX_GENERATION {
@@ -181,6 +206,7 @@ impl DramTier {
             }
             let id = BlockId::new(tier::DRAM, self.core, self.gens[i], i as u32);
             if keep.contains(&id) {
+                self.unhold(owner);
                 self.owners[i] = PERSISTED_OWNER;
             } else {
                 self.release(i);
@@ -305,6 +331,37 @@ mod tests {
         // A late second bulk free of the same owner no longer touches kept blocks.
         assert_eq!(t.free_owner(1, &HashSet::new()), 0);
         assert!(t.read(b, 0, 0).is_ok());
+    }
+
+    proptest! {
+        /// Each owner's count of held blocks follows allocations, frees and
+        /// bulk frees (a kept block is no longer its job's).
+        #[test]
+        fn held_counts_follow_the_owners(ops in prop::collection::vec((0u8..4, 0u8..3, any::<u8>()), 1..200)) {
+            let mut t = tier(12);
+            let mut live: Vec<(BlockId, Owner)> = Vec::new();
+            for (op, who, pick) in ops {
+                let owner = job_owner(u16::from(who), 7);
+                match op {
+                    0 | 1 => if let Ok(b) = t.alloc(owner) { live.push((b, owner)) },
+                    2 if !live.is_empty() => {
+                        let (b, _) = live.swap_remove(pick as usize % live.len());
+                        t.free(b).unwrap();
+                    }
+                    _ => {
+                        // Bulk free of `owner`, keeping its first block if `pick` is odd.
+                        let kept = live.iter().find(|&&(_, o)| o == owner).map(|&(b, _)| b).filter(|_| pick % 2 == 1);
+                        let keep: HashSet<BlockId> = kept.into_iter().collect();
+                        t.free_owner(owner, &keep);
+                        live.retain(|&(_, o)| o != owner);
+                    }
+                }
+                for w in 0..3u16 {
+                    let o = job_owner(w, 7);
+                    prop_assert_eq!(t.held_by(o), live.iter().filter(|&&(_, x)| x == o).count() as u64);
+                }
+            }
+        }
     }
 
     proptest! {
