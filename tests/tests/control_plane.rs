@@ -13,7 +13,8 @@
 //! - the metadata node killed with SIGKILL during puts and started again
 //!   lists every object it acknowledged;
 //! - a missing or forged token (admin or capability) is refused;
-//! - under load rightsizing turns a core on, and back to the minimum after.
+//! - under load rightsizing turns a core on, and back to the minimum after;
+//! - a latency-sensitive job given no DRAM puts its blocks on flash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dataplane::auth::{Rights, Secret, Token};
 use dataplane::client::{Client, Job, PutOptions};
-use dataplane::proto::Status;
+use dataplane::proto::{tier, Status};
 use pollen_ctl::api::{EventKind, JobEntry, LsOutput, NodeState, NodesResponse, PutOutput, Role};
 use pollen_ctl::controller::policy::{AllocTable, Policy};
 use pollen_ctl::size::parse_size;
@@ -112,6 +113,15 @@ fn with_wide_job(name: &str) -> (Cluster, Client, Job, JobEntry) {
     (c, client, job, entry)
 }
 
+/// One core, and on storage nodes a 32 MiB flash tier on a file in `dir`.
+fn with_flash(dir: &TierDir, i: usize) -> Vec<String> {
+    let mut a = one_core(i);
+    if i > 1 {
+        a.extend(["--flash".to_string(), format!("{}:32MiB", dir.file(&format!("n{i}.img")).display())]);
+    }
+    a
+}
+
 /// The nodes holding the blocks of `name`.
 fn located(client: &mut Client, job: &Job, name: &str) -> Vec<u16> {
     client.lookup(job, name).expect("lookup").blocks.iter().map(|l| l.node).collect()
@@ -171,17 +181,7 @@ impl Hinted<'_> {
 #[test]
 fn each_kind_of_hint_gets_the_documented_allocation_and_weights() {
     let flash = TierDir::new("control-plane-flash");
-    let flash_arg = |i: usize| -> Vec<String> {
-        let mut a = one_core(i);
-        if i > 1 {
-            a.extend([
-                "--flash".to_string(),
-                format!("{}:32MiB", flash.file(&format!("n{i}.img")).display()),
-            ]);
-        }
-        a
-    };
-    let c = cluster(SMALL_POLICY, &[], flash_arg);
+    let c = cluster(SMALL_POLICY, &[], |i| with_flash(&flash, i));
     let table = Policy::parse(SMALL_POLICY).expect("the test policy").allocation;
 
     // What the storage nodes report: each one's throughput, DRAM and flash.
@@ -258,6 +258,39 @@ fn each_kind_of_hint_gets_the_documented_allocation_and_weights() {
         assert_eq!(j.node_id, "n1");
         c.ok(&["job", "deregister", &name]);
     }
+    c.stop();
+}
+
+/// Pocket's DRAM share: a latency-sensitive job keeps what DRAM it was
+/// given and puts the rest on flash. A first job reserves all the DRAM; a
+/// second, latency-sensitive, gets none, so once the controller's shares
+/// reach the storage nodes (on heartbeat replies) its blocks go to flash
+/// on every node although their DRAM is still free.
+#[test]
+fn a_latency_sensitive_job_past_its_dram_share_goes_to_flash() {
+    let flash = TierDir::new("control-plane-share");
+    let c = cluster(SMALL_POLICY, &[], |i| with_flash(&flash, i));
+    let big: JobEntry = c.json(&["job", "register", "big", "--latency-sensitive", "--capacity", "64MiB"]);
+    let a = big.allocation.expect("an allocation");
+    assert_eq!((a.dram, a.flash), (48 << 20, 16 << 20), "all of the DRAM, the rest on flash");
+    let late: JobEntry = c.json(&["job", "register", "late", "--latency-sensitive", "--capacity", "8MiB"]);
+    let a = late.allocation.expect("an allocation");
+    assert_eq!((a.dram, a.flash), (0, 8 << 20), "no DRAM left for it");
+    let (mut client, job, _) = client_of(&c, "late");
+    let data = bytes(6 * 65536, 61);
+    wait_for(Duration::from_secs(10), "late's blocks on flash", || {
+        client.put_buffer(&job, "probe", &data, PutOptions::default()).expect("put");
+        let tiers: Vec<u8> =
+            client.lookup(&job, "probe").expect("lookup").blocks.iter().map(|l| l.block.tier()).collect();
+        if tiers.iter().all(|&t| t == tier::FLASH) {
+            return Some(());
+        }
+        client.delete(&job, "probe").expect("delete");
+        None
+    });
+    assert_eq!(client.get_buffer(&job, "probe").expect("get"), data);
+    let on: BTreeSet<u16> = located(&mut client, &job, "probe").into_iter().collect();
+    assert!(on.iter().all(|n| (2..=4).contains(n)), "blocks on storage nodes only: {on:?}");
     c.stop();
 }
 

@@ -1019,6 +1019,11 @@ fn dram_share_then_flash(net: NetBackend) {
     let bad = DramShare { metadata_node: 0, job: u32::MAX, bytes: 1 };
     assert!(n.set_dram_shares(7, &[bad]).is_err());
     assert_eq!(n.dram_shares().0, Some(6));
+    // A share of nothing (the job got no DRAM): all on flash, DRAM free or not.
+    let none = DramShare { metadata_node: n.node_number(), job: other.id, bytes: 0 };
+    assert!(n.set_dram_shares(8, &[none]).unwrap());
+    c.put_buffer(&other, "e", &bytes(2 * BS, 55), PutOptions::default()).unwrap();
+    assert_eq!(tiers_of(&mut c, &other, "e"), [tier::FLASH, tier::FLASH]);
     n.shutdown();
 }
 

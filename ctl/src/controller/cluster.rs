@@ -1043,16 +1043,16 @@ impl Cluster {
             .collect()
     }
 
-    /// The DRAM shares on storage node `node_id`: for each registered job
-    /// that has DRAM and flash in its allocation (a latency-sensitive job
-    /// larger than its DRAM) and a weight on the node, its DRAM times that
-    /// weight, rounded up. A job whose metadata node has not reported it
+    /// The DRAM shares on storage node `node_id`: for each registered
+    /// latency-sensitive job with flash in its allocation (larger than the
+    /// DRAM it got, which may be none) and a weight on the node, its DRAM
+    /// times that weight, rounded up. A job whose metadata node has not reported it
     /// yet (its id there is not known) gets its share on a later heartbeat.
     fn dram_shares_of(&self, node_id: &str) -> Vec<DramShare> {
         let mut out: Vec<DramShare> = self
             .jobs
             .values()
-            .filter(|j| !j.pending && j.alloc.dram > 0 && j.alloc.flash > 0)
+            .filter(|j| !j.pending && j.alloc.latency_sensitive && j.alloc.flash > 0)
             .filter_map(|j| {
                 let w = j.weights.get(node_id).copied().filter(|&w| w > 0.0)?;
                 let home = self.nodes.get(&j.node_id)?;
@@ -1787,11 +1787,16 @@ mod view_tests {
         for (id, n) in [("a", 1), ("b", 2), ("c", 3)] {
             c.heartbeat(report(id, n, 1000, fresh), t0).unwrap();
         }
-        for (name, dram, flash) in [("mixed", 100u64 << 20, 300u64 << 20), ("dram-only", 64 << 20, 0)] {
+        let jobs = [
+            ("mixed", 100u64 << 20, 300u64 << 20),
+            ("dram-only", 64 << 20, 0),
+            ("no-dram-left", 0, 64 << 20),
+        ];
+        for (name, dram, flash) in jobs {
             c.plan_job(name, Hints::default()).unwrap();
             c.commit_job(name).unwrap();
             let j = c.jobs.get_mut(name).unwrap();
-            (j.alloc.dram, j.alloc.flash) = (dram, flash);
+            (j.alloc.dram, j.alloc.flash, j.alloc.latency_sensitive) = (dram, flash, true);
             j.weights = BTreeMap::from([("a".to_string(), 0.75), ("b".to_string(), 0.25)]);
             // Both namespaces on c, which holds no blocks of them.
             j.node_id = "c".into();
@@ -1801,9 +1806,9 @@ mod view_tests {
         assert_eq!(shares_cmd(&c.view_commands("a")), None);
         let home_n = c.nodes[home].report.node_number;
         let mut r = report(home, home_n, 2000, fresh);
-        r.jobs = ["mixed", "dram-only"]
+        r.jobs = ["mixed", "dram-only", "no-dram-left"]
             .iter()
-            .zip([7u32, 8])
+            .zip([7u32, 8, 9])
             .map(|(n, id)| crate::api::JobReport {
                 name: n.to_string(),
                 id,
@@ -1814,7 +1819,13 @@ mod view_tests {
             .collect();
         c.heartbeat(r, t0 + HB).unwrap();
 
-        let share = |bytes: u64| vec![DramShare { metadata_node: home_n, job: 7, bytes }];
+        // A job that got no DRAM has a share of none: all its blocks go to flash.
+        let share = |bytes: u64| {
+            vec![
+                DramShare { metadata_node: home_n, job: 7, bytes },
+                DramShare { metadata_node: home_n, job: 9, bytes: 0 },
+            ]
+        };
         let (va, got) = shares_cmd(&c.view_commands("a")).expect("a's shares");
         assert_eq!(got, share(75 << 20), "DRAM times a's weight; the DRAM-only job has no share");
         assert_eq!(shares_cmd(&c.view_commands("b")).map(|(_, s)| s), Some(share(25 << 20)));
