@@ -147,10 +147,16 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
 
-    /// Idle spin budget in microseconds before a poller blocks in epoll; used by the
-    /// Pollen node, the echo server and the load generator alike.
+    /// Idle spin budget in microseconds before a poller blocks; used by the Pollen
+    /// node and the echo server, and by the load generator unless --client-spin-us.
     #[arg(long, default_value_t = 100)]
     pub spin_us: u64,
+
+    /// The load generator's own idle spin budget in microseconds (default: --spin-us).
+    /// A load generator that sleeps adds its own wake-ups to every closed-loop round;
+    /// a long spin keeps the measuring side out of the servers' figures.
+    #[arg(long)]
+    pub client_spin_us: Option<u64>,
 
     /// redis-server binary (looked up on PATH when it has no '/').
     #[arg(long, default_value = "redis-server")]
@@ -278,6 +284,11 @@ pub struct Plan {
 }
 
 impl Args {
+    /// The load generator's idle spin: `--client-spin-us`, else `--spin-us`.
+    pub fn client_spin_us(&self) -> u64 {
+        self.client_spin_us.unwrap_or(self.spin_us)
+    }
+
     pub fn plan(self) -> anyhow::Result<Plan> {
         let (dflt_duration, dflt_warmup) = if self.quick {
             (Duration::from_secs(1), Duration::from_millis(200))

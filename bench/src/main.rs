@@ -80,7 +80,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         max_time: a.max_time,
         threads: a.threads,
         client_cpus: a.client_cpu.0.clone(),
-        spin: Duration::from_micros(a.spin_us),
+        spin: Duration::from_micros(a.client_spin_us()),
     };
 
     // The flash or disk tier's file: the in-process node's, and fio's.

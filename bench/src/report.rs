@@ -48,7 +48,10 @@ pub struct Config {
     pub rounds: u32,
     pub server_cpu: usize,
     pub client_cpus: Vec<usize>,
+    /// Idle spin of the servers (Pollen's core, the echo server).
     pub spin_us: u64,
+    /// Idle spin of the load generator's threads.
+    pub client_spin_us: u64,
 }
 
 #[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -343,6 +346,7 @@ impl Report {
                 server_cpu: a.server_cpu,
                 client_cpus: a.client_cpu.0.clone(),
                 spin_us: a.spin_us,
+                client_spin_us: a.client_spin_us(),
             },
             targets,
             ratios,
@@ -380,9 +384,11 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "servers on CPU {}, load on CPU {}; {} CPU(s), {}, Linux {}\n",
+            "servers on CPU {} (spin {} µs), load on CPU {} (spin {} µs); {} CPU(s), {}, Linux {}\n",
             c.server_cpu,
+            c.spin_us,
             c.client_cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+            c.client_spin_us,
             self.machine.cpus,
             self.machine.cpu_model,
             self.machine.kernel
