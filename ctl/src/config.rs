@@ -256,6 +256,11 @@ pub struct UpArgs {
     /// With --nodes: the most nodes the provisioner runs when scaling up [default: N]
     #[arg(long, value_name = "M", requires = "nodes", value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_nodes: Option<u64>,
+    /// With --nodes: the first K of the N nodes run `--role metadata` (job namespaces only) and
+    /// the others, and those started later, `--role storage` (blocks only) [default: 0, every
+    /// node runs both]; K must leave at least one storage node
+    #[arg(long, value_name = "K", requires = "nodes", value_parser = clap::value_parser!(u64).range(1..=63))]
+    pub metadata_nodes: Option<u64>,
 }
 
 /// `pollen node`'s flags.
@@ -411,6 +416,9 @@ pub struct UpSettings {
     pub policy: Option<PathBuf>,
     /// Separate node processes (`--nodes`), and the provisioner's limit.
     pub nodes: Option<(usize, usize)>,
+    /// Of those, how many run `--role metadata` (the rest `storage`); 0:
+    /// every node runs `both`.
+    pub metadata_nodes: usize,
     pub node: NodeConfig,
     pub heartbeat: Duration,
     pub data_dir: PathBuf,
@@ -526,6 +534,13 @@ impl UpArgs {
     pub fn merge(&self, file: &FileConfig) -> Result<UpSettings> {
         let (mut node, heartbeat) = self.node.merge(file, IpAddr::V4(Ipv4Addr::LOCALHOST), None)?;
         let nodes = self.nodes.map(|n| (n as usize, self.max_nodes.unwrap_or(n).max(n) as usize));
+        let metadata_nodes = self.metadata_nodes.unwrap_or(0) as usize;
+        if let Some((n, _)) = nodes.filter(|&(n, _)| metadata_nodes >= n) {
+            anyhow::bail!(
+                "--metadata-nodes {metadata_nodes} leaves no storage node of the {n} (--nodes): \
+                 give it fewer than {n}"
+            );
+        }
         let data_dir = self
             .data_dir
             .clone()
@@ -542,6 +557,7 @@ impl UpArgs {
             tls_ca: self.tls_ca.clone().or_else(|| self.security.tls_cert.clone()),
             policy: self.policy.clone(),
             nodes,
+            metadata_nodes,
             node,
             heartbeat,
             data_dir,

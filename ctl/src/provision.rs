@@ -75,6 +75,21 @@ pub struct LocalConfig {
     /// Pin node `i`'s cores from CPU `i * cores` on (else `--no-pin`).
     pub pin: bool,
     pub cores: usize,
+    /// Nodes `0..metadata_nodes` run `--role metadata`, the later ones
+    /// `--role storage`; 0: every node runs `both` (no `--role`).
+    pub metadata_nodes: usize,
+}
+
+impl LocalConfig {
+    /// The `--role` of node `index`, if it gets one.
+    pub fn role_of(&self, index: usize) -> Option<dataplane::node::Role> {
+        use dataplane::node::Role;
+        match self.metadata_nodes {
+            0 => None,
+            k if index < k => Some(Role::Metadata),
+            _ => Some(Role::Storage),
+        }
+    }
 }
 
 /// Starts `pollen node` processes on this machine, on free ports.
@@ -134,8 +149,11 @@ impl Provisioner for LocalProvisioner {
             return Err(ProvisionError::Full(u16::MAX as usize));
         };
         let node_id = format!("node-{index}");
-        let dir = self.cfg.dir.join("nodes").join(&node_id);
         let err = |reason: String| ProvisionError::Start { node_id: node_id.clone(), reason };
+        // Absolute: the node runs in this directory, and a relative
+        // `--data-dir` would then name one below it.
+        let dir = std::path::absolute(self.cfg.dir.join("nodes").join(&node_id))
+            .map_err(|e| err(format!("the node's directory: {e}")))?;
         if url.is_empty() {
             return Err(err("no controller URL to report to".into()));
         }
@@ -144,6 +162,8 @@ impl Provisioner for LocalProvisioner {
         let log = std::fs::File::create(&log_path)
             .map_err(|e| err(format!("creating {}: {e}", log_path.display())))?;
         let log2 = log.try_clone().map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        let role: Vec<String> =
+            self.cfg.role_of(index).map(|r| vec!["--role".to_string(), r.to_string()]).unwrap_or_default();
         let pinning = if self.cfg.pin {
             vec!["--cpu-offset".to_string(), index.saturating_mul(self.cfg.cores).to_string()]
         } else {
@@ -153,6 +173,7 @@ impl Provisioner for LocalProvisioner {
             .arg("node")
             .args(&self.cfg.node_args)
             .args(&pinning)
+            .args(&role)
             .args(["--node-id", &node_id, "--port", "0", "--controller", &url])
             .args(["--heartbeat-ms", &self.cfg.heartbeat_ms.to_string()])
             .args(["--node-number", &number.to_string()])

@@ -225,6 +225,13 @@ pub enum NodeError {
         dir.display()
     )]
     NodeNumber { asked: u16, kept: u16, dir: PathBuf },
+    #[error(
+        "role {asked} was asked for, but the data directory {} belongs to a {kept} node (start the \
+         node with --role {kept}, or give it another data directory: a metadata node's namespaces or a \
+         storage node's blocks would be stranded)",
+        dir.display()
+    )]
+    Role { asked: Role, kept: Role, dir: PathBuf },
 }
 
 /// The file in a data directory that keeps the node's number.
@@ -260,19 +267,58 @@ fn settle_node_number(cfg: &NodeConfig) -> Result<u16, NodeError> {
         (Some(kept), _) => Ok(kept),
         (None, asked) => {
             let number = asked.unwrap_or(0);
-            let path = dir.join(NODE_NUMBER_FILE);
-            let tmp = dir.join(format!(".{NODE_NUMBER_FILE}.new"));
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                writeln!(f, "{number}")?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(dir)?.sync_all()
-            };
-            write().map_err(io_err(format!("writing {}", path.display())))?;
+            keep_in_dir(dir, NODE_NUMBER_FILE, &number.to_string())?;
             Ok(number)
         }
+    }
+}
+
+/// The file in a data directory that keeps the node's role.
+pub const ROLE_FILE: &str = "role";
+
+/// The role kept in `dir`, if any: the file holds `storage`, `metadata` or
+/// `both` and a newline.
+pub fn read_role(dir: &std::path::Path) -> Result<Option<Role>, NodeError> {
+    let path = dir.join(ROLE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<Role>().map(Some).map_err(|_| {
+            NodeError::Config(format!(
+                "{} does not hold a role (storage, metadata or both): {:?}",
+                path.display(),
+                text.chars().take(40).collect::<String>()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// Writes `text` and a newline to `dir/name`: a temporary file, synced,
+/// renamed, the directory synced.
+fn keep_in_dir(dir: &std::path::Path, name: &str, text: &str) -> Result<(), NodeError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.new"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{text}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// The node's role must be the one kept in its data directory (a storage
+/// node restarted as a metadata node would strand the blocks objects name
+/// there, and the reverse the namespaces); the first start keeps it.
+/// Called with the directory's lock held.
+fn settle_role(cfg: &NodeConfig) -> Result<(), NodeError> {
+    let Some(dir) = &cfg.data_dir else { return Ok(()) };
+    match read_role(dir)? {
+        Some(kept) if kept != cfg.role => Err(NodeError::Role { asked: cfg.role, kept, dir: dir.clone() }),
+        Some(_) => Ok(()),
+        None => keep_in_dir(dir, ROLE_FILE, &cfg.role.to_string()),
     }
 }
 
@@ -1163,6 +1209,7 @@ fn replay_meta(cfg: &NodeConfig) -> Result<(Vec<Replayed>, Option<metalog::DirLo
     let dir = dir.join("meta");
     let lock = metalog::lock_dir(&dir)?;
     let node = settle_node_number(cfg)?;
+    settle_role(cfg)?;
     let mut out = Vec::with_capacity(cfg.cores);
     for i in 0..cfg.cores {
         let (rec, mut file) = metalog::recover(&dir, log_shape(cfg, i))?;

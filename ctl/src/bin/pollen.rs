@@ -365,6 +365,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
         max_nodes,
         pin: a.node.pin,
         cores: a.node.cores,
+        metadata_nodes: a.metadata_nodes,
     }));
     let rt = runtime()?;
     let mut signals = rt.block_on(async { Signals::new() })?;
@@ -450,7 +451,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
     println!("Pollen is up.");
     println!("  controller  {url}");
     for node in &status.nodes {
-        println!("  node        {} at {} ({} cores)", node.node_id, node.addr, node.cores);
+        println!("  node        {} at {} ({} cores, {})", node.node_id, node.addr, node.cores, node.role);
     }
     println!(
         "  data dir    {} (wrote {}; node logs under nodes/)",

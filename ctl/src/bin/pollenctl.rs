@@ -16,8 +16,8 @@ use dataplane::client::{Client, ClientError, Job, PutOptions};
 use dataplane::proto::{flags, Status};
 use pollen_ctl::api::{
     CoresResponse, DeregisterResponse, ErrorBody, EventsResponse, GetOutput, Hints, JobEntry, JobsResponse,
-    LsEntry, LsOutput, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, ScaleRequest,
-    ScaleResponse, SetCoresRequest, StatusResponse, TiersResponse,
+    LsEntry, LsOutput, NodeEntry, NodeState, NodesResponse, PutOutput, RegisterJobRequest, RmOutput, Role,
+    ScaleRequest, ScaleResponse, SetCoresRequest, StatusResponse, TiersResponse,
 };
 use pollen_ctl::auth;
 use pollen_ctl::local::{self, LocalCluster, UrlSource};
@@ -893,6 +893,16 @@ fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, S
     if entry.node_state != Some(NodeState::Up) || entry.node_addr.is_empty() {
         bail!("job {job}: its node {} is down", entry.node_id);
     }
+    // A put right after a registration (or a change of weights) on a
+    // metadata-only node waits for it to hold the job's weight map, which
+    // rides on its next heartbeat reply: without it the node has nowhere to
+    // place blocks. (A `both` node keeps them itself meanwhile.)
+    let entry = if register && entry.managed && !entry.weights_applied && metadata_only(ctl, &entry.node_id)?
+    {
+        wait_for_weights(ctl, entry)?
+    } else {
+        entry
+    };
     let mut client = Client::connect(entry.node_addr.as_str())
         .map_err(|e| anyhow!("cannot connect to node {} at {}: {e}", entry.node_id, entry.node_addr))?;
     // Blocks of an object may sit on other nodes: tell the client where they are.
@@ -907,6 +917,28 @@ fn connect_job(ctl: &Controller, job: &str, register: bool) -> Result<(Client, S
     };
     client.set_token(token);
     Ok((client, entry.node_addr, registered))
+}
+
+/// Whether node `id` holds namespaces only (role `metadata`).
+fn metadata_only(ctl: &Controller, id: &str) -> Result<bool> {
+    let n: NodeEntry = ctl.get(&format!("/v1/nodes/{}", path_segment(id)))?;
+    Ok(n.report.role == Role::Metadata)
+}
+
+/// How long a put waits for a job's weight map to reach its metadata node.
+const WEIGHTS_WAIT: Duration = Duration::from_secs(5);
+
+/// `entry` once its metadata node holds its weight map, or as it is after
+/// [`WEIGHTS_WAIT`] (the put then goes where the node puts it).
+fn wait_for_weights(ctl: &Controller, mut entry: JobEntry) -> Result<JobEntry> {
+    let deadline = Instant::now() + WEIGHTS_WAIT;
+    while !entry.weights_applied && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let token = entry.token.take();
+        entry = ctl.job(&entry.name)?.ok_or_else(|| anyhow!("job {} vanished", entry.name))?;
+        entry.token = entry.token.take().or(token);
+    }
+    Ok(entry)
 }
 
 /// Percent-encodes a job name for a URL path segment.

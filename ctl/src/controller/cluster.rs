@@ -881,7 +881,8 @@ impl Cluster {
                 rightsize::NodeView {
                     node_id: id.clone(),
                     draining: self.draining.contains_key(id),
-                    provisioned: provisioned.contains(id),
+                    // Rightsizing drains only what the provisioner started and draining can empty.
+                    provisioned: provisioned.contains(id) && r.report.role.storage(),
                     cores_total: r.report.cores.len(),
                     cores_active: active,
                     busy: if busy.is_empty() { 0.0 } else { busy.iter().sum::<f64>() / busy.len() as f64 },
@@ -924,12 +925,19 @@ impl Cluster {
         let rooms = self.rooms(None);
         candidates
             .iter()
-            .filter(|id| self.is_live(id))
+            .filter(|id| self.is_live(id) && self.drainable(id))
             .min_by_key(|id| {
                 let reserved = rooms.iter().find(|r| &r.node_id == *id).map_or(0, |r| r.throughput_reserved);
                 (self.used_bytes(id).unwrap_or(0), reserved, (*id).clone())
             })
             .cloned()
+    }
+
+    /// Whether draining can empty a node: not a metadata-only one (it holds
+    /// no blocks, so it would be stopped at once with the namespaces of its
+    /// jobs).
+    fn drainable(&self, node_id: &str) -> bool {
+        self.nodes.get(node_id).is_none_or(|r| r.report.role.storage())
     }
 
     /// Starts draining a live node: weight 0 for new data (every job's map
@@ -938,6 +946,11 @@ impl Cluster {
         match self.nodes.get(node_id) {
             None => return Err(format!("no node `{node_id}`")),
             Some(r) if r.state != NodeState::Up => return Err(format!("node {node_id} is down")),
+            Some(_) if !self.drainable(node_id) => {
+                return Err(format!(
+                "node {node_id} is a metadata node: it holds job namespaces, not blocks, and is not drained"
+            ))
+            }
             Some(_) => {}
         }
         if self.draining.contains_key(node_id) {
