@@ -51,8 +51,33 @@ pub struct DramTier {
     retired: u64,
 }
 
+/// Where a new tier's generations start: a value in [0, 2^23) that differs
+/// per start (clock, process and a counter, mixed), so a block id kept from
+/// before a node restarted names no block of the new start (it reads
+/// `not found`) unless its slot's generation happens to match, about one
+/// chance in 2^23 per slot; every slot still has at least 2^23 reuses
+/// before it is retired.
+fn first_generation(core: u8) -> u32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STARTS: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos
+        ^ u64::from(std::process::id()) << 32
+        ^ STARTS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(core) << 56;
+    // SplitMix64's finaliser: every input bit moves every output bit.
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // The low 23 bits: half the generation space, so at least 2^23 reuses remain.
+    (z & ((1 << 23) - 1)) as u32
+}
+
 impl DramTier {
-    /// `capacity` is rounded down to whole blocks; at least one block is required.
+    /// `capacity` is rounded down to whole blocks; at least one block is
+    /// required. Generations start at a value of this start's own
+    /// (`first_generation`).
     pub fn new(core: u8, block_size: u32, capacity: u64) -> std::io::Result<DramTier> {
         assert!(block_size.is_power_of_two());
         let n = capacity / block_size as u64;
@@ -72,7 +97,7 @@ impl DramTier {
             block_size,
             arena,
             lens: vec![0; n],
-            gens: vec![0; n],
+            gens: vec![first_generation(core); n],
             owners: vec![FREE; n],
             free: (0..n as u32).collect(),
             held: HashMap::new(),
@@ -293,6 +318,25 @@ mod tests {
             assert_eq!(t.read(*b, 0, u32::MAX).unwrap(), &[k as u8; 100][..]);
         }
         assert_eq!(t.usage().blocks_used, 3);
+    }
+
+    #[test]
+    fn a_new_start_does_not_reuse_the_last_ones_block_ids() {
+        // Eight starts of the same core: their first blocks differ (the
+        // same generation twice has a chance of about 28 in 2^23), and a
+        // block id of one start is not found in the next.
+        let mut starts: Vec<(DramTier, BlockId)> = Vec::new();
+        for _ in 0..8 {
+            let mut t = tier(4);
+            let b = t.alloc(1).unwrap();
+            assert!(b.generation() < 1 << 23, "{}", b.generation());
+            starts.push((t, b));
+        }
+        let gens: HashSet<u32> = starts.iter().map(|(_, b)| b.generation()).collect();
+        assert_eq!(gens.len(), 8, "{gens:?}");
+        for w in starts.windows(2) {
+            assert_eq!(w[1].0.read(w[0].1, 0, 1), Err(StorageError::NotFound));
+        }
     }
 
     #[test]
