@@ -43,19 +43,42 @@ fn provisioner_scales_drains_and_grows_for_a_job() {
     let err = up.ctl.fails(&["scale", "--nodes", "4"]);
     assert!(err.contains("limit"), "{err}");
 
-    // Data on a job's node keeps a drained node running until the job's
-    // blocks are freed; then the provisioner stops it.
-    let data = vec![7u8; 200_000];
-    std::fs::write(up.dir.path().join("in.bin"), &data).unwrap();
+    // A node holding a live job's namespace is not drained: stopping it
+    // would make every object of the job unreachable.
     let small: JobEntry = up.ctl.json(&["job", "register", "small"]);
     let home = small.node_id.clone();
-    up.ctl.ok(&["put", "small", "obj", up.dir.path().join("in.bin").to_str().unwrap()]);
-    let pid = up.provisioned().iter().find(|n| n.node_id == home).and_then(|n| n.pid).expect("home pid");
-    let r: ScaleResponse = up.ctl.json(&["drain", &home]);
-    assert_eq!(r.draining, vec![home.clone()]);
-    let j: JobEntry = up.ctl.json(&["job", "register", "after-drain", "--lambdas", "1"]);
-    assert_eq!(j.weights.get(&home).copied().unwrap_or(0.0), 0.0, "a draining node takes no new data");
-    assert_ne!(j.node_id, home);
+    let err = up.ctl.fails(&["drain", &home]);
+    assert!(err.contains("namespace") && err.contains("small"), "{err}");
+
+    // Data on a node keeps a drained node running until the job's blocks
+    // are freed; then the provisioner stops it. Of three nodes, one holds
+    // no job's namespace: a client puts the object's blocks there.
+    let nodes = up.nodes();
+    let target = nodes
+        .nodes
+        .iter()
+        .find(|n| n.report.node_id != home && n.report.node_id != j.node_id)
+        .expect("a node holding no namespace");
+    let (target_id, target_n) = (target.report.node_id.clone(), target.report.node_number);
+    let data = vec![7u8; 200_000];
+    {
+        use dataplane::client::{Client, PutOptions};
+        let mut c = Client::connect(small.node_addr.as_str()).expect("connect");
+        c.set_node_addrs(small.node_addrs.iter().map(|(n, a)| (*n, a.parse().expect("address"))));
+        c.set_put_nodes(&[target_n]).expect("the target node");
+        let job = c.job("small").expect("job");
+        c.put_buffer(&job, "obj", &data, PutOptions::default()).expect("put on the target node");
+    }
+    let pid = up.provisioned().iter().find(|n| n.node_id == target_id).and_then(|n| n.pid).expect("pid");
+    let r: ScaleResponse = up.ctl.json(&["drain", &target_id]);
+    assert_eq!(r.draining, vec![target_id.clone()]);
+    let after: JobEntry = up.ctl.json(&["job", "register", "after-drain", "--lambdas", "1"]);
+    assert_eq!(
+        after.weights.get(&target_id).copied().unwrap_or(0.0),
+        0.0,
+        "a draining node takes no new data"
+    );
+    assert_ne!(after.node_id, target_id);
     // Still there, still serving the job, while its blocks are in use.
     std::thread::sleep(Duration::from_millis(500));
     assert!(alive(pid), "the draining node stopped with blocks in use");
@@ -67,9 +90,12 @@ fn provisioner_scales_drains_and_grows_for_a_job() {
     up.wait_open_nodes(2, "two nodes after the drain");
     assert!(up.events().events.iter().any(|e| e.kind == EventKind::Drain && e.message.contains("stopped")));
 
-    // scale --nodes 1 drains the least-used node; with no data it stops at once.
+    // scale --nodes 1 drains the least-used node that holds no namespace;
+    // with no data it stops at once.
+    let _: DeregisterResponse = up.ctl.json(&["job", "deregister", "after-drain"]);
     let r: ScaleResponse = up.ctl.json(&["scale", "--nodes", "1"]);
     assert_eq!((r.draining.len(), r.open_nodes), (1, 1));
+    assert_ne!(r.draining[0], j.node_id, "wide's namespace stays");
     up.wait_open_nodes(1, "one node after scaling down");
     let jobs: JobsResponse = up.ctl.json(&["jobs"]);
     for j in &jobs.registered {

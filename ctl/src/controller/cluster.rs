@@ -882,7 +882,7 @@ impl Cluster {
                     node_id: id.clone(),
                     draining: self.draining.contains_key(id),
                     // Rightsizing drains only what the provisioner started and draining can empty.
-                    provisioned: provisioned.contains(id) && r.report.role.storage(),
+                    provisioned: provisioned.contains(id) && self.drainable(id),
                     cores_total: r.report.cores.len(),
                     cores_active: active,
                     busy: if busy.is_empty() { 0.0 } else { busy.iter().sum::<f64>() / busy.len() as f64 },
@@ -935,9 +935,17 @@ impl Cluster {
 
     /// Whether draining can empty a node: not a metadata-only one (it holds
     /// no blocks, so it would be stopped at once with the namespaces of its
-    /// jobs).
+    /// jobs), and not one holding a live job's namespace.
     fn drainable(&self, node_id: &str) -> bool {
-        self.nodes.get(node_id).is_none_or(|r| r.report.role.storage())
+        self.nodes.get(node_id).is_none_or(|r| r.report.role.storage()) && !self.holds_namespaces(node_id)
+    }
+
+    /// Whether `node_id` holds the namespace of a job the controller knows
+    /// (registered or being registered), or reports a registered job: once
+    /// stopped, every object of those jobs would be unreachable.
+    fn holds_namespaces(&self, node_id: &str) -> bool {
+        self.jobs.values().any(|j| j.node_id == node_id)
+            || self.nodes.get(node_id).is_some_and(|r| r.report.jobs.iter().any(|j| j.registered))
     }
 
     /// Starts draining a live node: weight 0 for new data (every job's map
@@ -946,10 +954,17 @@ impl Cluster {
         match self.nodes.get(node_id) {
             None => return Err(format!("no node `{node_id}`")),
             Some(r) if r.state != NodeState::Up => return Err(format!("node {node_id} is down")),
-            Some(_) if !self.drainable(node_id) => {
+            Some(r) if !r.report.role.storage() => {
                 return Err(format!(
                 "node {node_id} is a metadata node: it holds job namespaces, not blocks, and is not drained"
             ))
+            }
+            Some(_) if self.holds_namespaces(node_id) => {
+                return Err(format!(
+                    "node {node_id} holds the namespace of live jobs ({}): stopping it would make their \
+                     objects unreachable; deregister them first",
+                    self.namespaces_on(node_id).join(", ")
+                ))
             }
             Some(_) => {}
         }
@@ -970,11 +985,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Names of the jobs whose namespace `node_id` holds, at most a few.
+    fn namespaces_on(&self, node_id: &str) -> Vec<String> {
+        let mut names: BTreeSet<&str> =
+            self.jobs.values().filter(|j| j.node_id == node_id).map(|j| j.name.as_str()).collect();
+        if let Some(r) = self.nodes.get(node_id) {
+            names.extend(r.report.jobs.iter().filter(|j| j.registered).map(|j| j.name.as_str()));
+        }
+        names.into_iter().take(8).map(str::to_string).collect()
+    }
+
     /// Draining nodes ready to stop: no block in use in a report received
-    /// after the drain started, or dead.
+    /// after the drain started, or dead; never one holding a live job's
+    /// namespace (a job registered or adopted there after the drain started).
     pub fn drained(&self) -> Vec<String> {
         self.draining
             .iter()
+            .filter(|(id, _)| !self.holds_namespaces(id))
             .filter(|(id, since)| match self.nodes.get(*id) {
                 None => true,
                 Some(r) if r.state == NodeState::Down => true,
@@ -2018,5 +2045,63 @@ mod restart_tests {
         );
         let events = c.events(0, usize::MAX).events;
         assert!(events.iter().any(|e| e.kind == EventKind::NodeRestarted && e.message.contains("boot id")));
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+    use crate::api::{AppliedView, JobReport, Role};
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, uptime_ms: u64) -> NodeReport {
+        let mut r =
+            super::tests::report(id, uptime_ms, vec![super::tests::core(0, 0, uptime_ms * 1_000_000)]);
+        r.node_number = number;
+        r.role = Role::Both;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = Some(AppliedView::default());
+        r
+    }
+
+    fn empty(mut r: NodeReport) -> NodeReport {
+        for t in &mut r.tiers {
+            (t.used_bytes, t.blocks_used) = (0, 0);
+        }
+        r
+    }
+
+    /// A `both` node holding a live job's namespace is neither drained by
+    /// hand, nor a candidate of `scale` or rightsizing, nor stopped as
+    /// drained once its blocks are freed.
+    #[test]
+    fn a_node_holding_a_live_jobs_namespace_is_not_drained() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("a", 1, 1000), t0).unwrap();
+        c.heartbeat(report("b", 2, 1000), t0).unwrap();
+        let home = c.plan_job("j", Hints::default()).unwrap().node_id;
+        c.commit_job("j").unwrap();
+        let other = if home == "a" { "b" } else { "a" };
+        let err = c.start_drain(&home, "test", t0).unwrap_err();
+        assert!(err.contains("namespace") && err.contains('j'), "{err}");
+        assert!(!c.is_draining(&home));
+        let all = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(c.least_used(&all).as_deref(), Some(other));
+        let view = c.scaling_view(&all);
+        assert!(!view.iter().find(|n| n.node_id == home).unwrap().provisioned);
+        assert!(view.iter().find(|n| n.node_id == other).unwrap().provisioned);
+
+        // A node draining since before a job was adopted there is not
+        // stopped once its blocks are freed, while the job lives.
+        c.start_drain(other, "test", t0).unwrap();
+        let mut r = empty(report(other, if other == "a" { 1 } else { 2 }, 2000));
+        r.jobs = vec![JobReport { name: "direct".into(), id: 3, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r.clone(), t0 + HB).unwrap();
+        assert_eq!(c.drained(), Vec::<String>::new(), "it holds job `direct`'s namespace");
+        r.jobs.clear();
+        c.heartbeat(r, t0 + 2 * HB).unwrap();
+        assert_eq!(c.drained(), vec![other.to_string()]);
     }
 }
