@@ -166,6 +166,10 @@ pub struct Cluster {
     /// yet to apply (version → restarted node's number); the restarted
     /// node stays in the dead set while a live one has it queued.
     restarts: BTreeMap<String, BTreeMap<u64, u16>>,
+    /// Numbers of nodes forgotten after they died holding blocks: they stay
+    /// dead (reads of their blocks answer data unavailable) until a node
+    /// with that number reports again.
+    gone: BTreeSet<u16>,
 }
 
 /// Job → weight map by node number, as a metadata node applies it.
@@ -196,6 +200,7 @@ impl Cluster {
             owed: Owed::default(),
             boots: BTreeMap::new(),
             restarts: BTreeMap::new(),
+            gone: BTreeSet::new(),
         }
     }
 
@@ -238,6 +243,7 @@ impl Cluster {
     /// Returns the state changes it caused.
     pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
         validate(&report)?;
+        self.gone.remove(&report.node_number);
         self.acknowledge_frees(&report);
         self.note_boot(&report);
         let mut transitions = Vec::new();
@@ -1013,7 +1019,13 @@ impl Cluster {
 
     /// Forgets a node that was stopped on purpose, with an event.
     pub fn forget(&mut self, node_id: &str, message: String) {
-        if let Some(n) = self.nodes.remove(node_id).map(|r| r.report.node_number) {
+        if let Some(r) = self.nodes.remove(node_id) {
+            let n = r.report.node_number;
+            if r.state == NodeState::Down && r.report.tiers.iter().any(|t| t.blocks_used > 0) {
+                // It died holding blocks: reads of them must keep answering
+                // data unavailable, not go to a node that is not there.
+                self.gone.insert(n);
+            }
             // Its blocks went with it; another node with its number is another node.
             if !self.nodes.values().any(|r| r.report.node_number == n) && self.owed.forget(n) > 0 {
                 self.save_owed();
@@ -1060,6 +1072,7 @@ impl Cluster {
             .values()
             .filter(|r| r.state == NodeState::Down)
             .map(|r| r.report.node_number)
+            .chain(self.gone.iter().copied())
             .filter(|n| !live.contains(n))
             .collect();
         // A restarted node stays dead until every live metadata node has
@@ -2103,5 +2116,39 @@ mod drain_tests {
         r.jobs.clear();
         c.heartbeat(r, t0 + 2 * HB).unwrap();
         assert_eq!(c.drained(), vec![other.to_string()]);
+    }
+
+    /// A node that dies while draining, holding blocks, is forgotten; its
+    /// number stays in the dead set (its blocks read data unavailable)
+    /// until a node with that number reports again.
+    #[test]
+    fn a_node_forgotten_after_dying_with_blocks_stays_dead() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("a", 1, 1000), t0).unwrap();
+        c.heartbeat(report("b", 2, 1000), t0).unwrap();
+        c.start_drain("b", "test", t0).unwrap();
+        let t1 = t0 + 4 * HB;
+        c.heartbeat(report("a", 1, 5000), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.drained(), vec!["b".to_string()], "died while draining");
+        c.forget("b", "stopped".into());
+        assert_eq!(c.dead_numbers(), vec![2]);
+        let dead = c.view_commands("a").into_iter().find_map(|cmd| match cmd {
+            NodeCommand::SetDeadNodes { dead, .. } => Some(dead),
+            _ => None,
+        });
+        assert_eq!(dead, Some(vec![2]), "a still marks node 2's blocks unavailable");
+        // A node with that number reports: it is live, not dead.
+        c.heartbeat(report("b2", 2, 10), t1 + HB).unwrap();
+        assert_eq!(c.dead_numbers(), Vec::<u16>::new());
+        // A node that died with no block in use is forgotten with its number.
+        c.start_drain("b2", "test", t1 + HB).unwrap();
+        c.heartbeat(empty(report("b2", 2, 20)), t1 + 2 * HB).unwrap();
+        let t2 = t1 + 6 * HB;
+        c.heartbeat(report("a", 1, 9000), t2).unwrap();
+        c.sweep(t2);
+        c.forget("b2", "stopped".into());
+        assert_eq!(c.dead_numbers(), Vec::<u16>::new());
     }
 }
