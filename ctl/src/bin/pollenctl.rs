@@ -470,8 +470,8 @@ fn status(ctl: &Controller, json: bool) -> Result<()> {
         "LAST HEARTBEAT",
     ]);
     for n in &s.nodes {
-        let used: u64 = n.tiers.iter().map(|t| t.used_bytes).sum();
-        let cap: u64 = n.tiers.iter().map(|t| t.capacity_bytes).sum();
+        let used: u64 = n.tiers.iter().map(|t| t.used_bytes).fold(0, u64::saturating_add);
+        let cap: u64 = n.tiers.iter().map(|t| t.capacity_bytes).fold(0, u64::saturating_add);
         t.row([
             n.node_id.clone(),
             n.addr.clone(),
@@ -749,8 +749,8 @@ fn nodes(ctl: &Controller, json: bool) -> Result<()> {
     let mut t =
         Table::new(["NODE", "ROLE", "ADDR", "STATE", "CORES", "JOBS", "USED / CAPACITY", "LAST HEARTBEAT"]);
     for n in &r.nodes {
-        let used: u64 = n.report.tiers.iter().map(|t| t.used_bytes).sum();
-        let cap: u64 = n.report.tiers.iter().map(|t| t.capacity_bytes).sum();
+        let used: u64 = n.report.tiers.iter().map(|t| t.used_bytes).fold(0, u64::saturating_add);
+        let cap: u64 = n.report.tiers.iter().map(|t| t.capacity_bytes).fold(0, u64::saturating_add);
         t.row([
             n.report.node_id.clone(),
             n.report.role.to_string(),

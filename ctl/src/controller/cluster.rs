@@ -27,6 +27,10 @@ pub const MAX_NODE_ID_LEN: usize = 128;
 pub const MAX_CORES: usize = 4096;
 pub const MAX_TIER_REGIONS: usize = 64 * 1024;
 pub const MAX_JOBS_PER_NODE: usize = 1 << 20;
+/// Largest capacity or use one tier region may report (1 PiB).
+pub const MAX_REGION_BYTES: u64 = 1 << 50;
+/// Nodes one registration starts at most when the job does not fit.
+pub const MAX_EXTRA_NODES: usize = 32;
 /// Jobs the controller registers at most, and the longest job name.
 pub const MAX_JOBS: usize = 100_000;
 pub const MAX_JOB_NAME_LEN: usize = 200;
@@ -46,6 +50,8 @@ pub enum JobError {
     NoMetadataNode,
     #[error("the controller already holds {MAX_JOBS} jobs")]
     TooMany,
+    #[error("invalid hints: {0}")]
+    BadHints(String),
 }
 
 /// A job registered through the controller.
@@ -108,6 +114,8 @@ pub enum ReportError {
     DuplicateTier(String, usize),
     #[error("report has {0} {1}, more than the limit of {2}")]
     TooMany(usize, &'static str, usize),
+    #[error("tier `{0}` of core {1} reports more than {MAX_REGION_BYTES} bytes")]
+    RegionTooLarge(String, usize),
 }
 
 /// A node's state change, for the caller to log (and, later, to act on).
@@ -424,9 +432,7 @@ impl Cluster {
             .iter()
             .filter(|(_, r)| r.state == NodeState::Up && r.report.role.storage())
             .map(|(id, r)| {
-                let tier_cap = |name: &str| -> u64 {
-                    r.report.tiers.iter().filter(|t| t.tier == name).map(|t| t.capacity_bytes).sum()
-                };
+                let tier_cap = |name: &str| -> u64 { tier_capacity(&r.report, name) };
                 NodeRoom {
                     node_id: id.clone(),
                     active: false,
@@ -443,9 +449,12 @@ impl Cluster {
                 let w = j.weights.get(&room.node_id).copied().unwrap_or(0.0);
                 if w > 0.0 {
                     room.active = true;
-                    room.throughput_reserved += (j.alloc.throughput as f64 * w) as u64;
-                    room.dram_reserved += (j.alloc.dram as f64 * w) as u64;
-                    room.flash_reserved += (j.alloc.flash as f64 * w) as u64;
+                    // Float to int casts saturate; so must the sums.
+                    let share = |x: u64| (x as f64 * w) as u64;
+                    room.throughput_reserved =
+                        room.throughput_reserved.saturating_add(share(j.alloc.throughput));
+                    room.dram_reserved = room.dram_reserved.saturating_add(share(j.alloc.dram));
+                    room.flash_reserved = room.flash_reserved.saturating_add(share(j.alloc.flash));
                 }
             }
         }
@@ -454,7 +463,10 @@ impl Cluster {
 
     fn tier_room(rooms: &[NodeRoom]) -> TierRoom {
         TierRoom {
-            dram_free: rooms.iter().map(|r| r.dram_cap.saturating_sub(r.dram_reserved)).sum(),
+            dram_free: rooms
+                .iter()
+                .map(|r| r.dram_cap.saturating_sub(r.dram_reserved))
+                .fold(0, u64::saturating_add),
             has_flash: rooms.iter().any(|r| r.flash_cap > 0),
         }
     }
@@ -474,6 +486,7 @@ impl Cluster {
         if self.jobs.len() >= MAX_JOBS {
             return Err(JobError::TooMany);
         }
+        hints.validate().map_err(JobError::BadHints)?;
         let hints = hints.normalized();
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
@@ -505,9 +518,7 @@ impl Cluster {
                 let homed = self.jobs.values().filter(|j| &j.node_id == *id).count();
                 let free = match rooms.iter().find(|room| &room.node_id == *id) {
                     Some(room) => room.dram_cap.saturating_sub(room.dram_reserved),
-                    None => {
-                        r.report.tiers.iter().filter(|t| t.tier == "dram").map(|t| t.capacity_bytes).sum()
-                    }
+                    None => tier_capacity(&r.report, "dram"),
                 };
                 (homed, std::cmp::Reverse(free))
             })
@@ -613,7 +624,7 @@ impl Cluster {
     /// allocated and packed as at registration, its namespace stays where it
     /// is. False when it is already known.
     pub fn adopt_job(&mut self, name: &str, node_id: &str, hints: Hints) -> bool {
-        if self.jobs.contains_key(name) || self.jobs.len() >= MAX_JOBS {
+        if self.jobs.contains_key(name) || self.jobs.len() >= MAX_JOBS || hints.validate().is_err() {
             return false;
         }
         let hints = hints.normalized();
@@ -880,7 +891,9 @@ impl Cluster {
                         .tiers
                         .iter()
                         .filter(|t| stores && t.tier == name)
-                        .fold((0, 0), |(u, c), t| (u + t.used_bytes, c + t.capacity_bytes))
+                        .fold((0u64, 0u64), |(u, c), t| {
+                            (u.saturating_add(t.used_bytes), c.saturating_add(t.capacity_bytes))
+                        })
                 };
                 let (dram_used, dram_cap) = tier("dram");
                 let (flash_used, flash_cap) = tier("flash");
@@ -897,7 +910,7 @@ impl Cluster {
                     dram_cap,
                     flash_used,
                     flash_cap,
-                    blocks_used: r.report.tiers.iter().map(|t| t.blocks_used).sum(),
+                    blocks_used: r.report.tiers.iter().map(|t| t.blocks_used).fold(0, u64::saturating_add),
                 }
             })
             .collect()
@@ -922,7 +935,9 @@ impl Cluster {
 
     /// Bytes a node holds over every tier, from its latest report.
     pub fn used_bytes(&self, node_id: &str) -> Option<u64> {
-        self.nodes.get(node_id).map(|r| r.report.tiers.iter().map(|t| t.used_bytes).sum())
+        self.nodes
+            .get(node_id)
+            .map(|r| r.report.tiers.iter().map(|t| t.used_bytes).fold(0, u64::saturating_add))
     }
 
     /// Of `candidates`, the node with the least data, then the least
@@ -1356,7 +1371,13 @@ fn extra_nodes(alloc: &Allocation, rooms: &[NodeRoom], shortfall: f64) -> usize 
         .filter(|(need, _)| *need > 0)
         .map(|&(need, cap)| if cap <= 0.0 { 1.0 } else { need as f64 * shortfall / cap })
         .fold(0.0f64, f64::max);
-    (needed.ceil() as usize).max(1)
+    // A float to int cast saturates; a registration starts a bounded number of nodes.
+    (needed.ceil() as usize).clamp(1, MAX_EXTRA_NODES)
+}
+
+/// Capacity of a report's regions of tier `name`.
+fn tier_capacity(r: &NodeReport, name: &str) -> u64 {
+    r.tiers.iter().filter(|t| t.tier == name).map(|t| t.capacity_bytes).fold(0, u64::saturating_add)
 }
 
 fn weights_text(w: &BTreeMap<String, f64>) -> String {
@@ -1401,6 +1422,9 @@ fn validate(r: &NodeReport) -> Result<(), ReportError> {
     for t in &r.tiers {
         if !regions.insert((t.tier.as_str(), t.core)) {
             return Err(ReportError::DuplicateTier(t.tier.clone(), t.core));
+        }
+        if t.capacity_bytes > MAX_REGION_BYTES || t.used_bytes > MAX_REGION_BYTES {
+            return Err(ReportError::RegionTooLarge(t.tier.chars().take(64).collect(), t.core));
         }
     }
     Ok(())
@@ -1448,7 +1472,9 @@ fn busy_fractions(prev: Option<&NodeReport>, next: &NodeReport) -> BTreeMap<usiz
 /// Network bytes per second (in + out over every core) between two
 /// reports, by the node's own uptime; without a previous one, since start.
 fn net_rate(prev: Option<&NodeReport>, next: &NodeReport) -> f64 {
-    let bytes = |r: &NodeReport| r.cores.iter().map(|c| c.bytes_in.saturating_add(c.bytes_out)).sum::<u64>();
+    let bytes = |r: &NodeReport| {
+        r.cores.iter().map(|c| c.bytes_in.saturating_add(c.bytes_out)).fold(0, u64::saturating_add)
+    };
     let (b0, t0) = prev.map(|p| (bytes(p), p.uptime_ms)).unwrap_or((0, 0));
     let dt = next.uptime_ms.saturating_sub(t0);
     if dt == 0 {
@@ -2150,5 +2176,60 @@ mod drain_tests {
         c.sweep(t2);
         c.forget("b2", "stopped".into());
         assert_eq!(c.dead_numbers(), Vec::<u16>::new());
+    }
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+    use crate::api::TierReport;
+
+    const HB: Duration = Duration::from_secs(1);
+
+    /// Hints and reported sizes near u64::MAX: absurd hints are refused,
+    /// too large regions too, and sums over jobs and regions saturate
+    /// instead of panicking (debug) or wrapping (release).
+    #[test]
+    fn huge_hints_and_sizes_neither_panic_nor_wrap() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let mut r = super::tests::report("a", 1000, vec![super::tests::core(0, 0, 1_000_000_000)]);
+        c.heartbeat(r.clone(), t0).unwrap();
+        let huge = Hints { peak_throughput: Some(u64::MAX), ..Hints::default() };
+        assert!(matches!(c.plan_job("j", huge), Err(JobError::BadHints(m)) if m.contains("peak_throughput")));
+        let huge = Hints { capacity: Some(u64::MAX), ..Hints::default() };
+        assert!(matches!(c.plan_job("j", huge), Err(JobError::BadHints(_))));
+
+        // Two jobs that reserve everything (as adopted with the largest
+        // allocations) and a node whose regions add up past u64.
+        for name in ["x", "y"] {
+            c.plan_job(name, Hints::default()).unwrap();
+            c.commit_job(name).unwrap();
+            let j = c.jobs.get_mut(name).unwrap();
+            (j.alloc.throughput, j.alloc.dram, j.alloc.flash) = (u64::MAX, u64::MAX, u64::MAX);
+        }
+        r.cores[0].bytes_in = u64::MAX;
+        r.cores.push(super::tests::core(1, 0, 1_000_000_000));
+        r.cores[1].bytes_out = u64::MAX;
+        r.tiers = (0..20_000)
+            .map(|core| TierReport {
+                tier: "dram".into(),
+                core,
+                capacity_bytes: MAX_REGION_BYTES,
+                used_bytes: MAX_REGION_BYTES,
+                blocks_used: u64::MAX,
+                ..TierReport::default()
+            })
+            .collect();
+        c.heartbeat(r.clone(), t0 + HB).unwrap();
+        assert_eq!(c.used_bytes("a"), Some(u64::MAX));
+        let view = c.scaling_view(&[]);
+        assert_eq!((view[0].dram_cap, view[0].blocks_used), (u64::MAX, u64::MAX));
+        let most = Hints { capacity: Some(policy::MAX_HINT_CAPACITY), ..Hints::default() };
+        let plan = c.plan_job("z", most).unwrap();
+        assert!((1..=MAX_EXTRA_NODES).contains(&plan.extra_nodes), "{}", plan.extra_nodes);
+
+        r.tiers[0].capacity_bytes = MAX_REGION_BYTES + 1;
+        assert!(matches!(c.heartbeat(r, t0 + 2 * HB), Err(ReportError::RegionTooLarge(..))));
     }
 }

@@ -163,7 +163,7 @@ async fn job(State(s): State<Arc<Shared>>, Path(name): Path<String>) -> Result<J
 
 fn job_error(e: JobError) -> ApiError {
     let code = match e {
-        JobError::BadName => StatusCode::BAD_REQUEST,
+        JobError::BadName | JobError::BadHints(_) => StatusCode::BAD_REQUEST,
         JobError::Exists(_) => StatusCode::CONFLICT,
         JobError::NotFound(_) => StatusCode::NOT_FOUND,
         JobError::NoNodes | JobError::NoMetadataNode | JobError::TooMany => StatusCode::SERVICE_UNAVAILABLE,

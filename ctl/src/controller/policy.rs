@@ -102,7 +102,27 @@ pub struct Hints {
     pub peak_throughput: Option<u64>,
 }
 
+/// Largest hints a job may give: beyond these, sums over jobs would lose
+/// meaning (and no cluster holds them).
+pub const MAX_HINT_CAPACITY: u64 = 1 << 60;
+pub const MAX_HINT_THROUGHPUT: u64 = 1 << 50;
+pub const MAX_HINT_LAMBDAS: u32 = 1 << 20;
+
 impl Hints {
+    /// Refuses absurd hints, saying which and the limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = self.capacity.filter(|&c| c > MAX_HINT_CAPACITY) {
+            return Err(format!("capacity {c} is over the limit of {MAX_HINT_CAPACITY} bytes"));
+        }
+        if let Some(t) = self.peak_throughput.filter(|&t| t > MAX_HINT_THROUGHPUT) {
+            return Err(format!("peak_throughput {t} is over the limit of {MAX_HINT_THROUGHPUT} bytes/s"));
+        }
+        if let Some(n) = self.lambdas.filter(|&n| n > MAX_HINT_LAMBDAS) {
+            return Err(format!("lambdas {n} is over the limit of {MAX_HINT_LAMBDAS}"));
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self == &Hints::default()
     }

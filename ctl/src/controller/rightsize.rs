@@ -139,12 +139,14 @@ fn usage(nodes: &[&NodeView], core_throughput: u64, core_delta: i64) -> Usage {
     let active = active.max(1) as f64;
     let busy_cores: f64 = nodes.iter().map(|n| n.busy * n.cores_active as f64).sum();
     let net: f64 = nodes.iter().map(|n| n.net_rate).sum();
-    let ratio = |used: u64, cap: u64| (cap > 0).then(|| used as f64 / cap as f64);
+    // Summed as floats: reported sizes may add up past u64.
+    let total = |f: fn(&NodeView) -> u64| nodes.iter().map(|n| f(n) as f64).sum::<f64>();
+    let ratio = |used: f64, cap: f64| (cap > 0.0).then(|| used / cap);
     Usage {
         cores: busy_cores / active,
         network: net / (active * core_throughput.max(1) as f64),
-        dram: ratio(nodes.iter().map(|n| n.dram_used).sum(), nodes.iter().map(|n| n.dram_cap).sum()),
-        flash: ratio(nodes.iter().map(|n| n.flash_used).sum(), nodes.iter().map(|n| n.flash_cap).sum()),
+        dram: ratio(total(|n| n.dram_used), total(|n| n.dram_cap)),
+        flash: ratio(total(|n| n.flash_used), total(|n| n.flash_cap)),
     }
 }
 
@@ -337,6 +339,15 @@ mod tests {
         let mut nodes = [node("a", (1, 1), 0.0, 0.0, 0), node("b", (1, 1), 0.0, 0.0, 0)];
         nodes[0].draining = true;
         assert_eq!(decide(&nodes, lim(&t, true)), None, "one open node is the minimum");
+    }
+
+    #[test]
+    fn sizes_summing_past_u64_do_not_overflow() {
+        let t = ScalingTable::default();
+        let mut full = node("a", (1, 1), 0.7, 0.0, 0);
+        (full.dram_used, full.dram_cap, full.blocks_used) = (u64::MAX, u64::MAX, u64::MAX);
+        let d = decide(&[full.clone(), full], lim(&t, true)).unwrap();
+        assert_eq!(d.action, Action::AddNode, "100% of the DRAM used");
     }
 
     #[test]
