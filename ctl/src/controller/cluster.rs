@@ -252,6 +252,7 @@ impl Cluster {
     pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
         validate(&report)?;
         self.gone.remove(&report.node_number);
+        self.pass_versions_held(&report);
         self.acknowledge_frees(&report);
         self.note_boot(&report);
         let mut transitions = Vec::new();
@@ -1073,6 +1074,17 @@ impl Cluster {
         self.last_version
     }
 
+    /// A node holding a view version above every one handed out (from an
+    /// earlier controller whose clock ran ahead) would ignore ours as older:
+    /// versions handed out from now on go past it, for every view.
+    fn pass_versions_held(&mut self, report: &NodeReport) {
+        let Some(a) = report.applied else { return };
+        let held = [a.dead_version, a.weights_version, a.restarts_version, a.dram_shares_version];
+        if let Some(max) = held.into_iter().flatten().max() {
+            self.last_version = self.last_version.max(max);
+        }
+    }
+
     /// Node id → number of the live nodes whose number is theirs alone.
     fn numbers_by_id(&self) -> BTreeMap<&str, u16> {
         self.live_numbers().into_iter().map(|(n, r)| (r.report.node_id.as_str(), n)).collect()
@@ -1147,15 +1159,11 @@ impl Cluster {
         };
         let mut out = Vec::new();
         let dead = self.dead_numbers();
-        // A node holding a newer version (from an earlier controller whose
-        // clock ran ahead) would ignore ours: go past it.
-        let ahead = held.dead_version.is_some_and(|v| v > self.dead_view.0);
-        if dead != self.dead_view.1 || ahead {
-            let mut v = self.next_version();
-            if let Some(h) = held.dead_version.filter(|&h| h >= v) {
-                v = h.saturating_add(1);
-                self.last_version = v;
-            }
+        // A node holding a newer version than ours (an earlier controller's)
+        // gets a new one: past every version held ([`Cluster::pass_versions_held`]).
+        let ahead = |v: Option<u64>, ours: u64| v.is_some_and(|v| v > ours);
+        if dead != self.dead_view.1 || ahead(held.dead_version, self.dead_view.0) {
+            let v = self.next_version();
             self.dead_view = (v, dead);
         }
         let (version, dead) = &self.dead_view;
@@ -1170,7 +1178,7 @@ impl Cluster {
         }
         let maps = self.weight_maps_of(node_id);
         let changed = match self.weights_view.get(node_id) {
-            Some((_, m)) => *m != maps,
+            Some((v, m)) => *m != maps || ahead(held.weights_version, *v),
             None => !maps.is_empty() || held.weights_version.is_some(),
         };
         if changed {
@@ -1184,7 +1192,7 @@ impl Cluster {
         }
         let shares = self.dram_shares_of(node_id);
         let changed = match self.dram_view.get(node_id) {
-            Some((_, s)) => *s != shares,
+            Some((v, s)) => *s != shares || ahead(held.dram_shares_version, *v),
             None => !shares.is_empty() || held.dram_shares_version.is_some(),
         };
         if changed {
@@ -2231,5 +2239,75 @@ mod overflow_tests {
 
         r.tiers[0].capacity_bytes = MAX_REGION_BYTES + 1;
         assert!(matches!(c.heartbeat(r, t0 + 2 * HB), Err(ReportError::RegionTooLarge(..))));
+    }
+}
+
+#[cfg(test)]
+mod ahead_tests {
+    use super::*;
+    use crate::api::{AppliedView, JobReport, Role};
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, boot: u64, applied: AppliedView) -> NodeReport {
+        let mut r = super::tests::report(id, 1000, vec![super::tests::core(0, 0, 1_000_000_000)]);
+        r.node_number = number;
+        r.boot_id = boot;
+        r.role = Role::Both;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = Some(applied);
+        r
+    }
+
+    /// Nodes holding view versions from an earlier controller whose clock
+    /// ran ahead: a restart of another node and DRAM shares still reach
+    /// them, with versions past the ones they hold.
+    #[test]
+    fn versions_ahead_of_the_controller_are_passed_for_every_view() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let ahead = c.last_version + 10_000_000;
+        let held = AppliedView {
+            dead_version: None,
+            weights_version: None,
+            restarts_version: Some(ahead),
+            dram_shares_version: Some(ahead + 5),
+        };
+        c.heartbeat(report("m", 1, 11, held), t0).unwrap();
+        c.heartbeat(report("s", 2, 22, AppliedView::default()), t0).unwrap();
+        // s restarts: m is told, and the notice survives m's next report.
+        c.heartbeat(report("s", 2, 23, AppliedView::default()), t0 + HB).unwrap();
+        c.heartbeat(report("m", 1, 11, held), t0 + HB).unwrap();
+        let restarts = c.view_commands("m").into_iter().find_map(|cmd| match cmd {
+            NodeCommand::NodesRestarted { restarts } => Some(restarts),
+            _ => None,
+        });
+        let restarts = restarts.expect("m is told of s's restart");
+        assert!(restarts.iter().all(|&(v, n)| v > ahead && n == 2), "{restarts:?}");
+
+        // A latency-sensitive job with DRAM and flash, weighted on m: its
+        // share goes to m with a version m takes as newer.
+        c.plan_job("j", Hints::default()).unwrap();
+        c.commit_job("j").unwrap();
+        let j = c.jobs.get_mut("j").unwrap();
+        (j.alloc.dram, j.alloc.flash, j.alloc.latency_sensitive) = (64 << 20, 64 << 20, true);
+        j.weights = BTreeMap::from([("m".to_string(), 1.0)]);
+        j.node_id = "m".into();
+        let mut r = report("m", 1, 11, held);
+        r.jobs = vec![JobReport { name: "j".into(), id: 5, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r.clone(), t0 + 2 * HB).unwrap();
+        let shares = |c: &mut Cluster| {
+            c.view_commands("m").into_iter().find_map(|cmd| match cmd {
+                NodeCommand::SetDramShares { version, shares } => Some((version, shares)),
+                _ => None,
+            })
+        };
+        let (v, got) = shares(&mut c).expect("m's DRAM shares");
+        assert!(v > ahead + 5, "version {v} is not past the {} m holds", ahead + 5);
+        assert_eq!(got.len(), 1);
+        // Applied: nothing more to send.
+        r.applied = Some(AppliedView { dram_shares_version: Some(v), ..held });
+        c.heartbeat(r, t0 + 3 * HB).unwrap();
+        assert_eq!(shares(&mut c), None);
     }
 }
