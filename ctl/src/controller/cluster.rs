@@ -151,8 +151,10 @@ pub struct Cluster {
     events: EventLog,
     /// Nodes being drained, with when the drain started.
     draining: BTreeMap<String, Instant>,
-    /// Commands for each node, sent on its next heartbeat reply.
-    commands: BTreeMap<String, Vec<NodeCommand>>,
+    /// Polling cores wanted on each node (`cores set`, rightsizing), sent
+    /// on every heartbeat reply until the node's report shows them: a lost
+    /// reply does not lose the decision.
+    polling_wanted: BTreeMap<String, usize>,
     /// Jobs deregistered recently, with when: a report sent before the node
     /// freed them must not bring them back as adopted jobs.
     deregistered: BTreeMap<String, Instant>,
@@ -199,7 +201,7 @@ impl Cluster {
             jobs: BTreeMap::new(),
             events: EventLog::new(DEFAULT_CAPACITY),
             draining: BTreeMap::new(),
-            commands: BTreeMap::new(),
+            polling_wanted: BTreeMap::new(),
             deregistered: BTreeMap::new(),
             dead_view: (unix_ms(), Vec::new()),
             weights_view: BTreeMap::new(),
@@ -841,17 +843,16 @@ impl Cluster {
 // ---- commands and the view of the rightsizing policy ------------------------------
 
 impl Cluster {
-    /// Queues a command for a node's next heartbeat reply, with an event.
-    /// A newer polling-cores command replaces one not yet sent.
+    /// Sets the polling cores wanted on a node, with an event: sent on its
+    /// heartbeat replies until its report shows them ([`Cluster::take_commands`]).
+    /// A newer count replaces one not yet applied.
     pub fn set_polling_cores(&mut self, node_id: &str, cores: usize, why: &str) -> Result<(), String> {
         let rec = self.nodes.get(node_id).ok_or_else(|| format!("no node `{node_id}`"))?;
         let total = rec.report.cores.len();
         if cores == 0 || cores > total {
             return Err(format!("node {node_id} has {total} core(s): polling cores must be 1..={total}"));
         }
-        let queue = self.commands.entry(node_id.to_string()).or_default();
-        queue.retain(|c| !matches!(c, NodeCommand::SetPollingCores { .. }));
-        queue.push(NodeCommand::SetPollingCores { cores });
+        self.polling_wanted.insert(node_id.to_string(), cores);
         self.events.push(
             EventKind::Cores,
             Some(node_id),
@@ -861,9 +862,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// The commands queued for `node_id`, removed from the queue.
+    /// The commands for `node_id`'s heartbeat reply: the polling cores
+    /// wanted while its latest report shows another count (dropped once it
+    /// shows them, or when the node no longer has that many cores).
     pub fn take_commands(&mut self, node_id: &str) -> Vec<NodeCommand> {
-        self.commands.remove(node_id).unwrap_or_default()
+        let Some(&cores) = self.polling_wanted.get(node_id) else { return Vec::new() };
+        let Some(r) = self.nodes.get(node_id) else { return Vec::new() };
+        let polling = r.report.cores.iter().filter(|c| c.polling).count();
+        if polling == cores || cores > r.report.cores.len() {
+            self.polling_wanted.remove(node_id);
+            return Vec::new();
+        }
+        vec![NodeCommand::SetPollingCores { cores }]
     }
 
     /// What the rightsizing policy sees: every live node.
@@ -874,12 +884,7 @@ impl Cluster {
             .map(|(id, r)| {
                 // A command not yet applied counts as applied, so the policy
                 // does not ask twice.
-                let queued = self.commands.get(id).and_then(|q| {
-                    q.iter().rev().find_map(|c| match c {
-                        NodeCommand::SetPollingCores { cores } => Some(*cores),
-                        _ => None,
-                    })
-                });
+                let queued = self.polling_wanted.get(id).copied();
                 let polling: Vec<usize> =
                     r.report.cores.iter().filter(|c| c.polling).map(|c| c.core).collect();
                 let active = queued.unwrap_or(polling.len()).max(1);
@@ -1048,6 +1053,7 @@ impl Cluster {
             }
         }
         self.draining.remove(node_id);
+        self.polling_wanted.remove(node_id);
         self.weights_view.remove(node_id);
         self.restarts.remove(node_id);
         self.boots.remove(node_id);
@@ -2309,5 +2315,54 @@ mod ahead_tests {
         r.applied = Some(AppliedView { dram_shares_version: Some(v), ..held });
         c.heartbeat(r, t0 + 3 * HB).unwrap();
         assert_eq!(shares(&mut c), None);
+    }
+}
+
+#[cfg(test)]
+mod polling_tests {
+    use super::*;
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(uptime_ms: u64, polling: usize) -> NodeReport {
+        let ns = uptime_ms * 1_000_000;
+        let mut cores: Vec<_> = (0..4).map(|i| super::tests::core(i, 0, ns)).collect();
+        for c in cores.iter_mut().skip(polling) {
+            c.polling = false;
+        }
+        super::tests::report("n", uptime_ms, cores)
+    }
+
+    fn wanted(cmds: &[NodeCommand]) -> Option<usize> {
+        cmds.iter().find_map(|c| match c {
+            NodeCommand::SetPollingCores { cores } => Some(*cores),
+            _ => None,
+        })
+    }
+
+    /// A polling-cores decision is sent on every reply until the node's
+    /// report shows it (a lost reply loses nothing), then not again; a
+    /// forgotten node's decision goes with it.
+    #[test]
+    fn polling_cores_are_resent_until_the_report_shows_them() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report(1000, 4), t0).unwrap();
+        assert_eq!(c.take_commands("n"), vec![]);
+        c.set_polling_cores("n", 2, "test").unwrap();
+        assert_eq!(wanted(&c.take_commands("n")), Some(2));
+        // That reply was lost: the node still polls 4 cores.
+        c.heartbeat(report(2000, 4), t0 + HB).unwrap();
+        assert_eq!(wanted(&c.take_commands("n")), Some(2), "sent again");
+        assert_eq!(c.scaling_view(&[])[0].cores_active, 2, "counted as applied by the policy");
+        c.heartbeat(report(3000, 2), t0 + 2 * HB).unwrap();
+        assert_eq!(c.take_commands("n"), vec![]);
+        c.heartbeat(report(4000, 2), t0 + 3 * HB).unwrap();
+        assert_eq!(c.take_commands("n"), vec![]);
+        // Forgetting the node drops what it was to apply.
+        c.set_polling_cores("n", 3, "test").unwrap();
+        c.forget("n", "stopped".into());
+        c.heartbeat(report(10, 4), t0 + 4 * HB).unwrap();
+        assert_eq!(c.take_commands("n"), vec![]);
     }
 }
