@@ -425,3 +425,55 @@ fn old_tier_reports_parse() {
     assert_eq!((t.tier.as_str(), t.core, t.blocks_used), ("dram", 1, 1));
     assert_eq!((t.path, t.mode, t.read_ops, t.write_bytes), (None, None, 0, 0));
 }
+
+/// A registration whose client goes away while the job's node is being
+/// asked (hyper drops the handler's future) still finishes: the planned
+/// job is committed or, here, aborted when the node hangs up; it is not
+/// left pending (409 on every retry, capacity held).
+#[test]
+fn a_registration_whose_client_left_is_not_left_pending() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // A "node" that takes connections and hangs up on each after 1 s.
+    let node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    node.set_nonblocking(true).unwrap();
+    let node_addr = node.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stopped.load(Ordering::Relaxed) {
+            if let Ok((s, _)) = node.accept() {
+                held.push((s, Instant::now()));
+            }
+            held.retain(|(_, at)| at.elapsed() < Duration::from_secs(1));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+
+    let c = Running::start(Duration::from_secs(10));
+    let mut r = report("n", 1000, vec![core(0, 0, 1000)]);
+    r.addr = node_addr.to_string();
+    r.jobs.clear();
+    c.post_report(&r);
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_millis(200)))
+        .build()
+        .into();
+    let url = format!("{}/v1/jobs", c.url);
+    let body = serde_json::json!({ "name": "left" });
+    assert!(impatient.post(&url).send_json(&body).is_err(), "the client gives up before the node answers");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = agent().post(&url).send_json(&body).unwrap().status().as_u16();
+        if status != 409 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 502, "the job was left pending");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}

@@ -171,12 +171,27 @@ fn job_error(e: JobError) -> ApiError {
     ApiError(code, e.to_string())
 }
 
+/// Runs a handler's work in a task of its own: hyper drops a handler's
+/// future when its client goes away, which would leave a job planned but
+/// never committed or aborted (or removed but never deregistered).
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("request task failed: {e}")))?
+}
+
 /// Allocates and packs the job, then registers it on the node chosen for
 /// its namespace; the job is visible once that node has it.
 async fn register_job(
     State(s): State<Arc<Shared>>,
     JsonBytes(body): JsonBytes,
 ) -> Result<(StatusCode, Json<JobEntry>), ApiError> {
+    detached(register_job_now(s, body)).await
+}
+
+async fn register_job_now(s: Arc<Shared>, body: Bytes) -> Result<(StatusCode, Json<JobEntry>), ApiError> {
     let req: RegisterJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid job registration: {e}")))?;
     let name = req.name;
@@ -241,6 +256,10 @@ async fn deregister_job(
     State(s): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Json<DeregisterResponse>, ApiError> {
+    detached(deregister_job_now(s, name)).await
+}
+
+async fn deregister_job_now(s: Arc<Shared>, name: String) -> Result<Json<DeregisterResponse>, ApiError> {
     let (node_id, addr, up, nodes) = {
         let mut c = s.cluster();
         c.sweep(Instant::now());
