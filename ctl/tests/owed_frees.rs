@@ -138,7 +138,12 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
 
     // The PERSIST object reads back whole once the job registers again.
     let _: JobEntry = ctl.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
-    let entry = job_entry(&url, "wide");
+    // The node that was away is live again once the controller has heard from it since the
+    // restart; until then its number is missing from the job's addresses.
+    let entry = wait_for(Duration::from_secs(10), "every node in the job's addresses", || {
+        let e = job_entry(&url, "wide");
+        (e.node_addrs.len() == 3).then_some(e)
+    });
     let mut client = Client::connect(entry.node_addr.as_str()).expect("connect");
     client.set_node_addrs(entry.node_socket_addrs());
     let job = client.job("wide").expect("job");
