@@ -872,6 +872,71 @@ impl Drop for LoopDev {
     }
 }
 
+/// More PERSIST puts of flash objects in flight than a core has I/O slots
+/// (256 per engine), pipelined on one connection per job: every put is
+/// answered, later flash requests are served, and the cores go back to
+/// sleep. On two cores each job's metadata core marks blocks of the other,
+/// which holds its own puts. The marks used to need a slot the puts held,
+/// so no put was ever answered and the core spun.
+fn flash_persist_puts_past_io_slots(net: NetBackend) {
+    const PUTS: usize = 270;
+    for cores in [1, 2] {
+        let dir = TierDir::new("flash-persist-slots");
+        let n = start_flash(net, cores, &dir, PUTS as u64 + 8);
+        let mut c = Client::connect(n.addr()).unwrap();
+        let here = c.node_number();
+        // One job per core, each job's blocks on the next core.
+        let names: Vec<String> = (0..cores)
+            .map(|core| (0..).map(|i| format!("p{i}")).find(|j| meta_core(j, cores) == core).unwrap())
+            .collect();
+        let mut batches = Vec::new();
+        let mut first = Vec::new();
+        for (core, name) in names.iter().enumerate() {
+            let job = c.register_job(name, JobHints::default()).unwrap();
+            let mut batch = Vec::new();
+            for i in 0..PUTS {
+                let b = c.alloc_block_on(&job, (core + 1) % cores, tier::FLASH).unwrap();
+                c.write_block(b, 0, &[i as u8]).unwrap();
+                if i == 0 {
+                    first.push(b);
+                }
+                let at = dataplane::proto::Location { node: here, block: b };
+                let meta = dataplane::proto::ObjectMeta { size: 1, flags: flags::PERSIST, blocks: vec![at] };
+                let mut body = Vec::new();
+                meta.encode(&mut body);
+                let key = format!("{name}/o{i}");
+                batch.extend(Raw::frame(Opcode::PutObject, flags::PERSIST, i as u64, key.as_bytes(), &body));
+            }
+            batches.push(batch);
+        }
+        let mut conns: Vec<Raw> = batches.iter().map(|_| Raw::connect(n.addr())).collect();
+        for (r, batch) in conns.iter_mut().zip(&batches) {
+            r.send(batch);
+        }
+        for (j, r) in conns.iter_mut().enumerate() {
+            let mut answered = HashSet::new();
+            while answered.len() < PUTS {
+                let resp = r.recv().unwrap_or_else(|| {
+                    panic!("{cores} cores, job {j}: {} of {PUTS} PERSIST puts answered", answered.len())
+                });
+                let id = resp.header.request_id;
+                assert_eq!(resp.header.status, 0, "put {id}: {}", String::from_utf8_lossy(&resp.body));
+                assert!(answered.insert(id), "put {id} answered twice");
+            }
+        }
+        for (core, name) in names.iter().enumerate() {
+            let job = c.job(name).unwrap();
+            assert_eq!(c.lookup(&job, &format!("o{}", PUTS - 1)).unwrap().flags, flags::PERSIST);
+            assert_eq!(c.read_block(first[core], 0, 1).unwrap(), [0], "core {core}");
+        }
+        drop((c, conns));
+        for core in 0..cores {
+            assert!(parks_soon(&n, core), "{cores} cores: core {core} parks once idle");
+        }
+        n.shutdown();
+    }
+}
+
 /// A flash tier whose device fails underneath the node (a loop device
 /// shrunk to its first sectors): flash requests get an error status, not a
 /// hang or a panic, and the node keeps serving DRAM requests.
@@ -1221,6 +1286,7 @@ pollen_tests::on_every_backend!(
     flash_io_parks_the_core,
     flash_idle_core_sleeps,
     flash_persist_survives_restart,
+    flash_persist_puts_past_io_slots,
     flash_device_errors_reach_the_client,
     latency_sensitive_job_fills_dram_then_flash,
     dram_share_then_flash,

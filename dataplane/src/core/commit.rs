@@ -177,7 +177,6 @@ impl State {
                     o.push(Msg::Response { conn, gen, frame });
                 }
             }
-            ReplyTo::Marks { .. } => debug_assert!(false, "persistence marks are never held"),
         }
     }
 }

@@ -46,7 +46,12 @@ const POOLED_FRAME_MAX: usize = 128 << 10;
 const PUBLISH_JOBS_EVERY: Duration = Duration::from_millis(50);
 /// Flash and disk requests a core keeps in flight per engine, at most (the
 /// engines' own queue depths are lower, so this bound is never the one hit).
+/// Persistence marks do not take these slots: they are counted in
+/// `State::marking`, so PERSIST puts holding every slot still complete.
 const IO_SLOTS_PER_ENGINE: usize = 256;
+/// Engine tokens of persistence marks carry this bit (request tokens are I/O
+/// slot numbers), with the origin core in bits 32..40 and its slot below.
+const MARK_TOKEN: u64 = 1 << 63;
 /// Minimum interval between publications of the flash and disk tiers' figures.
 const PUBLISH_STORAGE_EVERY: Duration = Duration::from_millis(100);
 /// How long a stopping core waits for storage I/O on its network ring.
@@ -196,9 +201,6 @@ pub(crate) enum ReplyTo {
     Local { conn: ConnId, gen: u32 },
     /// A connection of core `origin`, which forwarded the request.
     Remote { origin: u8, conn: ConnId, gen: u32 },
-    /// Core `origin`'s PutObject in I/O slot `slot`, waiting for this core's
-    /// persistence marks (`Msg::Persisted`).
-    Marks { origin: u8, slot: u32 },
 }
 
 /// A flash or disk request in flight, by its engine token.
@@ -209,8 +211,7 @@ pub(crate) struct PendingIo {
     /// A forwarded request's buffer, which carries the response back.
     pub frame: Option<Vec<u8>>,
     /// Completions still to come before the answer: 1 for block I/O; for a
-    /// PERSIST PutObject, one per core marking its blocks; for a core's
-    /// marks, one per block.
+    /// PERSIST PutObject, one per core marking its blocks.
     pub remaining: u32,
     /// The first failure among them, which is the answer.
     pub failed: Option<StorageError>,
@@ -240,8 +241,12 @@ struct MarkJob {
     blocks: Vec<proto::BlockId>,
     /// Blocks handed to their engine so far.
     next: usize,
-    /// This core's I/O slot counting the marks, once taken.
-    local: Option<u32>,
+}
+
+/// The marks of one `MarkJob` still on the device, and the first failure.
+struct Marking {
+    remaining: u32,
+    failed: Option<StorageError>,
 }
 
 /// A forwarded request that found its tier's queue full, kept in arrival order.
@@ -271,6 +276,12 @@ struct State {
     deferred: VecDeque<Deferred>,
     /// Persistence marks to hand to the engines, in arrival order.
     marks: VecDeque<MarkJob>,
+    /// Marks on the device, by (origin core, origin's I/O slot): index
+    /// `origin * io.len() + slot`. An origin's slot is held until every
+    /// core answered its marks, so entries never collide, and the table
+    /// (sized at start) bounds marks without taking request slots: a mark
+    /// waiting for a slot that requests hold would never free them.
+    marking: Vec<Option<Marking>>,
     ns: Namespaces,
     ns_changed: bool,
     /// The cluster state this core last read (`cfg.cluster`), and its version.
@@ -358,6 +369,7 @@ impl<T: Transport> Core<T> {
         let ns = Namespaces::new(cfg.id, u.block_size, 0);
         let rng = crate::meta::cluster::PlaceRng::new(crate::meta::cluster::PlaceRng::seed_for(cfg.id));
         let io_slots = engines.len() * IO_SLOTS_PER_ENGINE;
+        let cores = cfg.cores;
         Core {
             transport,
             st: State {
@@ -367,6 +379,7 @@ impl<T: Transport> Core<T> {
                 dram,
                 engines,
                 io: (0..io_slots).map(|_| None).collect(),
+                marking: (0..io_slots * cores).map(|_| None).collect(),
                 io_free: (0..io_slots as u32).rev().collect(),
                 io_done: Vec::with_capacity(IO_SLOTS_PER_ENGINE),
                 deferred: VecDeque::new(),
@@ -413,8 +426,9 @@ impl<T: Transport> Core<T> {
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = self.st.take_external();
             work += self.follow_polling();
-            work += self.st.retry_deferred();
+            // Marks first: they complete the puts that hold I/O slots.
             work += self.st.run_marks();
+            work += self.st.retry_deferred();
             work += self.st.drain_rings();
             work += self.st.retry_stalled();
             match self.transport.poll(Some(Duration::ZERO), &mut self.st) {
@@ -714,8 +728,21 @@ impl State {
             }
             Msg::Persist { origin, slot, blocks } => {
                 debug_assert!(!blocks.is_empty());
+                let i = origin as usize * self.io.len() + slot as usize;
+                match self.marking.get_mut(i) {
+                    Some(m @ None) => *m = Some(Marking { remaining: blocks.len() as u32, failed: None }),
+                    _ => {
+                        debug_assert!(
+                            false,
+                            "marks for slot {slot} of core {origin}: out of range or in use"
+                        );
+                        let result = Err(StorageError::Io { errno: nix::libc::EBUSY });
+                        self.marks_done(origin, slot, result);
+                        return;
+                    }
+                }
                 // Run from the loop, never inside the PutObject that sent it.
-                self.marks.push_back(MarkJob { origin, slot, blocks, next: 0, local: None });
+                self.marks.push_back(MarkJob { origin, slot, blocks, next: 0 });
             }
             Msg::Persisted { slot, result } => {
                 self.complete_io(slot as u64, result.map(|()| Completion::Persisted));
@@ -723,36 +750,23 @@ impl State {
         }
     }
 
-    /// Hands queued persistence marks to the engines until a queue is full
-    /// or I/O slots run out. Returns the marks handed over.
+    /// Hands queued persistence marks to the engines until a queue is full.
+    /// Returns the marks handed over.
     fn run_marks(&mut self) -> usize {
         let mut n = 0;
         while let Some(mut m) = self.marks.pop_front() {
-            let t = match m.local {
-                Some(t) => t,
-                None => {
-                    let Some(t) = self.io_free.pop() else {
-                        self.marks.push_front(m);
-                        break;
-                    };
-                    debug_assert!(self.io[t as usize].is_none(), "I/O slot {t} in use");
-                    let to = ReplyTo::Marks { origin: m.origin, slot: m.slot };
-                    self.io[t as usize] = Some(PendingIo::new(to, 0, 0, m.blocks.len() as u32));
-                    m.local = Some(t);
-                    t
-                }
-            };
+            let token = MARK_TOKEN | (u64::from(m.origin) << 32) | u64::from(m.slot);
             while m.next < m.blocks.len() {
                 let b = m.blocks[m.next];
                 let r = match self.engines.iter_mut().find(|e| e.tier() == b.tier()) {
-                    Some(e) => e.mark_persistent(t as u64, b),
+                    Some(e) => e.mark_persistent(token, b),
                     None => Err(StorageError::NotFound),
                 };
                 match r {
                     Ok(()) => {}
                     Err(StorageError::Busy) => break,
                     // Freed meanwhile, say: counts as this block's answer.
-                    Err(e) => self.complete_io(t as u64, Err(e)),
+                    Err(e) => self.complete_mark(token, Err(e)),
                 }
                 m.next += 1;
                 n += 1;
@@ -763,6 +777,36 @@ impl State {
             }
         }
         n
+    }
+
+    /// One mark of a `MarkJob` completed; the last one answers its origin.
+    fn complete_mark(&mut self, token: u64, r: Result<Completion, StorageError>) {
+        let (origin, slot) = ((token >> 32) as u8, token as u32);
+        let i = origin as usize * self.io.len() + slot as usize;
+        let Some(Some(m)) = self.marking.get_mut(i) else {
+            debug_assert!(false, "mark completion for slot {slot} of core {origin}, which is not marking");
+            return;
+        };
+        if let Err(e) = r {
+            m.failed.get_or_insert(e);
+        }
+        debug_assert!(m.remaining > 0);
+        m.remaining = m.remaining.saturating_sub(1);
+        if m.remaining > 0 {
+            return;
+        }
+        let Some(m) = self.marking[i].take() else { return };
+        self.marks_done(origin, slot, m.failed.map_or(Ok(()), Err));
+    }
+
+    /// Every mark this core made for core `origin`'s PutObject (slot `slot`)
+    /// is on the device, or one failed: tells the put.
+    fn marks_done(&mut self, origin: u8, slot: u32, result: Result<(), StorageError>) {
+        if origin == self.cfg.id {
+            self.complete_io(u64::from(slot), result.map(|()| Completion::Persisted));
+        } else if let Some(o) = self.links.out[origin as usize].as_mut() {
+            o.push(Msg::Persisted { slot, result });
+        }
     }
 
     /// Executes a request forwarded by core `origin` and sends the answer
@@ -853,6 +897,10 @@ impl State {
     }
 
     fn complete_io(&mut self, token: u64, r: Result<Completion, StorageError>) {
+        if token & MARK_TOKEN != 0 {
+            self.complete_mark(token, r);
+            return;
+        }
         let slot = token as usize;
         let Some(p) = self.io.get_mut(slot).and_then(Option::as_mut) else {
             debug_assert!(false, "completion for I/O slot {slot}, which is not in flight");
@@ -885,7 +933,7 @@ impl State {
                 self.release(rel);
             }
         }
-        if logged && !matches!(p.to, ReplyTo::Marks { .. }) {
+        if logged {
             let mut frame = p.frame.take().unwrap_or_default();
             frame.clear();
             exec::respond_io(&mut frame, p.request_id, p.opcode, r);
@@ -893,14 +941,6 @@ impl State {
             return;
         }
         match p.to {
-            ReplyTo::Marks { origin, slot } => {
-                let result = r.map(drop);
-                if origin == self.cfg.id {
-                    self.complete_io(slot as u64, result.map(|()| Completion::Persisted));
-                } else if let Some(o) = self.links.out[origin as usize].as_mut() {
-                    o.push(Msg::Persisted { slot, result });
-                }
-            }
             ReplyTo::Local { conn, gen } => {
                 self.answer_local(conn, gen, |tx| exec::respond_io_out(tx, p.request_id, p.opcode, r));
             }
