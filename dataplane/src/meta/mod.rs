@@ -197,10 +197,14 @@ impl Namespaces {
             Record::CreateDir { job, path } => self.create_dir(job, path),
             Record::Put { job, path, meta, lost: false } => self.put(job, path, meta.clone().into_owned()),
             Record::Put { job, path, meta, lost: true } => {
-                let j = self.job_mut(job)?;
                 // Logged when another node restarted: the object is lost from
                 // then on and keeps only the blocks that survived
-                // (`mark_node_lost`). Sizes and counts do not change.
+                // (`mark_node_lost`). Sizes and counts do not change. Like
+                // `mark_node_lost`, it applies to a deregistered job's
+                // (PERSIST) objects too.
+                let Some(j) = self.jobs.get_mut(*job) else {
+                    return Err(err(Status::NotFound, format!("job '{job}' is not known")));
+                };
                 if let Some(Entry::Object(m, lost)) = j.entries.get_mut(*path) {
                     *m = meta.clone().into_owned();
                     *lost = true;
@@ -213,6 +217,14 @@ impl Namespaces {
                 j.bytes += meta.size;
                 j.entries.insert(path.to_string(), Entry::Object(meta.clone().into_owned(), true));
                 Ok(())
+            }
+            // A deregistered job's object is deleted only by undoing its
+            // PERSIST put (`remove_object`), which the record replays.
+            Record::Delete { job, path } if self.jobs.get(*job).is_some_and(|j| !j.registered) => {
+                match self.take_object(job, path, |_| true) {
+                    Some(_) => Ok(()),
+                    None => Err(err(Status::NotFound, format!("no object '{path}' in job '{job}'"))),
+                }
             }
             Record::Delete { job, path } => self.delete(job, path).map(drop),
             Record::NextId { next } => {
@@ -493,18 +505,28 @@ impl Namespaces {
     }
 
     /// Takes object `path` back out if it still names exactly `blocks` (a
-    /// put that could not be completed); its blocks of this node are the
-    /// caller's to free.
+    /// put that could not be completed), also of a job deregistered since;
+    /// its blocks of this node are the caller's to free.
     pub fn remove_object(&mut self, name: &str, path: &str, blocks: &[Location]) -> Option<Release> {
+        self.take_object(name, path, |m| m.blocks == blocks)
+    }
+
+    /// Removes object `path` of job `name`, registered or not, if `take`
+    /// says so. A deregistered job left without objects is forgotten, as
+    /// `deregister` forgets one (and as a snapshot of it replays).
+    fn take_object(&mut self, name: &str, path: &str, take: impl Fn(&ObjectMeta) -> bool) -> Option<Release> {
         let node = self.node;
         let job = self.jobs.get_mut(name)?;
         match job.entries.get(path) {
-            Some(Entry::Object(m, _)) if m.blocks == blocks => {}
+            Some(Entry::Object(m, _)) if take(m) => {}
             _ => return None,
         }
         let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!("checked above") };
         job.objects -= 1;
         job.bytes -= m.size;
+        if !job.registered && job.objects == 0 {
+            self.jobs.remove(name);
+        }
         Some(Release::Blocks(on_node(node, &m.blocks).collect()))
     }
 
@@ -694,6 +716,10 @@ mod tests {
         assert_eq!(back.info("j").unwrap(), n.info("j").unwrap());
         assert_eq!(back.info("j").unwrap().id, id);
         assert_eq!(back.lost_objects(), 2);
+        assert!(
+            n.summaries().iter().all(|s| s.name != "c"),
+            "a deregistered job with no object is forgotten"
+        );
         assert_eq!(back.enumerate("j", "d", "", 1 << 20), n.enumerate("j", "d", "", 1 << 20));
         assert_eq!(back.next_id, n.next_id);
         // Deleting a lost object frees only the blocks that survived.
@@ -774,5 +800,78 @@ mod tests {
         // Deleting it frees only this node's block, and names nothing on node 9.
         assert!(back.remote_blocks("j", "mixed").is_empty());
         assert_eq!(back.delete("j", "mixed").unwrap(), Release::Blocks(vec![BlockId(1)]));
+    }
+
+    /// Records the live code logs for deregistered jobs (a lost mark from
+    /// `mark_node_lost`, the `Delete` of an undone PERSIST put) replay to
+    /// the live state: the object stays lost, the undone one stays gone,
+    /// and a job left with no object is forgotten on both sides.
+    #[test]
+    fn records_of_deregistered_jobs_replay_to_the_live_state() {
+        let mut n = ns();
+        let mut log = Vec::new();
+        let far = |b: u64| Location { node: 9, block: BlockId(b) };
+        let flash = |b: u64| here(1 << 56 | b);
+        let persist = |blocks: Vec<Location>| ObjectMeta {
+            size: 64 * blocks.len() as u64,
+            flags: flags::PERSIST,
+            blocks,
+        };
+        let lost_far = persist(vec![flash(1), far(2)]);
+        let (kept, undone, alone) =
+            (persist(vec![flash(3)]), persist(vec![flash(4)]), persist(vec![flash(5)]));
+        for (job, objects) in [
+            ("a", vec![("d/o", &lost_far)]),
+            ("b", vec![("kept", &kept), ("undone", &undone)]),
+            ("c", vec![("alone", &alone)]),
+            ("live", vec![("o", &persist(vec![far(6)]))]),
+        ] {
+            let id = n.register(job, JobHints::default()).unwrap();
+            Record::Register { job, id, hints: JobHints::default() }.encode(&mut log);
+            if job == "a" {
+                n.create_dir(job, "d").unwrap();
+                Record::CreateDir { job, path: "d" }.encode(&mut log);
+            }
+            for (path, meta) in objects {
+                n.put(job, path, meta.clone()).unwrap();
+                Record::Put { job, path, meta: Cow::Borrowed(meta), lost: false }.encode(&mut log);
+            }
+            if job != "live" {
+                n.deregister(job).unwrap();
+                Record::Deregister { job }.encode(&mut log);
+            }
+        }
+        // Node 9 restarts: "a"'s object (deregistered) and "live"'s are lost.
+        let changed = n.mark_node_lost(9);
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        for (job, path, meta) in &changed {
+            Record::Put { job, path, meta: Cow::Borrowed(meta), lost: true }.encode(&mut log);
+        }
+        // Two PERSIST puts whose marks failed after their jobs were deregistered.
+        for (job, path, meta) in [("b", "undone", &undone), ("c", "alone", &alone)] {
+            assert!(n.remove_object(job, path, &meta.blocks).is_some(), "{job}/{path}");
+            Record::Delete { job, path }.encode(&mut log);
+        }
+        let mut back = ns();
+        replay(&mut back, &log);
+        let (mut live, mut replayed) = (Vec::new(), Vec::new());
+        n.snapshot(&mut live);
+        back.snapshot(&mut replayed);
+        assert_eq!(back.summaries(), n.summaries());
+        assert_eq!(replayed, live, "the replayed state is the live state");
+        assert_eq!(back.lost_objects(), 2);
+        assert!(
+            n.summaries().iter().all(|s| s.name != "c"),
+            "a deregistered job with no object is forgotten"
+        );
+        for ns in [&mut n, &mut back] {
+            ns.register("a", JobHints::default()).unwrap();
+            assert_eq!(ns.lookup("a", "d/o").unwrap_err().status, Status::DataUnavailable);
+            ns.register("b", JobHints::default()).unwrap();
+            assert_eq!(ns.lookup("b", "undone").unwrap_err().status, Status::NotFound);
+            assert_eq!(ns.delete("b", "kept").unwrap(), Release::Blocks(vec![BlockId(1 << 56 | 3)]));
+            ns.register("c", JobHints::default()).unwrap();
+            assert_eq!(ns.info("c").unwrap().objects, 0);
+        }
     }
 }
