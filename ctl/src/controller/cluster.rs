@@ -464,13 +464,15 @@ impl Cluster {
         rooms
     }
 
+    /// What the open rooms offer: a draining node takes no new data, so
+    /// its free DRAM and its flash are not the new job's.
     fn tier_room(rooms: &[NodeRoom]) -> TierRoom {
+        let open = || rooms.iter().filter(|r| !r.closed);
         TierRoom {
-            dram_free: rooms
-                .iter()
+            dram_free: open()
                 .map(|r| r.dram_cap.saturating_sub(r.dram_reserved))
                 .fold(0, u64::saturating_add),
-            has_flash: rooms.iter().any(|r| r.flash_cap > 0),
+            has_flash: open().any(|r| r.flash_cap > 0),
         }
     }
 
@@ -2364,5 +2366,40 @@ mod polling_tests {
         c.forget("n", "stopped".into());
         c.heartbeat(report(10, 4), t0 + 4 * HB).unwrap();
         assert_eq!(c.take_commands("n"), vec![]);
+    }
+}
+
+#[cfg(test)]
+mod small_tests {
+    use super::*;
+    use crate::api::{AppliedView, Role, TierReport};
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn report(id: &str, number: u16, role: Role) -> NodeReport {
+        let mut r = super::tests::report(id, 1000, vec![super::tests::core(0, 0, 1_000_000_000)]);
+        r.node_number = number;
+        r.role = role;
+        r.addr = format!("127.0.0.1:{}", 7400 + number);
+        r.applied = Some(AppliedView::default());
+        for t in &mut r.tiers {
+            (t.used_bytes, t.blocks_used) = (0, 0);
+        }
+        r.tiers.push(TierReport { tier: "flash".into(), capacity_bytes: 8 << 20, ..TierReport::default() });
+        r
+    }
+
+    /// A draining node's free DRAM is not offered to a new job.
+    #[test]
+    fn a_draining_nodes_dram_is_not_offered() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("a", 1, Role::Both), t0).unwrap();
+        c.heartbeat(report("b", 2, Role::Both), t0).unwrap();
+        c.start_drain("b", "test", t0).unwrap();
+        let hints = Hints { latency_sensitive: Some(true), capacity: Some(4 << 20), ..Hints::default() };
+        c.plan_job("j", hints).unwrap();
+        let a = &c.job_record("j").unwrap().alloc;
+        assert_eq!((a.dram, a.flash), (1 << 20, 3 << 20), "only a's DRAM is free for it");
     }
 }
