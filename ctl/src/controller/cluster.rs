@@ -627,15 +627,23 @@ impl Cluster {
 
     /// Takes over a job a node holds, with the hints the node kept: it is
     /// allocated and packed as at registration, its namespace stays where it
-    /// is. False when it is already known.
+    /// is. False when it is already known, or cannot be adopted now (it is
+    /// then held off like a failed hints query, not retried every sweep).
     pub fn adopt_job(&mut self, name: &str, node_id: &str, hints: Hints) -> bool {
-        if self.jobs.contains_key(name) || self.jobs.len() >= MAX_JOBS || hints.validate().is_err() {
+        if self.jobs.contains_key(name) {
+            return false;
+        }
+        if self.jobs.len() >= MAX_JOBS || hints.validate().is_err() {
+            self.hold_off_adoption(name);
             return false;
         }
         let hints = hints.normalized();
         let rooms = self.rooms(None);
         let alloc = policy::allocate(&hints, &self.policy.allocation, Self::tier_room(&rooms));
-        let Some(packing) = policy::pack(&alloc, &rooms) else { return false };
+        let Some(packing) = policy::pack(&alloc, &rooms) else {
+            self.hold_off_adoption(name);
+            return false;
+        };
         self.jobs.insert(name.to_string(), JobRecord::planned(name, hints, alloc, packing, node_id));
         self.commit_job(name);
         self.events.push(
@@ -2372,7 +2380,7 @@ mod polling_tests {
 #[cfg(test)]
 mod small_tests {
     use super::*;
-    use crate::api::{AppliedView, Role, TierReport};
+    use crate::api::{AppliedView, JobReport, Role, TierReport};
 
     const HB: Duration = Duration::from_secs(1);
 
@@ -2401,5 +2409,20 @@ mod small_tests {
         c.plan_job("j", hints).unwrap();
         let a = &c.job_record("j").unwrap().alloc;
         assert_eq!((a.dram, a.flash), (1 << 20, 3 << 20), "only a's DRAM is free for it");
+    }
+
+    /// A job that cannot be adopted (no storage node to pack it on) is held
+    /// off rather than tried again on every sweep.
+    #[test]
+    fn a_failed_adoption_is_held_off() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let mut r = report("m", 1, Role::Metadata);
+        r.jobs = vec![JobReport { name: "x".into(), id: 1, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r, t0).unwrap();
+        let now = Instant::now();
+        assert_eq!(c.unadopted(now, 16).len(), 1);
+        assert!(!c.adopt_job("x", "m", Hints::default()), "nowhere to pack it");
+        assert_eq!(c.unadopted(now, 16), vec![], "held off");
     }
 }
