@@ -79,15 +79,13 @@ impl ViewApplier {
             }
             NodeCommand::SetJobWeights { version, jobs } => {
                 let mut held = self.held();
-                for (job, weights) in jobs {
-                    if let Err(e) = self.node.set_job_weights(job, weights) {
-                        // The version is still taken: sending the same map
-                        // again would fail the same way.
-                        tracing::warn!(%job, error = %e, "cannot apply the controller's weight map");
-                    }
-                }
-                for gone in held.jobs.iter().filter(|j| !jobs.contains_key(*j)) {
-                    self.node.remove_job_weights(gone);
+                // One change of the node's view for the whole set.
+                let set = jobs.iter().map(|(job, weights)| (job.as_str(), weights.as_slice()));
+                let gone = held.jobs.iter().filter(|j| !jobs.contains_key(*j)).map(String::as_str);
+                for (job, e) in self.node.set_job_weight_maps(set, gone) {
+                    // The version is still taken: sending the same map
+                    // again would fail the same way.
+                    tracing::warn!(%job, error = %e, "cannot apply the controller's weight map");
                 }
                 held.jobs = jobs.keys().cloned().collect();
                 held.weights_version = Some(*version);
@@ -158,6 +156,43 @@ impl ViewApplier {
                 true
             }
             NodeCommand::SetPollingCores { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::node::NodeConfig;
+    use std::collections::BTreeMap;
+
+    /// A weight-map set is applied in one change of the node's cluster
+    /// view, whatever the number of jobs; jobs left out lose their map, a
+    /// refused map leaves the others applied.
+    #[test]
+    fn a_weight_map_set_is_one_change_of_the_view() {
+        let cfg = NodeConfig { port: 0, core_port_base: 0, cores: 1, pin: false, ..NodeConfig::default() };
+        let node = Arc::new(Node::start(cfg).expect("node starts"));
+        let view = ViewApplier::new(node.clone());
+        let jobs: BTreeMap<String, Vec<(u16, f64)>> =
+            (0..2000).map(|i| (format!("j{i}"), vec![(1, 0.5), (2, 0.5)])).collect();
+        let before = node.cluster_view_changes();
+        assert!(view.apply(&NodeCommand::SetJobWeights { version: 1, jobs: jobs.clone() }));
+        assert_eq!(node.cluster_view_changes(), before + 1);
+        assert_eq!(node.job_weights("j1999"), Some(vec![(1, 0.5), (2, 0.5)]));
+        assert_eq!(view.applied().weights_version, Some(1));
+
+        let mut next: BTreeMap<String, Vec<(u16, f64)>> = jobs.into_iter().skip(1000).collect();
+        next.insert("bad".into(), vec![(1, 1.5)]);
+        assert!(view.apply(&NodeCommand::SetJobWeights { version: 2, jobs: next }));
+        assert_eq!(node.cluster_view_changes(), before + 2);
+        assert_eq!(node.job_weights("j0"), None, "left out: dropped");
+        assert_eq!(node.job_weights("bad"), None, "refused");
+        assert!(node.job_weights("j999").is_some(), "kept");
+        assert_eq!(view.applied().weights_version, Some(2));
+        drop(view);
+        if let Ok(n) = Arc::try_unwrap(node) {
+            n.shutdown();
         }
     }
 }

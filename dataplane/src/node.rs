@@ -756,6 +756,42 @@ impl Node {
         Ok(())
     }
 
+    /// Sets the weight maps of `jobs` and drops those of `gone`, in one
+    /// change of the cluster view (each change copies the view: one per
+    /// job would take time quadratic in the jobs). A map that is refused is
+    /// left as it was and returned with why; the others are set.
+    pub fn set_job_weight_maps<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = (&'a str, &'a [(u16, f64)])>,
+        gone: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<(String, NodeError)> {
+        let mut refused = Vec::new();
+        let mut maps = Vec::new();
+        for (job, weights) in jobs {
+            match WeightMap::new(weights) {
+                Ok(m) => maps.push((job.to_string(), Arc::new(m))),
+                Err(e) => refused
+                    .push((job.to_string(), NodeError::Config(format!("weight map of job '{job}': {e}")))),
+            }
+        }
+        let gone: Vec<&str> = gone.into_iter().collect();
+        if !maps.is_empty() || !gone.is_empty() {
+            self.cluster.update(|s| {
+                for job in gone {
+                    s.weights.remove(job);
+                }
+                s.weights.extend(maps);
+            });
+        }
+        refused
+    }
+
+    /// The number of changes made to the cluster view so far (weight maps,
+    /// dead nodes, DRAM shares...).
+    pub fn cluster_view_changes(&self) -> u64 {
+        self.cluster.version()
+    }
+
     /// Drops job `job`'s weight map: `Place` puts its blocks on this node again.
     pub fn remove_job_weights(&self, job: &str) {
         self.cluster.update(|s| {
