@@ -207,6 +207,46 @@ fn a_failing_log_refuses_changes_and_keeps_what_it_acknowledged() {
     node.kill();
 }
 
+/// The answer to a change whose log record failed says why, naming the
+/// log's path, cut to 256 bytes: cut at a character boundary, so the body
+/// stays UTF-8 when the data directory's name is not ASCII.
+#[test]
+fn a_failed_log_s_answer_is_cut_at_a_character_boundary() {
+    use dataplane::proto::Opcode;
+    use pollen_tests::raw::Raw;
+    let dir = TierDir::new("metalog-utf8");
+    // The answer reads "the metadata log failed (metadata log DATA/meta/core-0.log: ...":
+    // DATA ends in a run of 2-byte characters that byte 256 falls inside.
+    let prefix = "the metadata log failed (metadata log ";
+    let base = format!("{}/", dir.0.display());
+    let start = prefix.len() + base.len();
+    assert!(start + 1 < 256, "the test directory's path is too long: {base}");
+    let pad = if (256 - start).is_multiple_of(2) { "x" } else { "" };
+    let data = format!("{base}{pad}{}", "é".repeat(100));
+    std::fs::create_dir_all(&data).unwrap();
+    let args = ["--cores", "1", "--dram-gb", "0.004", "--block-size", "4KiB", "--data-dir", &data];
+    let node = NodeProc::start_limited(&args, Some(4096));
+    let mut r = Raw::connect(node.addr);
+    r.send(&Raw::frame(Opcode::RegisterJob, 0, 1, b"utf8", &[]));
+    assert_eq!(r.recv().unwrap().header.status, Status::Ok as u16);
+    let mut failed = None;
+    for i in 0..1000u64 {
+        r.send(&Raw::frame(Opcode::CreateDir, 0, i, format!("utf8/dir-{i:04}").as_bytes(), &[]));
+        let resp = r.recv().expect("an answer");
+        if resp.header.status != Status::Ok as u16 {
+            failed = Some(resp);
+            break;
+        }
+    }
+    let resp = failed.expect("a 4 KiB log fills up");
+    assert_eq!(resp.header.status, Status::Internal as u16);
+    let msg = std::str::from_utf8(&resp.body).expect("the message is UTF-8");
+    assert!(msg.starts_with(&format!("{prefix}{base}{pad}éé")), "{msg}");
+    assert!((255..=256).contains(&msg.len()), "cut near 256 bytes: {} bytes", msg.len());
+    drop(r);
+    node.kill();
+}
+
 /// Namespace changes pipelined on the main port, so that those of one of
 /// the two jobs are forwarded to its metadata core: every one is answered
 /// ok once durable, and all are there after a restart (in process).

@@ -125,13 +125,7 @@ impl State {
                 let mut frame = Vec::new();
                 let (id, opcode) = (super::frame_id(&h.frame), h.frame.get(3).copied().unwrap_or(0));
                 let msg = format!("the metadata log failed ({e}): the change may not survive a restart");
-                exec::respond(
-                    &mut frame,
-                    id,
-                    opcode,
-                    Status::Internal,
-                    &msg.as_bytes()[..msg.len().min(256)],
-                );
+                exec::respond(&mut frame, id, opcode, Status::Internal, exec::clipped(&msg).as_bytes());
                 self.deliver(h.to, frame);
             } else {
                 self.commit.held.push_front(h);

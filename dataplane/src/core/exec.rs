@@ -107,6 +107,19 @@ fn frame(
     encode_header(&h, &mut out[start..]);
 }
 
+/// The longest error message an answer carries, in bytes.
+const MAX_MESSAGE: usize = 256;
+
+/// `msg` cut to at most `MAX_MESSAGE` bytes at a character boundary (a
+/// message may name a path: the body stays UTF-8).
+pub(super) fn clipped(msg: &str) -> &str {
+    let mut end = msg.len().min(MAX_MESSAGE);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    &msg[..end]
+}
+
 /// A failed request: its status and a message for the body.
 pub(super) struct Fail(pub Status, pub String);
 
@@ -178,11 +191,7 @@ impl State {
             Ok(e) => e,
             Err(Fail(status, msg)) => {
                 out.truncate(start);
-                let mut end = msg.len().min(256);
-                while !msg.is_char_boundary(end) {
-                    end -= 1;
-                }
-                respond(out, h.request_id, h.opcode, status, &msg.as_bytes()[..end]);
+                respond(out, h.request_id, h.opcode, status, clipped(&msg).as_bytes());
                 Exec::Done
             }
         }
