@@ -146,6 +146,51 @@ fn put_object_keeps_remote_locations_and_delete_returns_them() {
     }
 }
 
+/// DeregisterJob's answer (the job id and the PERSIST objects' blocks on
+/// other nodes) must fit the node's body limit, node table included: a job
+/// whose list would not fit is refused with 6 and left registered; once it
+/// keeps fewer blocks elsewhere it deregisters, with the whole list.
+#[test]
+fn a_deregister_answer_past_the_body_limit_is_refused() {
+    let cfg = NodeConfig { node_number: Some(4), max_body: BS, ..node_config(1, NetBackend::Epoll, BS, 16) };
+    let n = Node::start(cfg).unwrap();
+    let mut c = Client::connect(n.addr()).unwrap();
+    c.register_job("j", JobHints::default()).unwrap();
+    // Each on its own node: 256 nodes, the most one list names.
+    let wide: Vec<Location> =
+        (0..256).map(|i| Location { node: 10 + i, block: BlockId(u64::from(i)) }).collect();
+    // 150 more blocks on the first 150 of those nodes.
+    let more: Vec<Location> =
+        (0..150).map(|i| Location { node: 10 + i, block: BlockId(1000 + u64::from(i)) }).collect();
+    for (path, blocks) in [("j/wide", &wide), ("j/more", &more)] {
+        let meta =
+            ObjectMeta { size: (blocks.len() * BS) as u64, flags: flags::PERSIST, blocks: blocks.clone() };
+        let mut body = Vec::new();
+        meta.encode(&mut body);
+        assert!(body.len() <= BS);
+        assert_eq!(
+            raw(n.addr(), Opcode::PutObject, flags::PERSIST, path.as_bytes(), &body).0,
+            Status::Ok as u16
+        );
+    }
+    // 406 blocks: fewer than an object may have at this limit (453), but
+    // with the 256-node table the answer takes 4 + 518 + 406 x 9 bytes.
+    let (st, msg) = raw(n.addr(), Opcode::DeregisterJob, 0, b"j", &[]);
+    assert_eq!(st, Status::TooLarge as u16, "{}", String::from_utf8_lossy(&msg));
+    assert!(String::from_utf8_lossy(&msg).contains("delete some first"), "{}", String::from_utf8_lossy(&msg));
+    let job = c.job("j").expect("still registered");
+    assert_eq!(c.lookup(&job, "more").unwrap().blocks, more);
+    // The client would free the listed blocks on their nodes; none run here.
+    assert_eq!(raw(n.addr(), Opcode::Delete, 0, b"j/more", &[]).0, Status::Ok as u16);
+    let (st, body) = raw(n.addr(), Opcode::DeregisterJob, 0, b"j", &[]);
+    assert_eq!(st, Status::Ok as u16, "{}", String::from_utf8_lossy(&body));
+    assert!(body.len() <= BS);
+    assert_eq!(body[..4], job.id.to_le_bytes());
+    let mut r = dataplane::proto::Reader::new(&body[4..]);
+    assert_eq!(dataplane::proto::decode_locations(&mut r, 1000).unwrap(), wide);
+    n.shutdown();
+}
+
 /// The node number is kept in the data directory: a restart without a
 /// number keeps it, another number is refused, by the library and by
 /// `pollen node`, with an error that says which number the directory has.

@@ -243,12 +243,17 @@ impl State {
                 // Its blocks on other nodes are the caller's to free (`FreeOwner`
                 // there): the answer lists those to keep, of its PERSIST objects.
                 let kept = self.ns.remote_persistent_blocks(name);
-                if kept.len() > proto::max_blocks(self.cfg.limits.max_body)
-                    || proto::check_location_nodes(&kept).is_err()
-                {
+                // The job id, then the list (if any): checked before anything changes.
+                let answer_len = match kept.is_empty() {
+                    true => Ok(4),
+                    false => proto::locations_len(&kept).map(|len| 4 + len),
+                };
+                if !answer_len.is_ok_and(|len| len <= self.cfg.limits.max_body) {
                     let msg = format!(
-                        "job '{name}' keeps {} blocks of PERSIST objects on other nodes, more than one answer lists: delete some first",
-                        kept.len()
+                        "job '{name}' keeps {} blocks of PERSIST objects on other nodes, more than one answer \
+                         of at most {} bytes lists: delete some first",
+                        kept.len(),
+                        self.cfg.limits.max_body
                     );
                     return Err(Fail(Status::TooLarge, msg));
                 }

@@ -258,7 +258,7 @@ pub const LOCATION_LEN: usize = 9;
 /// *k* × u16, each node once, in the order the locations first name them),
 /// then *n* (u32) and *n* × (index into the table u8, block id u64).
 /// At most `MAX_NODES_PER_LIST` distinct nodes: callers check
-/// (`check_location_nodes`) before building a longer list.
+/// (`locations_len`) before building a longer list.
 pub fn encode_locations(locs: &[Location], out: &mut Vec<u8>) {
     let mut table: Vec<u16> = Vec::new();
     let mut index = Vec::with_capacity(locs.len());
@@ -291,8 +291,9 @@ pub fn max_blocks(max_body: usize) -> usize {
     max_body.saturating_sub(ObjectMeta::FIXED_LEN + 8) / LOCATION_LEN
 }
 
-/// Whether `locs` names few enough distinct nodes to be encoded.
-pub fn check_location_nodes(locs: &[Location]) -> Result<(), DecodeError> {
+/// The length of `locs` encoded as a location list (`encode_locations`),
+/// or an error if it names too many distinct nodes to be encoded.
+pub fn locations_len(locs: &[Location]) -> Result<usize, DecodeError> {
     let mut seen = std::collections::HashSet::new();
     for l in locs {
         seen.insert(l.node);
@@ -300,7 +301,7 @@ pub fn check_location_nodes(locs: &[Location]) -> Result<(), DecodeError> {
             return Err(DecodeError("an object's blocks may be on at most 256 nodes"));
         }
     }
-    Ok(())
+    Ok(2 + 2 * seen.len() + 4 + LOCATION_LEN * locs.len())
 }
 
 /// Reads a location list (see `encode_locations`) that ends the input. The
@@ -607,8 +608,11 @@ mod tests {
         empty.encode(&mut e);
         assert_eq!(e.len(), 16);
         assert_eq!(ObjectMeta::decode(&e, 0).unwrap(), empty);
-        assert!(check_location_nodes(&(0..257).map(|n| loc(n, 0)).collect::<Vec<_>>()).is_err());
-        assert!(check_location_nodes(&(0..256).map(|n| loc(n, 0)).collect::<Vec<_>>()).is_ok());
+        assert!(locations_len(&(0..257).map(|n| loc(n, 0)).collect::<Vec<_>>()).is_err());
+        let locs: Vec<Location> = (0..256).chain(0..44).map(|n| loc(n, 0)).collect();
+        let mut v = Vec::new();
+        encode_locations(&locs, &mut v);
+        assert_eq!(locations_len(&locs), Ok(v.len()));
     }
 
     #[test]
