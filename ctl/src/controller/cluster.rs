@@ -540,6 +540,11 @@ impl Cluster {
         let j = self.jobs.get_mut(name)?;
         j.pending = false;
         let j = j.clone();
+        // Registered again on the node that still held it: it is taken over,
+        // no longer to be deregistered there.
+        if self.owed.drop_dereg(name, &j.node_id) {
+            self.save_owed();
+        }
         let hints = if j.hints.is_empty() {
             "no hints".to_string()
         } else {
@@ -614,7 +619,11 @@ impl Cluster {
                     .deregistered
                     .get(&j.name)
                     .is_some_and(|at| now.saturating_duration_since(*at) < quiet);
-                if !self.jobs.contains_key(&j.name) && !recent && valid_job_name(&j.name) {
+                if !self.jobs.contains_key(&j.name)
+                    && !recent
+                    && !self.owed.dereg_owed(&j.name)
+                    && valid_job_name(&j.name)
+                {
                     out.push((j.name.clone(), id.clone(), r.report.addr.clone()));
                     if out.len() == limit {
                         return out;
@@ -1062,6 +1071,9 @@ impl Cluster {
                 self.save_owed();
             }
         }
+        if self.owed.forget_deregs(node_id) > 0 {
+            self.save_owed();
+        }
         self.draining.remove(node_id);
         self.polling_wanted.remove(node_id);
         self.weights_view.remove(node_id);
@@ -1348,6 +1360,64 @@ impl Cluster {
         if !done.is_empty() {
             self.save_owed();
         }
+    }
+
+    /// Job `job`, deregistered through the controller, is still registered
+    /// on its metadata node `node_id` (down, or its deregistration failed):
+    /// it is deregistered there once the node is up, and not adopted meanwhile.
+    pub fn owe_deregistration(&mut self, job: &str, node_id: &str, why: &str) {
+        self.owed.add_dereg(job, node_id);
+        self.events.push(
+            EventKind::OwedFree,
+            Some(node_id),
+            Some(job),
+            format!("{job}: not deregistered on {node_id} ({why}): it is, when the node is up"),
+        );
+        self.save_owed();
+    }
+
+    /// The owed deregistrations whose metadata node is up, with what one
+    /// needs (job, node id, its address, the live nodes' addresses), at most `limit`.
+    pub fn deregistrations_due(&self, limit: usize) -> Vec<(String, String, String, BTreeMap<u16, String>)> {
+        let up = |id: &str| self.nodes.get(id).filter(|r| r.state == NodeState::Up);
+        let due: Vec<(String, String, String)> = self
+            .owed
+            .deregs()
+            .filter_map(|(job, id)| up(id).map(|r| (job.to_string(), id.to_string(), r.report.addr.clone())))
+            .take(limit)
+            .collect();
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let addrs = self.node_addrs();
+        due.into_iter().map(|(j, id, a)| (j, id, a, addrs.clone())).collect()
+    }
+
+    /// The owed deregistration of `job` on `node_id` was done (`d`: what
+    /// was freed, `None` when the node no longer knew the job), the live
+    /// nodes `asked` freeing its blocks: frees are owed to the others.
+    pub fn deregistration_done(
+        &mut self,
+        job: &str,
+        node_id: &str,
+        d: Option<&Deregistered>,
+        asked: &BTreeSet<u16>,
+    ) {
+        if !self.owed.drop_dereg(job, node_id) {
+            return;
+        }
+        // A report sent before it was done must not bring it back.
+        self.hold_off_adoption(job);
+        if let Some(d) = d {
+            self.owe_frees(job, d, asked);
+        }
+        self.events.push(
+            EventKind::JobDeregistered,
+            Some(node_id),
+            Some(job),
+            format!("job {job} deregistered on {node_id} (owed since the deregistration)"),
+        );
+        self.save_owed();
     }
 
     /// Number of frees owed, over all nodes.
@@ -2424,5 +2494,41 @@ mod small_tests {
         assert_eq!(c.unadopted(now, 16).len(), 1);
         assert!(!c.adopt_job("x", "m", Hints::default()), "nowhere to pack it");
         assert_eq!(c.unadopted(now, 16), vec![], "held off");
+    }
+
+    /// A job deregistered while its metadata node is down is not adopted
+    /// when the node comes back still listing it, however late: the
+    /// deregistration is owed to the node until it is done.
+    #[test]
+    fn a_job_deregistered_while_its_node_is_down_is_not_adopted_back() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.heartbeat(report("m", 1, Role::Metadata), t0).unwrap();
+        c.heartbeat(report("s", 2, Role::Storage), t0).unwrap();
+        c.plan_job("j", Hints::default()).unwrap();
+        c.commit_job("j").unwrap();
+        assert_eq!(c.job_record("j").unwrap().node_id, "m");
+        let t1 = t0 + 10 * HB;
+        c.heartbeat(report("s", 2, Role::Storage), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.state("m"), Some(NodeState::Down));
+        // What the DELETE handler does with its node down.
+        assert!(c.remove_job("j").is_some());
+        c.owe_deregistration("j", "m", "its node is down");
+        c.record_deregistered("j", "m", "node m is down");
+        assert_eq!(c.deregistrations_due(16), vec![], "m is down");
+        let t2 = t1 + 60 * HB;
+        let mut r = report("m", 1, Role::Metadata);
+        r.jobs = vec![JobReport { name: "j".into(), id: 1, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r, t2).unwrap();
+        c.heartbeat(report("s", 2, Role::Storage), t2).unwrap();
+        assert_eq!(c.unadopted(t2, 16), vec![], "long past the hold-off, a deregistration is owed");
+        let due = c.deregistrations_due(16);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].0.as_str(), due[0].1.as_str(), due[0].2.as_str()), ("j", "m", "127.0.0.1:7401"));
+        assert_eq!(due[0].3.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        c.deregistration_done("j", "m", None, &BTreeSet::from([1, 2]));
+        assert_eq!(c.deregistrations_due(16), vec![], "done");
+        assert_eq!(c.unadopted(Instant::now(), 16), vec![], "held off while the node's next report comes");
     }
 }

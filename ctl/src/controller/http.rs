@@ -270,7 +270,11 @@ async fn deregister_job_now(s: Arc<Shared>, name: String) -> Result<Json<Deregis
     };
     let mut owed = Vec::new();
     let (freed, note) = if !up || addr.is_empty() {
-        (false, Some(format!("node {node_id} is down: its blocks of the job were not freed")))
+        let note = format!(
+            "node {node_id} is down: its blocks of the job were not freed; it is deregistered there when the node is up"
+        );
+        s.cluster().owe_deregistration(&name, &node_id, "its node is down");
+        (false, Some(note))
     } else {
         let job_name = name.clone();
         let secret = s.cluster_secret.clone();
@@ -285,8 +289,15 @@ async fn deregister_job_now(s: Arc<Shared>, name: String) -> Result<Json<Deregis
                 (true, None)
             }
             Ok(Ok(None)) => (false, Some(format!("node {node_id} did not know the job"))),
-            Ok(Err(e)) => (false, Some(e)),
-            Err(e) => (false, Some(format!("deregistration task failed: {e}"))),
+            Ok(Err(e)) => {
+                s.cluster().owe_deregistration(&name, &node_id, &e);
+                (false, Some(format!("{e}; it is deregistered there when the node answers")))
+            }
+            Err(e) => {
+                let e = format!("deregistration task failed: {e}");
+                s.cluster().owe_deregistration(&name, &node_id, &e);
+                (false, Some(e))
+            }
         }
     };
     let outcome = match &note {

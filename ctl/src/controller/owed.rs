@@ -4,8 +4,13 @@
 //! acknowledged, sends them on every heartbeat reply (`FreeOwners`) until the
 //! node's report lists them in `frees_done`, and, with a data directory,
 //! keeps them in `DIR/owed-frees.json` across its own restarts.
+//!
+//! It also keeps the deregistrations it owes metadata nodes: a job
+//! deregistered while its metadata node was down, or whose deregistration
+//! call failed, is deregistered there when the node is back (and never
+//! adopted meanwhile); kept in `DIR/owed-deregistrations.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +18,8 @@ use crate::api::OwedFree;
 
 /// The file, in the controller's data directory.
 pub const FILE: &str = "owed-frees.json";
+/// The owed deregistrations, in the controller's data directory.
+pub const DEREG_FILE: &str = "owed-deregistrations.json";
 /// Most frees sent on one reply (the rest follow on later ones).
 pub const MAX_PER_REPLY: usize = 256;
 /// Most frees owed in all: past it the oldest are dropped (with a warning),
@@ -22,9 +29,14 @@ pub const MAX_OWED: usize = 100_000;
 /// Node number → free id → the free.
 type ByNode = BTreeMap<u16, BTreeMap<u64, OwedFree>>;
 
+/// Job name → the metadata nodes (ids) that still hold it as registered
+/// after it was deregistered through the controller.
+type Deregs = BTreeMap<String, BTreeSet<String>>;
+
 #[derive(Default)]
 pub struct Owed {
     by_node: ByNode,
+    deregs: Deregs,
     /// Where the frees are kept; `None`: in memory only.
     path: Option<PathBuf>,
 }
@@ -36,13 +48,53 @@ impl Owed {
         let Some(dir) = dir else { return Ok(Owed::default()) };
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let path = dir.join(FILE);
-        let by_node = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<ByNode>(&bytes)
-                .map_err(|e| format!("{} is not a list of owed frees: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ByNode::new(),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        };
-        Ok(Owed { by_node, path: Some(path) })
+        let by_node: ByNode = read_json(&path, "a list of owed frees")?;
+        let deregs: Deregs = read_json(&dir.join(DEREG_FILE), "a list of owed deregistrations")?;
+        if deregs.len() > MAX_OWED {
+            return Err(format!("{} lists more than {MAX_OWED} jobs", dir.join(DEREG_FILE).display()));
+        }
+        Ok(Owed { by_node, deregs, path: Some(path) })
+    }
+
+    /// Owes the deregistration of `job` to metadata node `node_id` (past
+    /// [`MAX_OWED`] jobs the oldest name is dropped, with a warning).
+    pub fn add_dereg(&mut self, job: &str, node_id: &str) {
+        self.deregs.entry(job.to_string()).or_default().insert(node_id.to_string());
+        while self.deregs.len() > MAX_OWED {
+            let Some((j, _)) = self.deregs.pop_first() else { break };
+            tracing::warn!(job = %j, "too many owed deregistrations: one is dropped");
+        }
+    }
+
+    /// Whether a deregistration of `job` is owed (to any node).
+    pub fn dereg_owed(&self, job: &str) -> bool {
+        self.deregs.contains_key(job)
+    }
+
+    /// The deregistrations owed: (job, metadata node id).
+    pub fn deregs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.deregs.iter().flat_map(|(j, ids)| ids.iter().map(move |id| (j.as_str(), id.as_str())))
+    }
+
+    /// `job` is no longer to be deregistered on `node_id` (it was, or the
+    /// node is gone); true when that removed an owed deregistration.
+    pub fn drop_dereg(&mut self, job: &str, node_id: &str) -> bool {
+        let Some(ids) = self.deregs.get_mut(job) else { return false };
+        let removed = ids.remove(node_id);
+        if ids.is_empty() {
+            self.deregs.remove(job);
+        }
+        removed
+    }
+
+    /// Forgets the deregistrations owed to `node_id` (it was stopped for good).
+    pub fn forget_deregs(&mut self, node_id: &str) -> usize {
+        let mut n = 0;
+        self.deregs.retain(|_, ids| {
+            n += usize::from(ids.remove(node_id));
+            !ids.is_empty()
+        });
+        n
     }
 
     pub fn len(&self) -> usize {
@@ -96,20 +148,40 @@ impl Owed {
     /// leaves the old list or the new one.
     pub fn save(&self) -> Result<(), String> {
         let Some(path) = &self.path else { return Ok(()) };
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(&self.by_node).map_err(|e| format!("encoding the owed frees: {e}"))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let frees = serde_json::to_vec(&self.by_node).map_err(|e| format!("encoding the owed frees: {e}"))?;
+        write_synced(path, &frees)?;
+        let deregs = serde_json::to_vec(&self.deregs)
+            .map_err(|e| format!("encoding the owed deregistrations: {e}"))?;
+        write_synced(&path.with_file_name(DEREG_FILE), &deregs)
     }
+}
+
+/// The JSON value in `path`, the empty value when there is no such file.
+fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path, what: &str) -> Result<T, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| format!("{} is not {what}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, synced, renamed over
+/// the old one, the directory synced, so a crash leaves the old or the new.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -140,6 +212,24 @@ mod tests {
         let last = Owed::open(Some(dir.path())).expect("reopen");
         assert_eq!(last.for_node(3), vec![free(7)]);
         assert_eq!(last.len(), 1);
+    }
+
+    #[test]
+    fn deregistrations_are_kept_until_done() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut o = Owed::open(Some(dir.path())).expect("open");
+        o.add_dereg("a", "m1");
+        o.add_dereg("b", "m2");
+        o.save().expect("save");
+        let mut again = Owed::open(Some(dir.path())).expect("reopen");
+        assert!(again.dereg_owed("a") && again.dereg_owed("b"));
+        assert_eq!(again.deregs().collect::<Vec<_>>(), vec![("a", "m1"), ("b", "m2")]);
+        assert!(!again.drop_dereg("a", "m2"), "owed to another node");
+        assert!(again.drop_dereg("a", "m1"));
+        assert_eq!(again.forget_deregs("m2"), 1);
+        again.save().expect("save");
+        let last = Owed::open(Some(dir.path())).expect("reopen");
+        assert!(!last.dereg_owed("a") && !last.dereg_owed("b"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! for their first heartbeats), draining them (weight 0 for new data, stop
 //! once their blocks are freed), and scaling to a node count.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use std::sync::Arc;
@@ -189,6 +190,7 @@ impl Shared {
     /// Adopts jobs that live nodes report but the controller does not hold
     /// (after a controller restart): their hints come from the node.
     pub(super) async fn adopt_jobs(&self) {
+        self.deregister_owed().await;
         let found = self.cluster().unadopted(Instant::now(), 16);
         for (name, node_id, addr) in found {
             let secret = self.cluster_secret.clone();
@@ -205,6 +207,28 @@ impl Shared {
                     self.cluster().hold_off_adoption(&name);
                 }
                 Err(e) => tracing::warn!(error = %e, "adoption task failed"),
+            }
+        }
+    }
+
+    /// Deregisters the jobs owed to metadata nodes that are up again (a
+    /// failed call is tried again on a later sweep).
+    async fn deregister_owed(&self) {
+        let due = self.cluster().deregistrations_due(16);
+        for (name, node_id, addr, nodes) in due {
+            let secret = self.cluster_secret.clone();
+            let job = name.clone();
+            let asked: BTreeSet<u16> = nodes.keys().copied().collect();
+            let done = tokio::task::spawn_blocking(move || {
+                super::nodeops::deregister(&addr, &job, &nodes, secret.as_ref())
+            })
+            .await;
+            match done {
+                Ok(Ok(d)) => self.cluster().deregistration_done(&name, &node_id, d.as_ref(), &asked),
+                Ok(Err(e)) => {
+                    tracing::debug!(job = %name, error = %e, "owed deregistration failed; tried again")
+                }
+                Err(e) => tracing::warn!(error = %e, "deregistration task failed"),
             }
         }
     }
