@@ -26,6 +26,10 @@ use crate::storage::{is_job_owner, Owner, StorageError, TierUsage, PERSISTED_OWN
 const FLIGHTS: u32 = 4;
 /// Retries of an operation that ended in EAGAIN or EINTR.
 const MAX_RETRIES: u8 = 8;
+/// Times in a row a header sector's flush may fail before the engine stops
+/// retrying it on its own; a later change to the sector, or the clean
+/// close, writes it again.
+pub(super) const HDR_WRITE_ATTEMPTS: u8 = 4;
 /// How long closing waits for I/O in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const NO_BUF: u32 = u32::MAX;
@@ -301,6 +305,8 @@ struct Headers {
     ver: Vec<u32>,
     durable: Vec<u32>,
     state: Vec<u8>,
+    /// Flushes of each sector that failed in a row.
+    failures: Vec<u8>,
     dirty: VecDeque<u32>,
     flights: Vec<Flight>,
     free: Vec<u32>,
@@ -369,6 +375,8 @@ pub struct FlashEngine {
     waker: bool,
     #[cfg(test)]
     inject: VecDeque<i32>,
+    #[cfg(test)]
+    inject_meta: VecDeque<i32>,
 }
 
 fn invalid_data(msg: String) -> io::Error {
@@ -598,6 +606,7 @@ impl FlashEngine {
                 ver: vec![0; sectors],
                 durable: vec![0; sectors],
                 state: vec![0; sectors],
+                failures: vec![0; sectors],
                 dirty: VecDeque::with_capacity(sectors),
                 flights: (0..FLIGHTS)
                     .map(|_| Flight {
@@ -628,6 +637,8 @@ impl FlashEngine {
             waker: false,
             #[cfg(test)]
             inject: VecDeque::new(),
+            #[cfg(test)]
+            inject_meta: VecDeque::new(),
         };
         e.load(cfg)?;
         Ok(e)
@@ -1411,12 +1422,17 @@ impl FlashEngine {
         self.hdr.free.push(f);
         self.hdr.state[s] = 0;
         match r {
-            Ok(()) => self.hdr.durable[s] = fl.ver,
+            Ok(()) => {
+                self.hdr.durable[s] = fl.ver;
+                self.hdr.failures[s] = 0;
+            }
             Err(errno) => {
                 self.stats.errors += 1;
+                self.hdr.failures[s] = self.hdr.failures[s].saturating_add(1);
                 tracing::error!(
                     path = %self.path.display(),
                     sector = s,
+                    attempt = self.hdr.failures[s],
                     error = %io::Error::from_raw_os_error(errno),
                     "block header write failed"
                 );
@@ -1435,11 +1451,22 @@ impl FlashEngine {
                 _ => i += 1,
             }
         }
-        if self.hdr.ver[s] != fl.ver {
-            // Changed meanwhile: flush again.
+        // A failed flush is retried: until the sector is on disk, the freed
+        // persistent blocks in it keep their slots (`hdr_pending`), or a
+        // crash could bring their old entries back over a new block.
+        let retry = r.is_err() && self.hdr.failures[s] < HDR_WRITE_ATTEMPTS;
+        if self.hdr.ver[s] != fl.ver || retry {
+            // Changed meanwhile, or failed: flush again.
             self.hdr.state[s] = QUEUED;
             self.hdr.dirty.push_back(fl.sector);
-        } else if r.is_ok() {
+        } else if r.is_err() {
+            tracing::error!(
+                path = %self.path.display(),
+                sector = s,
+                "block header sector not written after {HDR_WRITE_ATTEMPTS} attempts: its freed blocks stay \
+                 out of use until the sector changes again or the region closes"
+            );
+        } else {
             // Clean: freed persistent blocks in it may be reused.
             let first = fl.sector * ENTRIES_PER_SECTOR;
             for slot in first..(first + ENTRIES_PER_SECTOR).min(self.geo.slots) {
@@ -1589,6 +1616,8 @@ impl FlashEngine {
         let (seq, meta, idx) = tag::decode(user_data);
         if meta {
             self.meta_in_ring = self.meta_in_ring.saturating_sub(1);
+            #[cfg(test)]
+            let result = self.inject_meta.pop_front().unwrap_or(result);
             self.flight_done(idx, seq, result);
         } else {
             self.data_in_ring = self.data_in_ring.saturating_sub(1);
@@ -1916,6 +1945,12 @@ impl FlashEngine {
     #[cfg(test)]
     pub(super) fn inject_error(&mut self, errno: i32) {
         self.inject.push_back(-errno);
+    }
+
+    /// The next header flush completion (its sync or its write) fails with `errno`.
+    #[cfg(test)]
+    pub(super) fn inject_header_error(&mut self, errno: i32) {
+        self.inject_meta.push_back(-errno);
     }
 
     /// The next data completion reports at most `bytes` done.

@@ -404,6 +404,59 @@ fn injected_io_errors_surface_as_errors() {
     assert!(held.iter().all(|d| d.1.is_ok()));
 }
 
+/// Polls until the engine has nothing in flight or queued (header
+/// flushes included); fails the test instead of hanging.
+fn settle(e: &mut FlashEngine) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.has_work() {
+        assert!(Instant::now() < deadline, "the engine never settles");
+        e.poll_completions(|t, r| panic!("no request was pending: {t} {r:?}"));
+        e.wait(Duration::from_millis(5));
+    }
+}
+
+/// Freeing a persistent block clears its header entry; a failed write of
+/// that sector is retried, and the slot is reused only once the cleared
+/// entry is on disk: a crash then does not bring the block back. When
+/// every attempt fails, the slot stays out of use until the sector is
+/// written (here: by the clean close).
+#[test]
+fn a_failed_header_clear_is_retried_before_the_slot_is_reused() {
+    need_uring!();
+    let dir = TestDir::new("hdr-retry");
+    let b = file(&dir, "t", 3 * 4096);
+    let c = cfg(4096, 4);
+    let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+    assert_eq!(e.usage().tier.blocks_total, 1);
+    let id = e.alloc(1).unwrap();
+    write(&mut e, id, 0, b"persistent").unwrap();
+    persist(&mut e, id).unwrap();
+    e.inject_header_error(libc::EIO);
+    e.free(id).unwrap();
+    settle(&mut e);
+    assert_eq!(e.usage().errors, 1, "the injected failure happened");
+    let again = e.alloc(1).expect("the clear was written on a retry: the slot is free");
+    e.crash();
+    let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+    assert!(e.recovered_persistent().is_empty(), "a freed persistent block came back after a crash");
+    assert_eq!(e.submit_read(1, again, 0, 1), Err(StorageError::NotFound));
+
+    let id = e.alloc(1).unwrap();
+    write(&mut e, id, 0, b"persistent").unwrap();
+    persist(&mut e, id).unwrap();
+    for _ in 0..super::engine::HDR_WRITE_ATTEMPTS {
+        e.inject_header_error(libc::EIO);
+    }
+    e.free(id).unwrap();
+    settle(&mut e);
+    assert_eq!(e.usage().errors, u64::from(super::engine::HDR_WRITE_ATTEMPTS));
+    assert_eq!(e.alloc(1), Err(StorageError::NoCapacity), "its entry is not cleared on disk");
+    drop(e);
+    let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
+    assert!(e.recovered_persistent().is_empty(), "the clean close wrote the cleared entry");
+    e.alloc(1).unwrap();
+}
+
 #[test]
 fn short_transfers_are_finished() {
     need_uring!();
