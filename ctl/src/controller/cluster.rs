@@ -2531,4 +2531,36 @@ mod small_tests {
         assert_eq!(c.deregistrations_due(16), vec![], "done");
         assert_eq!(c.unadopted(Instant::now(), 16), vec![], "held off while the node's next report comes");
     }
+
+    /// The sweeper declares a silent node down on time while adopting a job
+    /// waits on a node that accepts connections but never answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_adoption_does_not_delay_failure_detection() {
+        use super::super::{sweep, Controller, ControllerConfig};
+        // Connections complete in the listen backlog; nothing ever answers.
+        let hang = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let cfg = ControllerConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            heartbeat: Duration::from_millis(100),
+            missed_heartbeats: 3,
+            ..ControllerConfig::default()
+        };
+        let ctl = Controller::bind(cfg).await.expect("bind controller");
+        let shared = ctl.shared.clone();
+        let mut m = report("m", 1, Role::Both);
+        m.addr = hang.local_addr().expect("addr").to_string();
+        m.jobs = vec![JobReport { name: "x".into(), id: 1, registered: true, objects: 0, bytes: 0 }];
+        let t0 = Instant::now();
+        shared.cluster().heartbeat(m, t0).unwrap();
+        shared.cluster().heartbeat(report("d", 2, Role::Both), t0).unwrap();
+        let sweeper = tokio::spawn(sweep(shared.clone()));
+        let down_by = t0 + Duration::from_secs(2);
+        // The state as the sweeper left it (no read that sweeps by itself).
+        while shared.cluster().state("d") != Some(NodeState::Down) && Instant::now() < down_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let state = shared.cluster().state("d");
+        sweeper.abort();
+        assert_eq!(state, Some(NodeState::Down), "declared down within 2 s of its last report (300 ms due)");
+    }
 }

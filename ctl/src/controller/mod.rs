@@ -278,11 +278,24 @@ async fn sweep(shared: Arc<Shared>) {
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Stopping drained nodes (a SIGTERM grace per node) and adopting jobs
+    // (calls to nodes) run as tasks of their own, at most one of each at a
+    // time, so the sweep itself stays on time: a dead node is declared dead
+    // within a fraction of an interval whatever they wait for.
+    let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+    let mut adopting: Option<tokio::task::JoinHandle<()>> = None;
+    let idle = |h: &Option<tokio::task::JoinHandle<()>>| h.as_ref().is_none_or(|h| h.is_finished());
     loop {
         tick.tick().await;
         shared.cluster().sweep(Instant::now());
-        shared.stop_drained().await;
-        shared.adopt_jobs().await;
+        if idle(&stopping) {
+            let s = shared.clone();
+            stopping = Some(tokio::spawn(async move { s.stop_drained().await }));
+        }
+        if idle(&adopting) {
+            let s = shared.clone();
+            adopting = Some(tokio::spawn(async move { s.adopt_jobs().await }));
+        }
         shared.rightsize();
     }
 }

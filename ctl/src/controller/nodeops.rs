@@ -17,6 +17,9 @@ use super::policy::{Allocation, Hints};
 
 /// How long a node may take to answer one of these calls.
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting to a node (and its `NodeInfo` answer) may take: a
+/// node that is gone must not hold the sweeper's adoption work for long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lifetime of the token the controller presents for its own calls.
 const OWN_TOKEN_TTL: Duration = Duration::from_secs(300);
 
@@ -43,7 +46,8 @@ pub fn node_hints(hints: &Hints, alloc: &Allocation) -> JobHints {
 /// A client for the node at `addr`; with a cluster secret it presents a
 /// token with every right on `job`, which registering and deregistering need.
 fn connect(addr: &str, job: &str, secret: Option<&Secret>) -> Result<Client, String> {
-    let mut c = Client::connect(addr).map_err(|e| format!("cannot reach node at {addr}: {e}"))?;
+    let mut c = Client::connect_timeout(addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("cannot reach node at {addr}: {e}"))?;
     c.set_timeout(NODE_TIMEOUT);
     if let Some(s) = secret {
         c.set_token(Some(mint(s, job, Rights::ALL, OWN_TOKEN_TTL)?.0));

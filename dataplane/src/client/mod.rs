@@ -170,10 +170,19 @@ enum Source<'a> {
 impl Client {
     /// Connects to a node's main port and learns its cores and their ports.
     pub fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
+        Client::connect_timeout(addr, Duration::from_secs(30))
+    }
+
+    /// [`Client::connect`] giving up after `timeout` (connecting, and the
+    /// node's answer to `NodeInfo`), which also becomes the client's timeout
+    /// ([`Client::set_timeout`]). A zero `timeout` is refused.
+    pub fn connect_timeout(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Client, ClientError> {
+        if timeout.is_zero() {
+            return Err(ClientError::Local("the connect timeout must be positive".into()));
+        }
         let addrs: Vec<SocketAddr> =
             addr.to_socket_addrs().map_err(|e| ClientError::Local(format!("bad address: {e}")))?.collect();
         let addr = *addrs.first().ok_or_else(|| ClientError::Local("address resolves to nothing".into()))?;
-        let timeout = Duration::from_secs(30);
         let home = NodeConns::connect(addr, timeout)?;
         let by_number = HashMap::from([(home.info.node_number, 0)]);
         Ok(Client {
@@ -1034,5 +1043,22 @@ impl Response {
                 Err(ClientError::Status { status, message: String::from_utf8_lossy(&self.body).into_owned() })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    /// A node that accepts but never answers `NodeInfo` fails the connect
+    /// after its timeout, not the default 30 s.
+    #[test]
+    fn connect_gives_up_after_its_timeout() {
+        let hang = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = hang.local_addr().expect("addr");
+        let t = std::time::Instant::now();
+        let e = Client::connect_timeout(addr, Duration::from_millis(200)).err().expect("no answer: an error");
+        assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}: {e}", t.elapsed());
+        assert!(Client::connect_timeout(addr, Duration::ZERO).is_err(), "a zero timeout is refused");
     }
 }
