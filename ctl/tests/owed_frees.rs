@@ -132,9 +132,12 @@ fn a_node_stopped_during_a_deregistration_frees_the_job_when_it_runs_again() {
         "{:?}",
         events.events
     );
-    let saved =
-        std::fs::read_to_string(c.dir.path().join("ctl-data/owed-frees.json")).expect("owed frees on disk");
-    assert!(!saved.contains("\"wide\""), "{saved}");
+    // The file is written by the controller's writer thread, just after the change.
+    wait_for(Duration::from_secs(10), "the acknowledged free dropped from the file", || {
+        let saved = std::fs::read_to_string(c.dir.path().join("ctl-data/owed-frees.json"))
+            .expect("owed frees on disk");
+        (!saved.contains("\"wide\"")).then_some(())
+    });
 
     // The PERSIST object reads back whole once the job registers again.
     let _: JobEntry = ctl.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);

@@ -12,7 +12,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::api::OwedFree;
 
@@ -37,8 +38,86 @@ type Deregs = BTreeMap<String, BTreeSet<String>>;
 pub struct Owed {
     by_node: ByNode,
     deregs: Deregs,
-    /// Where the frees are kept; `None`: in memory only.
-    path: Option<PathBuf>,
+    /// Writes the lists to the data directory; `None`: in memory only.
+    writer: Option<Writer>,
+}
+
+/// Writes the owed lists from a thread of its own, so the caller (holding
+/// the cluster lock, on a tokio worker) never waits for the disk: a save
+/// hands over a snapshot, and the writer writes the newest one it has (a
+/// snapshot replaced before it was written is never written: each one holds
+/// everything).
+struct Writer {
+    shared: Arc<(Mutex<WriterState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// The snapshot to write next (frees, deregistrations) and its number.
+    pending: Option<(u64, Vec<u8>, Vec<u8>)>,
+    /// Number of the newest snapshot handed over, and of the newest written (or failed).
+    queued: u64,
+    written: u64,
+    /// Write errors not yet reported to a caller (at most [`MAX_ERRORS`]).
+    errors: Vec<String>,
+    /// The owner is gone: write what is pending and stop.
+    closed: bool,
+}
+
+const MAX_ERRORS: usize = 16;
+
+impl Writer {
+    fn start(dir: &Path) -> Result<Writer, String> {
+        let shared = Arc::new((Mutex::new(WriterState::default()), Condvar::new()));
+        let (frees_path, deregs_path) = (dir.join(FILE), dir.join(DEREG_FILE));
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("owed-writer".into())
+            .spawn(move || Writer::run(&s, &frees_path, &deregs_path))
+            .map_err(|e| format!("cannot start the owed-frees writer: {e}"))?;
+        Ok(Writer { shared })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(shared: &(Mutex<WriterState>, Condvar), frees_path: &Path, deregs_path: &Path) {
+        let (lock, cv) = shared;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let Some((n, frees, deregs)) = st.pending.take() else {
+                if st.closed {
+                    return;
+                }
+                st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            drop(st);
+            let done = write_synced(frees_path, &frees).and_then(|()| write_synced(deregs_path, &deregs));
+            st = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = done {
+                tracing::error!("owed frees not kept on disk: {e}");
+                if st.errors.len() < MAX_ERRORS {
+                    st.errors.push(e);
+                }
+            }
+            st.written = n;
+            cv.notify_all();
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Writes what is pending, then lets the thread end.
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        st.closed = true;
+        self.shared.1.notify_all();
+        while st.written < st.queued {
+            st = self.shared.1.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl Owed {
@@ -53,7 +132,7 @@ impl Owed {
         if deregs.len() > MAX_OWED {
             return Err(format!("{} lists more than {MAX_OWED} jobs", dir.join(DEREG_FILE).display()));
         }
-        Ok(Owed { by_node, deregs, path: Some(path) })
+        Ok(Owed { by_node, deregs, writer: Some(Writer::start(dir)?) })
     }
 
     /// Owes the deregistration of `job` to metadata node `node_id` (past
@@ -143,16 +222,37 @@ impl Owed {
         self.by_node.remove(&node).map_or(0, |m| m.len())
     }
 
-    /// Writes the frees to the file, if there is one: a temporary file,
-    /// synced, renamed over the old one, the directory synced, so a crash
-    /// leaves the old list or the new one.
+    /// Hands the lists to the writer, if there is a data directory: it
+    /// writes each file to a temporary file, synced, renamed over the old
+    /// one, the directory synced, so a crash leaves the old list or the new
+    /// one. Returns without waiting for the disk; the errors of earlier
+    /// writes, if any, come back here.
     pub fn save(&self) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(w) = &self.writer else { return Ok(()) };
         let frees = serde_json::to_vec(&self.by_node).map_err(|e| format!("encoding the owed frees: {e}"))?;
-        write_synced(path, &frees)?;
         let deregs = serde_json::to_vec(&self.deregs)
             .map_err(|e| format!("encoding the owed deregistrations: {e}"))?;
-        write_synced(&path.with_file_name(DEREG_FILE), &deregs)
+        let mut st = w.lock();
+        st.queued += 1;
+        st.pending = Some((st.queued, frees, deregs));
+        let errors = std::mem::take(&mut st.errors);
+        drop(st);
+        w.shared.1.notify_all();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Waits until everything saved so far is written (or failed).
+    pub fn flush(&self) {
+        let Some(w) = &self.writer else { return };
+        let mut st = w.lock();
+        let target = st.queued;
+        while st.written < target {
+            st = w.shared.1.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -201,6 +301,7 @@ mod tests {
         o.add(3, free(9));
         o.add(2, free(8));
         o.save().expect("save");
+        o.flush();
         let mut again = Owed::open(Some(dir.path())).expect("reopen");
         assert_eq!(again.len(), 3);
         assert_eq!(again.max_id(), Some(9));
@@ -209,9 +310,48 @@ mod tests {
         assert_eq!(again.acknowledge(2, &[8]), vec![free(8)]);
         assert_eq!(again.for_node(2), vec![]);
         again.save().expect("save");
+        again.flush();
         let last = Owed::open(Some(dir.path())).expect("reopen");
         assert_eq!(last.for_node(3), vec![free(7)]);
         assert_eq!(last.len(), 1);
+    }
+
+    /// A save hands the lists over and returns: the disk is written from
+    /// the writer's thread. Here the temporary file is a FIFO nobody reads,
+    /// where opening it for writing blocks; the save still returns at once,
+    /// and the failed write (a FIFO cannot be synced) is reported by the next
+    /// save, whose write then goes through.
+    #[test]
+    fn saving_does_not_wait_for_the_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tmp = dir.path().join(FILE).with_extension("json.tmp");
+        let made = std::process::Command::new("mkfifo").arg(&tmp).status().expect("run mkfifo");
+        assert!(made.success(), "mkfifo {}", tmp.display());
+        let mut o = Owed::open(Some(dir.path())).expect("open");
+        o.add(3, free(7));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let saver = std::thread::spawn(move || {
+            let r = o.save();
+            let _ = tx.send(());
+            (o, r)
+        });
+        let returned = rx.recv_timeout(std::time::Duration::from_secs(2)).is_ok();
+        // Read the FIFO: whoever opened it for writing goes on.
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::open(&tmp).expect("open the FIFO"), &mut got)
+            .expect("read the FIFO");
+        let (o, first) = saver.join().expect("saver");
+        assert!(returned, "the save waited for the disk");
+        assert_eq!(first, Ok(()));
+        assert_eq!(got, serde_json::to_vec(&o.by_node).expect("encode"), "the writer wrote the snapshot");
+        o.flush();
+        std::fs::remove_file(&tmp).expect("remove the FIFO");
+        let e = o.save().expect_err("the failed write is reported");
+        assert!(e.contains("cannot write"), "{e}");
+        o.flush();
+        assert_eq!(o.save(), Ok(()));
+        o.flush();
+        assert_eq!(Owed::open(Some(dir.path())).expect("reopen").for_node(3), vec![free(7)]);
     }
 
     #[test]
@@ -221,6 +361,7 @@ mod tests {
         o.add_dereg("a", "m1");
         o.add_dereg("b", "m2");
         o.save().expect("save");
+        o.flush();
         let mut again = Owed::open(Some(dir.path())).expect("reopen");
         assert!(again.dereg_owed("a") && again.dereg_owed("b"));
         assert_eq!(again.deregs().collect::<Vec<_>>(), vec![("a", "m1"), ("b", "m2")]);
@@ -228,6 +369,7 @@ mod tests {
         assert!(again.drop_dereg("a", "m1"));
         assert_eq!(again.forget_deregs("m2"), 1);
         again.save().expect("save");
+        again.flush();
         let last = Owed::open(Some(dir.path())).expect("reopen");
         assert!(!last.dereg_owed("a") && !last.dereg_owed("b"));
     }
