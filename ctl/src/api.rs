@@ -416,7 +416,11 @@ pub struct Event {
 pub struct EventsResponse {
     /// The newest sequence number recorded (0 when none).
     pub last_seq: u64,
+    /// The oldest events after `since`, at most `limit` (1000 by default).
     pub events: Vec<Event>,
+    /// More events follow the last one listed: ask again with `since` its `seq`.
+    #[serde(default)]
+    pub more: bool,
 }
 
 // ---- pollenctl --json output of the data commands -------------------------

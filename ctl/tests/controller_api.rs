@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use pollen_ctl::api::{
-    CoreReport, CoresResponse, ErrorBody, HeartbeatReply, JobReport, JobsResponse, NetBackend, NodeEntry,
-    NodeReport, NodeState, NodesResponse, PollMode, StatusResponse, TierReport, TiersResponse,
+    CoreReport, CoresResponse, ErrorBody, EventsResponse, HeartbeatReply, JobReport, JobsResponse,
+    NetBackend, NodeEntry, NodeReport, NodeState, NodesResponse, PollMode, StatusResponse, TierReport,
+    TiersResponse,
 };
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerHandle};
 use pollen_ctl::heartbeat;
@@ -476,4 +477,35 @@ fn a_registration_whose_client_left_is_not_left_pending() {
     assert_eq!(status, 502, "the job was left pending");
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+}
+
+/// `pollenctl events --since SEQ` lists every event after SEQ however many
+/// there are: the controller answers the oldest 1000 with `more`, and
+/// pollenctl pages until done (the reply held the newest 1000 and the
+/// events between were skipped).
+#[test]
+fn pollenctl_events_pages_through_every_event() {
+    let c = Running::start(Duration::from_secs(60));
+    c.post_report(&report("n", 1000, vec![core(0, 0, 1), core(1, 0, 1)]));
+    for i in 0..1500 {
+        let body = serde_json::json!({ "cores": 1 + i % 2 });
+        let r = agent().post(format!("{}/v1/nodes/n/cores", c.url)).send_json(&body).expect("set cores");
+        assert_eq!(r.status(), 200);
+    }
+    let first: EventsResponse = c.get("/v1/events?since=0");
+    assert!(first.more, "more than a page");
+    assert_eq!(first.events.len(), 1000);
+    assert_eq!(first.events[0].seq, 1, "the oldest first");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pollenctl"))
+        .args(["--controller", &c.url, "--json", "events", "--since", "5"])
+        .env_remove("POLLEN_CONTROLLER")
+        .env_remove("POLLEN_ADMIN_TOKEN")
+        .output()
+        .expect("run pollenctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all: EventsResponse = serde_json::from_slice(&out.stdout).expect("events as JSON");
+    assert!(all.last_seq > 1500, "{}", all.last_seq);
+    assert!(!all.more);
+    let seqs: Vec<u64> = all.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (6..=all.last_seq).collect::<Vec<_>>(), "every event after 5, in order");
 }

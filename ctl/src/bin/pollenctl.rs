@@ -818,7 +818,16 @@ fn drain(ctl: &Controller, json: bool, node: &str) -> Result<()> {
 }
 
 fn events(ctl: &Controller, json: bool, since: u64) -> Result<()> {
-    let r: EventsResponse = ctl.get(&format!("/v1/events?since={since}"))?;
+    let mut r: EventsResponse = ctl.get(&format!("/v1/events?since={since}"))?;
+    // The controller answers the oldest events after `since`, a page at a
+    // time, saying whether more follow: ask from the last one until none do.
+    while r.more {
+        let Some(last) = r.events.last().map(|e| e.seq) else { break };
+        let next: EventsResponse = ctl.get(&format!("/v1/events?since={last}"))?;
+        r.last_seq = next.last_seq;
+        r.more = next.more;
+        r.events.extend(next.events);
+    }
     if json {
         return print_json(&r);
     }

@@ -767,7 +767,8 @@ impl Cluster {
     }
 
     pub fn events(&self, since: u64, limit: usize) -> EventsResponse {
-        EventsResponse { last_seq: self.events.last_seq(), events: self.events.since(since, limit) }
+        let (events, more) = self.events.since(since, limit);
+        EventsResponse { last_seq: self.events.last_seq(), events, more }
     }
 
     pub fn event_log(&mut self) -> &mut EventLog {

@@ -48,12 +48,12 @@ impl EventLog {
         seq
     }
 
-    /// Events with a sequence number above `since`, oldest first, at most `limit`
-    /// (the newest ones when there are more).
-    pub fn since(&self, since: u64, limit: usize) -> Vec<Event> {
-        let newer: Vec<&Event> = self.events.iter().filter(|e| e.seq > since).collect();
-        let skip = newer.len().saturating_sub(limit);
-        newer.into_iter().skip(skip).cloned().collect()
+    /// Events with a sequence number above `since`, oldest first, at most
+    /// `limit`, and whether more follow them (ask again from the last one's).
+    pub fn since(&self, since: u64, limit: usize) -> (Vec<Event>, bool) {
+        let start = self.events.partition_point(|e| e.seq <= since);
+        let newer = self.events.len() - start;
+        (self.events.range(start..).take(limit).cloned().collect(), newer > limit)
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -71,10 +71,27 @@ mod tests {
         for i in 0..5 {
             log.push(EventKind::Scale, None, None, format!("e{i}"));
         }
-        let all = log.since(0, 100);
+        let (all, more) = log.since(0, 100);
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
-        assert_eq!(log.since(4, 100).len(), 1);
-        assert_eq!(log.since(0, 1)[0].message, "e4", "a limit keeps the newest");
+        assert!(!more);
+        assert_eq!(log.since(4, 100).0.len(), 1);
         assert_eq!(log.last_seq(), 5);
+    }
+
+    /// A limit keeps the oldest events after `since` and says more follow:
+    /// paging from the last one returned skips none.
+    #[test]
+    fn a_limit_pages_from_the_oldest() {
+        let mut log = EventLog::new(100);
+        for i in 0..5 {
+            log.push(EventKind::Scale, None, None, format!("e{i}"));
+        }
+        let seqs = |v: &[Event]| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let (page, more) = log.since(1, 2);
+        assert_eq!((seqs(&page), more), (vec![2, 3], true));
+        let (page, more) = log.since(3, 2);
+        assert_eq!((seqs(&page), more), (vec![4, 5], false));
+        let (page, more) = log.since(5, 2);
+        assert_eq!((seqs(&page), more), (vec![], false));
     }
 }
