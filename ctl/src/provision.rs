@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 /// How long a stopped node may take to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// In `dir/nodes/`: the index the next new node gets, kept across restarts.
+pub const NEXT_INDEX_FILE: &str = "next-index";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -99,6 +101,9 @@ pub struct LocalProvisioner {
     /// Index of the next node: ids and node numbers are never reused, since
     /// objects may still name a stopped node's blocks.
     next: std::sync::atomic::AtomicUsize,
+    /// The next index an earlier run on this directory would have used
+    /// (`dir/nodes/next-index`); see [`LocalProvisioner::resume_numbering`].
+    floor: usize,
     url: Mutex<String>,
     children: Mutex<BTreeMap<String, (Child, PathBuf)>>,
 }
@@ -106,12 +111,39 @@ pub struct LocalProvisioner {
 impl LocalProvisioner {
     pub fn new(cfg: LocalConfig) -> LocalProvisioner {
         let url = Mutex::new(cfg.controller_url.clone());
+        let floor = std::fs::read_to_string(cfg.dir.join("nodes").join(NEXT_INDEX_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+            .unwrap_or(0);
         LocalProvisioner {
             cfg,
             next: std::sync::atomic::AtomicUsize::new(0),
+            floor,
             url,
             children: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// New nodes from now on get indices past every one an earlier run on
+    /// this directory used. `pollen up` starts its first nodes (indices 0,
+    /// 1, ...: the same nodes on their data directories again) before
+    /// calling it, so a node started later never takes the id and number of
+    /// a node stopped before the restart.
+    pub fn resume_numbering(&self) {
+        self.next.fetch_max(self.floor, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Keeps `next` in `dir/nodes/next-index` (a temporary file, synced, renamed).
+    fn save_next(&self, next: usize) -> std::io::Result<()> {
+        use std::io::Write;
+        let dir = self.cfg.dir.join("nodes");
+        std::fs::create_dir_all(&dir)?;
+        let (path, tmp) = (dir.join(NEXT_INDEX_FILE), dir.join(format!("{NEXT_INDEX_FILE}.tmp")));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(next.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
     }
 
     /// Sets the controller URL nodes report to, once the controller's port
@@ -140,10 +172,21 @@ impl Provisioner for LocalProvisioner {
     fn start_node(&self) -> Result<ProvisionedNode, ProvisionError> {
         let url = self.url.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut children = self.children();
-        if children.len() >= self.cfg.max_nodes {
+        // A node that exited on its own (crashed) no longer counts: its
+        // process is reaped here, and it stays listed (not running) until
+        // the controller forgets it.
+        let running =
+            children.values_mut().map(|(c, _)| c.try_wait()).filter(|w| matches!(w, Ok(None))).count();
+        if running >= self.cfg.max_nodes {
             return Err(ProvisionError::Full(self.cfg.max_nodes));
         }
         let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.save_next((index + 1).max(self.floor)) {
+            return Err(ProvisionError::Start {
+                node_id: format!("node-{index}"),
+                reason: format!("keeping the next node index in {}: {e}", self.cfg.dir.display()),
+            });
+        }
         // Node numbers are 16 bits; 0 means "not numbered".
         let Ok(number) = u16::try_from(index + 1) else {
             return Err(ProvisionError::Full(u16::MAX as usize));
@@ -236,5 +279,61 @@ impl Provisioner for LocalProvisioner {
 impl Drop for LocalProvisioner {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provisioner whose "nodes" are `false`: they exit at once, like a
+    /// node that crashed.
+    fn provisioner(dir: &std::path::Path, max_nodes: usize) -> LocalProvisioner {
+        LocalProvisioner::new(LocalConfig {
+            pollen: PathBuf::from("false"),
+            dir: dir.to_path_buf(),
+            controller_url: "http://127.0.0.1:1".into(),
+            heartbeat_ms: 100,
+            node_args: vec![],
+            max_nodes,
+            pin: false,
+            cores: 1,
+            metadata_nodes: 0,
+        })
+    }
+
+    #[test]
+    fn a_crashed_node_no_longer_holds_a_slot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = provisioner(dir.path(), 1);
+        let first = p.start_node().expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.list().iter().any(|n| n.running) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(p.list(), vec![ProvisionedNode { running: false, ..first }]);
+        let second = p.start_node().expect("the crashed node holds no slot");
+        assert_eq!(second.node_id, "node-1");
+        assert_eq!(p.list().len(), 2, "the crashed node is listed until stopped (forgotten)");
+        p.stop_node("node-0").expect("stop the crashed node");
+        assert_eq!(p.list().len(), 1);
+    }
+
+    #[test]
+    fn new_nodes_never_take_an_earlier_runs_ids() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let p = provisioner(dir.path(), 8);
+            let ids: Vec<String> = (0..3).map(|_| p.start_node().expect("start").node_id).collect();
+            assert_eq!(ids, ["node-0", "node-1", "node-2"]);
+        }
+        let p = provisioner(dir.path(), 8);
+        assert_eq!(
+            p.start_node().expect("start").node_id,
+            "node-0",
+            "the first node again, on its directory"
+        );
+        p.resume_numbering();
+        assert_eq!(p.start_node().expect("start").node_id, "node-3", "a new node: past every earlier one");
     }
 }

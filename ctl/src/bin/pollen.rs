@@ -405,6 +405,8 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
             }
         }
     }
+    // Nodes started from now on (scaling) never reuse an earlier run's ids.
+    prov.resume_numbering();
     let wait = Duration::from_secs(20).max(a.heartbeat * 3);
     let ready = rt.block_on(async {
         tokio::select! {

@@ -22,6 +22,10 @@ use crate::api::{
     TiersResponse,
 };
 
+/// A provisioned node down for this many down-intervals is forgotten
+/// ([`Cluster::long_down`]): 20 × 3 s with the default heartbeat.
+pub const FORGET_DOWN_AFTER: u32 = 20;
+
 /// Limits on what a heartbeat may describe, checked before it is stored.
 pub const MAX_NODE_ID_LEN: usize = 128;
 pub const MAX_CORES: usize = 4096;
@@ -1055,6 +1059,24 @@ impl Cluster {
                 Some(r) => r.received > **since && r.report.tiers.iter().all(|t| t.blocks_used == 0),
             })
             .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The nodes of `provisioned` (started by the provisioner) down for
+    /// longer than [`FORGET_DOWN_AFTER`] down-intervals, with that time, to
+    /// be forgotten: not draining (a drain ends by itself), and holding no
+    /// live job's namespace (the job would lose its node).
+    pub fn long_down(&self, provisioned: &[String], now: Instant) -> Vec<(String, Duration)> {
+        let grace = self.down_after() * FORGET_DOWN_AFTER;
+        provisioned
+            .iter()
+            .filter(|id| !self.draining.contains_key(*id) && !self.holds_namespaces(id))
+            .filter(|id| {
+                self.nodes.get(*id).is_some_and(|r| {
+                    r.state == NodeState::Down && now.saturating_duration_since(r.received) > grace
+                })
+            })
+            .map(|id| (id.clone(), grace))
             .collect()
     }
 
@@ -2271,6 +2293,37 @@ mod drain_tests {
         c.sweep(t2);
         c.forget("b2", "stopped".into());
         assert_eq!(c.dead_numbers(), Vec::<u16>::new());
+    }
+
+    /// A provisioned node down for longer than FORGET_DOWN_AFTER
+    /// down-intervals is to be forgotten (it stays listed, and holds a
+    /// provisioner slot, otherwise); not one within that time, not one the
+    /// provisioner did not start, not one holding a job's namespace.
+    #[test]
+    fn provisioned_nodes_down_for_long_are_to_be_forgotten() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        for (id, n) in [("a", 1), ("b", 2), ("c", 3)] {
+            c.heartbeat(report(id, n, 1000), t0).unwrap();
+        }
+        let mut d = report("d", 4, 1000);
+        d.jobs = vec![JobReport { name: "direct".into(), id: 3, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(d, t0).unwrap();
+        let provisioned: Vec<String> = ["b", "c", "d"].map(String::from).to_vec();
+        let grace = c.down_after() * FORGET_DOWN_AFTER;
+        let t1 = t0 + grace - HB;
+        c.heartbeat(report("c", 3, 2000), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.state("b"), Some(NodeState::Down));
+        assert_eq!(c.long_down(&provisioned, t1), vec![], "down, but not for long yet");
+        let t2 = t0 + grace + HB;
+        c.heartbeat(report("a", 1, 3000), t2).unwrap();
+        c.heartbeat(report("c", 3, 3000), t2).unwrap();
+        c.sweep(t2);
+        assert_eq!(c.long_down(&provisioned, t2), vec![("b".to_string(), grace)]);
+        c.forget("b", "forgotten".into());
+        assert_eq!(c.state("b"), None);
+        assert_eq!(c.long_down(&provisioned, t2), vec![]);
     }
 }
 

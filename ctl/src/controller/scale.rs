@@ -155,8 +155,10 @@ impl Shared {
         let Ok(busy) = self.scaling.try_lock() else { return };
         drop(busy);
         let provisioned = self.provisioned();
-        let can_add =
-            self.provisioner.as_ref().is_some_and(|p| p.limit().is_none_or(|m| provisioned.len() < m));
+        let can_add = self
+            .provisioner
+            .as_ref()
+            .is_some_and(|p| p.limit().is_none_or(|m| p.list().iter().filter(|n| n.running).count() < m));
         let view = self.cluster().scaling_view(&provisioned);
         let lim = Limits {
             table: &table,
@@ -246,6 +248,24 @@ impl Shared {
                 Ok(Err(e)) => format!("node {id} drained; stopping it failed: {e}"),
                 Err(e) => format!("node {id} drained; the stop task failed: {e}"),
             };
+            self.cluster().forget(&id, message);
+        }
+        // Provisioned nodes down for long (crashed, or unreachable) are
+        // forgotten and their process stopped: they no longer hold a slot.
+        let provisioned = self.provisioned();
+        let long_down = self.cluster().long_down(&provisioned, Instant::now());
+        for (id, grace) in long_down {
+            let p = prov.clone();
+            let node = id.clone();
+            let stopped = match tokio::task::spawn_blocking(move || p.stop_node(&node)).await {
+                Ok(Ok(())) => "its process is stopped".to_string(),
+                Ok(Err(e)) => format!("stopping its process failed: {e}"),
+                Err(e) => format!("the stop task failed: {e}"),
+            };
+            let message = format!(
+                "node {id} was down for over {} ms: forgotten ({stopped}); its slot is free",
+                grace.as_millis()
+            );
             self.cluster().forget(&id, message);
         }
     }
