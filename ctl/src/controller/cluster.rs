@@ -260,7 +260,7 @@ impl Cluster {
         self.gone.remove(&report.node_number);
         self.pass_versions_held(&report);
         self.acknowledge_frees(&report);
-        self.note_boot(&report);
+        let rebooted = self.note_boot(&report);
         let mut transitions = Vec::new();
         match self.nodes.get_mut(&report.node_id) {
             None => {
@@ -284,6 +284,7 @@ impl Cluster {
                 if restarted {
                     transitions.push(Transition::Restarted { node_id: report.node_id.clone() });
                 }
+
                 rec.busy = busy_fractions(if restarted { None } else { Some(&rec.report) }, &report);
                 rec.net_rate = net_rate(if restarted { None } else { Some(&rec.report) }, &report);
                 rec.report = report;
@@ -292,7 +293,13 @@ impl Cluster {
                 rec.state = NodeState::Up;
             }
         }
-        self.on_transitions(&transitions);
+        // A new boot id was recorded as node_restarted already (note_boot): one event, not two.
+        let to_log: Vec<Transition> = transitions
+            .iter()
+            .filter(|t| !(rebooted && matches!(t, Transition::Restarted { .. })))
+            .cloned()
+            .collect();
+        self.on_transitions(&to_log);
         Ok(transitions)
     }
 
@@ -541,6 +548,12 @@ impl Cluster {
     /// The planned job is registered on its node: it becomes visible, and
     /// its allocation is recorded as events.
     pub fn commit_job(&mut self, name: &str) -> Option<JobEntry> {
+        self.commit(name, false)
+    }
+
+    /// [`Cluster::commit_job`]; `adopted`: the job came from its node's
+    /// report, and its one `job_registered` event says so.
+    fn commit(&mut self, name: &str, adopted: bool) -> Option<JobEntry> {
         let j = self.jobs.get_mut(name)?;
         j.pending = false;
         let j = j.clone();
@@ -554,12 +567,15 @@ impl Cluster {
         } else {
             serde_json::to_string(&j.hints).unwrap_or_default()
         };
-        self.events.push(
-            EventKind::JobRegistered,
-            Some(&j.node_id),
-            Some(name),
-            format!("job {name} registered ({hints}); namespace on {}", j.node_id),
-        );
+        let message = if adopted {
+            format!(
+                "job {name} adopted from {}'s report (registered before this controller started, or on the node directly; {hints})",
+                j.node_id
+            )
+        } else {
+            format!("job {name} registered ({hints}); namespace on {}", j.node_id)
+        };
+        self.events.push(EventKind::JobRegistered, Some(&j.node_id), Some(name), message);
         let a = &j.alloc;
         self.events.push(
             EventKind::Allocation,
@@ -658,13 +674,7 @@ impl Cluster {
             return false;
         };
         self.jobs.insert(name.to_string(), JobRecord::planned(name, hints, alloc, packing, node_id));
-        self.commit_job(name);
-        self.events.push(
-            EventKind::JobRegistered,
-            Some(node_id),
-            Some(name),
-            format!("job {name} adopted from {node_id}'s report (registered before this controller started, or on the node directly)"),
-        );
+        self.commit(name, true);
         true
     }
 
@@ -1267,7 +1277,7 @@ impl Cluster {
     /// the restarted one) is to mark lost the objects naming its blocks,
     /// and a restart it reports applied (`restarts_version`) is dropped
     /// from its queue.
-    fn note_boot(&mut self, report: &NodeReport) {
+    fn note_boot(&mut self, report: &NodeReport) -> bool {
         let id = &report.node_id;
         if let Some(v) = report.applied.and_then(|a| a.restarts_version) {
             if let Some(q) = self.restarts.get_mut(id) {
@@ -1275,11 +1285,11 @@ impl Cluster {
             }
         }
         if report.boot_id == 0 {
-            return;
+            return false;
         }
         let before = self.boots.insert(id.clone(), report.boot_id);
         if before.is_none_or(|b| b == report.boot_id) {
-            return;
+            return false;
         }
         let number = report.node_number;
         let version = self.next_version();
@@ -1308,6 +1318,7 @@ impl Cluster {
                 told.len()
             ),
         );
+        true
     }
 }
 
@@ -2202,6 +2213,28 @@ mod restart_tests {
         let events = c.events(0, usize::MAX).events;
         assert!(events.iter().any(|e| e.kind == EventKind::NodeRestarted && e.message.contains("boot id")));
     }
+
+    /// A restart seen both ways (a new boot id, counters gone backwards) is
+    /// one `node_restarted` event, not two; counters alone still make one.
+    #[test]
+    fn a_restart_is_one_event() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let none = AppliedView::default();
+        c.heartbeat(report("s", 3, 33, Role::Storage, none), t0).unwrap();
+        let mut r = report("s", 3, 34, Role::Storage, none);
+        r.uptime_ms = 10;
+        let t = c.heartbeat(r, t0 + HB).unwrap();
+        assert!(t.contains(&Transition::Restarted { node_id: "s".into() }));
+        let restarted = |c: &Cluster| {
+            c.events(0, usize::MAX).events.iter().filter(|e| e.kind == EventKind::NodeRestarted).count()
+        };
+        assert_eq!(restarted(&c), 1);
+        let mut r = report("s", 3, 34, Role::Storage, none);
+        r.uptime_ms = 5;
+        c.heartbeat(r, t0 + 2 * HB).unwrap();
+        assert_eq!(restarted(&c), 2, "counters backwards, same boot id: one more");
+    }
 }
 
 #[cfg(test)]
@@ -2548,6 +2581,26 @@ mod small_tests {
         assert_eq!(c.unadopted(now, 16).len(), 1);
         assert!(!c.adopt_job("x", "m", Hints::default()), "nowhere to pack it");
         assert_eq!(c.unadopted(now, 16), vec![], "held off");
+    }
+
+    /// An adoption is one `job_registered` event (saying it was adopted).
+    #[test]
+    fn an_adoption_is_one_event() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        let mut r = report("m", 1, Role::Both);
+        r.jobs = vec![JobReport { name: "x".into(), id: 1, registered: true, objects: 0, bytes: 0 }];
+        c.heartbeat(r, t0).unwrap();
+        assert!(c.adopt_job("x", "m", Hints::default()));
+        let registered: Vec<String> = c
+            .events(0, usize::MAX)
+            .events
+            .into_iter()
+            .filter(|e| e.kind == EventKind::JobRegistered)
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(registered.len(), 1, "{registered:?}");
+        assert!(registered[0].contains("adopted"), "{}", registered[0]);
     }
 
     /// A job deregistered while its metadata node is down is not adopted
