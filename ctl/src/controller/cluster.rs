@@ -26,6 +26,10 @@ use crate::api::{
 /// ([`Cluster::long_down`]): 20 × 3 s with the default heartbeat.
 pub const FORGET_DOWN_AFTER: u32 = 20;
 
+/// Nodes the controller follows at most: a report from a new node id past
+/// it ages out the node down longest (see [`Cluster::heartbeat`]) or is refused.
+pub const MAX_NODES: usize = 10_000;
+
 /// Limits on what a heartbeat may describe, checked before it is stored.
 pub const MAX_NODE_ID_LEN: usize = 128;
 pub const MAX_CORES: usize = 4096;
@@ -120,6 +124,8 @@ pub enum ReportError {
     TooMany(usize, &'static str, usize),
     #[error("tier `{0}` of core {1} reports more than {MAX_REGION_BYTES} bytes")]
     RegionTooLarge(String, usize),
+    #[error("the controller already follows {0} nodes, its limit, and none has been down long enough to be aged out")]
+    TooManyNodes(usize),
 }
 
 /// A node's state change, for the caller to log (and, later, to act on).
@@ -184,6 +190,8 @@ pub struct Cluster {
     /// dead (reads of their blocks answer data unavailable) until a node
     /// with that number reports again.
     gone: BTreeSet<u16>,
+    /// Nodes followed at most ([`MAX_NODES`]).
+    max_nodes: usize,
 }
 
 /// Job → weight map by node number, as a metadata node applies it.
@@ -215,7 +223,44 @@ impl Cluster {
             boots: BTreeMap::new(),
             restarts: BTreeMap::new(),
             gone: BTreeSet::new(),
+            max_nodes: MAX_NODES,
         }
+    }
+
+    /// Follows at most `n` nodes (tests use a small limit).
+    pub fn set_max_nodes(&mut self, n: usize) {
+        self.max_nodes = n.max(1);
+    }
+
+    /// Makes room for a new node at the node limit: forgets the node down
+    /// longest, when it has been down for [`FORGET_DOWN_AFTER`]
+    /// down-intervals, is not draining and holds no job's namespace.
+    fn make_room(&mut self, for_node: &str, now: Instant) -> Result<(), ReportError> {
+        if self.nodes.len() < self.max_nodes || self.nodes.contains_key(for_node) {
+            return Ok(());
+        }
+        let grace = self.down_after() * FORGET_DOWN_AFTER;
+        let oldest = self
+            .nodes
+            .iter()
+            .filter(|(id, r)| {
+                r.state == NodeState::Down
+                    && now.saturating_duration_since(r.received) > grace
+                    && !self.draining.contains_key(*id)
+                    && !self.holds_namespaces(id)
+            })
+            .min_by_key(|(_, r)| r.received)
+            .map(|(id, r)| (id.clone(), now.saturating_duration_since(r.received)));
+        let Some((id, silent)) = oldest else { return Err(ReportError::TooManyNodes(self.max_nodes)) };
+        self.forget(
+            &id,
+            format!(
+                "node {id} was down for {} ms: forgotten to make room for node {for_node} (the controller follows {} nodes at most)",
+                silent.as_millis(),
+                self.max_nodes
+            ),
+        );
+        Ok(())
     }
 
     /// Takes over the owed frees kept by an earlier controller (its data
@@ -257,6 +302,7 @@ impl Cluster {
     /// Returns the state changes it caused.
     pub fn heartbeat(&mut self, report: NodeReport, now: Instant) -> Result<Vec<Transition>, ReportError> {
         validate(&report)?;
+        self.make_room(&report.node_id, now)?;
         self.gone.remove(&report.node_number);
         self.pass_versions_held(&report);
         self.acknowledge_frees(&report);
@@ -2326,6 +2372,33 @@ mod drain_tests {
         c.sweep(t2);
         c.forget("b2", "stopped".into());
         assert_eq!(c.dead_numbers(), Vec::<u16>::new());
+    }
+
+    /// Past the node limit, a report from a new node ages out the node down
+    /// longest (if down long enough, not draining, holding no namespace),
+    /// else it is refused; known nodes keep reporting.
+    #[test]
+    fn the_node_count_is_capped() {
+        let t0 = Instant::now();
+        let mut c = Cluster::new(HB, 3);
+        c.set_max_nodes(2);
+        c.heartbeat(empty(report("a", 1, 1000)), t0).unwrap();
+        c.heartbeat(empty(report("b", 2, 1000)), t0).unwrap();
+        let e = c.heartbeat(report("c", 3, 1000), t0).unwrap_err();
+        assert!(matches!(e, ReportError::TooManyNodes(2)), "{e}");
+        assert_eq!(c.node_count(), 2);
+        c.heartbeat(empty(report("a", 1, 2000)), t0 + HB).unwrap();
+        let grace = c.down_after() * FORGET_DOWN_AFTER;
+        let t1 = t0 + grace + 2 * HB;
+        c.heartbeat(empty(report("a", 1, 3000)), t1).unwrap();
+        c.sweep(t1);
+        assert_eq!(c.state("b"), Some(NodeState::Down));
+        c.heartbeat(report("c", 3, 1000), t1).unwrap();
+        assert_eq!((c.state("b"), c.state("c")), (None, Some(NodeState::Up)), "b aged out for c");
+        let events = c.events(0, usize::MAX).events;
+        assert!(events.iter().any(|e| e.node.as_deref() == Some("b") && e.message.contains("make room")));
+        let e = c.heartbeat(report("d", 4, 1000), t1).unwrap_err();
+        assert!(matches!(e, ReportError::TooManyNodes(2)), "a and c are up: {e}");
     }
 
     /// A provisioned node down for longer than FORGET_DOWN_AFTER

@@ -103,8 +103,12 @@ async fn heartbeat(
     let node_id = report.node_id.clone();
     let mut c = s.cluster();
     // State changes become events inside `heartbeat`.
-    c.heartbeat(report, Instant::now())
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")))?;
+    c.heartbeat(report, Instant::now()).map_err(|e| match e {
+        super::cluster::ReportError::TooManyNodes(_) => {
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        e => ApiError(StatusCode::BAD_REQUEST, format!("invalid node report: {e}")),
+    })?;
     let mut commands = c.take_commands(&node_id);
     commands.extend(c.view_commands(&node_id));
     let reply = HeartbeatReply {
