@@ -169,8 +169,12 @@ struct Conn {
     /// What the connection's capability token allows (`Auth`).
     grant: Option<access::Grant>,
     /// Received bytes not yet parsed (an incomplete frame, or input held back
-    /// by backpressure).
+    /// by backpressure). Grows with the bytes that arrive (`append_partial`),
+    /// shrinks once frames are small again (`trim_partial`).
     partial: Vec<u8>,
+    /// The length of the incomplete frame `partial` starts with, once its
+    /// header is in (0 when not known).
+    frame_len: usize,
     /// Responses produced this pass, handed to the transport after the poll
     /// (flash reads spliced in as their buffers, not copied).
     tx: Output,
@@ -1028,8 +1032,9 @@ impl State {
         let mut p = std::mem::take(&mut self.conns[id].partial);
         let (used, need) = self.parse(id, &p);
         p.drain(..used);
-        p.reserve(need.saturating_sub(p.len()));
-        self.conns[id].partial = p;
+        trim_partial(&mut p, need);
+        let c = &mut self.conns[id];
+        (c.partial, c.frame_len) = (p, need);
     }
 
     /// Parses and dispatches complete frames from `buf`. Returns the bytes
@@ -1208,6 +1213,35 @@ pub fn storage_report(core: usize, e: &FlashEngine) -> TierReport {
     }
 }
 
+/// A connection's receive buffer larger than this is given back once the
+/// frames it receives are no larger (`trim_partial`).
+const PARTIAL_KEEP: usize = 128 << 10;
+
+/// Appends received bytes to a connection's unparsed ones. The buffer grows
+/// with what arrives (doubling, and never past `frame`, the length of the
+/// frame being received when known): a frame's header alone reserves
+/// nothing for the body it announces.
+fn append_partial(buf: &mut Vec<u8>, data: &[u8], frame: usize) {
+    let want = buf.len() + data.len();
+    if want > buf.capacity() {
+        let mut cap = (buf.capacity() * 2).max(want);
+        if frame >= want {
+            cap = cap.min(frame);
+        }
+        buf.reserve_exact(cap - buf.len());
+    }
+    buf.extend_from_slice(data);
+}
+
+/// Gives back a receive buffer grown for a large frame once what it holds
+/// and the frame it waits for (`frame`, 0 if not known) are small again;
+/// a connection that keeps sending large frames keeps its buffer.
+fn trim_partial(buf: &mut Vec<u8>, frame: usize) {
+    if buf.capacity() > PARTIAL_KEEP && buf.len().max(frame) <= PARTIAL_KEEP {
+        buf.shrink_to(frame);
+    }
+}
+
 /// Whether `buf` starts with a whole frame (parsing is paused or stalled).
 fn holds_frame(buf: &[u8], limits: &Limits) -> bool {
     matches!(proto::decode_header(buf, limits, true), Ok(Some(h)) if buf.len() >= h.frame_len())
@@ -1247,12 +1281,13 @@ impl EventSink for State {
             // The common case: parse straight from the transport's buffer.
             let (used, need) = self.parse(conn, data);
             let c = &mut self.conns[conn];
+            c.frame_len = need;
             if used < data.len() && !c.closing {
-                c.partial.reserve(need.max(data.len() - used));
-                c.partial.extend_from_slice(&data[used..]);
+                append_partial(&mut c.partial, &data[used..], need);
             }
+            trim_partial(&mut c.partial, need);
         } else {
-            c.partial.extend_from_slice(data);
+            append_partial(&mut c.partial, data, c.frame_len);
             self.parse_partial(conn);
         }
     }
@@ -1284,5 +1319,47 @@ impl EventSink for State {
             *c = Conn { gen, ..Conn::default() };
             self.connections = self.connections.saturating_sub(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header announcing a 16 MiB frame reserves nothing for it; the
+    /// buffer then doubles as the body arrives and stops at the frame.
+    #[test]
+    fn receive_buffers_grow_with_what_arrives_up_to_the_frame() {
+        let frame = (16 << 20) + 40;
+        let mut buf = Vec::new();
+        append_partial(&mut buf, &[0; 140], frame);
+        assert!(buf.capacity() < 1024, "{} bytes reserved for 140", buf.capacity());
+        let chunk = vec![1u8; 65536];
+        let mut grew = 0;
+        while buf.len() < frame {
+            let n = chunk.len().min(frame - buf.len());
+            let cap = buf.capacity();
+            append_partial(&mut buf, &chunk[..n], frame);
+            assert!(buf.capacity() <= frame, "{} past the frame", buf.capacity());
+            grew += usize::from(buf.capacity() != cap);
+        }
+        assert_eq!(buf.capacity(), frame);
+        assert!(grew <= 20, "{grew} reallocations for one frame");
+    }
+
+    /// After a large frame the buffer is given back once small frames
+    /// follow, and kept while large ones do.
+    #[test]
+    fn receive_buffers_shrink_after_large_frames() {
+        let mut buf: Vec<u8> = Vec::with_capacity(4 << 20);
+        trim_partial(&mut buf, 4 << 20);
+        assert_eq!(buf.capacity(), 4 << 20, "the next frame is as large: kept");
+        buf.extend_from_slice(&[0; 30]);
+        trim_partial(&mut buf, 0);
+        assert!(buf.capacity() <= PARTIAL_KEEP, "{}", buf.capacity());
+        assert_eq!(buf, [0; 30]);
+        let mut small: Vec<u8> = Vec::with_capacity(4096);
+        trim_partial(&mut small, 0);
+        assert_eq!(small.capacity(), 4096, "small buffers are left alone");
     }
 }
