@@ -192,6 +192,12 @@ pub struct Cluster {
     gone: BTreeSet<u16>,
     /// Nodes followed at most ([`MAX_NODES`]).
     max_nodes: usize,
+    /// Owed deregistrations whose call failed, with when: tried again a
+    /// down-interval later, not on every sweep.
+    dereg_failed: BTreeMap<String, Instant>,
+    /// When this controller started: until every live node has reported
+    /// (one down-interval), it does not know them all.
+    born: Instant,
 }
 
 /// Job → weight map by node number, as a metadata node applies it.
@@ -224,6 +230,8 @@ impl Cluster {
             restarts: BTreeMap::new(),
             gone: BTreeSet::new(),
             max_nodes: MAX_NODES,
+            dereg_failed: BTreeMap::new(),
+            born: Instant::now(),
         }
     }
 
@@ -1457,12 +1465,27 @@ impl Cluster {
     }
 
     /// The owed deregistrations whose metadata node is up, with what one
-    /// needs (job, node id, its address, the live nodes' addresses), at most `limit`.
-    pub fn deregistrations_due(&self, limit: usize) -> Vec<(String, String, String, BTreeMap<u16, String>)> {
+    /// needs (job, node id, its address, the live nodes' addresses), at most
+    /// `limit`. None in the controller's first down-interval: the live nodes
+    /// it has not heard from yet would neither be freed nor owed the free.
+    pub fn deregistrations_due(
+        &self,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<(String, String, String, BTreeMap<u16, String>)> {
+        if now.saturating_duration_since(self.born) < self.down_after() {
+            return Vec::new();
+        }
         let up = |id: &str| self.nodes.get(id).filter(|r| r.state == NodeState::Up);
+        let waiting = |job: &str| {
+            self.dereg_failed
+                .get(job)
+                .is_some_and(|at| now.saturating_duration_since(*at) < self.down_after())
+        };
         let due: Vec<(String, String, String)> = self
             .owed
             .deregs()
+            .filter(|(job, _)| !waiting(job))
             .filter_map(|(job, id)| up(id).map(|r| (job.to_string(), id.to_string(), r.report.addr.clone())))
             .take(limit)
             .collect();
@@ -1471,6 +1494,14 @@ impl Cluster {
         }
         let addrs = self.node_addrs();
         due.into_iter().map(|(j, id, a)| (j, id, a, addrs.clone())).collect()
+    }
+
+    /// The owed deregistration of `job` failed (at `now`): it waits a
+    /// down-interval before it is tried again.
+    pub fn deregistration_failed(&mut self, job: &str, now: Instant) {
+        let quiet = self.down_after();
+        self.dereg_failed.retain(|_, at| now.saturating_duration_since(*at) < quiet);
+        self.dereg_failed.insert(job.to_string(), now);
     }
 
     /// The owed deregistration of `job` on `node_id` was done (`d`: what
@@ -1483,6 +1514,7 @@ impl Cluster {
         d: Option<&Deregistered>,
         asked: &BTreeSet<u16>,
     ) {
+        self.dereg_failed.remove(job);
         if !self.owed.drop_dereg(job, node_id) {
             return;
         }
@@ -2696,19 +2728,27 @@ mod small_tests {
         assert!(c.remove_job("j").is_some());
         c.owe_deregistration("j", "m", "its node is down");
         c.record_deregistered("j", "m", "node m is down");
-        assert_eq!(c.deregistrations_due(16), vec![], "m is down");
+        assert_eq!(c.deregistrations_due(t1, 16), vec![], "m is down");
         let t2 = t1 + 60 * HB;
         let mut r = report("m", 1, Role::Metadata);
         r.jobs = vec![JobReport { name: "j".into(), id: 1, registered: true, objects: 0, bytes: 0 }];
         c.heartbeat(r, t2).unwrap();
         c.heartbeat(report("s", 2, Role::Storage), t2).unwrap();
         assert_eq!(c.unadopted(t2, 16), vec![], "long past the hold-off, a deregistration is owed");
-        let due = c.deregistrations_due(16);
+        assert_eq!(
+            c.deregistrations_due(Instant::now(), 16),
+            vec![],
+            "not in the controller's first interval"
+        );
+        let due = c.deregistrations_due(t2, 16);
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].0.as_str(), due[0].1.as_str(), due[0].2.as_str()), ("j", "m", "127.0.0.1:7401"));
         assert_eq!(due[0].3.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        c.deregistration_failed("j", t2);
+        assert_eq!(c.deregistrations_due(t2 + HB, 16), vec![], "a failed call waits a down-interval");
+        assert_eq!(c.deregistrations_due(t2 + 4 * HB, 16).len(), 1);
         c.deregistration_done("j", "m", None, &BTreeSet::from([1, 2]));
-        assert_eq!(c.deregistrations_due(16), vec![], "done");
+        assert_eq!(c.deregistrations_due(t2, 16), vec![], "done");
         assert_eq!(c.unadopted(Instant::now(), 16), vec![], "held off while the node's next report comes");
     }
 

@@ -216,7 +216,7 @@ impl Shared {
     /// Deregisters the jobs owed to metadata nodes that are up again (a
     /// failed call is tried again on a later sweep).
     async fn deregister_owed(&self) {
-        let due = self.cluster().deregistrations_due(16);
+        let due = self.cluster().deregistrations_due(Instant::now(), 16);
         for (name, node_id, addr, nodes) in due {
             let secret = self.cluster_secret.clone();
             let job = name.clone();
@@ -228,9 +228,13 @@ impl Shared {
             match done {
                 Ok(Ok(d)) => self.cluster().deregistration_done(&name, &node_id, d.as_ref(), &asked),
                 Ok(Err(e)) => {
-                    tracing::debug!(job = %name, error = %e, "owed deregistration failed; tried again")
+                    tracing::debug!(job = %name, error = %e, "owed deregistration failed; tried again");
+                    self.cluster().deregistration_failed(&name, Instant::now());
                 }
-                Err(e) => tracing::warn!(error = %e, "deregistration task failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "deregistration task failed");
+                    self.cluster().deregistration_failed(&name, Instant::now());
+                }
             }
         }
     }
