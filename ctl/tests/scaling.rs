@@ -92,8 +92,14 @@ fn provisioner_scales_drains_and_grows_for_a_job() {
 
     // scale --nodes 1 drains the least-used node that holds no namespace;
     // with no data it stops at once.
+    // The node that held after-drain's namespace is drainable once its own
+    // report no longer lists the job (its next heartbeat): until then the
+    // controller keeps it, so scaling down may drain nothing yet.
     let _: DeregisterResponse = up.ctl.json(&["job", "deregister", "after-drain"]);
-    let r: ScaleResponse = up.ctl.json(&["scale", "--nodes", "1"]);
+    let r: ScaleResponse = wait_for(Duration::from_secs(10), "scale --nodes 1 drains a node", || {
+        let r: ScaleResponse = up.ctl.json(&["scale", "--nodes", "1"]);
+        (!r.draining.is_empty()).then_some(r)
+    });
     assert_eq!((r.draining.len(), r.open_nodes), (1, 1));
     assert_ne!(r.draining[0], j.node_id, "wide's namespace stays");
     up.wait_open_nodes(1, "one node after scaling down");
