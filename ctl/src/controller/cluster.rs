@@ -1068,7 +1068,6 @@ impl Cluster {
     pub fn start_drain(&mut self, node_id: &str, why: &str, now: Instant) -> Result<(), String> {
         match self.nodes.get(node_id) {
             None => return Err(format!("no node `{node_id}`")),
-            Some(r) if r.state != NodeState::Up => return Err(format!("node {node_id} is down")),
             Some(r) if !r.report.role.storage() => {
                 return Err(format!(
                 "node {node_id} is a metadata node: it holds job namespaces, not blocks, and is not drained"
@@ -1088,14 +1087,15 @@ impl Cluster {
         }
         self.draining.insert(node_id.to_string(), now);
         let used = self.used_bytes(node_id).unwrap_or(0);
-        self.events.push(
-            EventKind::Drain,
-            Some(node_id),
-            None,
+        let message = if self.state(node_id) == Some(NodeState::Down) {
+            // A crashed node: nothing to wait for, it is stopped and forgotten.
+            format!("draining {node_id} ({why}): it is down; it is stopped and forgotten")
+        } else {
             format!(
                 "draining {node_id} ({why}): weight 0 for new data; waiting for its {used} bytes to be freed"
-            ),
-        );
+            )
+        };
+        self.events.push(EventKind::Drain, Some(node_id), None, message);
         self.close_node(node_id);
         Ok(())
     }
@@ -2459,6 +2459,9 @@ mod drain_tests {
         c.heartbeat(report("c", 3, 3000), t2).unwrap();
         c.sweep(t2);
         assert_eq!(c.long_down(&provisioned, t2), vec![("b".to_string(), grace)]);
+        // One need not wait that long: a down node can be drained, and is done at once.
+        c.start_drain("b", "test", t2).unwrap();
+        assert_eq!(c.drained(), vec!["b".to_string()]);
         c.forget("b", "forgotten".into());
         assert_eq!(c.state("b"), None);
         assert_eq!(c.long_down(&provisioned, t2), vec![]);
