@@ -44,9 +44,14 @@ fn registration_mints_a_token_the_nodes_accept() {
     };
     assert!(job.is_none(), "a request without a token was served");
     let forged_secret = Secret::new(b"not-the-cluster-secret-at-all".to_vec()).unwrap();
-    let forged =
-        Token::issue(&forged_secret, "guarded", Rights::ALL, SystemTime::now() + Duration::from_secs(600))
-            .unwrap();
+    let forged = Token::issue(
+        &forged_secret,
+        "guarded",
+        None,
+        Rights::ALL,
+        SystemTime::now() + Duration::from_secs(600),
+    )
+    .unwrap();
     c.set_token(Some(forged));
     let e = c.job("guarded").expect_err("a forged token was accepted");
     assert_eq!(e.status(), Some(Status::Unauthorized), "{e}");

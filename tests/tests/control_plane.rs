@@ -548,7 +548,7 @@ fn a_missing_or_forged_token_is_refused() {
     });
     let expiry = SystemTime::now() + Duration::from_secs(600);
     let other = Secret::new(b"some-other-secret-not-the-clusters".to_vec()).unwrap();
-    let forged = Token::issue(&other, "guarded", Rights::ALL, expiry).unwrap();
+    let forged = Token::issue(&other, "guarded", None, Rights::ALL, expiry).unwrap();
     // A valid token of another job does not open this one either.
     let _: JobEntry = c.json(&["job", "register", "neighbour"]);
     let neighbours = c.json::<JobEntry>(&["job", "register", "neighbour2"]).token.expect("token");
@@ -583,6 +583,24 @@ fn a_missing_or_forged_token_is_refused() {
     }
     let got = connect(&node.report.addr, Some(&token)).read_block(loc.block, 0, 16).expect("with the token");
     assert_eq!(got, data[..16]);
+    // Another job's valid token does not open this job's block there:
+    // neither read, write nor free (the block belongs to this job's owner).
+    let mut theirs = connect(&node.report.addr, Some(&neighbours));
+    for (what, r) in [
+        ("read", theirs.read_block(loc.block, 0, 16).map(drop)),
+        ("write", theirs.write_block(loc.block, 0, b"overwritten by a neighbour").map(drop)),
+        ("free", theirs.free_block(loc.block)),
+    ] {
+        let e = r.expect_err(what);
+        assert_eq!(e.status(), Some(Status::Unauthorized), "another job's token, {what}: {e}");
+        assert!(e.to_string().contains("another job"), "{e}");
+    }
+    // This job's token writes (the same bytes) and frees its blocks there.
+    let mut ours = connect(&node.report.addr, Some(&token));
+    ours.write_block(loc.block, 0, &data[..16]).expect("write with the token");
+    let spare = client.alloc_block_at(&job, loc.node, 0, tier::DRAM).expect("alloc there");
+    ours.free_block(spare).expect("free with the token");
+    assert_eq!(client.get_buffer(&job, "secret-obj").expect("get after the refusals"), data);
 
     // pollenctl: a forged --token is refused; without one it asks the controller.
     let out = c.ctl(&["--token", &forged, "get", "guarded", "secret-obj", "-"]);

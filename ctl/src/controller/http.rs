@@ -238,12 +238,12 @@ async fn register_job_now(s: Arc<Shared>, body: Bytes) -> Result<(StatusCode, Js
     };
     let mut c = s.cluster();
     match outcome {
-        Ok(()) => {
+        Ok(owner) => {
             let mut entry = c
                 .commit_job(&name)
                 .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "job vanished".into()))?;
             drop(c);
-            with_token(&s, &mut entry)?;
+            with_token(&s, &mut entry, owner)?;
             Ok((StatusCode::CREATED, Json(entry)))
         }
         Err(why) => {
@@ -400,13 +400,13 @@ async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: axum::m
     next.run(req).await
 }
 
-/// Adds a fresh read-write capability token for the job, when the cluster
-/// has a secret.
-fn with_token(s: &Shared, entry: &mut JobEntry) -> Result<(), ApiError> {
+/// Adds a fresh read-write capability token for the job, whose blocks
+/// `owner` holds, when the cluster has a secret.
+fn with_token(s: &Shared, entry: &mut JobEntry, owner: dataplane::auth::BlockOwner) -> Result<(), ApiError> {
     if let Some(secret) = &s.cluster_secret {
-        let (t, expiry) =
-            nodeops::mint(secret, &entry.name, dataplane::auth::Rights::READ_WRITE, s.token_ttl)
-                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        let rw = dataplane::auth::Rights::READ_WRITE;
+        let (t, expiry) = nodeops::mint(secret, &entry.name, Some(owner), rw, s.token_ttl)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
         entry.token = Some(t);
         entry.token_expiry_unix = Some(expiry);
     }
@@ -428,6 +428,18 @@ async fn job_token(
     let mut entry = s
         .read(|c, _| c.job(&name))
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job `{name}`")))?;
-    with_token(&s, &mut entry)?;
+    // The token claims the job's block owner: its id on its metadata node, asked there.
+    let (addr, job_name, secret) = (entry.node_addr.clone(), name.clone(), s.cluster_secret.clone());
+    if addr.is_empty() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("job {name}: its metadata node {} is unknown; no token until it is back", entry.node_id),
+        ));
+    }
+    let owner = tokio::task::spawn_blocking(move || nodeops::block_owner(&addr, &job_name, secret.as_ref()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("token task failed: {e}")))?
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, format!("minting a token for {name}: {e}")))?;
+    with_token(&s, &mut entry, owner)?;
     Ok(Json(entry))
 }

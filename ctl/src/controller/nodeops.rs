@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::time::SystemTime;
 
-use dataplane::auth::{Rights, Secret, Token};
+use dataplane::auth::{BlockOwner, Rights, Secret, Token};
 use dataplane::client::{Client, Deregistered};
 use dataplane::proto::{JobHints, Status};
 
@@ -23,10 +23,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lifetime of the token the controller presents for its own calls.
 const OWN_TOKEN_TTL: Duration = Duration::from_secs(300);
 
-/// A capability token for `job`, valid for `ttl`; with its expiry (Unix seconds).
-pub fn mint(secret: &Secret, job: &str, rights: Rights, ttl: Duration) -> Result<(String, u64), String> {
+/// A capability token for `job`, whose blocks `owner` holds (`None`: the
+/// token opens no blocks unless `rights` has `ADMIN`), valid for `ttl`;
+/// with its expiry (Unix seconds).
+pub fn mint(
+    secret: &Secret,
+    job: &str,
+    owner: Option<BlockOwner>,
+    rights: Rights,
+    ttl: Duration,
+) -> Result<(String, u64), String> {
     let expiry = SystemTime::now() + ttl;
-    let t = Token::issue(secret, job, rights, expiry).map_err(|e| format!("token for {job}: {e}"))?;
+    let t = Token::issue(secret, job, owner, rights, expiry).map_err(|e| format!("token for {job}: {e}"))?;
     let secs = expiry.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Ok((t, secs))
 }
@@ -50,20 +58,39 @@ fn connect(addr: &str, job: &str, secret: Option<&Secret>) -> Result<Client, Str
         .map_err(|e| format!("cannot reach node at {addr}: {e}"))?;
     c.set_timeout(NODE_TIMEOUT);
     if let Some(s) = secret {
-        c.set_token(Some(mint(s, job, Rights::ALL, OWN_TOKEN_TTL)?.0));
+        // ADMIN: not limited to one owner's blocks.
+        c.set_token(Some(mint(s, job, None, Rights::ALL, OWN_TOKEN_TTL)?.0));
     }
     Ok(c)
 }
 
 /// Registers `name` on the node at `addr`. A job the node already has
 /// (registered directly, or holding PERSIST objects) is taken over as is.
-pub fn register(addr: &str, name: &str, hints: JobHints, secret: Option<&Secret>) -> Result<(), String> {
+/// Returns the owner of the job's blocks: the node's number and the job's
+/// id there (what its tokens claim).
+pub fn register(
+    addr: &str,
+    name: &str,
+    hints: JobHints,
+    secret: Option<&Secret>,
+) -> Result<BlockOwner, String> {
     let mut c = connect(addr, name, secret)?;
-    match c.register_job(name, hints) {
-        Ok(_) => Ok(()),
-        Err(e) if e.status() == Some(Status::Exists) => Ok(()),
-        Err(e) => Err(format!("node at {addr} refused job {name}: {e}")),
-    }
+    let job = match c.register_job(name, hints) {
+        Ok(j) => j,
+        Err(e) if e.status() == Some(Status::Exists) => {
+            c.job(name).map_err(|e| format!("node at {addr}: job {name}: {e}"))?
+        }
+        Err(e) => return Err(format!("node at {addr} refused job {name}: {e}")),
+    };
+    Ok(BlockOwner { meta_node: c.node_number(), job_id: job.id })
+}
+
+/// The owner of `name`'s blocks, as its metadata node at `addr` has it
+/// (for a token minted after the registration).
+pub fn block_owner(addr: &str, name: &str, secret: Option<&Secret>) -> Result<BlockOwner, String> {
+    let mut c = connect(addr, name, secret)?;
+    let job = c.job(name).map_err(|e| format!("node at {addr}: job {name}: {e}"))?;
+    Ok(BlockOwner { meta_node: c.node_number(), job_id: job.id })
 }
 
 /// Deregisters `name` on its metadata node at `addr`, freeing its blocks

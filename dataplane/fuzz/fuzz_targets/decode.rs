@@ -286,10 +286,10 @@ fn token(b: &[u8]) {
     if let Ok(t) = Token::inspect(text) {
         assert!(!t.job.is_empty() && !t.job.contains('/'));
         let expiry = UNIX_EPOCH + Duration::from_secs(t.expiry.min(u32::MAX as u64 * 4));
-        if let Ok(again) = Token::issue(&secret, &t.job, t.rights, expiry) {
+        if let Ok(again) = Token::issue(&secret, &t.job, t.owner, t.rights, expiry) {
             if expiry > now {
                 let back = Token::verify(&secret, &again, now).expect("a token just issued verifies");
-                assert_eq!((back.job, back.rights), (t.job, t.rights));
+                assert_eq!((back.job, back.owner, back.rights), (t.job, t.owner, t.rights));
             }
         }
     }

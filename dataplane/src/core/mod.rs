@@ -258,6 +258,7 @@ struct Deferred {
     origin: u8,
     conn: ConnId,
     gen: u32,
+    claim: access::BlockClaim,
     frame: Vec<u8>,
 }
 
@@ -684,8 +685,8 @@ impl State {
                 let Ok(m) = self.links.inbound[i].pop() else { break };
                 n += 1;
                 match m {
-                    Msg::Request { origin, conn, gen, frame } if !self.deferred.is_empty() => {
-                        self.deferred.push_back(Deferred { origin, conn, gen, frame });
+                    Msg::Request { origin, conn, gen, claim, frame } if !self.deferred.is_empty() => {
+                        self.deferred.push_back(Deferred { origin, conn, gen, claim, frame });
                     }
                     m => self.on_message(m),
                 }
@@ -696,9 +697,9 @@ impl State {
 
     fn on_message(&mut self, m: Msg) {
         match m {
-            Msg::Request { origin, conn, gen, frame } => {
-                if let Err(frame) = self.run_forwarded(origin, conn, gen, frame) {
-                    self.deferred.push_back(Deferred { origin, conn, gen, frame });
+            Msg::Request { origin, conn, gen, claim, frame } => {
+                if let Err(frame) = self.run_forwarded(origin, conn, gen, claim, frame) {
+                    self.deferred.push_back(Deferred { origin, conn, gen, claim, frame });
                 }
             }
             Msg::Response { conn, gen, frame } => {
@@ -814,13 +815,15 @@ impl State {
     }
 
     /// Executes a request forwarded by core `origin` and sends the answer
-    /// back, now or when its I/O completes. Gives the frame back when the
-    /// tier's queue is full.
+    /// back, now or when its I/O completes; a block request whose block
+    /// `claim` does not cover is answered `unauthorized`. Gives the frame
+    /// back when the tier's queue is full.
     fn run_forwarded(
         &mut self,
         origin: u8,
         conn: ConnId,
         gen: u32,
+        claim: access::BlockClaim,
         mut frame: Vec<u8>,
     ) -> Result<(), Vec<u8>> {
         let mut out = std::mem::take(&mut self.scratch);
@@ -828,7 +831,12 @@ impl State {
         let done = match proto::decode_header(&frame, &self.cfg.limits, true) {
             Ok(Some(h)) if h.frame_len() == frame.len() => {
                 let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
-                self.execute(&h, key, body, &mut out, ReplyTo::Remote { origin, conn, gen })
+                if let Some(msg) = self.block_refusal(&h, key, claim) {
+                    exec::respond(&mut out, h.request_id, h.opcode, Status::Unauthorized, msg.as_bytes());
+                    Exec::Done
+                } else {
+                    self.execute(&h, key, body, &mut out, ReplyTo::Remote { origin, conn, gen })
+                }
             }
             _ => {
                 exec::respond(
@@ -870,7 +878,7 @@ impl State {
     fn retry_deferred(&mut self) -> usize {
         let mut n = 0;
         while let Some(d) = self.deferred.pop_front() {
-            if let Err(frame) = self.run_forwarded(d.origin, d.conn, d.gen, d.frame) {
+            if let Err(frame) = self.run_forwarded(d.origin, d.conn, d.gen, d.claim, d.frame) {
                 self.deferred.push_front(Deferred { frame, ..d });
                 break;
             }
@@ -1098,7 +1106,12 @@ impl State {
     fn dispatch(&mut self, id: ConnId, h: &Header, frame: &[u8]) -> bool {
         let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
         let owner = self.owner(h, key);
+        let claim = self.block_claim(id);
         if owner == self.cfg.id as usize {
+            if let Some(msg) = self.block_refusal(h, key, claim) {
+                self.answer_here(id, h, Status::Unauthorized, msg);
+                return true;
+            }
             let mut tx = std::mem::take(&mut self.conns[id].tx);
             let gen = self.conns[id].gen;
             let done = self.execute(h, key, body, tx.bytes_mut(), ReplyTo::Local { conn: id, gen });
@@ -1120,7 +1133,7 @@ impl State {
         let mut buf = self.frames.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(frame);
-        let m = Msg::Request { origin: self.cfg.id, conn: id, gen, frame: buf };
+        let m = Msg::Request { origin: self.cfg.id, conn: id, gen, claim, frame: buf };
         if let Err(m) = out.try_push(m) {
             if let Msg::Request { frame, .. } = m {
                 self.frames.push(frame);

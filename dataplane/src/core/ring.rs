@@ -12,8 +12,9 @@ use crate::transport::ConnId;
 
 pub enum Msg {
     /// A whole request frame for the receiving core to execute; the reply
-    /// goes back to `origin` for connection `conn` (generation `gen`).
-    Request { origin: u8, conn: ConnId, gen: u32, frame: Vec<u8> },
+    /// goes back to `origin` for connection `conn` (generation `gen`);
+    /// `claim` is what the connection's token allows with blocks.
+    Request { origin: u8, conn: ConnId, gen: u32, claim: super::access::BlockClaim, frame: Vec<u8> },
     /// A whole response frame for connection `conn` on the receiving core.
     Response { conn: ConnId, gen: u32, frame: Vec<u8> },
     /// Blocks of a deleted object that live on the receiving core.

@@ -126,6 +126,11 @@ impl DramTier {
         Ok(i)
     }
 
+    /// The owner of a live block (`NotFound` for anything stale or foreign).
+    pub fn owner_of(&self, id: BlockId) -> Result<Owner, StorageError> {
+        self.slot(id).map(|i| self.owners[i])
+    }
+
     fn data_mut(&mut self, i: usize) -> &mut [u8] {
         let bs = self.block_size as usize;
         &mut self.arena.as_mut_slice()[i * bs..(i + 1) * bs]

@@ -881,6 +881,11 @@ impl FlashEngine {
         Ok(id.index())
     }
 
+    /// The owner of a live block (`NotFound` for anything stale or foreign).
+    pub fn owner_of(&self, id: BlockId) -> Result<Owner, StorageError> {
+        self.slot_of(id).map(|s| self.slots.owner(s))
+    }
+
     fn id(&self, slot: u32) -> BlockId {
         BlockId::new(self.tier, self.core, self.slots.gen(slot), slot)
     }
