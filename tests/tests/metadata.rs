@@ -134,6 +134,37 @@ fn acknowledged_objects_survive_sigkill(net: NetBackend) {
     node.kill();
 }
 
+/// The delete after a read of a DELETE_AFTER_READ object is conditional
+/// (only the object read) and logged like a `Delete`: after a SIGKILL the
+/// node replays the one that took effect, and the newer object put under the
+/// name, which a stale delete left alone, is still there.
+fn conditional_deletes_replay(net: NetBackend) {
+    let dir = TierDir::new("metalog-dar");
+    let node = start(&dir, net);
+    let (mut a, mut b) = (Client::connect(node.addr).unwrap(), Client::connect(node.addr).unwrap());
+    let job = a.register_job("dar", JobHints::default()).unwrap();
+    let once = PutOptions { persist: true, delete_after_read: true, tier: Some(tier::FLASH) };
+    a.put_buffer(&job, "msg", &bytes(BS + 3, 1), once).unwrap();
+    let read_by_a = a.lookup(&job, "msg").unwrap();
+    assert_eq!(b.get_buffer(&job, "msg").unwrap(), bytes(BS + 3, 1));
+    let v2 = bytes(2 * BS, 2);
+    b.put_buffer(&job, "msg", &v2, once).unwrap();
+    a.after_read(&job, "msg", &read_by_a).unwrap();
+    a.put_buffer(&job, "other", &bytes(7, 3), once).unwrap();
+    assert_eq!(b.get_buffer(&job, "other").unwrap(), bytes(7, 3));
+    drop((a, b));
+    node.kill();
+
+    let node = start(&dir, net);
+    let mut c = Client::connect(node.addr).unwrap();
+    let job = c.job("dar").unwrap();
+    assert_eq!(c.lookup(&job, "other").unwrap_err().status(), Some(Status::NotFound), "its delete replayed");
+    assert_eq!(c.get_buffer(&job, "msg").unwrap(), v2, "the newer object survived the stale delete");
+    assert_eq!(c.lookup(&job, "msg").unwrap_err().status(), Some(Status::NotFound));
+    drop(c);
+    node.kill();
+}
+
 /// A node with a data directory refuses a log written by a node of another
 /// shape, with a message that says why.
 #[test]
@@ -311,5 +342,6 @@ fn a_data_directory_serves_one_node_at_a_time() {
 
 pollen_tests::on_both_backends!(
     acknowledged_objects_survive_sigkill,
+    conditional_deletes_replay,
     pipelined_forwarded_changes_are_durable
 );

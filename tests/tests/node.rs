@@ -158,6 +158,66 @@ fn persist_and_delete_after_read(net: NetBackend) {
     n.shutdown();
 }
 
+/// Readers A and B both read v1 of a DELETE_AFTER_READ object; B deletes
+/// it; a writer puts v2 under the same name; A's delete after its read must
+/// not remove v2, which was never read.
+fn delete_after_read_spares_a_newer_object(net: NetBackend) {
+    let n = start(net, 2, 64);
+    let (mut a, mut b, mut w) = (
+        Client::connect(n.addr()).unwrap(),
+        Client::connect(n.addr()).unwrap(),
+        Client::connect(n.addr()).unwrap(),
+    );
+    let job = w.register_job("dar", JobHints::default()).unwrap();
+    let once = PutOptions { delete_after_read: true, ..Default::default() };
+    let v1 = bytes(2 * BS + 5, 11);
+    w.put_buffer(&job, "msg", &v1, once).unwrap();
+    // A reads v1 as `get_buffer` does (lookup, then the blocks), but stops
+    // before its delete.
+    let meta_a = a.lookup(&job, "msg").unwrap();
+    let mut read_a = Vec::new();
+    for l in &meta_a.blocks {
+        read_a.extend(a.read_block(l.block, 0, BlockKey::TO_END).unwrap());
+    }
+    assert_eq!(read_a, v1);
+    // B reads v1 in full and deletes it.
+    assert_eq!(b.get_buffer(&job, "msg").unwrap(), v1);
+    wait_used(&n, 0);
+    let v2 = bytes(3 * BS, 12);
+    w.put_buffer(&job, "msg", &v2, once).unwrap();
+    let meta_v2 = w.lookup(&job, "msg").unwrap();
+    assert_ne!(meta_v2, meta_a);
+    // A finishes its get: v1 is already gone, which is fine for A, and v2 stays.
+    a.after_read(&job, "msg", &meta_a).unwrap();
+    assert_eq!(a.lookup(&job, "msg").unwrap(), meta_v2);
+    wait_used(&n, 3);
+    // On the wire: Delete with the stale ObjectMeta as body answers 1 and
+    // changes nothing; an empty body is the unconditional Delete.
+    let key = format!("{}/msg", job.name);
+    let mut raw = Raw::connect(n.core_addrs()[0]);
+    let mut stale = Vec::new();
+    meta_a.encode(&mut stale);
+    raw.send(&Raw::frame(Opcode::Delete, 0, 1, key.as_bytes(), &stale));
+    let r = raw.recv().expect("response");
+    assert_eq!(r.header.status, Status::NotFound as u16);
+    assert!(String::from_utf8_lossy(&r.body).contains("no longer the object read"), "{:?}", r.body);
+    raw.send(&Raw::frame(Opcode::Delete, 0, 2, key.as_bytes(), b"junk"));
+    assert_eq!(raw.recv().expect("response").header.status, Status::Malformed as u16);
+    assert_eq!(a.lookup(&job, "msg").unwrap(), meta_v2);
+    // v2 reads back in full, and that read deletes it.
+    assert_eq!(a.get_buffer(&job, "msg").unwrap(), v2);
+    assert_eq!(b.lookup(&job, "msg").unwrap_err().status(), Some(Status::NotFound));
+    wait_used(&n, 0);
+    // The plain Delete is unchanged.
+    w.put_buffer(&job, "plain", b"x", PutOptions::default()).unwrap();
+    raw.send(&Raw::frame(Opcode::Delete, 0, 3, format!("{}/plain", job.name).as_bytes(), &[]));
+    let r = raw.recv().expect("response");
+    assert_eq!(r.header.status, Status::Ok as u16);
+    assert!(r.body.is_empty());
+    assert_eq!(w.lookup(&job, "plain").unwrap_err().status(), Some(Status::NotFound));
+    n.shutdown();
+}
+
 fn capacity_exhaustion(net: NetBackend) {
     let n = start(net, 2, 8); // 16 blocks in all
     let mut c = Client::connect(n.addr()).unwrap();
@@ -1266,6 +1326,7 @@ pollen_tests::on_every_backend!(
     files_round_trip,
     namespace_rules,
     persist_and_delete_after_read,
+    delete_after_read_spares_a_newer_object,
     capacity_exhaustion,
     block_api,
     pipelined_out_of_order,

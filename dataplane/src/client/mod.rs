@@ -524,8 +524,14 @@ impl Client {
     /// metadata node frees the object's blocks on itself and answers with
     /// those on other nodes, which the client frees there (`BlockFree`).
     pub fn delete(&mut self, job: &Job, name: &str) -> Result<(), ClientError> {
+        self.delete_with(job, name, &[])
+    }
+
+    /// `Delete` with body `read` (empty: plain; an encoded ObjectMeta: only
+    /// if the object is still that one, protocol §7).
+    fn delete_with(&mut self, job: &Job, name: &str, read: &[u8]) -> Result<(), ClientError> {
         let key = path_key(job, name)?;
-        let body = self.meta_call(&job.name, Opcode::Delete, 0, key.as_bytes(), &[])?;
+        let body = self.meta_call(&job.name, Opcode::Delete, 0, key.as_bytes(), read)?;
         if body.is_empty() {
             return Ok(());
         }
@@ -594,9 +600,21 @@ impl Client {
         Ok(meta.size)
     }
 
-    fn after_read(&mut self, job: &Job, name: &str, meta: &ObjectMeta) -> Result<(), ClientError> {
+    /// The end of a get (`get`, `get_buffer` call it): if `meta`, as
+    /// `lookup` answered it, has `DELETE_AFTER_READ`, deletes that object,
+    /// and only that one: if another reader deleted it first, or another
+    /// object was put under the name since, that is not an error and a newer
+    /// object stays. For clients that read the blocks themselves
+    /// (`read_block`) after a `lookup`.
+    pub fn after_read(&mut self, job: &Job, name: &str, meta: &ObjectMeta) -> Result<(), ClientError> {
         if meta.flags & flags::DELETE_AFTER_READ != 0 {
-            match self.delete(job, name) {
+            // Conditional: only the object this read looked up. Not found
+            // means another reader deleted it first (a writer may have
+            // put a newer object under the name since: it stays).
+            let mut read =
+                Vec::with_capacity(ObjectMeta::FIXED_LEN + 6 + proto::LOCATION_LEN * meta.blocks.len());
+            meta.encode(&mut read);
+            match self.delete_with(job, name, &read) {
                 // Another reader got there first: the read itself succeeded.
                 Err(e) if e.status() == Some(Status::NotFound) => {}
                 r => r?,

@@ -385,11 +385,20 @@ impl State {
                 frame(out, id, opc, fl, ok, |o| proto::encode_entries(&entries, o));
             }
             Opcode::Delete => {
-                no_body(body)?;
                 let (job, path) = proto::split_job_key(key)?;
+                // A body makes it conditional: the ObjectMeta a Lookup
+                // answered (the delete after a DELETE_AFTER_READ read).
+                let read = if body.is_empty() {
+                    None
+                } else {
+                    Some(ObjectMeta::decode(body, body.len() / proto::LOCATION_LEN)?)
+                };
                 // Blocks on other nodes are the client's to free: they go back in the answer.
                 let remote = self.ns.remote_blocks(job, path);
-                let r = self.ns.delete(job, path)?;
+                let r = match &read {
+                    None => self.ns.delete(job, path)?,
+                    Some(read) => self.ns.delete_if(job, path, read)?,
+                };
                 self.ns_changed = true;
                 self.log(Record::Delete { job, path });
                 self.release_committed(r);

@@ -484,18 +484,44 @@ impl Namespaces {
     /// Deletes an object (its blocks of this node are released; see
     /// `remote_blocks` for the others) or an empty directory.
     pub fn delete(&mut self, name: &str, path: &str) -> Result<Release, MetaError> {
+        self.delete_matching(name, path, None)
+    }
+
+    /// Deletes object `path` only if it is still exactly `read` (size, flags
+    /// and block ids, as a `Lookup` answered it): the delete after a read of a
+    /// `DELETE_AFTER_READ` object. Block ids carry a generation (never
+    /// reused), so a newer object put under the same name since does not
+    /// match and stays; the answer is then 1 (not found), as when the object
+    /// is gone.
+    pub fn delete_if(&mut self, name: &str, path: &str, read: &ObjectMeta) -> Result<Release, MetaError> {
+        self.delete_matching(name, path, Some(read))
+    }
+
+    fn delete_matching(
+        &mut self,
+        name: &str,
+        path: &str,
+        read: Option<&ObjectMeta>,
+    ) -> Result<Release, MetaError> {
         let node = self.node;
         let job = self.job_mut(name)?;
-        match job.entries.get(path) {
-            None => Err(err(Status::NotFound, format!("no object or directory '{path}'"))),
-            Some(Entry::Dir) if job.has_children(path) => {
+        match (job.entries.get(path), read) {
+            (None, _) => Err(err(Status::NotFound, format!("no object or directory '{path}'"))),
+            (Some(Entry::Object(m, _)), Some(read)) if m != read => Err(err(
+                Status::NotFound,
+                format!("'{path}' is no longer the object read (deleted and put again since)"),
+            )),
+            (Some(Entry::Dir), Some(_)) => {
+                Err(err(Status::NotFound, format!("'{path}' is no longer the object read (now a directory)")))
+            }
+            (Some(Entry::Dir), None) if job.has_children(path) => {
                 Err(err(Status::Malformed, format!("directory '{path}' is not empty")))
             }
-            Some(Entry::Dir) => {
+            (Some(Entry::Dir), None) => {
                 job.entries.remove(path);
                 Ok(Release::None)
             }
-            Some(Entry::Object(..)) => {
+            (Some(Entry::Object(..)), _) => {
                 let Some(Entry::Object(m, _)) = job.entries.remove(path) else { unreachable!() };
                 job.objects -= 1;
                 job.bytes -= m.size;
@@ -603,6 +629,78 @@ mod tests {
         );
         assert_eq!(n.delete("j", "d").unwrap(), Release::None);
         assert_eq!(n.info("j").unwrap().objects, 1);
+    }
+
+    #[test]
+    fn delete_if_removes_only_the_object_read() {
+        let mut n = ns();
+        n.register("j", JobHints::default()).unwrap();
+        let v1 = obj(130, flags::DELETE_AFTER_READ, 10);
+        n.put("j", "m", v1.clone()).unwrap();
+        // Readers A and B looked up v1; B deletes it, a writer puts v2.
+        assert_eq!(
+            n.delete_if("j", "m", &v1).unwrap(),
+            Release::Blocks(vec![BlockId(10), BlockId(11), BlockId(12)])
+        );
+        let v2 = obj(130, flags::DELETE_AFTER_READ, 20);
+        n.put("j", "m", v2.clone()).unwrap();
+        // A's delete after its read of v1 leaves v2 alone.
+        let e = n.delete_if("j", "m", &v1).unwrap_err();
+        assert_eq!(e.status, Status::NotFound);
+        assert!(e.message.contains("no longer the object read"), "{}", e.message);
+        assert_eq!(n.lookup("j", "m").unwrap(), &v2);
+        assert_eq!(n.info("j").unwrap().objects, 1);
+        // Same blocks but another size or flags is another object too.
+        let other_size = ObjectMeta { size: 129, ..v2.clone() };
+        assert_eq!(n.delete_if("j", "m", &other_size).unwrap_err().status, Status::NotFound);
+        let other_flags = ObjectMeta { flags: 0, ..v2.clone() };
+        assert_eq!(n.delete_if("j", "m", &other_flags).unwrap_err().status, Status::NotFound);
+        // Gone, or a directory now under the name: not found, nothing removed.
+        n.create_dir("j", "d").unwrap();
+        assert_eq!(n.delete_if("j", "d", &v1).unwrap_err().status, Status::NotFound);
+        assert_eq!(n.delete_if("j", "nothing", &v1).unwrap_err().status, Status::NotFound);
+        assert!(n.enumerate("j", "d", "", 1 << 20).is_ok(), "the directory stays");
+        assert_eq!(
+            n.delete_if("j", "m", &v2).unwrap(),
+            Release::Blocks(vec![BlockId(20), BlockId(21), BlockId(22)])
+        );
+        assert_eq!(n.info("j").unwrap().objects, 0);
+        assert_eq!(n.info("j").unwrap().bytes, 0);
+        // A deregistered job's objects are not reachable by it.
+        n.put("j", "p", obj(1, flags::PERSIST, 30)).unwrap();
+        n.deregister("j").unwrap();
+        assert_eq!(n.delete_if("j", "p", &obj(1, flags::PERSIST, 30)).unwrap_err().status, Status::NotFound);
+    }
+
+    proptest::proptest! {
+        /// Whatever object was looked up, `delete_if` removes the one under
+        /// the name exactly when it is that object, and changes nothing
+        /// otherwise.
+        #[test]
+        fn delete_if_matches_exactly_the_object_read(
+            size in 0u64..300,
+            fl in 0u16..4,
+            first in 0u64..1000,
+            read_size in 0u64..300,
+            read_fl in 0u16..4,
+            read_first in 0u64..1000,
+        ) {
+            let mut n = ns();
+            n.register("j", JobHints::default()).unwrap();
+            let stored = obj(size, fl, first);
+            n.put("j", "x", stored.clone()).unwrap();
+            let read = obj(read_size, read_fl, read_first);
+            let r = n.delete_if("j", "x", &read);
+            if read == stored {
+                proptest::prop_assert_eq!(r.unwrap(), Release::Blocks(stored.blocks.iter().map(|l| l.block).collect()));
+                proptest::prop_assert!(n.lookup("j", "x").is_err());
+                proptest::prop_assert_eq!(n.info("j").unwrap().objects, 0);
+            } else {
+                proptest::prop_assert_eq!(r.unwrap_err().status, Status::NotFound);
+                proptest::prop_assert_eq!(n.lookup("j", "x").unwrap(), &stored);
+                proptest::prop_assert_eq!(n.info("j").unwrap().bytes, size);
+            }
+        }
     }
 
     #[test]
