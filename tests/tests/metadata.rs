@@ -165,6 +165,40 @@ fn conditional_deletes_replay(net: NetBackend) {
     node.kill();
 }
 
+/// A PERSIST put with the default placement goes to flash on a node with
+/// flash, even for a latency-sensitive job (whose other puts start in DRAM),
+/// so it survives a SIGKILL and restart; a PERSIST put that names DRAM is
+/// accepted (it survives deregistration) but its data is gone after the
+/// restart (status 7).
+fn persist_puts_default_to_flash(net: NetBackend) {
+    let dir = TierDir::new("metalog-persist");
+    let node = start(&dir, net);
+    let mut c = Client::connect(node.addr).unwrap();
+    let ls = JobHints { latency_sensitive: true, ..JobHints::default() };
+    let job = c.register_job("hot", ls).unwrap();
+    assert_eq!(c.placement(&job, None), tier::DRAM | tier::SPILL, "a latency-sensitive job starts in DRAM");
+    assert_eq!(c.persist_placement(&job, None), tier::FLASH);
+    let kept = bytes(3 * BS + 9, 21);
+    c.put_buffer(&job, "kept", &kept, PutOptions { persist: true, ..PutOptions::default() }).unwrap();
+    let meta = c.lookup(&job, "kept").unwrap();
+    assert!(meta.blocks.iter().all(|l| l.block.tier() == tier::FLASH), "{meta:?}");
+    c.put_buffer(&job, "hot", &bytes(BS, 22), PutOptions::default()).unwrap();
+    assert!(c.lookup(&job, "hot").unwrap().blocks.iter().all(|l| l.block.tier() == tier::DRAM));
+    let in_dram = PutOptions { persist: true, tier: Some(tier::DRAM), ..PutOptions::default() };
+    c.put_buffer(&job, "dram", &bytes(BS, 23), in_dram).unwrap();
+    drop(c);
+    node.kill();
+
+    let node = start(&dir, net);
+    let mut c = Client::connect(node.addr).unwrap();
+    let job = c.job("hot").unwrap();
+    assert_eq!(c.get_buffer(&job, "kept").unwrap(), kept, "the PERSIST object on flash survived");
+    let e = c.lookup(&job, "dram").unwrap_err();
+    assert_eq!(e.status(), Some(Status::DataUnavailable), "PERSIST in DRAM is not restart-durable: {e}");
+    drop(c);
+    node.kill();
+}
+
 /// A node with a data directory refuses a log written by a node of another
 /// shape, with a message that says why.
 #[test]
@@ -343,5 +377,6 @@ fn a_data_directory_serves_one_node_at_a_time() {
 pollen_tests::on_both_backends!(
     acknowledged_objects_survive_sigkill,
     conditional_deletes_replay,
+    persist_puts_default_to_flash,
     pipelined_forwarded_changes_are_durable
 );

@@ -129,7 +129,9 @@ enum Cmd {
         name: String,
         /// The local file to store ('-' = standard input)
         file: PathBuf,
-        /// Keep the object when its job is deregistered
+        /// Keep the object when its job is deregistered (across a node restart only its flash and
+        /// disk blocks on the metadata node: without --tier it goes to flash, else disk, when the
+        /// node has one; DRAM blocks are lost on restart)
         #[arg(long)]
         persist: bool,
         /// Delete the object after its first complete read

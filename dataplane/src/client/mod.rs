@@ -104,6 +104,13 @@ pub struct PutOptions {
     /// DRAM. With the job's `spill_over` hint a block whose tier is full goes
     /// to the next tier down; without it the put fails with `NoCapacity`.
     /// A tier the node lacks fails the put with `NotFound`.
+    ///
+    /// With `persist`, `None` puts the blocks on the metadata node on flash
+    /// (else disk) when it has it, whatever the job's hints, because only
+    /// flash and disk blocks survive a node restart; blocks on other nodes
+    /// (`set_put_nodes`) go to DRAM there, the one tier a PERSIST object
+    /// may use on another node. A PERSIST object with a DRAM block is kept
+    /// across `deregister_job` but not across a restart of that block's node.
     pub tier: Option<u8>,
 }
 
@@ -635,7 +642,7 @@ impl Client {
         let bs = self.block_size();
         let n = size.div_ceil(bs) as usize;
         let mut blocks: Vec<Option<Location>> = vec![None; n];
-        let written = self.write_blocks(job, size, &src, &mut blocks, opts.tier);
+        let written = self.write_blocks(job, size, &src, &mut blocks, opts);
         let result = written.and_then(|()| {
             let meta = ObjectMeta {
                 size,
@@ -674,7 +681,13 @@ impl Client {
     /// within a node, see `PutOptions::tier`): the tier, with
     /// `tier::SPILL` when a full tier may hand the block to the next one down.
     pub fn placement(&self, job: &Job, asked: Option<u8>) -> u8 {
-        placement_on(&self.nodes[0].info, job, asked)
+        placement_on(&self.nodes[0].info, job, asked, Persist::No)
+    }
+
+    /// The tier byte of a `PERSIST` put's blocks on the metadata node: a
+    /// restart-durable tier when the node has one (see `PutOptions::tier`).
+    pub fn persist_placement(&self, job: &Job, asked: Option<u8>) -> u8 {
+        placement_on(&self.nodes[0].info, job, asked, Persist::Here)
     }
 
     /// The connections new blocks go to: every core of every put node.
@@ -740,11 +753,11 @@ impl Client {
         size: u64,
         src: &Source,
         blocks: &mut [Option<Location>],
-        asked: Option<u8>,
+        opts: PutOptions,
     ) -> Result<(), ClientError> {
         let r = self
             .assign_blocks(job, blocks.len())
-            .and_then(|assign| self.write_lanes(job, size, src, blocks, asked, &assign));
+            .and_then(|assign| self.write_lanes(job, size, src, blocks, opts, &assign));
         if r.is_err() {
             self.drop_all();
         }
@@ -758,7 +771,7 @@ impl Client {
         size: u64,
         src: &Source,
         blocks: &mut [Option<Location>],
-        asked: Option<u8>,
+        opts: PutOptions,
         assign: &[Lane],
     ) -> Result<(), ClientError> {
         debug_assert_eq!(assign.len(), blocks.len());
@@ -770,7 +783,15 @@ impl Client {
         let home = self.node_number();
         let alloc_keys: Vec<Vec<u8>> = lanes
             .iter()
-            .map(|l| alloc_key(job, placement_on(&self.nodes[l.node].info, job, asked), home))
+            .map(|l| {
+                let info = &self.nodes[l.node].info;
+                let persist = match opts.persist {
+                    false => Persist::No,
+                    true if info.node_number == home => Persist::Here,
+                    true => Persist::Elsewhere,
+                };
+                alloc_key(job, placement_on(info, job, opts.tier, persist), home)
+            })
             .collect();
         let numbers: Vec<u16> = lanes.iter().map(|l| self.nodes[l.node].info.node_number).collect();
         let mut buf = vec![0u8; bs as usize];
@@ -925,13 +946,28 @@ fn group_by_lane(assign: &[Lane]) -> (Vec<Lane>, Vec<Vec<usize>>) {
     (lanes, plan)
 }
 
+/// Whether a put's blocks are for a `PERSIST` object, and where they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    No,
+    /// On the metadata node: its flash and disk blocks survive a restart.
+    Here,
+    /// On another node: only DRAM is accepted there (protocol.md §7
+    /// `PutObject`), and none of it survives that node's restart.
+    Elsewhere,
+}
+
 /// `BlockAlloc`'s tier byte for a put of `job` on a node described by
 /// `info` (see `PutOptions::tier`).
-fn placement_on(info: &NodeInfo, job: &Job, asked: Option<u8>) -> u8 {
+fn placement_on(info: &NodeInfo, job: &Job, asked: Option<u8>, persist: Persist) -> u8 {
     let spill = if job.hints.spill_over { tier::SPILL } else { 0 };
     let has_flash = info.has_tier(tier::FLASH);
     match asked {
         Some(t) => t | spill,
+        // A PERSIST object survives a restart only on flash or disk.
+        None if persist == Persist::Here && has_flash => tier::FLASH | spill,
+        None if persist == Persist::Here && info.has_tier(tier::DISK) => tier::DISK,
+        None if persist == Persist::Elsewhere => tier::DRAM,
         // A DRAM share, the rest on flash.
         None if job.hints.latency_sensitive && has_flash => tier::DRAM | tier::SPILL,
         None if job.hints.latency_sensitive => tier::DRAM | spill,
@@ -1078,5 +1114,50 @@ mod connect_tests {
         let e = Client::connect_timeout(addr, Duration::from_millis(200)).err().expect("no answer: an error");
         assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}: {e}", t.elapsed());
         assert!(Client::connect_timeout(addr, Duration::ZERO).is_err(), "a zero timeout is refused");
+    }
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    fn info(tiers: &[u8]) -> NodeInfo {
+        NodeInfo {
+            block_size: 4096,
+            max_body: 1 << 20,
+            main_port: 1,
+            node_number: 1,
+            core_ports: vec![2],
+            tiers: tiers.iter().fold(tier::bit(tier::DRAM), |b, &t| b | tier::bit(t)),
+        }
+    }
+
+    fn job(latency_sensitive: bool, spill_over: bool) -> Job {
+        Job {
+            name: "j".into(),
+            id: 1,
+            hints: JobHints { latency_sensitive, spill_over, ..JobHints::default() },
+        }
+    }
+
+    #[test]
+    fn persist_puts_go_to_a_restart_durable_tier_on_the_metadata_node() {
+        let flash = info(&[tier::FLASH]);
+        let ls = job(true, false);
+        // Latency-sensitive: DRAM first normally, flash for PERSIST.
+        assert_eq!(placement_on(&flash, &ls, None, Persist::No), tier::DRAM | tier::SPILL);
+        assert_eq!(placement_on(&flash, &ls, None, Persist::Here), tier::FLASH);
+        assert_eq!(placement_on(&flash, &job(false, true), None, Persist::Here), tier::FLASH | tier::SPILL);
+        assert_eq!(placement_on(&info(&[tier::DISK]), &ls, None, Persist::Here), tier::DISK);
+        // No durable tier: DRAM as before (kept across deregistration only).
+        assert_eq!(placement_on(&info(&[]), &ls, None, Persist::Here), tier::DRAM);
+        assert_eq!(
+            placement_on(&info(&[]), &job(false, true), None, Persist::Here),
+            tier::DRAM | tier::SPILL
+        );
+        // On another node only DRAM is accepted for PERSIST, without spilling to flash.
+        assert_eq!(placement_on(&flash, &job(false, true), None, Persist::Elsewhere), tier::DRAM);
+        // A named tier is always kept.
+        assert_eq!(placement_on(&flash, &ls, Some(tier::DRAM), Persist::Here), tier::DRAM);
     }
 }
