@@ -317,16 +317,7 @@ fn pollen_up_reads_a_config_file() {
 #[test]
 fn separate_controller_and_node_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ctl = Command::new(POLLEN)
-        .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pollen controller");
-    let stdout = ctl.stdout.take().unwrap();
-    let mut ctl = Reaper(Some(ctl));
-    let url = pollen_tests::control::controller_url(stdout);
+    let (mut ctl, url) = pollen_tests::control::spawn_controller(dir.path(), "127.0.0.1:0", &[]);
 
     let mut node = Reaper(Some(
         Command::new(POLLEN)

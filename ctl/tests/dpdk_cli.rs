@@ -36,16 +36,7 @@ fn pollen_node_on_dpdk_serves_pollenctl() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut ctl = Command::new(POLLEN)
-        .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pollen controller");
-    let stdout = ctl.stdout.take().unwrap();
-    let mut ctl = Reaper(Some(ctl));
-    let url = pollen_tests::control::controller_url(stdout);
+    let (mut ctl, url) = pollen_tests::control::spawn_controller(dir.path(), "127.0.0.1:0", &[]);
 
     // A per-process tap and subnet of the benchmarking range (198.19.0.0/16).
     let iface = format!("pcli{}", std::process::id() % 100_000);

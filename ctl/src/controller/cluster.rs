@@ -1185,8 +1185,7 @@ impl Cluster {
     /// The next version of a view: larger than every earlier one, and at
     /// least the wall clock in ms.
     fn next_version(&mut self) -> u64 {
-        self.last_version = self.last_version.saturating_add(1).max(unix_ms());
-        self.last_version
+        bump_version(&mut self.last_version)
     }
 
     /// A node holding a view version above every one handed out (from an
@@ -1276,8 +1275,7 @@ impl Cluster {
         let dead = self.dead_numbers();
         // A node holding a newer version than ours (an earlier controller's)
         // gets a new one: past every version held ([`Cluster::pass_versions_held`]).
-        let ahead = |v: Option<u64>, ours: u64| v.is_some_and(|v| v > ours);
-        if dead != self.dead_view.1 || ahead(held.dead_version, self.dead_view.0) {
+        if dead != self.dead_view.1 || held.dead_version.is_some_and(|v| v > self.dead_view.0) {
             let v = self.next_version();
             self.dead_view = (v, dead);
         }
@@ -1292,32 +1290,28 @@ impl Cluster {
             out.push(NodeCommand::FreeOwners { frees });
         }
         let maps = self.weight_maps_of(node_id);
-        let changed = match self.weights_view.get(node_id) {
-            Some((v, m)) => *m != maps || ahead(held.weights_version, *v),
-            None => !maps.is_empty() || held.weights_version.is_some(),
-        };
-        if changed {
-            let v = self.next_version();
-            self.weights_view.insert(node_id.to_string(), (v, maps));
-        }
-        if let Some((v, maps)) = self.weights_view.get(node_id) {
-            if held.weights_version != Some(*v) {
-                out.push(NodeCommand::SetJobWeights { version: *v, jobs: maps.clone() });
-            }
+        let empty = maps.is_empty();
+        if let Some((version, jobs)) = node_view(
+            &mut self.weights_view,
+            &mut self.last_version,
+            node_id,
+            held.weights_version,
+            maps,
+            empty,
+        ) {
+            out.push(NodeCommand::SetJobWeights { version, jobs });
         }
         let shares = self.dram_shares_of(node_id);
-        let changed = match self.dram_view.get(node_id) {
-            Some((v, s)) => *s != shares || ahead(held.dram_shares_version, *v),
-            None => !shares.is_empty() || held.dram_shares_version.is_some(),
-        };
-        if changed {
-            let v = self.next_version();
-            self.dram_view.insert(node_id.to_string(), (v, shares));
-        }
-        if let Some((v, shares)) = self.dram_view.get(node_id) {
-            if held.dram_shares_version != Some(*v) {
-                out.push(NodeCommand::SetDramShares { version: *v, shares: shares.clone() });
-            }
+        let empty = shares.is_empty();
+        if let Some((version, shares)) = node_view(
+            &mut self.dram_view,
+            &mut self.last_version,
+            node_id,
+            held.dram_shares_version,
+            shares,
+            empty,
+        ) {
+            out.push(NodeCommand::SetDramShares { version, shares });
         }
         out
     }
@@ -1542,6 +1536,38 @@ impl Cluster {
             self.events.push(EventKind::Error, None, None, format!("owed frees not kept on disk: {e}"));
         }
     }
+}
+
+/// The next view version after `last` (and not below the wall clock in
+/// ms, so versions grow across controller restarts).
+fn bump_version(last: &mut u64) -> u64 {
+    *last = last.saturating_add(1).max(unix_ms());
+    *last
+}
+
+/// One node's part of a per-node view (weight maps, DRAM shares):
+/// `views[node_id]` is what the node was last given, with its version. A
+/// new version when `want` differs from it, or when the node holds a
+/// version above it (an earlier controller's); a node with no entry that
+/// holds nothing and has nothing (`empty`) gets none. The view to send, while
+/// the node's `held` version is another one.
+fn node_view<T: PartialEq + Clone>(
+    views: &mut BTreeMap<String, (u64, T)>,
+    last_version: &mut u64,
+    node_id: &str,
+    held: Option<u64>,
+    want: T,
+    empty: bool,
+) -> Option<(u64, T)> {
+    let changed = match views.get(node_id) {
+        Some((v, have)) => *have != want || held.is_some_and(|h| h > *v),
+        None => !empty || held.is_some(),
+    };
+    if changed {
+        let v = bump_version(last_version);
+        views.insert(node_id.to_string(), (v, want));
+    }
+    views.get(node_id).filter(|(v, _)| held != Some(*v)).cloned()
 }
 
 /// Job `j`'s weight map by node number: its live nodes with a weight
