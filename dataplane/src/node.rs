@@ -848,10 +848,9 @@ impl Node {
         let mut v: Vec<_> = s
             .dram_shares
             .iter()
-            .map(|(&o, &bytes)| crate::meta::cluster::DramShare {
-                metadata_node: (o >> 32) as u16,
-                job: o as u32,
-                bytes,
+            .map(|(&o, &bytes)| {
+                let (metadata_node, job) = crate::storage::owner_parts(o);
+                crate::meta::cluster::DramShare { metadata_node, job, bytes }
             })
             .collect();
         v.sort_unstable_by_key(|d| (d.metadata_node, d.job));

@@ -26,6 +26,11 @@ pub const fn job_owner(node: u16, job: u32) -> Owner {
     (node as Owner) << 32 | job as Owner
 }
 
+/// The (metadata node, job id) a [`job_owner`] was made of.
+pub const fn owner_parts(o: Owner) -> (u16, u32) {
+    ((o >> 32) as u16, o as u32)
+}
+
 /// Whether `o` is a job's owner (not free, not persisted).
 pub const fn is_job_owner(o: Owner) -> bool {
     (o as u32) < FIRST_RESERVED_JOB_ID && o >> 48 == 0
@@ -358,6 +363,8 @@ mod tests {
         // Job id 5 of metadata nodes 0, 1 and 2: three owners.
         let blocks: Vec<BlockId> = (0..3u16).map(|n| t.alloc(job_owner(n, 5)).unwrap()).collect();
         assert_eq!(job_owner(0, 5), 5, "node 0's owners are its job ids");
+        assert_eq!(owner_parts(job_owner(2, 5)), (2, 5));
+        assert_eq!(owner_parts(job_owner(u16::MAX, u32::MAX)), (u16::MAX, u32::MAX));
         assert_eq!(t.free_owner(job_owner(1, 5), &HashSet::new()), 1);
         assert!(t.read(blocks[0], 0, 0).is_ok() && t.read(blocks[2], 0, 0).is_ok());
         assert!(t.read(blocks[1], 0, 0).is_err());

@@ -6,7 +6,9 @@ mod dram;
 pub mod flash;
 
 pub use arena::Arena;
-pub use dram::{is_job_owner, job_owner, DramTier, Owner, FIRST_RESERVED_JOB_ID, PERSISTED_OWNER};
+pub use dram::{
+    is_job_owner, job_owner, owner_parts, DramTier, Owner, FIRST_RESERVED_JOB_ID, PERSISTED_OWNER,
+};
 pub use flash::{Completion, FlashConfig, FlashEngine, IoMode, ReadBuf, TierPolicy};
 
 use crate::proto::Status;
