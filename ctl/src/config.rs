@@ -189,7 +189,8 @@ pub struct NodeFlags {
     /// (also $POLLEN_CLUSTER_SECRET_FILE; at least 16 bytes) [default: none, no token checks]
     #[arg(long, value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
-    /// --net dpdk: DPDK EAL arguments, e.g. "-l 2-3 -a 0000:03:00.0" (docs/dpdk.md)
+    /// --net dpdk: DPDK EAL arguments, e.g. "-l 2-3 -a 0000:03:00.0", split as a shell would
+    /// (quote an argument that holds spaces) (docs/dpdk.md)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub dpdk_args: Option<String>,
     /// --net dpdk: the DPDK port number to use [default: 0]
@@ -506,7 +507,12 @@ impl NodeFlags {
                     .dpdk_args
                     .as_ref()
                     .or(file.dpdk_args.as_ref())
-                    .map(|a| a.split_whitespace().map(str::to_string).collect())
+                    .map(|a| {
+                        shlex::split(a).ok_or_else(|| {
+                            anyhow::anyhow!("--dpdk-args: unbalanced quotes or a trailing \\ in {a:?}")
+                        })
+                    })
+                    .transpose()?
                     .unwrap_or_default(),
                 port_id: self.dpdk_port.or(file.dpdk_port).unwrap_or(0),
                 ip: match (listen, prefix) {
@@ -782,6 +788,22 @@ mod tests {
         data_dir = "file-data"
         ctl_port = 9070
     "#;
+
+    #[test]
+    fn dpdk_args_split_like_a_shell() {
+        let args = |a: &str| {
+            up_flags(&["--dpdk-args", a]).merge(&FileConfig::default()).map(|s| s.node.dpdk.eal_args)
+        };
+        assert_eq!(args("-l 2-3  -a 0000:03:00.0").unwrap(), ["-l", "2-3", "-a", "0000:03:00.0"]);
+        assert_eq!(
+            args(r#"--vdev "net_pcap0,iface=eth 1" --file-prefix='a b'"#).unwrap(),
+            ["--vdev", "net_pcap0,iface=eth 1", "--file-prefix=a b"]
+        );
+        let e = args(r#"--vdev "net_tap0"#).unwrap_err().to_string();
+        assert!(e.contains("--dpdk-args") && e.contains("unbalanced"), "{e}");
+        let from_file = file("dpdk_args = \"-l 1 --vdev 'x y'\"", Command::Up);
+        assert_eq!(up_flags(&[]).merge(&from_file).unwrap().node.dpdk.eal_args, ["-l", "1", "--vdev", "x y"]);
+    }
 
     #[test]
     fn defaults_when_neither_flag_nor_file() {
