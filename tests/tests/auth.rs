@@ -1,5 +1,6 @@
-//! Capability tokens over real TCP, on both network backends: a node with a
-//! cluster secret refuses job requests without a valid token for the job.
+//! Capability tokens over real TCP, on every network backend (DPDK's tap
+//! device too, with `--features dpdk` as root): a node with a cluster secret
+//! refuses job requests without a valid token for the job.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,7 +18,7 @@ fn secret() -> Secret {
 }
 
 fn start(net: NetBackend) -> Node {
-    Node::start(NodeConfig { cluster_secret: Some(secret()), ..node_config(2, net, BS, 64) }).unwrap()
+    pollen_tests::start_node(NodeConfig { cluster_secret: Some(secret()), ..node_config(2, net, BS, 64) })
 }
 
 /// A token without a block owner: with `Rights::ALL` it opens every block,
@@ -223,7 +224,7 @@ fn blocks_open_to_their_owners_token_only(net: NetBackend) {
 
 /// A node without a secret accepts `Auth` and checks nothing (the default).
 fn no_secret_no_checks(net: NetBackend) {
-    let n = Node::start(node_config(1, net, BS, 16)).unwrap();
+    let n = pollen_tests::start_node(node_config(1, net, BS, 16));
     let mut c = Client::connect(n.addr()).unwrap();
     c.set_token(Some("anything".into()));
     let job = c.register_job("free", JobHints::default()).unwrap();
@@ -264,7 +265,7 @@ fn pollen_node_takes_its_secret_from_a_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
 }
 
-pollen_tests::on_both_backends!(
+pollen_tests::on_every_backend!(
     tokens_gate_every_job_request,
     expired_tokens_are_refused,
     auth_on_the_wire,

@@ -323,7 +323,7 @@ fn pipelined_forwarded_changes_are_durable(net: NetBackend) {
         data_dir: Some(dir.0.clone()),
         ..pollen_tests::node_config(2, net, BS, 16)
     };
-    let n = dataplane::node::Node::start(cfg()).unwrap();
+    let n = pollen_tests::start_node(cfg());
     let mut r = Raw::connect(n.addr());
     // "a" hashes to core 0 and "job1" to core 1 (protocol.md §10).
     let mut frames = Vec::new();
@@ -347,7 +347,7 @@ fn pipelined_forwarded_changes_are_durable(net: NetBackend) {
     }
     drop(r);
     n.shutdown();
-    let n = dataplane::node::Node::start(cfg()).unwrap();
+    let n = pollen_tests::start_node(cfg());
     let mut c = Client::connect(n.addr()).unwrap();
     for job in ["a", "job1"] {
         let j = c.job(job).unwrap();
@@ -380,3 +380,18 @@ pollen_tests::on_both_backends!(
     persist_puts_default_to_flash,
     pipelined_forwarded_changes_are_durable
 );
+
+/// The in-process test above over DPDK's tap device and the user-space TCP
+/// stack (feature `dpdk`, root only); the others run `pollen` processes,
+/// whose durability does not depend on the transport.
+#[cfg(feature = "dpdk")]
+mod dpdk {
+    #[test]
+    fn pipelined_forwarded_changes_are_durable() {
+        if !pollen_tests::dpdk::available() {
+            eprintln!("skipped: DPDK tests need root and /dev/net/tun");
+            return;
+        }
+        super::pipelined_forwarded_changes_are_durable(dataplane::node::NetBackend::Dpdk)
+    }
+}
