@@ -521,6 +521,8 @@ impl NodeFlags {
                 },
                 gateway: None,
             },
+            // Tests only: a core that fails on purpose (never set in production).
+            test_poll_fault: dataplane::node::PollFault::from_env().map_err(anyhow::Error::msg)?,
         };
         let heartbeat_ms = self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(DEFAULT_HEARTBEAT_MS);
         anyhow::ensure!(heartbeat_ms >= 1, "the heartbeat interval must be at least 1 ms");

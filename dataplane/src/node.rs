@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -133,6 +133,62 @@ pub struct NodeConfig {
     pub cluster_secret: Option<crate::auth::Secret>,
     /// The DPDK transport's settings (used when `net` is `Dpdk`).
     pub dpdk: DpdkConfig,
+    /// Tests only: makes one core's network poll fail (`PollFault`).
+    /// `None` in every real configuration.
+    pub test_poll_fault: Option<PollFault>,
+}
+
+/// The environment variable `pollen node` and `pollen up` read a
+/// [`PollFault`] from. For tests only: it makes a core fail on purpose.
+pub const POLL_FAULT_ENV: &str = "POLLEN_TEST_FAIL_POLL";
+
+/// Tests only: core `core`'s network poll fails once the core has executed
+/// `after_requests` requests, with an I/O error (or a panic, with `panic`),
+/// as if the transport broke under it: what follows (the node stops) is
+/// what a real poll failure does. Given to `pollen` as
+/// `POLLEN_TEST_FAIL_POLL=CORE:REQUESTS[:panic]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollFault {
+    pub core: usize,
+    pub after_requests: u64,
+    pub panic: bool,
+}
+
+impl PollFault {
+    /// Parses `CORE:REQUESTS[:panic]`.
+    pub fn parse(s: &str) -> Result<PollFault, String> {
+        let bad = || format!("{s:?}: expected CORE:REQUESTS or CORE:REQUESTS:panic");
+        let mut parts = s.split(':');
+        let core = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let after_requests = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let panic = match parts.next() {
+            None => false,
+            Some("panic") => true,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(PollFault { core, after_requests, panic })
+    }
+
+    /// The fault `POLLEN_TEST_FAIL_POLL` asks for, if set.
+    pub fn from_env() -> Result<Option<PollFault>, String> {
+        match std::env::var(POLL_FAULT_ENV) {
+            Ok(v) => PollFault::parse(&v).map(Some).map_err(|e| format!("{POLL_FAULT_ENV}: {e}")),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(e) => Err(format!("{POLL_FAULT_ENV}: {e}")),
+        }
+    }
+
+    /// The poll's outcome once the fault is due.
+    pub(crate) fn trip(&self) -> std::io::Result<usize> {
+        let what = format!("injected by {POLL_FAULT_ENV} (test only)");
+        if self.panic {
+            panic!("core {}: network poll panic {what}", self.core);
+        }
+        Err(std::io::Error::other(format!("network poll error {what}")))
+    }
 }
 
 /// How a node runs on DPDK: the EAL's arguments, which port, and the
@@ -205,6 +261,7 @@ impl Default for NodeConfig {
             data_dir: None,
             cluster_secret: None,
             dpdk: DpdkConfig::default(),
+            test_poll_fault: None,
         }
     }
 }
@@ -351,6 +408,14 @@ impl NodeConfig {
         if self.core_port_base != 0 && self.core_port_base as usize + self.cores > u16::MAX as usize + 1 {
             return bad("core ports run past 65535".into());
         }
+        if let Some(f) = self.test_poll_fault {
+            if f.core >= self.cores {
+                return bad(format!(
+                    "{POLL_FAULT_ENV}: core {} does not exist ({} cores)",
+                    f.core, self.cores
+                ));
+            }
+        }
         if self.net == NetBackend::Dpdk {
             if !cfg!(feature = "dpdk") {
                 return bad(
@@ -373,19 +438,89 @@ pub struct ParkCounts {
     pub with_io: u64,
 }
 
-/// Stops a running node from any thread.
+/// Why a node stopped without being told to: a core thread (or another
+/// thread the node cannot serve without, see `StopHandle::fail`) ended.
+/// A node never runs on with a core fewer: the first failure stops every
+/// core, as `StopHandle::stop` does, and is kept for whoever runs the node
+/// (`StopHandle::wait`, `Node::failure`), so the process can exit non-zero
+/// and a supervisor restart it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{component} failed: {reason}")]
+pub struct NodeFailure {
+    /// What ended, e.g. `core 1` or `heartbeat thread`.
+    pub component: String,
+    pub reason: String,
+}
+
+/// Whether the node was stopped, and the first failure, for `StopHandle::wait`.
+#[derive(Default)]
+struct Fate {
+    state: Mutex<FateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct FateState {
+    stopped: bool,
+    failure: Option<NodeFailure>,
+}
+
+impl Fate {
+    fn state(&self) -> std::sync::MutexGuard<'_, FateState> {
+        // The state is two plain fields: a panic elsewhere cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Stops a running node from any thread, and tells when it stopped.
 #[derive(Clone)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     cores: Arc<Vec<Arc<CoreShared>>>,
+    fate: Arc<Fate>,
 }
 
 impl StopHandle {
+    /// Tells every core to stop (they finish their pass and drain their
+    /// storage I/O); `Node::join` waits for them.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for c in self.cores.iter() {
             c.waker.wake();
         }
+        let mut s = self.fate.state();
+        s.stopped = true;
+        self.fate.changed.notify_all();
+    }
+
+    /// `component` ended and the node cannot serve without it: logs why,
+    /// keeps the first failure (`wait`, `Node::failure`) and stops every
+    /// core. Called by a core thread whose loop ended on an error or a
+    /// panic; a process may call it for its own threads (the heartbeat).
+    pub fn fail(&self, component: impl Into<String>, reason: impl Into<String>) {
+        let failure = NodeFailure { component: component.into(), reason: reason.into() };
+        tracing::error!(component = %failure.component, reason = %failure.reason, "the node stops: it cannot serve without this");
+        {
+            let mut s = self.fate.state();
+            s.failure.get_or_insert(failure);
+        }
+        self.stop();
+    }
+
+    /// Blocks until the node is stopped (`stop`, `fail`, `Node::shutdown`);
+    /// returns the failure that stopped it, if one did (or came while it
+    /// stopped).
+    pub fn wait(&self) -> Option<NodeFailure> {
+        let mut s = self.fate.state();
+        while !s.stopped {
+            s = self.fate.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.failure.clone()
+    }
+
+    /// The first failure so far (`None` while the node runs as it should).
+    pub fn failure(&self) -> Option<NodeFailure> {
+        self.fate.state().failure.clone()
     }
 }
 
@@ -598,7 +733,11 @@ impl Node {
             .collect::<Result<_, _>>()
             .map_err(io_err("eventfd"))?;
         let shared = Arc::new(shared);
-        let stop = StopHandle { stop: Arc::new(AtomicBool::new(false)), cores: shared.clone() };
+        let stop = StopHandle {
+            stop: Arc::new(AtomicBool::new(false)),
+            cores: shared.clone(),
+            fate: Arc::default(),
+        };
         let cpus_total = cpu_count();
         let cpus: Vec<Option<usize>> =
             (0..n).map(|i| cfg.pin.then_some((cfg.cpu_offset + i) % cpus_total)).collect();
@@ -641,7 +780,8 @@ impl Node {
                 storage: tiers.iter().map(|(t, b, r)| (*t, b.clone(), r[i])).collect(),
                 sqpoll: cfg.sqpoll,
                 dpdk: dpdk_queues.next(),
-                stop: stop.stop.clone(),
+                node: stop.clone(),
+                poll_fault: cfg.test_poll_fault.filter(|f| f.core == i),
                 peers: shared.clone(),
                 meta: meta_rx,
             };
@@ -866,16 +1006,26 @@ impl Node {
         self.stop.clone()
     }
 
-    /// Waits for every core to stop (after `StopHandle::stop`).
-    pub fn join(mut self) {
+    /// Waits for every core to stop (after `StopHandle::stop`, or a
+    /// failure); returns the failure that stopped the node, if one did.
+    pub fn join(mut self) -> Option<NodeFailure> {
         for t in self.threads.drain(..) {
+            // A core's panic is caught on its thread and kept as a failure.
             let _ = t.join();
         }
+        self.stop.failure()
     }
 
-    pub fn shutdown(self) {
+    /// Stops every core and waits for them (see `join`).
+    pub fn shutdown(self) -> Option<NodeFailure> {
         self.stop.stop();
-        self.join();
+        self.join()
+    }
+
+    /// Why the node stopped by itself, if it did: a core failed and every
+    /// core was told to stop (`NodeFailure`).
+    pub fn failure(&self) -> Option<NodeFailure> {
+        self.stop.failure()
     }
 
     /// Frees every block that job `job_id` of metadata node `meta_node`
@@ -1053,14 +1203,54 @@ struct CoreStart {
     /// The core's DPDK queue pair and stack settings (DPDK nodes only).
     #[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
     dpdk: Option<DpdkCore>,
-    stop: Arc<AtomicBool>,
+    /// The node's stop flag, and where the core reports its failure.
+    node: StopHandle,
+    /// Tests only: this core's poll fails on purpose (`PollFault`).
+    poll_fault: Option<PollFault>,
     peers: Arc<Vec<Arc<CoreShared>>>,
     /// The core's namespaces, sent once every core has opened its storage.
     meta: mpsc::Receiver<MetaStart>,
 }
 
+/// What a core thread sends `Node::start` once its storage is open: the
+/// flash and disk blocks that survived, or why it cannot start.
+type Ready = mpsc::Sender<(usize, Result<Vec<BlockId>, String>)>;
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 impl CoreStart {
-    fn run(self, ready: mpsc::Sender<(usize, Result<Vec<BlockId>, String>)>) {
+    /// The core thread: starts the core and runs it until the node stops.
+    /// A core that ends any other way (its loop failed, or it panicked)
+    /// stops the whole node (`StopHandle::fail`): a node with a core fewer
+    /// would have dropped that core's connections, blocks and namespaces
+    /// while still reporting it.
+    fn run(self, ready: Ready) {
+        let id = self.cfg.id as usize;
+        let node = self.node.clone();
+        let ready_on_panic = ready.clone();
+        let reason = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(ready))) {
+            Ok(None) => return,
+            Ok(Some(reason)) => reason,
+            Err(payload) => {
+                let reason = format!("panicked: {}", panic_message(&*payload));
+                // While the node starts, `Node::start` waits for every core's answer.
+                let _ = ready_on_panic.send((id, Err(format!("core thread {reason}"))));
+                reason
+            }
+        };
+        node.fail(format!("core {id}"), reason);
+    }
+
+    /// Builds the core and runs it. `None`: it stopped as told, or never
+    /// ran (a start-up failure, sent on `ready`); else why it failed.
+    fn start(self, ready: Ready) -> Option<String> {
         let id = self.cfg.id as usize;
         let tid = nix::unistd::gettid().as_raw() as u64;
         self.peers[id].tid.store(tid, std::sync::atomic::Ordering::Relaxed);
@@ -1074,7 +1264,7 @@ impl CoreStart {
             Ok(d) => d,
             Err(e) => {
                 let _ = ready.send((id, Err(format!("DRAM arena of {} bytes: {e}", self.dram))));
-                return;
+                return None;
             }
         };
         // Capacity is visible in reports from the moment the node is up.
@@ -1085,57 +1275,47 @@ impl CoreStart {
         // Receive buffers hold at least one whole frame.
         let rx = self.max_frame.clamp(256 << 10, 4 << 20);
         let storage = StorageStart { tiers: &self.storage, block_size: self.block_size, sqpoll: self.sqpoll };
+        let running = Running { stop: self.node.stop.clone(), poll_fault: self.poll_fault };
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            let _ = ready.send((id, Err(format!("{what}: {e}"))));
+            None
+        };
+        let core = CoreParts {
+            cfg: self.cfg,
+            links: self.links,
+            dram,
+            running,
+            peers: self.peers,
+            ready: ready.clone(),
+            meta: self.meta,
+        };
         match self.net {
             NetBackend::Epoll => match EpollTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => Self::serve(
-                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
-                ),
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("epoll transport: {e}"))));
-                }
+                Ok(t) => Self::serve(t, storage, core),
+                Err(e) => failed("epoll transport", &e),
             },
             NetBackend::Uring => match UringTransport::new(self.listeners, waker_fd, self.max_conns, rx) {
-                Ok(t) => Self::serve(
-                    self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
-                ),
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("io_uring transport: {e}"))));
-                }
+                Ok(t) => Self::serve(t, storage, core),
+                Err(e) => failed("io_uring transport", &e),
             },
             #[cfg(feature = "dpdk")]
             NetBackend::Dpdk => {
-                match dpdk_transport(self.dpdk, id, self.peers[id].waker.clone(), self.max_conns) {
+                match dpdk_transport(self.dpdk, id, core.peers[id].waker.clone(), self.max_conns) {
                     // The lcore registration lasts as long as the core runs.
-                    Ok((t, _lcore)) => Self::serve(
-                        self.cfg, t, self.links, dram, storage, self.stop, self.peers, ready, self.meta,
-                    ),
-                    Err(e) => {
-                        let _ = ready.send((id, Err(format!("DPDK transport: {e}"))));
-                    }
+                    Ok((t, _lcore)) => Self::serve(t, storage, core),
+                    Err(e) => failed("DPDK transport", &e),
                 }
             }
             #[cfg(not(feature = "dpdk"))]
-            NetBackend::Dpdk => {
-                let _ = ready.send((id, Err("this build has no DPDK support".into())));
-            }
+            NetBackend::Dpdk => failed("DPDK transport", &"this build has no DPDK support"),
         }
     }
 
     /// Opens the core's flash and disk regions — on the transport's ring
     /// when it can carry them (`FlashEngine::open_for_core`) — then runs
     /// the core until the node stops.
-    #[allow(clippy::too_many_arguments)]
-    fn serve<T: Transport>(
-        cfg: CoreConfig,
-        mut transport: T,
-        links: Links,
-        dram: DramTier,
-        storage: StorageStart<'_>,
-        stop: Arc<AtomicBool>,
-        peers: Arc<Vec<Arc<CoreShared>>>,
-        ready: mpsc::Sender<(usize, Result<Vec<BlockId>, String>)>,
-        meta: mpsc::Receiver<MetaStart>,
-    ) {
+    fn serve<T: Transport>(mut transport: T, storage: StorageStart<'_>, core: CoreParts) -> Option<String> {
+        let CoreParts { cfg, links, dram, running, peers, ready, meta } = core;
         let id = cfg.id as usize;
         let mut engines: Vec<FlashEngine> = Vec::new();
         for (i, (t, backing, region)) in storage.tiers.iter().enumerate() {
@@ -1153,7 +1333,7 @@ impl CoreStart {
                         region.index
                     );
                     let _ = ready.send((id, Err(format!("{what}: {e}"))));
-                    return;
+                    return None;
                 }
             }
         }
@@ -1164,9 +1344,31 @@ impl CoreStart {
             engines.iter().flat_map(|e| e.recovered_persistent().iter().map(|r| r.0)).collect();
         let _ = ready.send((id, Ok(survivors)));
         // The namespaces come once every core has reported what survived.
-        let Ok(meta) = meta.recv() else { return };
-        Core::new(cfg, transport, links, dram, engines, stop, peers).with_meta(meta).run();
+        let Ok(meta) = meta.recv() else { return None };
+        Core::new(cfg, transport, links, dram, engines, running.stop, peers)
+            .with_meta(meta)
+            .with_poll_fault(running.poll_fault)
+            .run()
+            .err()
     }
+}
+
+/// A core's parts but its transport and storage, for `CoreStart::serve`.
+struct CoreParts {
+    cfg: CoreConfig,
+    links: Links,
+    dram: DramTier,
+    running: Running,
+    peers: Arc<Vec<Arc<CoreShared>>>,
+    ready: Ready,
+    meta: mpsc::Receiver<MetaStart>,
+}
+
+/// How a core runs once started: the node's stop flag, and (tests only) a
+/// poll fault to inject.
+struct Running {
+    stop: Arc<AtomicBool>,
+    poll_fault: Option<PollFault>,
 }
 
 /// A core's DPDK transport, built on the core's thread, which it registers

@@ -257,6 +257,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<String, Reaper>,
     /// Each node's extra arguments, to start it again the same way.
     args: BTreeMap<String, Vec<String>>,
+    /// Each node's extra environment variables (`start_node_env`).
+    envs: BTreeMap<String, Vec<(String, String)>>,
     /// Arguments every node gets before its own (cores, DRAM, ...).
     node_base: Vec<String>,
     /// The admin token `pollenctl` presents, when the controller wants one.
@@ -277,6 +279,7 @@ impl Cluster {
             ctl,
             nodes: BTreeMap::new(),
             args: BTreeMap::new(),
+            envs: BTreeMap::new(),
             node_base: node_base.iter().map(|s| s.to_string()).collect(),
             admin_token_file: None,
         }
@@ -285,7 +288,14 @@ impl Cluster {
     /// Starts node `id` (loopback, free ports, no pinning, adaptive polling,
     /// [`HEARTBEAT_MS`] heartbeats to this controller) with `extra`.
     pub fn start_node(&mut self, id: &str, extra: &[&str]) {
+        self.start_node_env(id, extra, &[]);
+    }
+
+    /// [`Cluster::start_node`] with environment variables `env` set for
+    /// the node process (e.g. a test-only fault).
+    pub fn start_node_env(&mut self, id: &str, extra: &[&str], env: &[(&str, &str)]) {
         self.args.insert(id.to_string(), extra.iter().map(|s| s.to_string()).collect());
+        self.envs.insert(id.to_string(), env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
         self.spawn_node(id);
     }
 
@@ -305,6 +315,7 @@ impl Cluster {
             .args(["--node-id", id, "--heartbeat-ms", &HEARTBEAT_MS.to_string(), "--controller", &self.url])
             .args(&self.node_base)
             .args(&self.args[id])
+            .envs(self.envs[id].iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -474,10 +485,16 @@ impl Up {
     /// returns once it wrote `pollen-data/pollen.json` (which `pollenctl`
     /// run in `dir` finds it by), with what that file says.
     pub fn spawn(dir: tempfile::TempDir, args: &[&str]) -> (Up, LocalCluster) {
+        Up::spawn_env(dir, args, &[])
+    }
+
+    /// [`Up::spawn`] with environment variables `env` set for `pollen up`.
+    pub fn spawn_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> (Up, LocalCluster) {
         let log = |name: &str| std::fs::File::create(dir.path().join(name)).expect("log file");
         let child = Command::new(pollen_bin())
             .arg("up")
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .env_remove(CONTROLLER_ENV)
             .stdin(Stdio::null())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dataplane::node::{Node, NodeConfig};
+use dataplane::node::{Node, NodeConfig, NodeFailure, StopHandle};
 use pollen_ctl::api::NodeCommand;
 use pollen_ctl::config::{node_flags, NodeArgs, SecurityFlags, UpArgs, UpSettings, FILE_HELP};
 use pollen_ctl::controller::policy::Policy;
@@ -43,12 +43,17 @@ enum Cmd {
     #[command(long_about = "Start a controller and one node in this process, on 127.0.0.1.\n\n\
         Waits until the node's first heartbeat reaches the controller, writes <DATA_DIR>/pollen.json \
         (the controller URL and node address, which pollenctl reads), prints how to use it, and runs \
-        until Ctrl-C or SIGTERM, then stops the node's cores and exits 0.\n\n\
+        until Ctrl-C or SIGTERM, then stops the node's cores and exits 0. A core that fails (its \
+        network poll errors, or it panics) stops the node and the controller: the process exits 1.\n\n\
         Settings come from the defaults, then the --config file, then the flags given here.",
         after_long_help = FILE_HELP)]
     Up(UpArgs),
     /// Run one node that sends heartbeats to a controller
-    #[command(after_long_help = FILE_HELP)]
+    #[command(long_about = "Run one node that sends heartbeats to a controller.\n\n\
+        Runs until Ctrl-C or SIGTERM, then stops the node's cores and exits 0. A core that fails (its \
+        network poll errors, or it panics) stops the whole node: the process exits 1 with the reason \
+        on standard error, for a supervisor to restart it.",
+        after_long_help = FILE_HELP)]
     Node(NodeArgs),
     /// Run the control daemon alone
     Controller(ControllerArgs),
@@ -163,13 +168,19 @@ impl RunningNode {
         let view = Arc::new(ViewApplier::new(node.clone()));
         let reporter = view.clone();
         let commanded = node.clone();
-        let apply = move |c: &NodeCommand| match c {
-            NodeCommand::SetPollingCores { cores } => match commanded.set_polling_cores(*cores) {
-                Ok(n) => tracing::info!(polling = n, "the controller set the polling cores"),
-                Err(e) => tracing::warn!(error = %e, "cannot set the polling cores"),
-            },
-            other => {
-                view.apply(other);
+        // Dropped with the heartbeat thread's closures: a panic there stops
+        // the node, which would otherwise serve on unseen by the controller.
+        let guard = FailOnPanic { node: node.stop_handle(), what: "heartbeat thread" };
+        let apply = move |c: &NodeCommand| {
+            let _stops_the_node_on_panic = &guard;
+            match c {
+                NodeCommand::SetPollingCores { cores } => match commanded.set_polling_cores(*cores) {
+                    Ok(n) => tracing::info!(polling = n, "the controller set the polling cores"),
+                    Err(e) => tracing::warn!(error = %e, "cannot set the polling cores"),
+                },
+                other => {
+                    view.apply(other);
+                }
             }
         };
         let heartbeat = match heartbeat::spawn_with_commands(
@@ -188,17 +199,76 @@ impl RunningNode {
         Ok(RunningNode { node, heartbeat })
     }
 
-    /// Stops heartbeats, then the cores, and waits for the core threads.
-    fn stop(self) {
+    /// Stops heartbeats, then the cores, and waits for the core threads;
+    /// returns the failure that stopped the node, if one did.
+    fn stop(self) -> Option<NodeFailure> {
         let stop = self.node.stop_handle();
         // Joining the heartbeat thread drops its clone of the node.
         self.heartbeat.stop();
         stop.stop();
-        match Arc::try_unwrap(self.node) {
+        let failure = match Arc::try_unwrap(self.node) {
             Ok(node) => node.join(),
-            Err(_) => tracing::warn!("node still shared at shutdown; cores were told to stop"),
-        }
+            Err(_) => {
+                tracing::warn!("node still shared at shutdown; cores were told to stop");
+                stop.failure()
+            }
+        };
         tracing::info!("node stopped");
+        failure
+    }
+
+    /// Resolves once the node stops by itself (a core failed: the node's
+    /// cores are stopping), with the failure; watched on a thread of its
+    /// own, which ends when the node stops either way.
+    fn failed(&self) -> Result<tokio::sync::oneshot::Receiver<Option<NodeFailure>>> {
+        let handle = self.node.stop_handle();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("pollen-watch".into())
+            .spawn(move || {
+                let _ = tx.send(handle.wait());
+            })
+            .context("starting the node's watch thread")?;
+        Ok(rx)
+    }
+}
+
+/// Stops the node when dropped while its thread panics (see `StopHandle::fail`).
+struct FailOnPanic {
+    node: StopHandle,
+    what: &'static str,
+}
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.node.fail(self.what, "panicked");
+        }
+    }
+}
+
+/// What ended a running node: a signal, or the node itself (a core failed).
+enum Ended {
+    Signal(&'static str),
+    Failed(Option<NodeFailure>),
+}
+
+/// Waits for SIGINT or SIGTERM, or for the node to stop by itself.
+async fn until_ended(
+    signals: &mut Signals,
+    failed: &mut tokio::sync::oneshot::Receiver<Option<NodeFailure>>,
+) -> Ended {
+    tokio::select! {
+        sig = signals.wait() => Ended::Signal(sig),
+        f = failed => Ended::Failed(f.ok().flatten()),
+    }
+}
+
+/// The error a node that stopped by itself ends the process with.
+fn node_failed(failure: Option<NodeFailure>) -> anyhow::Error {
+    match failure {
+        Some(f) => anyhow::anyhow!("the node stopped: {f}"),
+        None => anyhow::anyhow!("the node stopped without being told to"),
     }
 }
 
@@ -316,12 +386,33 @@ fn up(a: UpArgs) -> Result<()> {
     }
     print_ready(&url, &node.node, &a.data_dir);
 
-    let sig = rt.block_on(signals.wait());
-    tracing::info!(signal = sig, "stopping");
-    signals.exit_on_next(&rt);
-    node.stop();
+    let mut failed = match node.failed() {
+        Ok(f) => f,
+        Err(e) => {
+            node.stop();
+            LocalCluster::remove_if_ours(&a.data_dir);
+            let _ = served.stop(&rt);
+            return Err(e);
+        }
+    };
+    let ended = rt.block_on(until_ended(&mut signals, &mut failed));
+    let by_itself = matches!(ended, Ended::Failed(_));
+    let failure = match ended {
+        Ended::Signal(sig) => {
+            tracing::info!(signal = sig, "stopping");
+            signals.exit_on_next(&rt);
+            node.stop()
+        }
+        // The controller goes too: the process exits non-zero for its
+        // supervisor to restart the whole.
+        Ended::Failed(f) => f.or(node.stop()),
+    };
     LocalCluster::remove_if_ours(&a.data_dir);
-    served.stop(&rt)?;
+    let served = served.stop(&rt);
+    if by_itself || failure.is_some() {
+        return Err(node_failed(failure));
+    }
+    served?;
     tracing::info!("pollen stopped");
     Ok(())
 }
@@ -504,20 +595,34 @@ fn node(a: NodeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     let mut signals = rt.block_on(async { Signals::new() })?;
     let node = RunningNode::start(a.node, &url, a.heartbeat, &a.auth)?;
+    let mut failed = match node.failed() {
+        Ok(f) => f,
+        Err(e) => {
+            node.stop();
+            return Err(e);
+        }
+    };
     println!("node {}", describe_node(&node.node));
     println!("heartbeats to {url} every {} ms; Ctrl-C stops it.", a.heartbeat.as_millis());
-    let sig = rt.block_on(signals.wait());
-    tracing::info!(signal = sig, "stopping");
-    signals.exit_on_next(&rt);
-    // A current-thread runtime only runs the second-signal task while blocked
-    // on it, so stop the node on another thread and wait here.
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        node.stop();
-        let _ = done_tx.send(());
-    });
-    let _ = rt.block_on(done_rx);
-    Ok(())
+    match rt.block_on(until_ended(&mut signals, &mut failed)) {
+        Ended::Signal(sig) => {
+            tracing::info!(signal = sig, "stopping");
+            signals.exit_on_next(&rt);
+            // A current-thread runtime only runs the second-signal task while
+            // blocked on it, so stop the node on another thread and wait here.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(node.stop());
+            });
+            match rt.block_on(done_rx) {
+                Ok(Some(failure)) => Err(node_failed(Some(failure))),
+                _ => Ok(()),
+            }
+        }
+        // Every core is stopping: the heartbeats stop, the process exits
+        // non-zero, and the controller sees the node go down.
+        Ended::Failed(f) => Err(node_failed(f.or(node.stop()))),
+    }
 }
 
 fn load_policy(path: Option<&Path>) -> Result<Policy> {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::meta::{JobSummary, Namespaces};
-use crate::node::{NetBackend, PollMode};
+use crate::node::{NetBackend, PollFault, PollMode};
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
 use crate::storage::{
@@ -328,6 +328,8 @@ pub struct Core<T: Transport> {
     /// Whether the core takes new connections on the shared port: it
     /// follows `CoreShared::polling` (`Transport::set_accepting`).
     accepting: bool,
+    /// Tests only: the poll fails once this fault is due (`PollFault`).
+    poll_fault: Option<PollFault>,
 }
 
 impl<T: Transport> Core<T> {
@@ -413,11 +415,31 @@ impl<T: Transport> Core<T> {
             stop,
             peers,
             accepting: true,
+            poll_fault: None,
         }
     }
 
-    /// Runs until the node's stop flag is set.
-    pub fn run(mut self) {
+    /// Tests only: makes the core's poll fail as `fault` says.
+    pub fn with_poll_fault(mut self, fault: Option<PollFault>) -> Self {
+        self.poll_fault = fault;
+        self
+    }
+
+    /// The transport's poll, or the test fault once it is due.
+    #[inline]
+    fn poll_network(&mut self, timeout: Option<Duration>) -> std::io::Result<usize> {
+        if let Some(f) = self.poll_fault {
+            if self.st.requests >= f.after_requests {
+                return f.trip();
+            }
+        }
+        self.transport.poll(timeout, &mut self.st)
+    }
+
+    /// Runs until the node's stop flag is set. An error: the network poll
+    /// failed and the core stopped at once (the caller stops the node:
+    /// the core's connections are gone).
+    pub fn run(mut self) -> Result<(), String> {
         let spin = self.st.cfg.spin;
         let busy_mode = self.st.cfg.poll_mode == PollMode::Busy;
         let mut idle_since: Option<Instant> = None;
@@ -436,12 +458,9 @@ impl<T: Transport> Core<T> {
             work += self.st.retry_deferred();
             work += self.st.drain_rings();
             work += self.st.retry_stalled();
-            match self.transport.poll(Some(Duration::ZERO), &mut self.st) {
+            match self.poll_network(Some(Duration::ZERO)) {
                 Ok(n) => work += n,
-                Err(e) => {
-                    tracing::error!(core = self.st.cfg.id, error = %e, "network poll failed; core stops");
-                    break;
-                }
+                Err(e) => return Err(self.poll_failed(e)),
             }
             work += self.st.reap_storage();
             work += self.st.run_log();
@@ -467,7 +486,7 @@ impl<T: Transport> Core<T> {
                 let since = *idle_since.get_or_insert(now);
                 let spin = if self.st.shared.polling.load(Ordering::Relaxed) { spin } else { Duration::ZERO };
                 if now - since >= spin {
-                    self.park();
+                    self.park().map_err(|e| self.poll_failed(e))?;
                     idle_since = None;
                     parked = true;
                 }
@@ -482,6 +501,14 @@ impl<T: Transport> Core<T> {
         }
         self.drain_shared_storage();
         tracing::debug!(core = self.st.cfg.id, "core stopped");
+        Ok(())
+    }
+
+    /// Logs a failed network poll; returns why the core stops. Storage I/O
+    /// on the network's ring is not drained: the ring is what failed.
+    fn poll_failed(&mut self, e: std::io::Error) -> String {
+        tracing::error!(core = self.st.cfg.id, error = %e, "network poll failed; the core stops");
+        format!("network poll failed: {e}")
     }
 
     /// A core turned off stops taking new connections on the shared port
@@ -610,8 +637,9 @@ impl<T: Transport> Core<T> {
         work
     }
 
-    /// Sleeps in the transport until a network event or a wake-up.
-    fn park(&mut self) {
+    /// Sleeps in the transport until a network event or a wake-up; an
+    /// error if the poll failed.
+    fn park(&mut self) -> std::io::Result<()> {
         // Figures published on a timer would go stale while parked.
         self.st.publish_storage();
         self.st.shared.parked.store(true, Ordering::SeqCst);
@@ -637,12 +665,14 @@ impl<T: Transport> Core<T> {
             if self.st.engines.iter().any(|e| e.has_work()) {
                 self.st.shared.parks_with_io.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = self.transport.poll(None, &mut self.st) {
-                tracing::error!(error = %e, "parked poll failed");
-            }
+            let polled = self.poll_network(None);
+            self.st.shared.parked.store(false, Ordering::SeqCst);
+            polled?;
             self.finish_pass();
+            return Ok(());
         }
         self.st.shared.parked.store(false, Ordering::SeqCst);
+        Ok(())
     }
 }
 
