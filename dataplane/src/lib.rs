@@ -10,3 +10,8 @@ pub mod proto;
 pub mod report;
 pub mod storage;
 pub mod transport;
+
+/// Whether this build has the DPDK transport (feature `dpdk`). Builds that
+/// must match this one's features (the tests' build of the `pollen`
+/// binary) read it.
+pub const DPDK: bool = cfg!(feature = "dpdk");

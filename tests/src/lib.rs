@@ -278,38 +278,166 @@ pub mod raw {
 pub mod proc {
     use std::io::{BufRead, BufReader};
     use std::net::SocketAddr;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc;
+    use std::sync::{mpsc, OnceLock};
     use std::time::Duration;
 
-    /// The `pollen` binary of this build (built by `cargo test --workspace`;
-    /// built here when a test runs alone with `-p pollen-tests`).
+    /// The `pollen` binary, built from the current sources (see [`ctl_bin`]).
     pub fn pollen_bin() -> PathBuf {
         ctl_bin("pollen")
     }
 
-    /// The `pollenctl` binary of this build, as [`pollen_bin`].
+    /// The `pollenctl` binary, as [`pollen_bin`].
     pub fn pollenctl_bin() -> PathBuf {
         ctl_bin("pollenctl")
     }
 
-    /// A binary of package pollen-ctl beside the test executable, built when
-    /// missing.
+    /// A binary of package pollen-ctl, up to date with the sources: `cargo
+    /// test` builds pollen-ctl's binaries only for pollen-ctl's own
+    /// integration tests, so any other test (`cargo test -p pollen-tests`)
+    /// would run whatever an earlier build left in the target directory.
+    ///
+    /// - In an integration test of pollen-ctl run by cargo, the cargo run
+    ///   that built the test also built the binaries, from the same sources
+    ///   and with the same features, and says where (`CARGO_BIN_EXE_*` at
+    ///   run time, cargo 1.94 and later): they are used as they are.
+    /// - Otherwise, once per test process, `cargo test --workspace --no-run
+    ///   --test bins` (with this build's target directory, profile and
+    ///   `dpdk` feature) brings them up to date. `--workspace` with a test
+    ///   target resolves features as `cargo test --workspace` (README, CI)
+    ///   does, so after such a run it rebuilds nothing and relinks nothing:
+    ///   about half a second. Concurrent runs wait for each other on
+    ///   cargo's lock (the outer `cargo test` holds none while its tests
+    ///   run).
     fn ctl_bin(name: &str) -> PathBuf {
-        let exe = std::env::current_exe().expect("test executable");
-        // target/<profile>/deps/<test> → target/<profile>/<name>
-        let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join(name);
-        if !bin.exists() {
-            let st = Command::new(env!("CARGO"))
-                .args(["build", "-p", "pollen-ctl", "--bin", name])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build");
-            assert!(st.success(), "building the {name} binary failed");
-        }
+        static BINS: OnceLock<Result<Bins, String>> = OnceLock::new();
+        let bins = match BINS.get_or_init(Bins::locate) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let bin = match name {
+            "pollen" => &bins.pollen,
+            "pollenctl" => &bins.pollenctl,
+            other => panic!("pollen-ctl has no binary {other}"),
+        };
         assert!(bin.exists(), "no {name} binary at {}", bin.display());
-        bin
+        bin.clone()
+    }
+
+    /// Where the up-to-date binaries are.
+    struct Bins {
+        pollen: PathBuf,
+        pollenctl: PathBuf,
+    }
+
+    impl Bins {
+        fn locate() -> Result<Bins, String> {
+            let exe = std::env::current_exe().map_err(|e| format!("the test executable's path: {e}"))?;
+            // target/<profile>/deps/<test> (or target/<triple>/<profile>/deps/<test>).
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or_else(|| format!("{} is not in a cargo target directory", exe.display()))?;
+            // Cargo (1.94 and later) runs pollen-ctl's integration tests
+            // with these set, having built the binaries in the same run.
+            if let (Some(pollen), Some(pollenctl)) =
+                (std::env::var_os("CARGO_BIN_EXE_pollen"), std::env::var_os("CARGO_BIN_EXE_pollenctl"))
+            {
+                return Ok(Bins { pollen: pollen.into(), pollenctl: pollenctl.into() });
+            }
+            Bins::build(profile_dir)
+        }
+
+        /// `cargo test --workspace --no-run --test bins` into the test
+        /// executable's target directory and profile; the binaries' paths
+        /// come from cargo's messages.
+        fn build(profile_dir: &Path) -> Result<Bins, String> {
+            let profile = profile_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("no profile directory in {}", profile_dir.display()))?;
+            let up = profile_dir.parent().ok_or("no target directory")?;
+            // The target directory holds `.rustc_info.json`; a directory
+            // between it and the profile's is a `--target` triple.
+            let (target_dir, triple) = match up.parent() {
+                Some(root)
+                    if !up.join(".rustc_info.json").exists() && root.join(".rustc_info.json").exists() =>
+                {
+                    (root, up.file_name().and_then(|n| n.to_str()))
+                }
+                _ => (up, None),
+            };
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["test", "--workspace", "--no-run", "--test", "bins", "--message-format=json"])
+                .arg("--target-dir")
+                .arg(target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stdin(Stdio::null());
+            match profile {
+                "debug" => {}
+                "release" => {
+                    cmd.arg("--release");
+                }
+                other => {
+                    cmd.args(["--profile", other]);
+                }
+            }
+            if let Some(t) = triple {
+                cmd.args(["--target", t]);
+            }
+            // A binary without the DPDK transport would fail the DPDK tests
+            // of a `--features dpdk` run (and a dpdk build would be replaced).
+            if dataplane::DPDK {
+                cmd.args(["--features", "pollen-ctl/dpdk"]);
+            }
+            let what = format!("{cmd:?}");
+            // Cargo gives a test process the variables it gives the crate
+            // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...). Passed on, they
+            // would differ from what the outer cargo's build scripts saw
+            // (ring's reruns when CARGO_MANIFEST_DIR changes), and the
+            // dependencies would be rebuilt for nothing.
+            for (k, _) in std::env::vars_os() {
+                let Some(k) = k.to_str() else { continue };
+                let per_crate = ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_MANIFEST_"]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+                    || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
+                        .contains(&k)
+                    || ["CARGO_RUSTC_CURRENT_DIR", "OUT_DIR"].contains(&k);
+                if per_crate {
+                    cmd.env_remove(k);
+                }
+            }
+            let out = cmd.output().map_err(|e| format!("running {what}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building pollen-ctl's binaries for the tests failed ({}): {what}\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            let (mut pollen, mut pollenctl) = (None, None);
+            for line in out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let Ok(m) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+                let bin = m["reason"] == "compiler-artifact"
+                    && m["target"]["kind"] == serde_json::json!(["bin"])
+                    && m["profile"]["test"] == false;
+                let (Some(name), Some(exe)) = (m["target"]["name"].as_str(), m["executable"].as_str()) else {
+                    continue;
+                };
+                match name {
+                    "pollen" if bin => pollen = Some(PathBuf::from(exe)),
+                    "pollenctl" if bin => pollenctl = Some(PathBuf::from(exe)),
+                    _ => {}
+                }
+            }
+            match (pollen, pollenctl) {
+                (Some(pollen), Some(pollenctl)) => Ok(Bins { pollen, pollenctl }),
+                _ => Err(format!("{what} named no pollen and pollenctl executables")),
+            }
+        }
     }
 
     /// A running `pollen node`; killed (SIGKILL) on drop.
@@ -456,4 +584,65 @@ pub fn raw_request(
     let mut b = vec![0u8; len];
     s.read_exact(&mut b).unwrap();
     (status, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    /// The newest modification time of the Rust sources under `dir`.
+    fn newest_source(dir: &Path) -> SystemTime {
+        let mut newest = SystemTime::UNIX_EPOCH;
+        for e in std::fs::read_dir(dir).expect("a source directory").flatten() {
+            let p = e.path();
+            let m = e.metadata().expect("metadata of a source file");
+            let t = if m.is_dir() {
+                newest_source(&p)
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                m.modified().expect("a modification time")
+            } else {
+                continue;
+            };
+            newest = newest.max(t);
+        }
+        newest
+    }
+
+    /// What `proc` hands out was built after the last change to the
+    /// sources it is built from: a test run never runs an old binary.
+    #[test]
+    fn the_binaries_are_not_older_than_their_sources() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = newest_source(&root.join("ctl/src")).max(newest_source(&root.join("dataplane/src")));
+        for bin in [super::proc::pollen_bin(), super::proc::pollenctl_bin()] {
+            let built = bin.metadata().unwrap().modified().unwrap();
+            assert!(built >= sources, "{} is older than its sources", bin.display());
+        }
+    }
+
+    /// `pollen` has the DPDK transport exactly when this build has it: a
+    /// `--features dpdk` test run does not get (or leave) a binary without it.
+    #[test]
+    fn the_binary_has_this_builds_dpdk_feature() {
+        // Without --ip the node refuses DPDK before starting anything,
+        // saying whether the build has it.
+        let out = std::process::Command::new(super::proc::pollen_bin())
+            .args(["node", "--net", "dpdk", "--port", "0", "--no-pin", "--controller", "http://127.0.0.1:9"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("pollen runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a DPDK node without an address started: {stderr}");
+        let without = stderr.contains("no DPDK support");
+        assert_eq!(
+            !without,
+            dataplane::DPDK,
+            "dpdk feature in this build: {}; pollen says: {stderr}",
+            dataplane::DPDK
+        );
+        if dataplane::DPDK {
+            assert!(stderr.contains("--ip"), "{stderr}");
+        }
+    }
 }
