@@ -665,7 +665,16 @@ impl<T: Transport> Core<T> {
             if self.st.engines.iter().any(|e| e.has_work()) {
                 self.st.shared.parks_with_io.fetch_add(1, Ordering::Relaxed);
             }
-            let polled = self.poll_network(None);
+            // A failed header write waiting for its retry (its backoff) needs
+            // a pass once due: sleep no longer than that.
+            let timeout = self
+                .st
+                .engines
+                .iter()
+                .filter_map(|e| e.retry_due())
+                .min()
+                .map(|due| due.saturating_duration_since(Instant::now()));
+            let polled = self.poll_network(timeout);
             self.st.shared.parked.store(false, Ordering::SeqCst);
             polled?;
             self.finish_pass();

@@ -30,6 +30,14 @@ const MAX_RETRIES: u8 = 8;
 /// retrying it on its own; a later change to the sector, or the clean
 /// close, writes it again.
 pub(super) const HDR_WRITE_ATTEMPTS: u8 = 4;
+/// Wait before flushing a sector again after its `n`th failed flush in a
+/// row: `HDR_RETRY_BASE` doubled per failure, at most `HDR_RETRY_MAX`. A
+/// device that just failed a write (a path failover, a reset, a full
+/// queue) is not asked again at once, and retries do not eat the ring's
+/// slots; the core keeps polling meanwhile (the retry is due on a later
+/// pass, `retry_due` bounds a parked core's sleep).
+pub(super) const HDR_RETRY_BASE: Duration = Duration::from_millis(10);
+pub(super) const HDR_RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long closing waits for I/O in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 const NO_BUF: u32 = u32::MAX;
@@ -308,6 +316,9 @@ struct Headers {
     /// Flushes of each sector that failed in a row.
     failures: Vec<u8>,
     dirty: VecDeque<u32>,
+    /// Sectors whose flush failed, waiting to be flushed again (state
+    /// `QUEUED`), and when: at most one entry per sector.
+    backoff: Vec<(u32, Instant)>,
     flights: Vec<Flight>,
     free: Vec<u32>,
     ready: VecDeque<u32>,
@@ -608,6 +619,7 @@ impl FlashEngine {
                 state: vec![0; sectors],
                 failures: vec![0; sectors],
                 dirty: VecDeque::with_capacity(sectors),
+                backoff: Vec::with_capacity(sectors),
                 flights: (0..FLIGHTS)
                     .map(|_| Flight {
                         seq: 0,
@@ -824,7 +836,9 @@ impl FlashEngine {
     fn close(&mut self) {
         if self.rings.is_some() {
             let deadline = Instant::now() + CLOSE_GRACE;
-            while self.has_work() && Instant::now() < deadline {
+            // Failed header writes waiting for a retry are not waited for:
+            // `flush_headers_sync` below writes their sectors.
+            while self.has_io_work() && Instant::now() < deadline {
                 self.poll_completions(|_, _| {});
                 if self.data_in_ring + self.meta_in_ring > 0 {
                     self.wait(Duration::from_millis(10));
@@ -857,6 +871,7 @@ impl FlashEngine {
     fn flush_headers_sync(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
         self.hdr.dirty.clear();
+        self.hdr.backoff.clear();
         for s in 0..self.geo.header_sectors() {
             self.hdr.state[s as usize] = 0;
             if self.hdr.ver[s as usize] == self.hdr.durable[s as usize] {
@@ -1371,8 +1386,24 @@ impl FlashEngine {
         }
     }
 
-    /// Starts flushes of dirty sectors while flights are free.
+    /// Starts flushes of dirty sectors while flights are free, after
+    /// queueing the failed ones whose backoff has run out.
     fn start_flushes(&mut self) {
+        if !self.hdr.backoff.is_empty() {
+            let now = Instant::now();
+            let h = &mut self.hdr;
+            let mut i = 0;
+            while i < h.backoff.len() {
+                let (s, due) = h.backoff[i];
+                if due <= now {
+                    debug_assert_eq!(h.state[s as usize], QUEUED);
+                    h.backoff.swap_remove(i);
+                    h.dirty.push_back(s);
+                } else {
+                    i += 1;
+                }
+            }
+        }
         while !self.hdr.free.is_empty() {
             let Some(s) = self.hdr.dirty.pop_front() else { break };
             let f = self.hdr.free.pop().expect("checked above");
@@ -1461,9 +1492,16 @@ impl FlashEngine {
         // crash could bring their old entries back over a new block.
         let retry = r.is_err() && self.hdr.failures[s] < HDR_WRITE_ATTEMPTS;
         if self.hdr.ver[s] != fl.ver || retry {
-            // Changed meanwhile, or failed: flush again.
+            // Changed meanwhile, or failed: flush again; after a failure,
+            // once its backoff has passed (`start_flushes` queues it then).
             self.hdr.state[s] = QUEUED;
-            self.hdr.dirty.push_back(fl.sector);
+            match self.hdr.failures[s] {
+                0 => self.hdr.dirty.push_back(fl.sector),
+                n => {
+                    let due = Instant::now() + hdr_retry_delay(n);
+                    self.hdr.backoff.push((fl.sector, due));
+                }
+            }
         } else if r.is_err() {
             tracing::error!(
                 path = %self.path.display(),
@@ -1784,11 +1822,24 @@ impl FlashEngine {
         }
     }
 
-    /// Requests accepted and not yet delivered, or header writes pending.
+    /// Requests accepted and not yet delivered, or header writes pending
+    /// (a failed one waiting for its retry included).
     pub fn has_work(&self) -> bool {
+        self.has_io_work() || !self.hdr.backoff.is_empty()
+    }
+
+    /// `has_work`, leaving out failed header writes waiting for their retry.
+    fn has_io_work(&self) -> bool {
         self.free_reqs.len() < self.reqs.len()
             || !self.hdr.dirty.is_empty()
             || self.hdr.free.len() < FLIGHTS as usize
+    }
+
+    /// When the earliest failed header write waiting for its retry is due:
+    /// nothing but a pass of the core after that instant starts it, so a
+    /// parked core must wake by then.
+    pub fn retry_due(&self) -> Option<Instant> {
+        self.hdr.backoff.iter().map(|&(_, due)| due).min()
     }
 
     /// Own ring: starts what can start, submits, reaps completions, and
@@ -1885,7 +1936,9 @@ impl FlashEngine {
     /// `push_submissions` and `deliver` (shared ring), before anything else
     /// is submitted.
     pub fn can_park(&self) -> bool {
-        if !self.has_work() {
+        // A failed header write waiting for its retry needs a pass once it
+        // is due: the core parks no longer than `retry_due`.
+        if !self.has_io_work() {
             return true;
         }
         // On a shared ring completions land on the ring the core sleeps on;
@@ -1976,6 +2029,14 @@ impl FlashEngine {
     pub(super) fn path(&self) -> &std::path::Path {
         &self.path
     }
+}
+
+/// The wait before flushing a header sector again after its `failures`th
+/// failed flush in a row (at least 1).
+pub(super) fn hdr_retry_delay(failures: u8) -> Duration {
+    debug_assert!(failures > 0);
+    let doublings = u32::from(failures.saturating_sub(1)).min(16);
+    HDR_RETRY_BASE.saturating_mul(1 << doublings).min(HDR_RETRY_MAX)
 }
 
 impl Drop for FlashEngine {

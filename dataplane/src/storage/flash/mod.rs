@@ -23,7 +23,9 @@
 //!   slot's entry is zero. Entries are written a 4 KiB sector at a time,
 //!   built from memory, after an fdatasync so the data they describe is
 //!   durable first, and with RWF_DSYNC. A failed sector write is retried
-//!   (`HDR_WRITE_ATTEMPTS` in a row); a freed persistent block's slot is
+//!   (`HDR_WRITE_ATTEMPTS` in a row), each time after a backoff
+//!   (`hdr_retry_delay`: 10 ms doubling, at most 1 s) that a later pass of
+//!   the core notices, never a sleep; a freed persistent block's slot is
 //!   reused only once its cleared entry is on disk, or a crash could bring
 //!   the old entry back over a new block.
 //!

@@ -457,6 +457,105 @@ fn a_failed_header_clear_is_retried_before_the_slot_is_reused() {
     e.alloc(1).unwrap();
 }
 
+/// A failed header write is flushed again only after a backoff that
+/// doubles per failure in a row (`hdr_retry_delay`), never on the very
+/// next pass: passes before the retry is due start nothing and block on
+/// nothing, the engine stays parkable and says when the retry is due (the
+/// core's bound on a parked sleep), and the write that follows the
+/// injected failures clears the entry, so the slot is reused.
+#[test]
+fn a_failed_header_write_is_retried_after_a_backoff() {
+    need_uring!();
+    use super::engine::{hdr_retry_delay, HDR_RETRY_BASE, HDR_RETRY_MAX, HDR_WRITE_ATTEMPTS};
+    assert_eq!(hdr_retry_delay(1), HDR_RETRY_BASE);
+    assert_eq!(hdr_retry_delay(2), HDR_RETRY_BASE * 2);
+    assert_eq!(hdr_retry_delay(3), HDR_RETRY_BASE * 4);
+    assert_eq!(hdr_retry_delay(u8::MAX), HDR_RETRY_MAX, "capped");
+
+    let dir = TestDir::new("hdr-backoff");
+    let b = file(&dir, "t", 3 * 4096);
+    let mut e = FlashEngine::open(&b, whole(&b), &cfg(4096, 4)).unwrap();
+    let id = e.alloc(1).unwrap();
+    write(&mut e, id, 0, b"persistent").unwrap();
+    persist(&mut e, id).unwrap();
+    assert_eq!(e.retry_due(), None);
+    let fails = HDR_WRITE_ATTEMPTS - 1;
+    for _ in 0..fails {
+        e.inject_header_error(libc::EIO);
+    }
+    e.free(id).unwrap();
+
+    // (failures so far, the retry's due time) while one is pending.
+    let mut pending: Option<(u64, Instant)> = None;
+    let mut waits = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.has_work() {
+        assert!(Instant::now() < deadline, "the header write never went through");
+        let before = Instant::now();
+        e.poll_completions(|t, r| panic!("no request was pending: {t} {r:?}"));
+        let after = Instant::now();
+        let errors = e.usage().errors;
+        match (pending, e.retry_due()) {
+            (Some((n, due)), Some(d)) if errors == n => {
+                assert_eq!(d, due, "the pending retry's time does not move");
+                assert!(e.can_park(), "nothing in flight: the core may park until the retry is due");
+            }
+            (Some((n, due)), _) => {
+                assert!(after >= due, "the retry after failure {n} started before it was due");
+                assert!(errors == n || errors == n + 1);
+                pending = None;
+            }
+            (None, _) => {}
+        }
+        if pending.is_none() {
+            if let Some(due) = e.retry_due() {
+                // A new failure: its retry waits `hdr_retry_delay(failures)` from the failure.
+                let n = errors;
+                let wait = hdr_retry_delay(n as u8);
+                assert!(due >= before + wait && due <= after + wait, "failure {n}: retry due in {wait:?}");
+                waits.push(wait);
+                pending = Some((n, due));
+            }
+        }
+        e.wait(Duration::from_millis(1));
+        std::thread::yield_now();
+    }
+    assert_eq!(e.usage().errors, u64::from(fails), "every injected failure happened, then the write passed");
+    assert_eq!(waits, (1..=fails).map(hdr_retry_delay).collect::<Vec<_>>(), "one backoff per failure");
+    assert_eq!(e.retry_due(), None);
+    let again = e.alloc(1).expect("the clear was written on a retry: the slot is free");
+    e.crash();
+    let mut e = FlashEngine::open(&b, whole(&b), &cfg(4096, 4)).unwrap();
+    assert!(e.recovered_persistent().is_empty(), "a freed persistent block came back after a crash");
+    assert_eq!(e.submit_read(1, again, 0, 1), Err(StorageError::NotFound));
+}
+
+/// A failed header write still waiting for its retry when the region
+/// closes: the clean close writes the sector itself.
+#[test]
+fn the_clean_close_writes_a_sector_waiting_for_its_retry() {
+    need_uring!();
+    let dir = TestDir::new("hdr-backoff-close");
+    let b = file(&dir, "t", 3 * 4096);
+    let mut e = FlashEngine::open(&b, whole(&b), &cfg(4096, 4)).unwrap();
+    let id = e.alloc(1).unwrap();
+    write(&mut e, id, 0, b"persistent").unwrap();
+    persist(&mut e, id).unwrap();
+    e.inject_header_error(libc::EIO);
+    e.free(id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.retry_due().is_none() {
+        assert!(Instant::now() < deadline, "the injected failure never happened");
+        e.poll_completions(|t, r| panic!("no request was pending: {t} {r:?}"));
+        e.wait(Duration::from_millis(1));
+    }
+    assert!(e.has_work(), "the retry is pending");
+    drop(e);
+    let mut e = FlashEngine::open(&b, whole(&b), &cfg(4096, 4)).unwrap();
+    assert!(e.recovered_persistent().is_empty(), "the clean close wrote the cleared entry");
+    e.alloc(1).unwrap();
+}
+
 #[test]
 fn short_transfers_are_finished() {
     need_uring!();
