@@ -12,8 +12,12 @@ use anyhow::{anyhow, bail, Context};
 
 use crate::wire::{redis_key, resp_command};
 
-const START_TIMEOUT: Duration = Duration::from_secs(5);
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Generous: the start is polled (PING every 20 ms), so a long bound costs
+/// nothing when redis is quick, and a loaded machine (builds beside the
+/// bench's smoke test) can take seconds to schedule a new process.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Set-up commands only (PING, INFO, the preload); the load uses its own sockets.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Finds the redis-server binary: `bin` itself when it names a path, else the
 /// first match on `PATH`.
