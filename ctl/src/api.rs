@@ -228,7 +228,7 @@ pub struct CoreRow {
     #[serde(default = "yes")]
     pub polling: bool,
     /// Takes new connections on the node's shared port (a core turned off
-    /// does not, but on DPDK).
+    /// does not).
     #[serde(default = "yes")]
     pub accepting: bool,
     /// Connections the core accepted since the node started.

@@ -614,6 +614,7 @@ fn dpdk_start(cfg: &NodeConfig) -> Result<(SocketAddr, Vec<SocketAddr>, DpdkNode
     // The tap device's queue choice is not stable per flow (see `Shared`).
     let steer_all = port.info().driver == "net_tap";
     let shared = std::sync::Arc::new(crate::transport::dpdk::Shared::new(
+        main_port,
         core_addrs.iter().map(|a| a.port()).collect(),
         steer_all,
     ));

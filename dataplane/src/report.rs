@@ -84,7 +84,8 @@ pub struct CoreReport {
     pub polling: bool,
     /// Whether the core takes new connections on the node's shared port: a
     /// core turned off leaves the port's `SO_REUSEPORT` group (epoll and
-    /// io_uring; a DPDK core keeps taking its share). Reports that predate it: on.
+    /// io_uring), or drops its listeners there and has new flows steered to
+    /// cores that are on (DPDK). Reports that predate it: on.
     #[serde(default = "polling_default")]
     pub accepting: bool,
 }

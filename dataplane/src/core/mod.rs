@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::meta::{JobSummary, Namespaces};
-use crate::node::{NetBackend, PollFault, PollMode};
+use crate::node::{PollFault, PollMode};
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
 use crate::storage::{
@@ -523,9 +523,7 @@ impl<T: Transport> Core<T> {
         match self.transport.set_accepting(on, &mut self.st) {
             Ok(n) => {
                 tracing::info!(core = self.st.cfg.id, accepting = on, "shared port");
-                // A DPDK core has no kernel listener to leave: it keeps accepting.
-                let accepting = on || self.transport.backend() == NetBackend::Dpdk;
-                self.st.shared.accepting.store(accepting, Ordering::Relaxed);
+                self.st.shared.accepting.store(on, Ordering::Relaxed);
                 n + 1
             }
             Err(e) => {

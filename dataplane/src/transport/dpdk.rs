@@ -15,10 +15,10 @@
 //! another core ends a nap at once; a packet arriving during a nap waits at
 //! most `IDLE_NAP_MAX`. Busy mode never naps.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use slab::Slab;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use super::{CloseList, CloseTimeouts, ConnId, EventSink, Transport};
 use crate::core::waker::Waker;
@@ -61,6 +61,15 @@ const MAX_FRAME: usize = 1514;
 const IDLE_NAP_MIN: Duration = Duration::from_micros(20);
 const IDLE_NAP_MAX: Duration = Duration::from_micros(500);
 const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
+/// Flows on the shared port sent away from their core because it was off
+/// when they opened (see `Shared::route`), at most; past this a SYN for an
+/// off core is dropped (its retransmission may find room).
+const MAX_REDIRECTS: usize = 16 << 10;
+/// A redirected flow's entry is kept at least this long, though its core
+/// holds no socket for it yet (its SYN may wait in a steering queue).
+const REDIRECT_GRACE: Duration = Duration::from_secs(2);
+/// How often a core drops the entries of redirected flows it no longer holds.
+const REDIRECT_SWEEP: Duration = Duration::from_secs(1);
 
 /// The node-wide state the cores' transports share.
 pub struct Shared {
@@ -76,8 +85,22 @@ pub struct Shared {
     /// kernel transports. A NIC could steer these in hardware (rte_flow).
     steer: Vec<Mutex<Vec<Mbuf>>>,
     steer_pending: Vec<AtomicBool>,
+    /// The node's shared (main) TCP port.
+    main_port: u16,
     /// The TCP port of each core.
     core_ports: Vec<u16>,
+    /// Whether each core takes new connections on the shared port (a core
+    /// turned off does not, `Transport::set_accepting`). Set by the core.
+    accepting: Vec<AtomicBool>,
+    /// Flows on the shared port whose natural core (the one their hash or
+    /// their rx queue names) was off when their SYN came: they are served
+    /// by a core that was on, and every segment of theirs goes there, on
+    /// whichever queue it arrives, until that core drops their entry.
+    redirects: Mutex<HashMap<u64, Redirect>>,
+    /// Entries per natural core: a core with none skips the table.
+    redirected_from: Vec<AtomicUsize>,
+    /// Entries per serving core: a core with none skips its sweep.
+    redirected_to: Vec<AtomicUsize>,
     /// Every TCP flow goes to a core chosen by hashing its addresses and
     /// ports, whatever queue it arrived on: for devices whose queue choice
     /// is not stable per flow. The tap device is one: the kernel picks its
@@ -95,15 +118,96 @@ pub struct Shared {
     pub dropped_tx: AtomicU64,
 }
 
+/// Where a received frame goes (`Shared::route`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Route {
+    /// Handled by the core it arrived at.
+    Stay,
+    /// Handled by this core (maybe the one it arrived at).
+    To(usize),
+    /// Dropped.
+    Drop,
+}
+
+/// Where a redirected flow goes (`Shared::redirects`).
+#[derive(Clone, Copy, Debug)]
+struct Redirect {
+    /// The core the flow's hash or rx queue names.
+    natural: usize,
+    /// The core that serves it.
+    target: usize,
+    /// When its SYN was redirected (the last time, for a retransmission).
+    since: Instant,
+}
+
+/// The parts of an IPv4 TCP segment that steering looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    peer: u32,
+    src: u16,
+    dst: u16,
+    /// SYN without ACK: the segment opens a connection.
+    syn: bool,
+}
+
+impl Segment {
+    /// `None` for anything but IPv4 TCP with its ports (a later fragment
+    /// carries none).
+    fn parse(frame: &[u8]) -> Option<Segment> {
+        if frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
+            return None;
+        }
+        let ip = &frame[14..];
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        if ip[9] != 6 || ihl < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 || ip.len() < ihl + 4 {
+            return None;
+        }
+        Some(Segment {
+            peer: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            src: u16::from_be_bytes([ip[ihl], ip[ihl + 1]]),
+            dst: u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]),
+            syn: ip.get(ihl + 13).is_some_and(|&flags| flags & 0x12 == 0x02),
+        })
+    }
+
+    /// The flow's hash: the peer's address and port (our side is one
+    /// address). Every input bit reaches every output bit (MurmurHash3's
+    /// finaliser): Linux picks a client's ports of one parity, so a hash
+    /// whose low bits ignore some port bits sent every flow to one core.
+    fn hash(&self) -> u32 {
+        let mut h = self.peer ^ (u32::from(self.src) << 16 | u32::from(self.dst));
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    /// The key of a flow to the shared port in `Shared::redirects`.
+    fn key(&self) -> u64 {
+        flow_key(self.peer, self.src)
+    }
+}
+
+fn flow_key(peer: u32, port: u16) -> u64 {
+    u64::from(peer) << 16 | u64::from(port)
+}
+
 impl Shared {
-    pub fn new(core_ports: Vec<u16>, steer_all: bool) -> Shared {
+    pub fn new(main_port: u16, core_ports: Vec<u16>, steer_all: bool) -> Shared {
         let cores = core_ports.len();
         Shared {
             arp: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
             arp_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
             steer: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
             steer_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
+            main_port,
             core_ports,
+            accepting: (0..cores).map(|_| AtomicBool::new(true)).collect(),
+            // Allocated at start: the table never grows past its bound.
+            redirects: Mutex::new(HashMap::with_capacity(if cores > 1 { MAX_REDIRECTS } else { 0 })),
+            redirected_from: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
+            redirected_to: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             steer_all,
             wakers: std::sync::OnceLock::new(),
             dropped_rx: AtomicU64::new(0),
@@ -116,31 +220,94 @@ impl Shared {
         let _ = self.wakers.set(wakers);
     }
 
-    /// The core that owns a frame: core i for TCP to core i's port; with
-    /// `steer_all`, the core its flow hashes to for other TCP; `None` for
-    /// anything else (handled where it arrived).
-    fn owner(&self, frame: &[u8]) -> Option<usize> {
-        if self.core_ports.len() < 2 || frame.len() < 14 + 20 + 4 || frame[12..14] != [0x08, 0x00] {
-            return None;
+    /// The core that owns a frame that arrived on core `here`'s queue: core
+    /// i for TCP to core i's port; for TCP to the shared port, the flow's
+    /// natural core (the one its hash names with `steer_all`, else `here`)
+    /// unless the flow was redirected, or opens now while that core is off
+    /// (then an on core, recorded in `redirects`); with `steer_all`, the core
+    /// its hash names for other TCP; `None` for anything else (handled where
+    /// it arrived).
+    fn route(&self, frame: &[u8], here: usize) -> Route {
+        let cores = self.core_ports.len();
+        if cores < 2 {
+            return Route::Stay;
         }
-        let ip = &frame[14..];
-        let ihl = (ip[0] & 0x0f) as usize * 4;
-        // TCP, not a later fragment (which carries no ports).
-        if ip[9] != 6 || ihl < 20 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 || ip.len() < ihl + 4 {
-            return None;
+        let Some(seg) = Segment::parse(frame) else { return Route::Stay };
+        if let Some(core) = self.core_ports.iter().position(|&p| p == seg.dst) {
+            return Route::To(core);
         }
-        let src = u16::from_be_bytes([ip[ihl], ip[ihl + 1]]);
-        let dst = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
-        if let Some(core) = self.core_ports.iter().position(|&p| p == dst) {
-            return Some(core);
+        let natural = if self.steer_all { seg.hash() as usize % cores } else { here };
+        if seg.dst != self.main_port {
+            return if self.steer_all { Route::To(natural) } else { Route::Stay };
         }
-        if !self.steer_all {
-            return None;
+        let off = !self.accepting[natural].load(Ordering::Acquire);
+        if !off && self.redirected_from[natural].load(Ordering::Acquire) == 0 {
+            // The common case: no flow of this core's was redirected.
+            return Route::To(natural);
         }
-        // The peer's address and port pick the core (our side is one address).
-        let peer = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
-        let h = (peer ^ (u32::from(src) << 16 | u32::from(dst))).wrapping_mul(0x9e37_79b1);
-        Some((h >> 16) as usize % self.core_ports.len())
+        let Ok(mut table) = self.redirects.lock() else { return Route::To(natural) };
+        let key = seg.key();
+        if let Some(r) = table.get(&key).copied() {
+            if !seg.syn || self.accepting[r.target].load(Ordering::Acquire) {
+                return Route::To(r.target);
+            }
+            // A new connection (or a retransmitted SYN) for a core that went
+            // off since: chosen again below.
+            self.unrecord(&mut table, key);
+        }
+        if !seg.syn || !off {
+            return Route::To(natural);
+        }
+        // A connection opening at an off core: to an on core, picked by the
+        // flow's hash among them (none on: the off core answers with a reset,
+        // having no listener, as a kernel port with no socket would).
+        let on = self.accepting.iter().filter(|a| a.load(Ordering::Acquire)).count();
+        let pick = (seg.hash() as usize / cores) % on.max(1);
+        let Some(target) = (0..cores).filter(|&c| self.accepting[c].load(Ordering::Acquire)).nth(pick) else {
+            return Route::To(natural);
+        };
+        if table.len() >= MAX_REDIRECTS {
+            // Dropped, as a full rx ring would drop it: the client retries.
+            self.dropped_rx.fetch_add(1, Ordering::Relaxed);
+            return Route::Drop;
+        }
+        table.insert(key, Redirect { natural, target, since: Instant::now() });
+        self.redirected_from[natural].fetch_add(1, Ordering::AcqRel);
+        self.redirected_to[target].fetch_add(1, Ordering::AcqRel);
+        Route::To(target)
+    }
+
+    /// Whether core `core` must not take `frame` though another core
+    /// steered it there: a SYN for the shared port while `core` is off.
+    fn refuses(&self, frame: &[u8], core: usize) -> bool {
+        self.accepting.get(core).is_some_and(|a| !a.load(Ordering::Acquire))
+            && Segment::parse(frame).is_some_and(|s| s.syn && s.dst == self.main_port)
+    }
+
+    /// Removes a redirected flow's entry (the table is locked).
+    fn unrecord(&self, table: &mut HashMap<u64, Redirect>, key: u64) {
+        if let Some(r) = table.remove(&key) {
+            self.redirected_from[r.natural].fetch_sub(1, Ordering::AcqRel);
+            self.redirected_to[r.target].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops the entries of flows redirected to core `core` that it no
+    /// longer holds (`live(key)` false: closed, or a handshake that failed)
+    /// and that are older than `REDIRECT_GRACE`.
+    fn sweep_redirects(&self, core: usize, now: Instant, live: impl Fn(u64) -> bool) {
+        if self.redirected_to.get(core).is_none_or(|n| n.load(Ordering::Acquire) == 0) {
+            return;
+        }
+        let Ok(mut table) = self.redirects.lock() else { return };
+        table.retain(|&key, r| {
+            let keep = r.target != core || now - r.since < REDIRECT_GRACE || live(key);
+            if !keep {
+                self.redirected_from[r.natural].fetch_sub(1, Ordering::AcqRel);
+                self.redirected_to[r.target].fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
+        });
     }
 }
 
@@ -205,11 +372,7 @@ impl phy::TxToken for TxTok<'_> {
 
 /// Whether `frame` is an IPv4 TCP segment opening a connection (SYN, no ACK).
 fn is_syn(frame: &[u8]) -> bool {
-    if frame.len() < 14 + 20 + 14 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
-        return false;
-    }
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    frame.get(14 + ihl + 13).is_some_and(|&flags| flags & 0x12 == 0x02)
+    Segment::parse(frame).is_some_and(|s| s.syn)
 }
 
 /// The queue pair as smoltcp's device.
@@ -237,7 +400,13 @@ impl Nic {
         if let Some(v) = self.arp_in.pop() {
             return Some(Frame::Copy(v));
         }
-        if let Some(m) = self.steered_in.pop() {
+        while let Some(m) = self.steered_in.pop() {
+            if self.shared.refuses(m.data(), self.core) {
+                // Steered here by a core that saw this one still on: the
+                // client's retransmission is routed to an on core.
+                self.shared.dropped_rx.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if !self.admit(&m) {
                 self.steered_in.push(m);
                 return None;
@@ -264,9 +433,13 @@ impl Nic {
             if m.data()[12..14] == ETHERTYPE_ARP && self.shared.arp.len() > 1 {
                 self.fan_out_arp(m.data());
             }
-            if let Some(owner) = self.shared.owner(m.data()).filter(|&o| o != self.core) {
-                self.steer(owner, m);
-                continue;
+            match self.shared.route(m.data(), self.core) {
+                Route::To(owner) if owner != self.core => {
+                    self.steer(owner, m);
+                    continue;
+                }
+                Route::Drop => continue,
+                Route::To(_) | Route::Stay => {}
             }
             if !self.admit(&m) {
                 self.rx.push_front(m);
@@ -420,6 +593,16 @@ pub struct DpdkTransport {
     /// middle of a handshake.
     listeners: Vec<(u16, SocketHandle)>,
     ports: Vec<u16>,
+    /// The node's shared port (one of `ports`).
+    main_port: u16,
+    /// Whether the core takes new connections on the shared port
+    /// (`Transport::set_accepting`): off, it keeps no listener there.
+    accepting: bool,
+    /// When to next drop the entries of redirected flows this core no
+    /// longer holds (`Shared::sweep_redirects`).
+    next_sweep: Instant,
+    /// The shared-port flows this core holds, gathered for that sweep.
+    live: HashSet<u64>,
     max_conns: usize,
     /// Connections with output queued since the last flush.
     dirty: Vec<ConnId>,
@@ -447,6 +630,7 @@ impl DpdkTransport {
         if net.prefix == 0 || net.prefix > 32 {
             return Err(invalid(format!("prefix length /{} is not 1..=32", net.prefix)));
         }
+        let main_port = net.shared.main_port;
         let mut nic = Nic {
             q: net.queue,
             core: net.core,
@@ -487,6 +671,10 @@ impl DpdkTransport {
             conns: Slab::with_capacity(max_conns.min(1024)),
             listeners: Vec::new(),
             ports,
+            main_port,
+            accepting: true,
+            next_sweep: epoch + REDIRECT_SWEEP,
+            live: HashSet::new(),
             max_conns,
             dirty: Vec::new(),
             scan: false,
@@ -515,6 +703,9 @@ impl DpdkTransport {
         }
         for i in 0..self.ports.len() {
             let port = self.ports[i];
+            if !self.takes(port) {
+                continue;
+            }
             let listening = self
                 .listeners
                 .iter()
@@ -571,10 +762,17 @@ impl DpdkTransport {
         }
     }
 
-    /// The fewest listening sockets of any port.
+    /// Whether the core keeps listeners on `port`: all but the shared port
+    /// while it is off.
+    fn takes(&self, port: u16) -> bool {
+        self.accepting || port != self.main_port
+    }
+
+    /// The fewest listening sockets of any port the core takes.
     fn listening_min(&self) -> usize {
         self.ports
             .iter()
+            .filter(|&&port| self.takes(port))
             .map(|&port| {
                 self.listeners
                     .iter()
@@ -788,6 +986,34 @@ impl DpdkTransport {
         }
     }
 
+    /// Drops, once a `REDIRECT_SWEEP`, the entries of flows redirected to
+    /// this core that it no longer holds a socket for.
+    fn sweep_redirects(&mut self) {
+        let shared = &self.nic.shared;
+        let core = self.nic.core;
+        if shared.redirected_to[core].load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + REDIRECT_SWEEP;
+        self.live.clear();
+        let handles = self.conns.iter().map(|(_, c)| c.handle).chain(self.listeners.iter().map(|&(_, h)| h));
+        for h in handles {
+            let s = self.sockets.get::<tcp::Socket>(h);
+            if let (Some(local), Some(remote)) = (s.local_endpoint(), s.remote_endpoint()) {
+                let IpAddress::Ipv4(peer) = remote.addr;
+                if local.port == self.main_port {
+                    self.live.insert(flow_key(peer.to_bits(), remote.port));
+                }
+            }
+        }
+        let live = &self.live;
+        shared.sweep_redirects(core, now, |key| live.contains(&key));
+    }
+
     /// Mbufs of this core's pool that are out of it.
     pub fn mbufs_in_use(&self) -> u32 {
         self.nic.q.pool().in_use()
@@ -800,6 +1026,7 @@ impl Transport for DpdkTransport {
     }
 
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<usize> {
+        self.sweep_redirects();
         let timeout = self.expire_closes(timeout);
         let n = self.pass(sink);
         if n > 0 || timeout == Some(Duration::ZERO) {
@@ -874,6 +1101,49 @@ impl Transport for DpdkTransport {
         self.scan = true;
     }
 
+    /// Off, the core leaves the shared port: other cores stop sending it
+    /// new flows (`Shared::route` sends their SYNs to a core that is on),
+    /// its listeners there go, and handshakes under way there are reset (as
+    /// a kernel listener leaving its group resets the ones it holds); those
+    /// already complete are accepted and served, as are all its connections
+    /// and its own port. On, it listens there again before other cores send
+    /// it new flows.
+    fn set_accepting(&mut self, on: bool, sink: &mut dyn EventSink) -> io::Result<usize> {
+        if on == self.accepting {
+            return Ok(0);
+        }
+        self.accepting = on;
+        let shared = self.nic.shared.clone();
+        let flag = &shared.accepting[self.nic.core];
+        if on {
+            self.refill_listeners();
+            flag.store(true, Ordering::Release);
+            return Ok(0);
+        }
+        flag.store(false, Ordering::Release);
+        let n = self.accept(sink);
+        let mut i = 0;
+        while i < self.listeners.len() {
+            let (port, h) = self.listeners[i];
+            if port != self.main_port {
+                i += 1;
+                continue;
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if s.state() == tcp::State::Listen {
+                self.listeners.swap_remove(i);
+                self.sockets.remove(h);
+            } else {
+                // The reset goes out with the next run of the stack; `accept`
+                // then drops the socket.
+                s.abort();
+                i += 1;
+            }
+        }
+        self.scan = true;
+        Ok(n)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         let mut moved = false;
         for id in self.dirty.drain(..) {
@@ -930,25 +1200,167 @@ mod tests {
         f
     }
 
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const PEER: [u8; 4] = [10, 0, 0, 1];
+
     #[test]
     fn core_ports_and_flows_pick_their_core() {
-        let s = Shared::new(vec![7401, 7402], false);
-        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7402, 0x10)), Some(1));
-        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7401, 0x10)), Some(0));
-        assert_eq!(s.owner(&tcp_frame([10, 0, 0, 1], 50000, 7400, 0x10)), None, "the main port stays put");
-        let all = Shared::new(vec![7401, 7402], true);
-        let f = tcp_frame([10, 0, 0, 1], 50000, 7400, 0x10);
-        let core = all.owner(&f).expect("every flow has a core");
+        let s = Shared::new(7400, vec![7401, 7402], false);
+        assert_eq!(s.route(&tcp_frame(PEER, 50000, 7402, ACK), 0), Route::To(1));
+        assert_eq!(s.route(&tcp_frame(PEER, 50000, 7401, ACK), 1), Route::To(0));
+        assert_eq!(s.route(&tcp_frame(PEER, 50000, 7400, ACK), 1), Route::To(1), "the main port stays put");
+        assert_eq!(s.route(&tcp_frame(PEER, 50000, 9000, ACK), 1), Route::Stay, "other ports stay put");
+        let all = Shared::new(7400, vec![7401, 7402], true);
+        let f = tcp_frame(PEER, 50000, 7400, ACK);
+        let Route::To(core) = all.route(&f, 0) else { panic!("every flow has a core") };
         assert!(core < 2);
-        assert_eq!(all.owner(&f), Some(core), "a flow always goes to the same core");
-        let cores: std::collections::HashSet<_> =
-            (0..64u16).filter_map(|p| all.owner(&tcp_frame([10, 0, 0, 1], 40000 + p, 7400, 0x10))).collect();
-        assert_eq!(cores.len(), 2, "flows spread over both cores");
+        assert_eq!(all.route(&f, 1), Route::To(core), "a flow always goes to the same core");
+        let cores: HashSet<_> =
+            (0..64u16).map(|p| all.route(&tcp_frame(PEER, 40000 + p, 7400, ACK), 0)).collect();
+        assert_eq!(cores, HashSet::from([Route::To(0), Route::To(1)]), "flows spread over both cores");
+        // Linux gives a client's connections ports of one parity.
+        for n in [2usize, 3, 4] {
+            let s = Shared::new(7400, (1..=n as u16).map(|i| 7400 + i).collect(), true);
+            let mut per_core = vec![0; n];
+            for p in 0..256u16 {
+                if let Route::To(c) = s.route(&tcp_frame(PEER, 40000 + 2 * p, 7400, SYN), 0) {
+                    per_core[c] += 1;
+                }
+            }
+            assert!(
+                per_core.iter().all(|&k| k > 256 / n / 2),
+                "even ports spread over {n} cores: {per_core:?}"
+            );
+        }
         // A later fragment carries no ports: handled where it arrived.
-        let mut frag = tcp_frame([10, 0, 0, 1], 50000, 7402, 0x10);
+        let mut frag = tcp_frame(PEER, 50000, 7402, ACK);
         frag[20] = 0x00;
         frag[21] = 0x10;
-        assert_eq!(s.owner(&frag), None);
+        assert_eq!(s.route(&frag, 0), Route::Stay);
+        assert_eq!(
+            Shared::new(7400, vec![7401], true).route(&f, 0),
+            Route::Stay,
+            "one core: nothing to steer"
+        );
+    }
+
+    /// Client ports whose flows to the main port hash to `core` of two.
+    fn ports_of(s: &Shared, core: usize, n: usize) -> Vec<u16> {
+        (40000..).filter(|&p| s.route(&tcp_frame(PEER, p, 7400, ACK), 0) == Route::To(core)).take(n).collect()
+    }
+
+    #[test]
+    fn flows_of_an_off_core_open_on_an_on_core_and_stay_there() {
+        let s = Shared::new(7400, vec![7401, 7402], true);
+        let mine = ports_of(&s, 1, 8);
+        let others = ports_of(&s, 0, 8);
+        let established = mine[0];
+        s.accepting[1].store(false, Ordering::Release);
+        for &p in &mine[1..] {
+            // Whichever queue the SYN and the rest of the flow arrive on.
+            assert_eq!(
+                s.route(&tcp_frame(PEER, p, 7400, SYN), 1),
+                Route::To(0),
+                "a SYN for off core 1 goes to 0"
+            );
+            assert_eq!(
+                s.route(&tcp_frame(PEER, p, 7400, SYN), 0),
+                Route::To(0),
+                "so does its retransmission"
+            );
+            assert_eq!(s.route(&tcp_frame(PEER, p, 7400, ACK), 1), Route::To(0), "and the rest of the flow");
+            assert_eq!(s.route(&tcp_frame(PEER, p, 7400, ACK | 0x08), 0), Route::To(0));
+        }
+        // Established on core 1 before it went off: still core 1's.
+        assert_eq!(s.route(&tcp_frame(PEER, established, 7400, ACK), 0), Route::To(1));
+        assert_eq!(
+            s.route(&tcp_frame(PEER, 50000, 7402, SYN), 0),
+            Route::To(1),
+            "its own port still opens there"
+        );
+        for &p in &others {
+            assert_eq!(s.route(&tcp_frame(PEER, p, 7400, SYN), 1), Route::To(0));
+        }
+        assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), mine.len() - 1);
+        assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), mine.len() - 1);
+        assert_eq!(s.redirected_from[0].load(Ordering::Relaxed), 0, "core 0's own flows are not redirected");
+
+        // On again: redirected flows stay on core 0, new ones open on 1.
+        s.accepting[1].store(true, Ordering::Release);
+        for &p in &mine[1..] {
+            assert_eq!(s.route(&tcp_frame(PEER, p, 7400, ACK), 1), Route::To(0));
+        }
+        let new = (1000..)
+            .map(|p| tcp_frame([10, 0, 0, 9], p, 7400, SYN))
+            .find(|f| Segment::parse(f).is_some_and(|seg| seg.hash() % 2 == 1));
+        assert_eq!(s.route(&new.expect("a flow of core 1"), 0), Route::To(1), "core 1 takes new flows again");
+
+        // Core 0 off in turn: a retransmitted SYN of a flow redirected to it
+        // goes back to core 1 (its natural core, now on).
+        s.accepting[0].store(false, Ordering::Release);
+        assert_eq!(s.route(&tcp_frame(PEER, mine[1], 7400, SYN), 0), Route::To(1));
+        assert_eq!(s.route(&tcp_frame(PEER, mine[1], 7400, ACK), 0), Route::To(1));
+        assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), mine.len() - 2);
+    }
+
+    #[test]
+    fn without_steering_the_rx_queue_is_the_natural_core() {
+        let s = Shared::new(7400, vec![7401, 7402], false);
+        s.accepting[0].store(false, Ordering::Release);
+        assert_eq!(s.route(&tcp_frame(PEER, 50000, 7400, SYN), 0), Route::To(1));
+        assert_eq!(
+            s.route(&tcp_frame(PEER, 50000, 7400, ACK), 0),
+            Route::To(1),
+            "RSS keeps the flow on queue 0"
+        );
+        assert_eq!(s.route(&tcp_frame(PEER, 50001, 7400, ACK), 0), Route::To(0), "an older flow of core 0");
+        assert_eq!(s.route(&tcp_frame(PEER, 50002, 7400, SYN), 1), Route::To(1));
+        // Every core off (the controller keeps one on): nobody to send it to.
+        s.accepting[1].store(false, Ordering::Release);
+        assert_eq!(s.route(&tcp_frame(PEER, 50003, 7400, SYN), 0), Route::To(0));
+        assert!(
+            s.refuses(&tcp_frame(PEER, 50003, 7400, SYN), 0),
+            "an off core takes no SYN for the main port"
+        );
+        assert!(!s.refuses(&tcp_frame(PEER, 50003, 7400, ACK), 0));
+        assert!(!s.refuses(&tcp_frame(PEER, 50003, 7401, SYN), 0), "its own port, it does");
+        s.accepting[0].store(true, Ordering::Release);
+        assert!(!s.refuses(&tcp_frame(PEER, 50003, 7400, SYN), 0));
+    }
+
+    #[test]
+    fn redirects_are_swept_once_their_core_holds_them_no_more_and_are_bounded() {
+        let s = Shared::new(7400, vec![7401, 7402], false);
+        s.accepting[1].store(false, Ordering::Release);
+        for p in 0..3 {
+            assert_eq!(s.route(&tcp_frame(PEER, 1000 + p, 7400, SYN), 1), Route::To(0));
+        }
+        let live = flow_key(u32::from_be_bytes(PEER), 1000);
+        s.sweep_redirects(0, Instant::now(), |_| false);
+        assert_eq!(
+            s.redirected_to[0].load(Ordering::Relaxed),
+            3,
+            "young entries stay (their SYN may be queued)"
+        );
+        s.sweep_redirects(1, Instant::now() + REDIRECT_GRACE, |_| false);
+        assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), 3, "core 1 holds none of them");
+        s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |k| k == live);
+        assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), 1, "the closed ones go");
+        assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), 1);
+        assert_eq!(s.route(&tcp_frame(PEER, 1000, 7400, ACK), 1), Route::To(0), "the live one stays");
+
+        let mut dropped = 0;
+        for p in 0..(MAX_REDIRECTS as u32 + 10) {
+            let peer = (0x0b00_0000 + p).to_be_bytes();
+            match s.route(&tcp_frame(peer, 7, 7400, SYN), 1) {
+                Route::Drop => dropped += 1,
+                r => assert_eq!(r, Route::To(0)),
+            }
+        }
+        assert_eq!(dropped, 11, "past the bound, SYNs for the off core are dropped, not taken there");
+        assert_eq!(s.redirects.lock().unwrap().len(), MAX_REDIRECTS);
+        assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), MAX_REDIRECTS);
     }
 
     #[test]
@@ -972,9 +1384,15 @@ mod tests {
             if f.len() > 23 {
                 f[23] = 6;
             }
-            let s = Shared::new(vec![7401, 7402, 7403], true);
-            if let Some(core) = s.owner(&f) {
-                prop_assert!(core < 3);
+            for steer_all in [false, true] {
+                let s = Shared::new(7400, vec![7401, 7402, 7403], steer_all);
+                s.accepting[1].store(false, Ordering::Release);
+                for here in 0..3 {
+                    if let Route::To(core) = s.route(&f, here) {
+                        prop_assert!(core < 3);
+                    }
+                    let _ = s.refuses(&f, here);
+                }
             }
             let _ = is_syn(&f);
         }

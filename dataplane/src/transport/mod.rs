@@ -204,13 +204,14 @@ pub trait Transport {
     fn flush(&mut self) -> io::Result<()>;
 
     /// Stops (`false`) or resumes taking new connections on the node's
-    /// shared port (listener 0, in its `SO_REUSEPORT` group with the other
-    /// cores'): a core turned off leaves the group, so the kernel spreads new
-    /// connections over the cores still on. Connections already accepted are
-    /// served as before; the core's own port keeps listening (a client that
-    /// names the core wants its state). Returns the connections accepted
-    /// while pausing (those the kernel had queued). A transport without
-    /// kernel listeners (DPDK) does nothing.
+    /// shared port (kernel transports: listener 0, in its `SO_REUSEPORT`
+    /// group with the other cores'): a core turned off leaves the group, so
+    /// the kernel spreads new connections over the cores still on (DPDK: its
+    /// listeners there go, and the other cores' steering sends new flows to
+    /// cores that are on). Connections already accepted are served as
+    /// before; the core's own port keeps listening (a client that names the
+    /// core wants its state). Returns the connections accepted while pausing
+    /// (those completed before it).
     fn set_accepting(&mut self, on: bool, sink: &mut dyn EventSink) -> io::Result<usize> {
         let _ = (on, sink);
         Ok(0)
