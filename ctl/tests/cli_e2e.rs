@@ -423,3 +423,131 @@ fn pollen_up_with_a_flash_tier() {
     let status = up.proc.terminate();
     assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
 }
+
+/// What a load client did: operations and bytes, counted as they are answered.
+#[derive(Default)]
+struct LoadCount {
+    reads: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+/// `pollenctl tiers` under load: a client writes and reads a flash block
+/// (whole sectors, so one device operation per request) for two and a
+/// half seconds; the flash row's IOPS and bandwidth are per-second rates
+/// close to what the client did (its count divided by its running time),
+/// the table shows the I/O error count, and the rates fall to zero once
+/// the load stops.
+#[test]
+fn pollenctl_tiers_rates_follow_the_load() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let flash = dir.path().join("rates.flash");
+    let spec = format!("{}:8MiB", flash.display());
+    let (mut up, lc) = PollenUp::start_with(
+        &[
+            "--cores",
+            "1",
+            "--port",
+            "0",
+            "--ctl-port",
+            "0",
+            "--dram-gb",
+            "0.0625",
+            "--block-size",
+            "16KiB",
+            "--flash",
+            &spec,
+        ],
+        None,
+    );
+    let flash_rows = |t: &TiersResponse| -> Vec<dataplane::report::TierReport> {
+        t.tiers.iter().filter(|r| r.region.tier == "flash").map(|r| r.region.clone()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flash_rows(&up.ctl_json(&["tiers", "--json"])).is_empty() {
+        assert!(Instant::now() < deadline, "the flash tier never showed\n{}", up.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    const LEN: usize = 16 << 10;
+    const RUN: Duration = Duration::from_millis(2500);
+    let count = Arc::new(LoadCount::default());
+    let started = Instant::now();
+    let load = {
+        let (count, addr) = (count.clone(), lc.node.clone());
+        std::thread::spawn(move || {
+            let mut c = dataplane::client::Client::connect(addr.as_str()).expect("connect");
+            let job = c.register_job("rates", dataplane::proto::JobHints::default()).expect("register");
+            let b = c.alloc_block_on(&job, 0, dataplane::proto::tier::FLASH).expect("alloc");
+            let data = random_bytes(LEN, 5);
+            let t0 = Instant::now();
+            while t0.elapsed() < RUN {
+                c.write_block(b, 0, &data).expect("write");
+                count.writes.fetch_add(1, Ordering::Relaxed);
+                assert_eq!(c.read_block(b, 0, LEN as u32).expect("read"), data);
+                count.reads.fetch_add(1, Ordering::Relaxed);
+                count.bytes.fetch_add(2 * LEN as u64, Ordering::Relaxed);
+            }
+            t0.elapsed()
+        })
+    };
+    // A sample once the window (one second) lies inside the load, before it ends.
+    while started.elapsed() < Duration::from_millis(1300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut sample = None;
+    while started.elapsed() < RUN && !load.is_finished() {
+        let rows = flash_rows(&up.ctl_json(&["tiers", "--json"]));
+        if rows.iter().all(|r| r.read_iops > 0 && r.write_iops > 0) {
+            sample = Some(rows[0].clone());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let table = String::from_utf8(up.ctl_ok(&["tiers"]).stdout).unwrap();
+    let ran = load.join().expect("load client");
+    let sample = sample.unwrap_or_else(|| panic!("no non-zero flash rates during the load\n{}", up.logs()));
+    let secs = ran.as_secs_f64();
+    let (reads, writes) = (count.reads.load(Ordering::Relaxed), count.writes.load(Ordering::Relaxed));
+    let bytes = count.bytes.load(Ordering::Relaxed);
+    assert!(reads > 0 && secs > 2.0, "{reads} reads in {secs} s");
+    eprintln!("client: {reads} reads, {writes} writes, {bytes} bytes in {secs:.2} s; node: {sample:?}");
+    // The client's own rates; the node's, over a second of the same steady
+    // load, are within a generous factor of them (the machine is shared).
+    let near = |got: u64, want: f64, what: &str| {
+        assert!(
+            (want / 4.0..=want * 4.0).contains(&(got as f64)),
+            "{what}: the report says {got}/s, the client did {want:.0}/s: {sample:?}"
+        );
+    };
+    near(sample.read_iops, reads as f64 / secs, "read IOPS");
+    near(sample.write_iops, writes as f64 / secs, "write IOPS");
+    near(sample.read_bytes_per_sec + sample.write_bytes_per_sec, bytes as f64 / secs, "bandwidth");
+    // Bytes per read: the request's length (each rate rounded on its own).
+    let per_read = sample.read_bytes_per_sec as f64 / sample.read_iops as f64;
+    assert!((per_read - LEN as f64).abs() < LEN as f64 / 100.0, "{per_read}: {sample:?}");
+    assert_eq!(sample.io_errors, 0, "{sample:?}");
+    // The table has the error count, just before the path.
+    assert!(table.lines().next().is_some_and(|h| h.contains("IO ERRORS")), "{table}");
+    let row = table.lines().find(|l| l.contains("rates.flash")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().rev().nth(1), Some("0"), "{table}");
+
+    // Once the load stops, the window empties.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = flash_rows(&up.ctl_json(&["tiers", "--json"]));
+        if rows
+            .iter()
+            .all(|r| (r.read_iops, r.write_iops, r.read_bytes_per_sec, r.write_bytes_per_sec) == (0, 0, 0, 0))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rates stay up after the load: {rows:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
+}

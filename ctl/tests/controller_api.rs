@@ -424,7 +424,7 @@ fn old_tier_reports_parse() {
         "blocks_total":2,"blocks_used":1,"huge_pages":false}"#;
     let t: TierReport = serde_json::from_str(old).unwrap();
     assert_eq!((t.tier.as_str(), t.core, t.blocks_used), ("dram", 1, 1));
-    assert_eq!((t.path, t.mode, t.read_ops, t.write_bytes), (None, None, 0, 0));
+    assert_eq!((t.path, t.mode, t.read_iops, t.write_bytes_per_sec), (None, None, 0, 0));
 }
 
 /// A registration whose client goes away while the job's node is being

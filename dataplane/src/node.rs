@@ -1137,7 +1137,8 @@ impl Node {
                 ..TierReport::default()
             });
             if let Ok(s) = c.storage.lock() {
-                tiers.extend(s.iter().cloned());
+                let now = std::time::Instant::now();
+                tiers.extend(s.iter().map(|f| f.at(now)));
             }
             if let Ok(j) = c.jobs.lock() {
                 jobs.extend(j.iter().map(|s| JobReport {

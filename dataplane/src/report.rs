@@ -112,15 +112,16 @@ pub struct TierReport {
     /// How the tier's ring runs: interrupt, sqpoll, iopoll or sqpoll+iopoll.
     #[serde(default)]
     pub mode: Option<String>,
-    /// Operations and bytes completed in the last full second.
+    /// Operations and bytes completed per second, over the last second
+    /// before the report was made.
     #[serde(default)]
-    pub read_ops: u64,
+    pub read_iops: u64,
     #[serde(default)]
-    pub write_ops: u64,
+    pub write_iops: u64,
     #[serde(default)]
-    pub read_bytes: u64,
+    pub read_bytes_per_sec: u64,
     #[serde(default)]
-    pub write_bytes: u64,
+    pub write_bytes_per_sec: u64,
     /// I/O errors since the node started.
     #[serde(default)]
     pub io_errors: u64,

@@ -95,7 +95,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Option<CoresCmd>,
     },
-    /// Capacity and use of every storage tier, per node and core
+    /// Capacity and use of every storage tier, per node and core; for flash and disk also the
+    /// ring's mode, I/O operations and bytes per second over the last second (as of the node's
+    /// last heartbeat), and I/O errors since the node started
     Tiers,
     /// Jobs: those registered with the controller (allocation, weights) and those the nodes hold
     Jobs,
@@ -580,16 +582,18 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
         "MODE",
         "IOPS R/W",
         "BW R/W (/s)",
+        "IO ERRORS",
         "PATH",
     ]);
     for row in &r.tiers {
         let r = &row.region;
-        let (iops, bw) = match r.mode {
+        let (iops, bw, errors) = match r.mode {
             Some(_) => (
-                format!("{}/{}", r.read_ops, r.write_ops),
-                format!("{}/{}", Bytes(r.read_bytes), Bytes(r.write_bytes)),
+                format!("{}/{}", r.read_iops, r.write_iops),
+                format!("{}/{}", Bytes(r.read_bytes_per_sec), Bytes(r.write_bytes_per_sec)),
+                r.io_errors.to_string(),
             ),
-            None => ("-".to_string(), "-".to_string()),
+            None => ("-".to_string(), "-".to_string(), "-".to_string()),
         };
         t.row([
             row.node_id.clone(),
@@ -603,6 +607,7 @@ fn tiers(ctl: &Controller, json: bool) -> Result<()> {
             r.mode.clone().unwrap_or_else(|| "-".into()),
             iops,
             bw,
+            errors,
             r.path.clone().unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -19,6 +19,7 @@ use crate::meta::{JobSummary, Namespaces};
 use crate::node::{PollFault, PollMode};
 use crate::proto::{self, BlockKey, Header, Limits, Opcode, Status, HEADER_LEN};
 use crate::report::TierReport;
+use crate::storage::flash::IoWindow;
 use crate::storage::{
     is_job_owner, job_owner, Completion, DramTier, FlashEngine, Owner, StorageError, TierUsage,
 };
@@ -90,7 +91,7 @@ pub struct CoreShared {
     pub tid: AtomicU64,
     pub jobs: Mutex<Vec<JobSummary>>,
     /// The core's flash and disk regions, published off the request path.
-    pub storage: Mutex<Vec<TierReport>>,
+    pub storage: Mutex<Vec<StorageFigures>>,
     /// Work handed to the core from outside its run loop (the node's
     /// management thread), taken at the start of a pass when
     /// `external_pending` is set; the sender wakes the core.
@@ -1236,11 +1237,35 @@ impl State {
     }
 }
 
-/// A flash or disk engine's figures as a report row.
-pub fn storage_report(core: usize, e: &FlashEngine) -> TierReport {
+/// A flash or disk engine's figures as its core publishes them: the report
+/// row, and the completions its rates come from. The rates are computed
+/// when the row is read (`at`), so they also fall while the core is parked
+/// and publishes nothing.
+#[derive(Debug, Clone)]
+pub struct StorageFigures {
+    pub row: TierReport,
+    pub io: IoWindow,
+}
+
+impl StorageFigures {
+    /// The row, with the rates over the second before `now`.
+    pub fn at(&self, now: Instant) -> TierReport {
+        let r = self.io.rates(now);
+        TierReport {
+            read_iops: r.read_iops,
+            write_iops: r.write_iops,
+            read_bytes_per_sec: r.read_bytes_per_sec,
+            write_bytes_per_sec: r.write_bytes_per_sec,
+            ..self.row.clone()
+        }
+    }
+}
+
+/// A flash or disk engine's figures (rates zero until read with `at`).
+pub fn storage_report(core: usize, e: &FlashEngine) -> StorageFigures {
     let u = e.usage();
     let bs = u.tier.block_size;
-    TierReport {
+    let row = TierReport {
         tier: crate::node::tier_name(e.tier()).to_string(),
         core,
         capacity_bytes: u.tier.blocks_total * bs,
@@ -1255,12 +1280,10 @@ pub fn storage_report(core: usize, e: &FlashEngine) -> TierReport {
         } else {
             u.mode.name().to_string()
         }),
-        read_ops: u.last_second.read_ops,
-        write_ops: u.last_second.write_ops,
-        read_bytes: u.last_second.read_bytes,
-        write_bytes: u.last_second.write_bytes,
         io_errors: u.errors,
-    }
+        ..TierReport::default()
+    };
+    StorageFigures { row, io: u.io }
 }
 
 /// A connection's receive buffer larger than this is given back once the

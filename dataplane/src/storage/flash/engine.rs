@@ -17,6 +17,7 @@ use super::backing::{Backing, Region};
 use super::layout::{self, round_down, round_up, Decoded, Entry, Geometry, Superblock, SuperblockError};
 use super::layout::{ENTRIES_PER_SECTOR, ENTRY_LEN, SECTOR};
 use super::pool::{BufPool, ReadBuf, WriteBuf};
+use super::rates::IoWindow;
 use super::ring::{probe_iopoll, tag, IoMode, OwnRings};
 use super::slots::Slots;
 use crate::proto::BlockId;
@@ -135,15 +136,6 @@ pub struct OpenReport {
     pub corrupt_entries: u32,
 }
 
-/// Operations and bytes completed in the last full second.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IoRates {
-    pub read_ops: u64,
-    pub write_ops: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlashUsage {
     pub tier: TierUsage,
@@ -157,7 +149,8 @@ pub struct FlashUsage {
     pub in_flight: u32,
     /// Data buffers neither in use by a request nor held by a `ReadBuf`.
     pub buffers_free: usize,
-    pub last_second: IoRates,
+    /// Completions of the last second, for `IoWindow::rates`.
+    pub io: IoWindow,
     /// I/O errors since the open.
     pub errors: u64,
 }
@@ -324,10 +317,9 @@ struct Headers {
     ready: VecDeque<u32>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Stats {
-    cur: IoRates,
-    last: IoRates,
+    io: IoWindow,
     errors: u64,
 }
 
@@ -376,7 +368,6 @@ pub struct FlashEngine {
     data_in_ring: u32,
     meta_in_ring: u32,
     stats: Stats,
-    window: Instant,
     recovered: Vec<(BlockId, u32, u32)>,
     report: OpenReport,
     /// Skip the clean close (tests simulate a crash).
@@ -635,8 +626,7 @@ impl FlashEngine {
             },
             data_in_ring: 0,
             meta_in_ring: 0,
-            stats: Stats::default(),
-            window: Instant::now(),
+            stats: Stats { io: IoWindow::new(Instant::now()), errors: 0 },
             recovered: Vec::new(),
             report: OpenReport {
                 formatted: false,
@@ -996,11 +986,7 @@ impl FlashEngine {
             retired: self.slots.retired() as u64,
             in_flight: self.data_in_ring + self.meta_in_ring,
             buffers_free: self.pool.available(),
-            last_second: if self.window.elapsed() < Duration::from_secs(2) {
-                self.stats.last
-            } else {
-                IoRates::default()
-            },
+            io: self.stats.io,
             errors: self.stats.errors,
         }
     }
@@ -1780,7 +1766,11 @@ impl FlashEngine {
 
     /// Hands finished requests to `f` in completion order; returns how many.
     pub fn deliver(&mut self, mut f: impl FnMut(u64, Result<Completion, StorageError>)) -> usize {
-        self.roll_window();
+        if self.done.is_empty() {
+            return 0;
+        }
+        // One clock read per batch of completions (none per idle pass).
+        let now = Instant::now();
         let mut n = 0;
         while let Some(idx) = self.done.pop_front() {
             let r = &mut self.reqs[idx as usize];
@@ -1791,13 +1781,11 @@ impl FlashEngine {
             let out = match result {
                 Ok(Outcome::Read { start, len }) => {
                     let buf = std::mem::replace(&mut r.buf, NO_BUF);
-                    self.stats.cur.read_ops += 1;
-                    self.stats.cur.read_bytes += len as u64;
+                    self.stats.io.read(now, len as u64);
                     Ok(Completion::Read(ReadBuf::new(self.pool.clone(), buf, start, len)))
                 }
                 Ok(Outcome::Written(len)) => {
-                    self.stats.cur.write_ops += 1;
-                    self.stats.cur.write_bytes += r.len as u64;
+                    self.stats.io.write(now, r.len as u64);
                     Ok(Completion::Written { len })
                 }
                 Ok(Outcome::Persisted) => Ok(Completion::Persisted),
@@ -1810,16 +1798,6 @@ impl FlashEngine {
             n += 1;
         }
         n
-    }
-
-    fn roll_window(&mut self) {
-        let elapsed = self.window.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            self.stats.last =
-                if elapsed < Duration::from_secs(2) { self.stats.cur } else { IoRates::default() };
-            self.stats.cur = IoRates::default();
-            self.window = Instant::now();
-        }
     }
 
     /// Requests accepted and not yet delivered, or header writes pending

@@ -61,6 +61,7 @@ mod backing;
 mod engine;
 mod layout;
 mod pool;
+mod rates;
 mod ring;
 mod slots;
 
@@ -68,10 +69,9 @@ mod slots;
 mod tests;
 
 pub use backing::{parse_spec, prepare_backing, Backing, Region};
-pub use engine::{
-    Completion, FlashConfig, FlashEngine, FlashUsage, IoRates, OpenReport, RingSlots, TierPolicy,
-};
+pub use engine::{Completion, FlashConfig, FlashEngine, FlashUsage, OpenReport, RingSlots, TierPolicy};
 #[cfg(test)]
 pub(crate) use pool::testing;
 pub use pool::{ReadBuf, WriteBuf};
+pub use rates::{IoRates, IoWindow};
 pub use ring::{tag, IoMode};
