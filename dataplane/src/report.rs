@@ -109,7 +109,9 @@ pub struct TierReport {
     /// The file or device backing the tier.
     #[serde(default)]
     pub path: Option<String>,
-    /// How the tier's ring runs: interrupt, sqpoll, iopoll or sqpoll+iopoll.
+    /// How the tier's ring runs: interrupt, sqpoll, iopoll or sqpoll+iopoll;
+    /// ", shared ring" when it is the core's network ring; " (sqpoll
+    /// refused: WHY)" when the kernel refused polling that was asked for.
     #[serde(default)]
     pub mode: Option<String>,
     /// Operations and bytes completed per second, over the last second

@@ -1053,6 +1053,34 @@ fn flash_device_errors_reach_the_client(net: NetBackend) {
     n.shutdown();
 }
 
+/// A node asked for SQPOLL (`--sqpoll`) runs its flash rings with it when
+/// the kernel allows it (asked directly here), else reports that it was
+/// refused and what runs instead; either way reads follow writes.
+fn flash_sqpoll_read_after_write(net: NetBackend) {
+    let dir = TierDir::new("flash-sqpoll");
+    let n = start_node(NodeConfig { sqpoll: true, ..flash_cfg(net, 2, &dir, 32) });
+    let allowed: Result<io_uring::IoUring, String> =
+        io_uring::IoUring::builder().setup_sqpoll(10).build(4).map_err(|e| e.to_string());
+    let rows: Vec<_> = n.report().tiers.into_iter().filter(|t| t.tier == "flash").collect();
+    assert_eq!(rows.len(), 2);
+    for t in &rows {
+        let mode = t.mode.as_deref().unwrap_or_default();
+        match &allowed {
+            // A file cannot poll completions: SQPOLL alone, on a ring of the
+            // engine's own (never the network's).
+            Ok(_) => assert_eq!(mode, "sqpoll", "{t:?}"),
+            Err(why) => assert!(mode.starts_with("interrupt (sqpoll refused: "), "{why}: {t:?}"),
+        }
+    }
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("sqpoll", JobHints::default()).unwrap();
+    for core in 0..2 {
+        random_read_after_write(&mut c, &job, tier::FLASH, core);
+    }
+    drop(c);
+    n.shutdown();
+}
+
 fn dram_used(n: &Node) -> u64 {
     n.report().tiers.iter().filter(|t| t.tier == "dram").map(|t| t.blocks_used).sum()
 }
@@ -1349,6 +1377,7 @@ pollen_tests::on_every_backend!(
     flash_persist_survives_restart,
     flash_persist_puts_past_io_slots,
     flash_device_errors_reach_the_client,
+    flash_sqpoll_read_after_write,
     latency_sensitive_job_fills_dram_then_flash,
     dram_share_then_flash,
     full_tier_spills_only_when_allowed,

@@ -1275,10 +1275,11 @@ pub fn storage_report(core: usize, e: &FlashEngine) -> StorageFigures {
         huge_pages: u.tier.huge_pages,
         path: Some(u.path.display().to_string()),
         // "interrupt, shared ring": on the core's network ring.
-        mode: Some(if e.is_shared() {
-            format!("{}, shared ring", u.mode.name())
-        } else {
-            u.mode.name().to_string()
+        mode: Some(match (e.is_shared(), &u.refused) {
+            (true, _) => format!("{}, shared ring", u.mode.name()),
+            // "interrupt (sqpoll refused: Operation not permitted)".
+            (false, Some(why)) => format!("{} ({why})", u.mode.name()),
+            (false, None) => u.mode.name().to_string(),
         }),
         io_errors: u.errors,
         ..TierReport::default()

@@ -142,6 +142,9 @@ pub struct FlashUsage {
     pub path: PathBuf,
     pub region: Region,
     pub mode: IoMode,
+    /// The polling asked for (`--sqpoll`, or IOPOLL the probe found) that
+    /// the kernel refused, and why: `mode` is what runs instead.
+    pub refused: Option<String>,
     /// Buffers and file registered with the ring (no per-I/O page pinning).
     pub registered: bool,
     /// Slots out of generations until the next open.
@@ -982,6 +985,7 @@ impl FlashEngine {
             path: self.path.clone(),
             region: self.region,
             mode: self.mode,
+            refused: self.rings.as_ref().and_then(|r| r.refused.clone()),
             registered: self.fixed_buf.is_some() && self.fixed_file.is_some(),
             retired: self.slots.retired() as u64,
             in_flight: self.data_in_ring + self.meta_in_ring,

@@ -127,6 +127,9 @@ pub struct OwnRings {
     pub data: IoUring,
     pub meta: Option<IoUring>,
     pub mode: IoMode,
+    /// What was asked and the kernel refused ("sqpoll refused: …"), when
+    /// `mode` has less polling than asked.
+    pub refused: Option<String>,
 }
 
 impl OwnRings {
@@ -144,11 +147,17 @@ impl OwnRings {
             match build(entries, sq, io) {
                 Ok(data) => {
                     let meta = if io { Some(build(16, false, false)?) } else { None };
+                    let mut refused = None;
                     if (sq, io) != (sqpoll, iopoll) {
                         let error = last.as_ref().map(|e| e.to_string()).unwrap_or_default();
                         tracing::warn!(sqpoll = sq, iopoll = io, %error, "storage ring set up with less polling than asked");
+                        let lost: Vec<&str> = [(sqpoll && !sq, "sqpoll"), (iopoll && !io, "iopoll")]
+                            .into_iter()
+                            .filter_map(|(lost, name)| lost.then_some(name))
+                            .collect();
+                        refused = Some(format!("{} refused: {error}", lost.join("+")));
                     }
-                    return Ok(OwnRings { data, meta, mode: IoMode::of(sq, io) });
+                    return Ok(OwnRings { data, meta, mode: IoMode::of(sq, io), refused });
                 }
                 Err(e) => last = Some(e),
             }

@@ -711,7 +711,21 @@ fn sqpoll_mode_serves_requests() {
     let mut c = cfg(16384, 8);
     c.sqpoll = true;
     let mut e = FlashEngine::open(&b, whole(&b), &c).unwrap();
-    eprintln!("mode: {}", e.mode());
+    // What this kernel does with SQPOLL, asked directly: the engine runs
+    // it when allowed, and says why not when refused.
+    let u = e.usage();
+    let allowed: std::io::Result<IoUring> = IoUring::builder().setup_sqpoll(10).build(4);
+    match allowed {
+        Ok(_) => {
+            assert!(e.mode().sqpoll(), "{u:?}");
+            assert_eq!(u.refused, None);
+        }
+        Err(err) => {
+            assert!(!e.mode().sqpoll(), "{u:?}");
+            let why = u.refused.as_deref().unwrap_or_default();
+            assert!(why.starts_with("sqpoll refused: "), "{err}: {u:?}");
+        }
+    }
     let id = e.alloc(1).unwrap();
     for k in 0..20u64 {
         let data = pattern(k, 1000 + k as usize * 300);
