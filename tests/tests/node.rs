@@ -1053,6 +1053,49 @@ fn flash_device_errors_reach_the_client(net: NetBackend) {
     n.shutdown();
 }
 
+/// Read-after-write at random offsets and sizes on flash and disk tiers
+/// that are block devices (two loop devices), on both cores: the engine
+/// runs on the devices directly, not on a file system's file. Root only;
+/// the devices are detached when the test ends, passed or not (`LoopDev`
+/// is dropped after the node).
+fn loop_device_tiers_read_after_write(net: NetBackend) {
+    let dir = TierDir::new("loop-raw");
+    let mut devs = Vec::new();
+    for name in ["flash-backing", "disk-backing"] {
+        match LoopDev::attach(dir.file(name), 2 * 40 * BS as u64) {
+            Ok(d) => devs.push(d),
+            Err(why) => {
+                eprintln!("skipped: no loop device ({why})");
+                return;
+            }
+        }
+    }
+    let cfg = NodeConfig {
+        flash: Some(TierSpec { path: devs[0].dev.clone().into(), size: None }),
+        disk: Some(TierSpec { path: devs[1].dev.clone().into(), size: None }),
+        ..flash_cfg(net, 2, &dir, 0)
+    };
+    let n = start_node(cfg);
+    let r = n.report();
+    for (tier, dev) in [("flash", &devs[0]), ("disk", &devs[1])] {
+        let rows: Vec<_> = r.tiers.iter().filter(|t| t.tier == tier).collect();
+        assert_eq!(rows.len(), 2, "{:?}", r.tiers);
+        for t in rows {
+            assert_eq!(t.path.as_deref(), Some(dev.dev.as_str()), "{t:?}");
+            assert!(t.blocks_total >= 2, "{t:?}");
+        }
+    }
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("loop", JobHints::default()).unwrap();
+    for t in [tier::FLASH, tier::DISK] {
+        for core in 0..2 {
+            random_read_after_write(&mut c, &job, t, core);
+        }
+    }
+    drop(c);
+    n.shutdown();
+}
+
 /// A node asked for SQPOLL (`--sqpoll`) runs its flash rings with it when
 /// the kernel allows it (asked directly here), else reports that it was
 /// refused and what runs instead; either way reads follow writes.
@@ -1377,6 +1420,7 @@ pollen_tests::on_every_backend!(
     flash_persist_survives_restart,
     flash_persist_puts_past_io_slots,
     flash_device_errors_reach_the_client,
+    loop_device_tiers_read_after_write,
     flash_sqpoll_read_after_write,
     latency_sensitive_job_fills_dram_then_flash,
     dram_share_then_flash,
