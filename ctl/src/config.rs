@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use dataplane::node::{DpdkConfig, NetBackend, NodeConfig, PollMode, Role, TierSpec};
+use dataplane::storage::flash::Reformat;
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -50,6 +51,9 @@ override the file; the file overrides the defaults shown here. An unknown key is
     flash = \"/mnt/nvme/pollen.flash:64GiB\"  # flash tier: PATH[:SIZE], a file or block device [default: off]
     disk = \"/mnt/hdd/pollen.disk:1TiB\"      # disk tier, same form [default: off]
     sqpoll = false             # a kernel thread polls the flash/disk submission queues
+    reformat_tiers = false     # format a flash/disk region made with other settings (block size,
+                               # cores, size) instead of refusing to start; loses its blocks
+    discard_persist = false    # with reformat_tiers: even where it holds PERSIST blocks
     cluster_secret_file = \"/etc/pollen/secret\"  # require capability tokens, checked with this
                                # secret (also $POLLEN_CLUSTER_SECRET_FILE) [default: none, no checks]
     data_dir = \"pollen-data\"   # pollen.json (pollen up) and the metadata log under DIR/meta,
@@ -185,6 +189,15 @@ pub struct NodeFlags {
     /// Ask for a kernel thread that polls the flash and disk submission queues (SQPOLL)
     #[arg(long)]
     pub sqpoll: bool,
+    /// Format a flash or disk region that cannot be opened with these settings (made with another
+    /// block size, core count or size, or with a corrupt superblock) instead of refusing to
+    /// start, destroying the blocks it holds; refused where it holds PERSIST blocks unless
+    /// --discard-persist is given too. Regions that open as they are keep their data
+    #[arg(long)]
+    pub reformat_tiers: bool,
+    /// With --reformat-tiers: reformat even regions that hold PERSIST blocks, destroying them
+    #[arg(long)]
+    pub discard_persist: bool,
     /// Require a capability token on every connection, checked with the cluster secret in FILE
     /// (also $POLLEN_CLUSTER_SECRET_FILE; at least 16 bytes) [default: none, no token checks]
     #[arg(long, value_name = "FILE")]
@@ -337,6 +350,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_tier")]
     pub disk: Option<TierSpec>,
     pub sqpoll: Option<bool>,
+    pub reformat_tiers: Option<bool>,
+    pub discard_persist: Option<bool>,
     pub cluster_secret_file: Option<PathBuf>,
     pub dpdk_args: Option<String>,
     pub dpdk_port: Option<u16>,
@@ -497,6 +512,10 @@ impl NodeFlags {
             flash: self.flash.clone().or_else(|| file.flash.clone()),
             disk: self.disk.clone().or_else(|| file.disk.clone()),
             sqpoll: self.sqpoll || file.sqpoll.unwrap_or(base.sqpoll),
+            reformat_tiers: reformat_tiers(
+                self.reformat_tiers || file.reformat_tiers.unwrap_or(false),
+                self.discard_persist || file.discard_persist.unwrap_or(false),
+            )?,
             // Set by `pollen up` and `pollen node` (`--data-dir`).
             data_dir: None,
             cluster_secret: cluster_secret(
@@ -604,6 +623,18 @@ impl NodeArgs {
         let auth = crate::heartbeat::ClientAuth { token, ca: self.controller_ca.clone() };
         Ok(NodeSettings { node, heartbeat, controller: local::normalize_url(&controller), auth })
     }
+}
+
+/// `--reformat-tiers` and `--discard-persist` (flags or file) as the node takes them.
+fn reformat_tiers(reformat: bool, discard_persist: bool) -> Result<Reformat> {
+    Ok(match (reformat, discard_persist) {
+        (false, false) => Reformat::Never,
+        (true, false) => Reformat::KeepPersist,
+        (true, true) => Reformat::DiscardPersist,
+        (false, true) => anyhow::bail!(
+            "--discard-persist (discard_persist) only goes with --reformat-tiers (reformat_tiers = true)"
+        ),
+    })
 }
 
 /// The `pollen node` flags that run a node like `cfg` (for nodes a
@@ -854,6 +885,24 @@ mod tests {
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("file-data"), 9070));
         let flash = TierSpec { path: PathBuf::from("/tmp/f.flash"), size: Some(1 << 30) };
         assert_eq!((&n.flash, &n.disk, n.sqpoll), (&Some(flash), &None, true));
+    }
+
+    #[test]
+    fn reformat_tiers_from_the_flags_or_the_file() {
+        let mode = |flags: &[&str], text: &str| {
+            node_flags(flags).merge(&file(text, Command::Node)).map(|s| s.node.reformat_tiers)
+        };
+        assert_eq!(mode(&[], "").unwrap(), Reformat::Never);
+        assert_eq!(mode(&["--reformat-tiers"], "").unwrap(), Reformat::KeepPersist);
+        assert_eq!(mode(&[], "reformat_tiers = true").unwrap(), Reformat::KeepPersist);
+        assert_eq!(mode(&["--reformat-tiers", "--discard-persist"], "").unwrap(), Reformat::DiscardPersist);
+        let both = "reformat_tiers = true\ndiscard_persist = true";
+        assert_eq!(mode(&[], both).unwrap(), Reformat::DiscardPersist);
+        assert_eq!(mode(&["--discard-persist"], "reformat_tiers = true").unwrap(), Reformat::DiscardPersist);
+        let e = mode(&["--discard-persist"], "").unwrap_err();
+        assert!(format!("{e:#}").contains("--reformat-tiers"), "{e:#}");
+        let e = mode(&[], "discard_persist = true").unwrap_err();
+        assert!(format!("{e:#}").contains("reformat_tiers = true"), "{e:#}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::meta::log::{self as metalog, LogShape, MetaLog};
 use crate::meta::Namespaces;
 use crate::proto::{BlockId, Limits, NodeInfo};
 use crate::report::{CoreReport, JobReport, NodeReport, TierReport};
-use crate::storage::flash::{prepare_backing, Backing, Region, RingSlots};
+use crate::storage::flash::{prepare_backing, Backing, Reformat, Region, RingSlots};
 use crate::storage::{DramTier, FlashConfig, FlashEngine};
 use crate::transport::epoll::EpollTransport;
 use crate::transport::uring::{self, UringTransport, STORAGE_SLOTS};
@@ -125,6 +125,9 @@ pub struct NodeConfig {
     pub disk: Option<TierSpec>,
     /// Ask for a submission-polling kernel thread on the flash and disk rings.
     pub sqpoll: bool,
+    /// What to do with a flash or disk region formatted with other
+    /// settings (`--reformat-tiers`, `--discard-persist`).
+    pub reformat_tiers: Reformat,
     /// Where the node keeps its metadata log (`<data_dir>/meta/`), so the
     /// namespaces survive a restart; `None`: they live in memory only.
     pub data_dir: Option<PathBuf>,
@@ -258,6 +261,7 @@ impl Default for NodeConfig {
             flash: None,
             disk: None,
             sqpoll: false,
+            reformat_tiers: Reformat::Never,
             data_dir: None,
             cluster_secret: None,
             dpdk: DpdkConfig::default(),
@@ -695,6 +699,15 @@ impl Node {
                 .map_err(io_err(format!("{name} tier {}", spec.path.display())))?;
             let regions =
                 backing.regions(n as u32).map_err(io_err(format!("{name} tier {}", spec.path.display())))?;
+            // Every region is checked before any core opens (and perhaps
+            // formats) its own: a refused region stops the start with the
+            // file as it was.
+            for r in &regions {
+                let mut fc = FlashConfig::new(t, r.index as u8, cfg.block_size as u32);
+                fc.reformat = cfg.reformat_tiers;
+                FlashEngine::check_open(&backing, *r, &fc)
+                    .map_err(io_err(format!("{name} tier {}", spec.path.display())))?;
+            }
             tiers.push((t, backing, regions));
         }
 
@@ -780,6 +793,7 @@ impl Node {
                 max_frame: crate::proto::HEADER_LEN + crate::proto::MAX_KEY_LEN + cfg.max_body,
                 storage: tiers.iter().map(|(t, b, r)| (*t, b.clone(), r[i])).collect(),
                 sqpoll: cfg.sqpoll,
+                reformat: cfg.reformat_tiers,
                 dpdk: dpdk_queues.next(),
                 node: stop.clone(),
                 poll_fault: cfg.test_poll_fault.filter(|f| f.core == i),
@@ -1202,6 +1216,7 @@ struct CoreStart {
     /// (tier, backing, this core's region) of each flash or disk tier.
     storage: Vec<(u8, Backing, Region)>,
     sqpoll: bool,
+    reformat: Reformat,
     /// The core's DPDK queue pair and stack settings (DPDK nodes only).
     #[cfg_attr(not(feature = "dpdk"), allow(dead_code))]
     dpdk: Option<DpdkCore>,
@@ -1276,7 +1291,12 @@ impl CoreStart {
         let waker_fd = self.peers[id].waker.fd();
         // Receive buffers hold at least one whole frame.
         let rx = self.max_frame.clamp(256 << 10, 4 << 20);
-        let storage = StorageStart { tiers: &self.storage, block_size: self.block_size, sqpoll: self.sqpoll };
+        let storage = StorageStart {
+            tiers: &self.storage,
+            block_size: self.block_size,
+            sqpoll: self.sqpoll,
+            reformat: self.reformat,
+        };
         let running = Running { stop: self.node.stop.clone(), poll_fault: self.poll_fault };
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             let _ = ready.send((id, Err(format!("{what}: {e}"))));
@@ -1323,6 +1343,7 @@ impl CoreStart {
         for (i, (t, backing, region)) in storage.tiers.iter().enumerate() {
             let mut fc = FlashConfig::new(*t, cfg.id, storage.block_size);
             fc.sqpoll = storage.sqpoll;
+            fc.reformat = storage.reformat;
             let slots = RingSlots { file: i as u32, buf: i as u16 };
             let net = transport.shared_ring().map(|r| (&*r, slots)).filter(|_| i < STORAGE_SLOTS as usize);
             match FlashEngine::open_for_core(backing, *region, &fc, net) {
@@ -1401,6 +1422,7 @@ struct StorageStart<'a> {
     tiers: &'a [(u8, Backing, Region)],
     block_size: u32,
     sqpoll: bool,
+    reformat: Reformat,
 }
 
 /// The name of a tier number in reports and messages.

@@ -94,9 +94,30 @@ pub struct FlashConfig {
     /// capped at 32 MiB of buffers for large blocks. A request without a
     /// free buffer is `Busy` like one beyond the queue depth.
     pub buffers: u32,
-    /// Format the region even if it holds a valid (or corrupt) superblock.
-    pub reformat: bool,
+    /// What to do with a region that cannot be opened with this
+    /// configuration (`--reformat-tiers`).
+    pub reformat: Reformat,
 }
+
+/// Whether a region formatted with other settings (block size, core count,
+/// tier size, tier, layout version), or with a corrupt superblock, is
+/// formatted afresh at open (losing what it holds) or refused. A region
+/// that opens as configured is never reformatted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reformat {
+    /// Refuse to open it (the default): the error names the option.
+    #[default]
+    Never,
+    /// Format it, unless the earlier layout holds persistent (PERSIST)
+    /// blocks there (`--reformat-tiers`).
+    KeepPersist,
+    /// Format it even then (`--reformat-tiers --discard-persist`).
+    DiscardPersist,
+}
+
+/// The option that reformats, as the errors name it.
+const REFORMAT_HINT: &str = "start the node with --reformat-tiers (reformat_tiers = true in the \
+     config file) to format it afresh, losing the blocks it holds";
 
 impl FlashConfig {
     pub fn new(tier: u8, core: u8, block_size: u32) -> FlashConfig {
@@ -109,7 +130,7 @@ impl FlashConfig {
             sqpoll: false,
             iopoll: true,
             buffers: 0,
-            reformat: false,
+            reformat: Reformat::Never,
         }
     }
 }
@@ -375,6 +396,10 @@ pub struct FlashEngine {
     report: OpenReport,
     /// Skip the clean close (tests simulate a crash).
     crashed: bool,
+    /// `load` wrote the superblock: the region is this engine's to close.
+    /// Until then (a refused open) closing must write nothing, or it would
+    /// put this configuration's superblock over another's.
+    loaded: bool,
     /// `register_waker` succeeded: interrupt-driven completions signal the
     /// core's eventfd.
     waker: bool,
@@ -382,6 +407,19 @@ pub struct FlashEngine {
     inject: VecDeque<i32>,
     #[cfg(test)]
     inject_meta: VecDeque<i32>,
+}
+
+/// What opening a region does with what it holds.
+enum Plan {
+    /// Open it as it is: its superblock matches the configuration.
+    Keep(Superblock),
+    /// Format it, starting at this epoch.
+    Format { epoch: u32 },
+}
+
+/// Whether the region `sb` describes overlaps [start, end).
+fn overlaps(sb: &Superblock, start: u64, end: u64) -> bool {
+    sb.region_start < end && start < sb.region_start.saturating_add(sb.region_len)
 }
 
 fn invalid_data(msg: String) -> io::Error {
@@ -523,7 +561,9 @@ impl FlashEngine {
         }
     }
 
-    fn open_region(backing: &Backing, region: Region, cfg: &FlashConfig) -> io::Result<FlashEngine> {
+    /// The engine for `region`, its file open and buffers allocated, the
+    /// region not read yet; dropped as it is, it writes nothing.
+    fn unopened(backing: &Backing, region: Region, cfg: &FlashConfig) -> io::Result<FlashEngine> {
         let bs = cfg.block_size;
         let qd = cfg.policy.queue_depth;
         if !bs.is_power_of_two() || (bs as u64) < SECTOR || bs > 16 << 20 {
@@ -583,7 +623,7 @@ impl FlashEngine {
         };
         let pool = BufPool::new(bs as usize, buffers, qd, FLIGHTS)?;
         let sectors = geo.header_sectors() as usize;
-        let mut e = FlashEngine {
+        let e = FlashEngine {
             rings: None,
             pool,
             file,
@@ -639,14 +679,28 @@ impl FlashEngine {
                 corrupt_entries: 0,
             },
             crashed: false,
+            loaded: false,
             waker: false,
             #[cfg(test)]
             inject: VecDeque::new(),
             #[cfg(test)]
             inject_meta: VecDeque::new(),
         };
+        Ok(e)
+    }
+
+    fn open_region(backing: &Backing, region: Region, cfg: &FlashConfig) -> io::Result<FlashEngine> {
+        let mut e = Self::unopened(backing, region, cfg)?;
         e.load(cfg)?;
         Ok(e)
+    }
+
+    /// Whether `region` opens with `cfg` — as it is, or formatted where
+    /// `cfg.reformat` allows — without writing anything. A node checks
+    /// every region before its cores open them at once, so no core formats
+    /// its region while another's refusal stops the start.
+    pub fn check_open(backing: &Backing, region: Region, cfg: &FlashConfig) -> io::Result<()> {
+        Self::unopened(backing, region, cfg)?.plan(cfg).map(|_| ())
     }
 
     // ---- startup and shutdown (blocking) ----
@@ -658,30 +712,13 @@ impl FlashEngine {
     /// Reads the superblock and header table (or formats), recovers the
     /// persistent blocks, and records the new epoch (not clean) on disk.
     fn load(&mut self, cfg: &FlashConfig) -> io::Result<()> {
-        let sb_at = self.abs(0);
-        // SAFETY: no I/O is in flight yet; staging sector 0 is ours.
-        let sector = unsafe { self.pool.staging_mut(0) };
-        self.file.read_exact_at(sector, sb_at).map_err(|e| self.ctx(e, "reading the superblock"))?;
-        let found = Superblock::decode(sector);
         let mut recovered = Vec::new();
-        let (epoch, formatted, was_clean) = match found {
-            Err(SuperblockError::Unformatted) => (1, true, true),
-            Err(SuperblockError::Corrupt) if cfg.reformat => (1, true, true),
-            Err(SuperblockError::Corrupt) => {
-                return Err(invalid_data(format!(
-                    "{}: region {} has a corrupt superblock (checksum); refusing to format over it \
-                     (wipe it, or reformat)",
-                    self.path.display(),
-                    self.region.index
-                )))
-            }
-            // Keep epochs rising across a reformat, so older ids stay stale.
-            Ok(sb) if cfg.reformat => (sb.epoch.wrapping_add(1).max(1), true, true),
-            Ok(sb) => {
-                self.check(&sb, cfg)?;
+        let (epoch, formatted, was_clean) = match self.plan(cfg)? {
+            Plan::Keep(sb) => {
                 self.report.corrupt_entries = self.read_headers(&mut recovered)?;
                 (sb.epoch.wrapping_add(1).max(1), false, sb.clean)
             }
+            Plan::Format { epoch } => (epoch, true, true),
         };
         if formatted {
             self.zero_headers()?;
@@ -695,6 +732,8 @@ impl FlashEngine {
         }
         self.epoch = epoch;
         self.write_superblock(false)?;
+        // From here on the region is ours: closing marks it clean.
+        self.loaded = true;
         self.slots = Slots::new(self.geo.slots, epoch, &recovered);
         self.recovered = recovered
             .iter()
@@ -717,6 +756,147 @@ impl FlashEngine {
         Ok(())
     }
 
+    /// Reads the superblock and decides: keep the region as it is, format
+    /// it (unformatted, or `cfg.reformat` allows it), or refuse. Reads only.
+    fn plan(&mut self, cfg: &FlashConfig) -> io::Result<Plan> {
+        let sb_at = self.abs(0);
+        // SAFETY: no I/O is in flight yet; staging sector 0 is ours.
+        let sector = unsafe { self.pool.staging_mut(0) };
+        self.file.read_exact_at(sector, sb_at).map_err(|e| self.ctx(e, "reading the superblock"))?;
+        match Superblock::decode(sector) {
+            Err(SuperblockError::Unformatted) => {
+                // Never format over the middle of a region of an earlier
+                // layout (another core count or size) without being asked.
+                let (start, end) = (self.region.start, self.region.start + self.region.len);
+                let earlier = self.earlier_layout()?;
+                if let Some(sb) = earlier.iter().find(|sb| overlaps(sb, start, end)) {
+                    let why = format!(
+                        "{} region {}: lies inside region {} [{}, +{}) of a layout formatted with other \
+                         settings (block size {}); start with those settings, or {REFORMAT_HINT}",
+                        self.path.display(),
+                        self.region.index,
+                        sb.region_index,
+                        sb.region_start,
+                        sb.region_len,
+                        sb.block_size
+                    );
+                    self.may_reformat(cfg, why)?;
+                }
+                Ok(Plan::Format { epoch: 1 })
+            }
+            Err(SuperblockError::Corrupt) => {
+                let why = format!(
+                    "{} region {}: corrupt superblock (checksum); refusing to format over it: {REFORMAT_HINT}",
+                    self.path.display(),
+                    self.region.index
+                );
+                self.may_reformat(cfg, why)?;
+                Ok(Plan::Format { epoch: 1 })
+            }
+            Ok(sb) => match self.check(&sb, cfg) {
+                Ok(()) => Ok(Plan::Keep(sb)),
+                Err(why) => {
+                    self.may_reformat(cfg, why.to_string())?;
+                    // Keep epochs rising across a reformat, so older ids stay stale.
+                    Ok(Plan::Format { epoch: sb.epoch.wrapping_add(1).max(1) })
+                }
+            },
+        }
+    }
+
+    /// Whether `cfg` lets the region be formatted over, `why` being the
+    /// reason it cannot be opened as it is.
+    fn may_reformat(&mut self, cfg: &FlashConfig, why: String) -> io::Result<()> {
+        match cfg.reformat {
+            Reformat::Never => Err(invalid_data(why)),
+            Reformat::DiscardPersist => {
+                tracing::warn!(path = %self.path.display(), region = self.region.index, %why, "reformatting the tier region");
+                Ok(())
+            }
+            Reformat::KeepPersist => match self.persistent_in_old_layout()? {
+                0 => {
+                    tracing::warn!(path = %self.path.display(), region = self.region.index, %why, "reformatting the tier region");
+                    Ok(())
+                }
+                n => Err(invalid_data(format!(
+                    "{} region {}: not reformatted: the earlier layout holds {n} persistent (PERSIST) \
+                     block(s) here, which --reformat-tiers keeps; start with the old settings to read \
+                     them, or add --discard-persist (discard_persist = true) to destroy them too",
+                    self.path.display(),
+                    self.region.index
+                ))),
+            },
+        }
+    }
+
+    /// Persistent blocks that formatting this region destroys: those of the
+    /// regions of the earlier layout that overlap it (all of each such
+    /// region's, wherever its blocks lie).
+    fn persistent_in_old_layout(&mut self) -> io::Result<u64> {
+        let (start, end) = (self.region.start, self.region.start + self.region.len);
+        let mut found = 0;
+        for sb in self.earlier_layout()?.iter().filter(|sb| overlaps(sb, start, end)) {
+            found += self.persistent_in(sb)?;
+        }
+        Ok(found)
+    }
+
+    /// The superblocks of the layout the file holds, region after region
+    /// from its start: every layout's region 0 starts at the start of the
+    /// file and its regions follow one another. The walk stops at a missing
+    /// or corrupt superblock (regions past it are not seen).
+    fn earlier_layout(&mut self) -> io::Result<Vec<Superblock>> {
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        // Bounded: a layout has at most 256 regions (one per core).
+        for _ in 0..=u8::MAX as usize {
+            // SAFETY: no I/O is in flight yet; staging sector 0 is ours.
+            let sector = unsafe { self.pool.staging_mut(0) };
+            match self.file.read_exact_at(sector, at) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(self.ctx(e, "reading an earlier superblock")),
+            }
+            let Ok(sb) = Superblock::decode(sector) else { break };
+            if sb.region_start != at || sb.region_len < 2 * SECTOR || !sb.region_len.is_multiple_of(SECTOR) {
+                break;
+            }
+            at += sb.region_len;
+            out.push(sb);
+        }
+        Ok(out)
+    }
+
+    /// Persistent entries in the header table of the region `sb` describes.
+    fn persistent_in(&mut self, sb: &Superblock) -> io::Result<u64> {
+        let bs = sb.block_size;
+        if !bs.is_power_of_two() || u64::from(bs) < SECTOR || sb.header_off != SECTOR {
+            return Ok(0);
+        }
+        let header_len = round_up(u64::from(sb.slots) * ENTRY_LEN as u64, SECTOR);
+        if SECTOR + header_len > sb.region_len {
+            return Ok(0);
+        }
+        let chunk = self.pool.buf_size() as u64;
+        let (mut at, mut found) = (0u64, 0u64);
+        while at < header_len {
+            let n = chunk.min(header_len - at) as usize;
+            // SAFETY: no I/O is in flight yet; data buffer 0 is unlent.
+            let b = unsafe { self.pool.buf_mut(0, 0, n) };
+            self.file
+                .read_exact_at(b, sb.region_start + SECTOR + at)
+                .map_err(|e| self.ctx(e, "reading earlier block headers"))?;
+            for (k, raw) in b.chunks_exact(ENTRY_LEN).enumerate() {
+                let slot = (at / ENTRY_LEN as u64) as u32 + k as u32;
+                if slot < sb.slots && matches!(Entry::decode(raw, slot, bs), Decoded::Persistent(_)) {
+                    found += 1;
+                }
+            }
+            at += n as u64;
+        }
+        Ok(found)
+    }
+
     fn ctx(&self, e: io::Error, what: &str) -> io::Error {
         io::Error::new(e.kind(), format!("{} region {}: {what}: {e}", self.path.display(), self.region.index))
     }
@@ -724,8 +904,8 @@ impl FlashEngine {
     fn check(&self, sb: &Superblock, cfg: &FlashConfig) -> io::Result<()> {
         let mismatch = |what: &str, disk: String, want: String| {
             Err(invalid_data(format!(
-                "{} region {}: formatted with {what} {disk}, configured {want}; use the same \
-                 configuration, or reformat (losing the tier's data)",
+                "{} region {}: formatted with {what} {disk}, configured {want}; start with the \
+                 settings it was formatted with, or {REFORMAT_HINT}",
                 self.path.display(),
                 self.region.index
             )))
@@ -850,7 +1030,7 @@ impl FlashEngine {
             }
             return;
         }
-        if self.crashed {
+        if self.crashed || !self.loaded {
             return;
         }
         let r = self.flush_headers_sync().and_then(|()| self.write_superblock(true));

@@ -69,7 +69,9 @@ mod slots;
 mod tests;
 
 pub use backing::{parse_spec, prepare_backing, Backing, Region};
-pub use engine::{Completion, FlashConfig, FlashEngine, FlashUsage, OpenReport, RingSlots, TierPolicy};
+pub use engine::{
+    Completion, FlashConfig, FlashEngine, FlashUsage, OpenReport, Reformat, RingSlots, TierPolicy,
+};
 #[cfg(test)]
 pub(crate) use pool::testing;
 pub use pool::{ReadBuf, WriteBuf};

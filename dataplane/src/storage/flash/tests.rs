@@ -682,12 +682,21 @@ fn a_mismatched_configuration_is_refused() {
     drop(FlashEngine::open(&b, whole(&b), &cfg(16384, 4)).unwrap());
     let err = FlashEngine::open(&b, whole(&b), &cfg(65536, 4)).err().unwrap();
     assert!(err.to_string().contains("block size 16384, configured 65536"), "{err}");
+    assert!(err.to_string().contains("--reformat-tiers"), "the error names the option: {err}");
     let smaller = Region { index: 0, start: 0, len: 512 << 10 };
     let err = FlashEngine::open(&b, smaller, &cfg(16384, 4)).err().unwrap();
-    assert!(err.to_string().contains("region"), "{err}");
+    assert!(
+        err.to_string().contains("formatted with region (index, start, length) (0, 0, 1048576)"),
+        "{err}"
+    );
     let mut disk = cfg(16384, 4);
     disk.tier = tier::DISK;
-    assert!(FlashEngine::open(&b, whole(&b), &disk).err().unwrap().to_string().contains("tier"));
+    let err = FlashEngine::open(&b, whole(&b), &disk).err().unwrap();
+    assert!(err.to_string().contains("formatted with tier 1, configured 2"), "{err}");
+    // A refused open wrote nothing: the region opens as it was formatted.
+    let e = FlashEngine::open(&b, whole(&b), &cfg(16384, 4)).unwrap();
+    assert!(!e.open_report().formatted && e.open_report().was_clean);
+    drop(e);
     // A damaged superblock is never formatted over without being asked.
     {
         use std::os::unix::fs::FileExt;
@@ -697,10 +706,52 @@ fn a_mismatched_configuration_is_refused() {
     let err = FlashEngine::open(&b, whole(&b), &cfg(16384, 4)).err().unwrap();
     assert!(err.to_string().contains("corrupt superblock"), "{err}");
     let mut re = cfg(65536, 4);
-    re.reformat = true;
+    re.reformat = Reformat::KeepPersist;
     let e = FlashEngine::open(&b, whole(&b), &re).unwrap();
     assert!(e.open_report().formatted);
     assert_eq!(e.block_size(), 65536);
+}
+
+/// `Reformat`: a region made with other settings is formatted when asked,
+/// unless it holds persistent blocks and only `KeepPersist` was asked; a
+/// region that opens as it is keeps its blocks whatever is asked.
+#[test]
+fn reformat_keeps_persistent_blocks_unless_told() {
+    need_uring!();
+    let dir = TestDir::new("reformat");
+    let b = file(&dir, "t", 1 << 20);
+    let mut e = FlashEngine::open(&b, whole(&b), &cfg(16384, 4)).unwrap();
+    let id = e.alloc(1).unwrap();
+    write(&mut e, id, 0, b"kept").unwrap();
+    persist(&mut e, id).unwrap();
+    drop(e);
+    let mut keep = cfg(16384, 4);
+    keep.reformat = Reformat::KeepPersist;
+    let mut e = FlashEngine::open(&b, whole(&b), &keep).unwrap();
+    assert!(!e.open_report().formatted, "same settings: nothing to reformat");
+    assert_eq!(read(&mut e, id, 0, u32::MAX).unwrap(), b"kept");
+    drop(e);
+    // Two regions now (two cores): both overlap the old one and its block.
+    let halves = b.regions(2).unwrap();
+    let mut two = cfg(16384, 4);
+    two.reformat = Reformat::KeepPersist;
+    for r in &halves {
+        let err = FlashEngine::check_open(&b, *r, &two).unwrap_err();
+        assert!(err.to_string().contains("1 persistent (PERSIST) block"), "{err}");
+        assert!(FlashEngine::open(&b, *r, &two).is_err());
+    }
+    let mut never = cfg(16384, 4);
+    never.reformat = Reformat::Never;
+    let err = FlashEngine::check_open(&b, halves[1], &never).unwrap_err();
+    assert!(err.to_string().contains("lies inside region 0"), "{err}");
+    two.reformat = Reformat::DiscardPersist;
+    for r in &halves {
+        FlashEngine::check_open(&b, *r, &two).unwrap();
+    }
+    let mut engines: Vec<FlashEngine> =
+        halves.iter().map(|r| FlashEngine::open(&b, *r, &two).unwrap()).collect();
+    assert!(engines.iter().all(|e| e.open_report().formatted && e.recovered_persistent().is_empty()));
+    assert_eq!(read(&mut engines[0], id, 0, u32::MAX).unwrap_err(), StorageError::NotFound);
 }
 
 #[test]
