@@ -409,6 +409,16 @@ pub struct FlashEngine {
     inject_meta: VecDeque<i32>,
 }
 
+/// Where a region's header table lies, and how to read its entries.
+#[derive(Debug, Clone, Copy)]
+struct HeaderTable {
+    /// Absolute offset in the file.
+    at: u64,
+    len: u64,
+    slots: u32,
+    block_size: u32,
+}
+
 /// What opening a region does with what it holds.
 enum Plan {
     /// Open it as it is: its superblock matches the configuration.
@@ -877,24 +887,40 @@ impl FlashEngine {
         if SECTOR + header_len > sb.region_len {
             return Ok(0);
         }
+        let mut found = 0;
+        let table =
+            HeaderTable { at: sb.region_start + SECTOR, len: header_len, slots: sb.slots, block_size: bs };
+        self.scan_headers(table, "reading earlier block headers", |_, d| {
+            found += u64::from(matches!(d, Decoded::Persistent(_)));
+        })?;
+        Ok(found)
+    }
+
+    /// Decodes every entry of a header table (`table.at` is absolute),
+    /// reading it a buffer at a time.
+    fn scan_headers(
+        &mut self,
+        table: HeaderTable,
+        what: &str,
+        mut f: impl FnMut(u32, Decoded),
+    ) -> io::Result<()> {
         let chunk = self.pool.buf_size() as u64;
-        let (mut at, mut found) = (0u64, 0u64);
-        while at < header_len {
-            let n = chunk.min(header_len - at) as usize;
+        let mut at = 0u64;
+        while at < table.len {
+            let n = chunk.min(table.len - at) as usize;
             // SAFETY: no I/O is in flight yet; data buffer 0 is unlent.
             let b = unsafe { self.pool.buf_mut(0, 0, n) };
-            self.file
-                .read_exact_at(b, sb.region_start + SECTOR + at)
-                .map_err(|e| self.ctx(e, "reading earlier block headers"))?;
+            self.file.read_exact_at(b, table.at + at).map_err(|e| self.ctx(e, what))?;
             for (k, raw) in b.chunks_exact(ENTRY_LEN).enumerate() {
                 let slot = (at / ENTRY_LEN as u64) as u32 + k as u32;
-                if slot < sb.slots && matches!(Entry::decode(raw, slot, bs), Decoded::Persistent(_)) {
-                    found += 1;
+                if slot >= table.slots {
+                    break;
                 }
+                f(slot, Entry::decode(raw, slot, table.block_size));
             }
             at += n as u64;
         }
-        Ok(found)
+        Ok(())
     }
 
     fn ctx(&self, e: io::Error, what: &str) -> io::Error {
@@ -937,29 +963,19 @@ impl FlashEngine {
 
     /// Reads the header table; returns how many entries were corrupt.
     fn read_headers(&mut self, out: &mut Vec<(u32, Entry)>) -> io::Result<u32> {
-        let chunk = self.pool.buf_size() as u64;
+        let g = self.geo;
+        let table = HeaderTable {
+            at: self.abs(g.header_off),
+            len: g.header_len,
+            slots: g.slots,
+            block_size: g.block_size,
+        };
         let mut corrupt = 0;
-        let mut at = 0u64;
-        while at < self.geo.header_len {
-            let n = chunk.min(self.geo.header_len - at) as usize;
-            // SAFETY: no I/O is in flight yet; data buffer 0 is unlent.
-            let b = unsafe { self.pool.buf_mut(0, 0, n) };
-            self.file
-                .read_exact_at(b, self.abs(self.geo.header_off + at))
-                .map_err(|e| self.ctx(e, "reading block headers"))?;
-            for (k, raw) in b.chunks_exact(ENTRY_LEN).enumerate() {
-                let slot = (at / ENTRY_LEN as u64) as u32 + k as u32;
-                if slot >= self.geo.slots {
-                    break;
-                }
-                match Entry::decode(raw, slot, self.geo.block_size) {
-                    Decoded::Empty => {}
-                    Decoded::Persistent(e) => out.push((slot, e)),
-                    Decoded::Corrupt => corrupt += 1,
-                }
-            }
-            at += n as u64;
-        }
+        self.scan_headers(table, "reading block headers", |slot, d| match d {
+            Decoded::Empty => {}
+            Decoded::Persistent(e) => out.push((slot, e)),
+            Decoded::Corrupt => corrupt += 1,
+        })?;
         Ok(corrupt)
     }
 
