@@ -192,7 +192,7 @@ pub struct NodeFlags {
     /// Format a flash or disk region that cannot be opened with these settings (made with another
     /// block size, core count or size, or with a corrupt superblock) instead of refusing to
     /// start, destroying the blocks it holds; refused where it holds PERSIST blocks unless
-    /// --discard-persist is given too. Regions that open as they are keep their data
+    /// --discard-persist is given too. Regions that open as they are keep their data (docs/tiers.md)
     #[arg(long)]
     pub reformat_tiers: bool,
     /// With --reformat-tiers: reformat even regions that hold PERSIST blocks, destroying them

@@ -97,7 +97,7 @@ enum Cmd {
     },
     /// Capacity and use of every storage tier, per node and core; for flash and disk also the
     /// ring's mode, I/O operations and bytes per second over the last second (as of the node's
-    /// last heartbeat), and I/O errors since the node started
+    /// last heartbeat), and I/O errors since the node started (docs/tiers.md)
     Tiers,
     /// Jobs: those registered with the controller (allocation, weights) and those the nodes hold
     Jobs,
