@@ -127,6 +127,27 @@ pub struct TierReport {
     /// I/O errors since the node started.
     #[serde(default)]
     pub io_errors: u64,
+    /// Operations in the tier's ring (data and header sectors); registered
+    /// buffers in use (by requests, read data being sent, write bodies being
+    /// received); and buffers reserved for write bodies being received. All
+    /// 0 when the tier is idle.
+    #[serde(default)]
+    pub in_flight: u64,
+    #[serde(default)]
+    pub buffers_in_use: u64,
+    #[serde(default)]
+    pub writes_reserved: u64,
+    /// Writes whose body streamed into a registered buffer as it arrived;
+    /// times a write that could stream found no buffer or queue slot free
+    /// (it gathers meanwhile, and tries again as more of it arrives); and
+    /// streamed bodies whose connection closed before they were complete
+    /// (docs/protocol.md, "Streamed writes").
+    #[serde(default)]
+    pub streamed_writes: u64,
+    #[serde(default)]
+    pub stream_fallbacks: u64,
+    #[serde(default)]
+    pub streams_abandoned: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

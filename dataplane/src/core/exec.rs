@@ -609,7 +609,7 @@ impl State {
 
 /// This core's engine for tier `t` (flash or disk), or `NotFound` saying
 /// the node has no such tier.
-fn engine(engines: &mut [FlashEngine], t: u8) -> Result<&mut FlashEngine, Fail> {
+pub(super) fn engine(engines: &mut [FlashEngine], t: u8) -> Result<&mut FlashEngine, Fail> {
     match engines.iter_mut().find(|e| e.tier() == t) {
         Some(e) => Ok(e),
         None => {

@@ -8,6 +8,7 @@ mod commit;
 mod exec;
 pub mod pin;
 pub mod ring;
+mod stream;
 pub mod waker;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -197,6 +198,9 @@ struct Conn {
     peer_closed: bool,
     /// Requests forwarded to other cores whose responses have not come back.
     awaiting: u32,
+    /// A flash or disk write whose body streams into a registered buffer
+    /// as it arrives, instead of gathering in `partial` (`stream`).
+    stream: Option<Box<stream::Stream>>,
 }
 
 /// Where the answer to a flash or disk request goes when it completes.
@@ -316,6 +320,8 @@ struct State {
     frames: Vec<Vec<u8>>,
     requests: u64,
     forwarded: u64,
+    /// Counts of streamed writes, by tier (`stream::tier_index`).
+    stream_stats: [stream::StreamStats; 3],
     bytes_in: u64,
     bytes_out: u64,
     connections: u64,
@@ -409,6 +415,7 @@ impl<T: Transport> Core<T> {
                 frames: Vec::new(),
                 requests: 0,
                 forwarded: 0,
+                stream_stats: Default::default(),
                 bytes_in: 0,
                 bytes_out: 0,
                 connections: 0,
@@ -704,7 +711,11 @@ impl State {
         }
         if let Ok(mut s) = self.shared.storage.try_lock() {
             s.clear();
-            s.extend(self.engines.iter().map(|e| storage_report(self.cfg.id as usize, e)));
+            s.extend(self.engines.iter().map(|e| {
+                let mut f = storage_report(self.cfg.id as usize, e);
+                self.stream_stats[stream::tier_index(e.tier())].fill(&mut f.row);
+                f
+            }));
         }
     }
 
@@ -1121,6 +1132,9 @@ impl State {
             };
             let len = h.frame_len();
             if rest.len() < len {
+                if self.start_stream(id, &h, rest) {
+                    return (buf.len(), 0);
+                }
                 return (off, len);
             }
             if self.gate(id, &h, &rest[..len]) {
@@ -1282,6 +1296,9 @@ pub fn storage_report(core: usize, e: &FlashEngine) -> StorageFigures {
             (false, None) => u.mode.name().to_string(),
         }),
         io_errors: u.errors,
+        in_flight: u64::from(u.in_flight),
+        buffers_in_use: u.buffers_in_use as u64,
+        writes_reserved: u64::from(u.writes_reserved),
         ..TierReport::default()
     };
     StorageFigures { row, io: u.io }
@@ -1347,22 +1364,36 @@ impl EventSink for State {
     fn received(&mut self, conn: ConnId, data: &[u8]) {
         self.bytes_in += data.len() as u64;
         self.tick_access_clock();
-        let Some(c) = self.conns.get_mut(conn) else { return };
-        if !c.live || c.closing {
-            return;
-        }
-        if c.partial.is_empty() {
-            // The common case: parse straight from the transport's buffer.
-            let (used, need) = self.parse(conn, data);
-            let c = &mut self.conns[conn];
-            c.frame_len = need;
-            if used < data.len() && !c.closing {
-                append_partial(&mut c.partial, &data[used..], need);
+        let mut data = data;
+        loop {
+            let Some(c) = self.conns.get_mut(conn) else { return };
+            if !c.live || c.closing || data.is_empty() {
+                return;
             }
-            trim_partial(&mut c.partial, need);
-        } else {
-            append_partial(&mut c.partial, data, c.frame_len);
-            self.parse_partial(conn);
+            if c.stream.is_some() {
+                // A streamed body first; what follows it is parsed.
+                debug_assert!(c.partial.is_empty());
+                let n = self.feed_stream(conn, data);
+                data = &data[n..];
+            } else if c.partial.is_empty() {
+                // The common case: parse straight from the transport's buffer.
+                let (used, need) = self.parse(conn, data);
+                let c = &mut self.conns[conn];
+                c.frame_len = need;
+                if used < data.len() && !c.closing {
+                    append_partial(&mut c.partial, &data[used..], need);
+                }
+                trim_partial(&mut c.partial, need);
+                return;
+            } else {
+                // Only what completes a header and key goes through
+                // `partial` first: a body may stream from here.
+                let head = stream::head_missing(&c.partial, &self.cfg.limits);
+                let n = if head == 0 { data.len() } else { head.min(data.len()) };
+                append_partial(&mut c.partial, &data[..n], c.frame_len);
+                data = &data[n..];
+                self.parse_partial(conn);
+            }
         }
     }
 
@@ -1388,6 +1419,7 @@ impl EventSink for State {
     }
 
     fn closed(&mut self, conn: ConnId) {
+        self.drop_stream(conn);
         if let Some(c) = self.conns.get_mut(conn) {
             let gen = c.gen;
             *c = Conn { gen, ..Conn::default() };

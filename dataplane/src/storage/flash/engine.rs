@@ -173,6 +173,10 @@ pub struct FlashUsage {
     pub in_flight: u32,
     /// Data buffers neither in use by a request nor held by a `ReadBuf`.
     pub buffers_free: usize,
+    /// Data buffers in use by a request or held by a `ReadBuf` or `WriteBuf`.
+    pub buffers_in_use: usize,
+    /// `WriteBuf`s not yet submitted (each holds a queue slot).
+    pub writes_reserved: u32,
     /// Completions of the last second, for `IoWindow::rates`.
     pub io: IoWindow,
     /// I/O errors since the open.
@@ -1186,6 +1190,8 @@ impl FlashEngine {
             retired: self.slots.retired() as u64,
             in_flight: self.data_in_ring + self.meta_in_ring,
             buffers_free: self.pool.available(),
+            buffers_in_use: self.pool.in_use(),
+            writes_reserved: self.pool.reserved(),
             io: self.stats.io,
             errors: self.stats.errors,
         }
@@ -1288,6 +1294,15 @@ impl FlashEngine {
     pub fn write_buffer(&mut self, offset: u32, len: u32) -> Result<WriteBuf, StorageError> {
         self.check_end(offset as u64 + len as u64)?;
         self.reserve_buffer(offset % SECTOR as u32, len)
+    }
+
+    /// Whether one more `WriteBuf` may be held for a body still arriving
+    /// from the network: such buffers take at most half the queue's request
+    /// slots and half the pool, so slow senders cannot starve the requests
+    /// of others (which are never refused for want of them).
+    pub fn may_reserve_for_receive(&self) -> bool {
+        let next = self.pool.reserved() as usize + 1;
+        next * 2 <= self.reqs.len() && next * 2 <= self.pool.count()
     }
 
     /// As `write_buffer`, for an append to `id`.

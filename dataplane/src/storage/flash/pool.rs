@@ -73,6 +73,16 @@ impl BufPool {
         nix::libc::iovec { iov_base: self.base.as_ptr().cast(), iov_len: self.arena.len() }
     }
 
+    /// Data buffers in the pool.
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Data buffers lent out: to requests, `ReadBuf`s and `WriteBuf`s.
+    pub fn in_use(&self) -> usize {
+        self.count as usize - self.available()
+    }
+
     pub fn available(&self) -> usize {
         self.free.borrow().len()
     }
