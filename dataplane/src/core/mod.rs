@@ -646,8 +646,11 @@ impl<T: Transport> Core<T> {
     /// Sleeps in the transport until a network event or a wake-up; an
     /// error if the poll failed.
     fn park(&mut self) -> std::io::Result<()> {
-        // Figures published on a timer would go stale while parked.
-        self.st.publish_storage();
+        // Figures published on a timer would go stale while parked: a core
+        // that could not publish them (a reader held the lock) runs another
+        // pass rather than sleep with old figures out (tests poll them to
+        // see buffers come back).
+        let published = self.st.publish_storage();
         self.st.shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         // Overflowed messages only move when this core runs: never park on them.
@@ -665,6 +668,7 @@ impl<T: Transport> Core<T> {
             // once, no wake-up is lost. Polled (IOPOLL) completions signal
             // nothing, and work an engine can move without one needs a pass.
             || !self.st.engines.iter().all(|e| e.can_park())
+            || !published
             || self.stop.load(Ordering::SeqCst);
         if !pending {
             self.st.shared.parks.fetch_add(1, Ordering::Relaxed);
@@ -704,19 +708,20 @@ impl State {
         s.blocks_used.store(blocks_used, Ordering::Relaxed);
     }
 
-    /// Publishes the flash and disk figures (skipped if a reader holds the lock).
-    fn publish_storage(&self) {
+    /// Publishes the flash and disk figures; false when skipped because a
+    /// reader holds the lock.
+    fn publish_storage(&self) -> bool {
         if self.engines.is_empty() {
-            return;
+            return true;
         }
-        if let Ok(mut s) = self.shared.storage.try_lock() {
-            s.clear();
-            s.extend(self.engines.iter().map(|e| {
-                let mut f = storage_report(self.cfg.id as usize, e);
-                self.stream_stats[stream::tier_index(e.tier())].fill(&mut f.row);
-                f
-            }));
-        }
+        let Ok(mut s) = self.shared.storage.try_lock() else { return false };
+        s.clear();
+        s.extend(self.engines.iter().map(|e| {
+            let mut f = storage_report(self.cfg.id as usize, e);
+            self.stream_stats[stream::tier_index(e.tier())].fill(&mut f.row);
+            f
+        }));
+        true
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
