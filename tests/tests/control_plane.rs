@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dataplane::auth::{Rights, Secret, Token};
-use dataplane::client::{Client, Job, PutOptions};
+use dataplane::client::{Client, ClientError, Job, PutOptions, DEFAULT_CONNECT_TIMEOUT};
 use dataplane::proto::{tier, Status};
 use pollen_ctl::api::{EventKind, JobEntry, LsOutput, NodeState, NodesResponse, PutOutput, Role};
 use pollen_ctl::controller::policy::{AllocTable, Policy};
@@ -102,7 +102,12 @@ fn client_of(c: &Cluster, name: &str) -> (Client, Job, JobEntry) {
 /// all three storage nodes) and 16 MiB, and a client of it. No node has
 /// flash, so the job, not latency-sensitive, gets DRAM (the table's last row).
 fn with_wide_job(name: &str) -> (Cluster, Client, Job, JobEntry) {
-    let c = cluster(SMALL_POLICY, &[], one_core);
+    with_wide_job_and(name, &[])
+}
+
+/// [`with_wide_job`] with `ctl_args` for the controller.
+fn with_wide_job_and(name: &str, ctl_args: &[&str]) -> (Cluster, Client, Job, JobEntry) {
+    let c = cluster(SMALL_POLICY, ctl_args, one_core);
     let args = ["--lambdas", "25", "--capacity", "16MiB"];
     let j: JobEntry = c.json(&[&["job", "register", name][..], &args].concat());
     let table = Policy::parse(SMALL_POLICY).expect("the test policy").allocation;
@@ -125,6 +130,26 @@ fn with_flash(dir: &TierDir, i: usize) -> Vec<String> {
 /// The nodes holding the blocks of `name`.
 fn located(client: &mut Client, job: &Job, name: &str) -> Vec<u16> {
     client.lookup(job, name).expect("lookup").blocks.iter().map(|l| l.node).collect()
+}
+
+/// Puts `count` objects `o-0`.. of one block and a few bytes (two blocks
+/// each; data from `seed`); returns each with its data and the
+/// nodes holding its blocks.
+fn put_two_block_objects(
+    client: &mut Client,
+    job: &Job,
+    count: usize,
+    seed: u64,
+) -> Vec<(String, Vec<u8>, Vec<u16>)> {
+    let bs = client.block_size() as usize;
+    (0..count)
+        .map(|i| {
+            let (name, data) = (format!("o-{i}"), bytes(bs + i, seed + i as u64));
+            client.put_buffer(job, &name, &data, PutOptions::default()).expect("put");
+            let on = located(client, job, &name);
+            (name, data, on)
+        })
+        .collect()
 }
 
 /// What docs/control-plane.md's hint table gives, from the policy's
@@ -351,21 +376,16 @@ fn data_of_one_job_spreads_by_its_weights() {
     c.stop();
 }
 
-/// A storage node killed with SIGKILL: within a few heartbeats reads of
-/// objects with a block there answer `data unavailable` at once; objects
+/// A storage node killed with SIGKILL: within a few heartbeats the
+/// metadata node answers lookups of objects with a block there with `data
+/// unavailable` at once; objects
 /// on the live nodes still read; the job's weights drop it and still sum to
 /// 1; new puts (client and pollenctl) succeed, on live nodes only.
 #[test]
 fn a_killed_storage_node_reads_as_unavailable_and_the_rest_goes_on() {
     let (mut c, mut client, job, _) = with_wide_job("failing");
     let bs = client.block_size() as usize;
-    let mut objects = Vec::new();
-    for i in 0..60 {
-        let (name, data) = (format!("o-{i}"), bytes(bs + i, 100 + i as u64));
-        client.put_buffer(&job, &name, &data, PutOptions::default()).expect("put");
-        let on = located(&mut client, &job, &name);
-        objects.push((name, data, on));
-    }
+    let objects = put_two_block_objects(&mut client, &job, 60, 100);
     let victim = "n2";
     let dead = number(victim);
     let (lost, kept): (Vec<_>, Vec<_>) = objects.iter().partition(|(_, _, on)| on.contains(&dead));
@@ -374,8 +394,10 @@ fn a_killed_storage_node_reads_as_unavailable_and_the_rest_goes_on() {
     let killed = Instant::now();
     c.sigkill(victim);
     let (first, _, _) = lost[0];
-    wait_for(Duration::from_secs(10), "data unavailable for a block on the killed node", || {
-        let e = client.get_buffer(&job, first).err()?;
+    // The metadata node's own answer (Lookup alone): the client answers 7
+    // for the unreachable node from the start (the next test).
+    wait_for(Duration::from_secs(10), "data unavailable from the metadata node", || {
+        let e = client.lookup(&job, first).err()?;
         (e.status() == Some(Status::DataUnavailable)).then_some(())
     });
     let after = killed.elapsed();
@@ -426,6 +448,90 @@ fn a_killed_storage_node_reads_as_unavailable_and_the_rest_goes_on() {
     // A new job avoids the dead node too.
     let late: JobEntry = c.json(&["job", "register", "late", "--lambdas", "1"]);
     assert_weight_map(&late, &["n3", "n4"]);
+    c.stop();
+}
+
+/// A storage node that stops answering (SIGSTOP), then dies (SIGKILL),
+/// before the controller declares it dead (it waits 1000 heartbeats here,
+/// so the dead set never reaches the metadata node during the test): a
+/// read of an object with a block there fails with `data unavailable` from
+/// the client itself, naming the node and its address, within the connect
+/// timeout (a fresh client, the node stopped), the request timeout (open
+/// connections, the node stopped) or at once (the node killed), not as an
+/// I/O error; objects on the live nodes still read, and the node's blocks
+/// read again once it resumes; the client's own errors stay its own.
+#[test]
+fn an_unreachable_storage_node_reads_as_unavailable_before_it_is_declared_dead() {
+    let (mut c, mut client, job, entry) = with_wide_job_and("reach", &["--missed-heartbeats", "1000"]);
+    let objects = put_two_block_objects(&mut client, &job, 30, 300);
+    let (victim, dead) = ("n2", number("n2"));
+    let (lost, kept): (Vec<_>, Vec<_>) = objects.iter().partition(|(_, _, on)| on.contains(&dead));
+    assert!(!lost.is_empty() && !kept.is_empty(), "two-block objects over three nodes");
+    let (first, first_data, _) = lost[0];
+    let named = format!("is on node {dead} at 127.0.0.1:");
+    let unavailable = |e: &ClientError, what: &str| {
+        assert_eq!(e.status(), Some(Status::DataUnavailable), "{what}: {e}");
+        let text = e.to_string();
+        assert!(text.contains(&named) && text.contains("which cannot be reached"), "{what}: {text}");
+    };
+    let controller_sees_up = |c: &Cluster| {
+        let r: NodesResponse = c.json(&["nodes"]);
+        let state = r.nodes.iter().find(|n| n.report.node_id == victim).map(|n| n.state);
+        assert_eq!(state, Some(NodeState::Up), "the controller must not have declared {victim} dead yet");
+    };
+    let pid = nix::unistd::Pid::from_raw(c.nodes[victim].0.as_ref().expect("n2 runs").id() as i32);
+
+    // Stopped: the kernel still accepts connections to it, nothing answers.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let (mut fresh, _, _) = client_of(&c, "reach");
+    let t = Instant::now();
+    let e = fresh.get_buffer(&job, first).expect_err("the node holding a block is stopped");
+    unavailable(&e, "fresh client, node stopped");
+    let bound = DEFAULT_CONNECT_TIMEOUT + Duration::from_secs(2);
+    assert!(t.elapsed() < bound, "answered after {:?}, past {bound:?}", t.elapsed());
+    // A client with connections open to it waits its request timeout.
+    client.set_timeout(Duration::from_millis(500));
+    let t = Instant::now();
+    let e = client.get_buffer(&job, first).expect_err("the node holding a block is stopped");
+    unavailable(&e, "open connections, node stopped");
+    assert!(t.elapsed() < Duration::from_secs(3), "answered after {:?}", t.elapsed());
+    for (name, data, _) in &kept {
+        assert_eq!(&fresh.get_buffer(&job, name).expect("an object on live nodes"), data, "{name}");
+    }
+    controller_sees_up(&c);
+    // Resumed: its blocks read again, on both clients.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    client.set_timeout(Duration::from_secs(30));
+    assert_eq!(&fresh.get_buffer(&job, first).expect("the node resumed"), first_data);
+    assert_eq!(&client.get_buffer(&job, first).expect("the node resumed"), first_data);
+
+    // Killed: connections reset, new ones refused, both at once.
+    c.sigkill(victim);
+    let (mut fresh, _, _) = client_of(&c, "reach");
+    for (name, _, _) in &lost {
+        for (who, cl) in [("open connections", &mut client), ("fresh client", &mut fresh)] {
+            let t = Instant::now();
+            let e = cl.get_buffer(&job, name).expect_err("a block is on the killed node");
+            unavailable(&e, &format!("{who}, node killed, {name}"));
+            assert!(t.elapsed() < Duration::from_secs(1), "{name}: answered after {:?}", t.elapsed());
+        }
+    }
+    let err =
+        String::from_utf8_lossy(&c.ctl(&["get", "reach", first, &c.path("lost.out")]).stderr).into_owned();
+    assert!(err.contains("data unavailable") && err.contains("cannot be reached"), "{err}");
+    for (name, data, _) in &kept {
+        assert_eq!(&fresh.get_buffer(&job, name).expect("an object on live nodes"), data, "{name}");
+    }
+    controller_sees_up(&c);
+
+    // The client's own errors are not the node's: an unknown address, a
+    // destination it cannot create.
+    let mut blind = Client::connect(entry.node_addr.as_str()).expect("connect to the metadata node");
+    let e = blind.get_buffer(&job, first).expect_err("node 2's address is unknown to this client");
+    assert!(matches!(e, ClientError::Local(_)), "{e}");
+    let e =
+        fresh.get(&job, first, std::path::Path::new("/nonexistent-pollen-dir/o")).expect_err("no such dir");
+    assert!(matches!(e, ClientError::Local(_)), "{e}");
     c.stop();
 }
 

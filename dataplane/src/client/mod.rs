@@ -129,17 +129,50 @@ struct NodeConns {
 }
 
 impl NodeConns {
-    /// Connects to a node's main port and learns its cores and their ports.
-    fn connect(addr: SocketAddr, timeout: Duration) -> Result<NodeConns, ClientError> {
-        let stream =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|source| ClientError::Io { addr, source })?;
-        let mut first = Conn::new(stream, addr, timeout)?;
+    /// Connects to a node's main port and learns its cores and their ports,
+    /// giving up after `connect` (the TCP connect and the `NodeInfo` answer).
+    fn connect(addr: SocketAddr, connect: Duration) -> Result<NodeConns, ClientError> {
+        let mut first = open(addr, connect)?;
         let id = first.send(Opcode::NodeInfo, 0, &[], &[])?;
         first.flush()?;
         let body = first.expect(id)?.into_ok()?;
         let info = NodeInfo::decode(&body).map_err(|e| ClientError::Protocol(format!("node info: {e}")))?;
         Ok(NodeConns { host: addr.ip(), conns: info.core_ports.iter().map(|_| None).collect(), info })
     }
+}
+
+/// A connection to `addr` whose connect, reads and writes give up after
+/// `timeout`.
+fn open(addr: SocketAddr, timeout: Duration) -> Result<Conn, ClientError> {
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|source| ClientError::Io { addr, source })?;
+    Conn::new(stream, addr, timeout)
+}
+
+/// How long the client waits to connect to a node, and for the node's
+/// first answer on a new connection, before the node counts as
+/// unreachable (`Client::set_connect_timeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether an I/O error says the peer cannot be reached or went away
+/// (refused, reset, timed out, closed mid-answer), rather than a failure of
+/// the client's own machine (no descriptors, no memory, no local address).
+fn peer_unreachable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | NotConnected
+            | BrokenPipe
+            | TimedOut
+            | WouldBlock
+            | UnexpectedEof
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+    )
 }
 
 /// A connection of the client: node `node` (index into `Client::nodes`), core `core`.
@@ -161,6 +194,8 @@ pub struct Client {
     /// (`set_put_nodes`); empty: the metadata node.
     put_nodes: Vec<u16>,
     timeout: Duration,
+    /// The bound on connecting to a node (`set_connect_timeout`).
+    connect_timeout: Duration,
     window: usize,
     /// Next connection for new blocks, so consecutive objects start on different cores.
     next_core: usize,
@@ -198,6 +233,7 @@ impl Client {
             node_addrs: HashMap::new(),
             put_nodes: Vec::new(),
             timeout,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             window: 16,
             next_core: 0,
             token: None,
@@ -279,6 +315,25 @@ impl Client {
         }
     }
 
+    /// How long connecting to a node may take: the TCP connect, and its
+    /// first answer on the new connection (`NodeInfo`, or `Auth` with a
+    /// token). Default [`DEFAULT_CONNECT_TIMEOUT`] (2 s), never more than
+    /// the client's timeout. A storage node that does not answer within it
+    /// is unreachable: a read of a block there fails with `data
+    /// unavailable` (`get`, `get_buffer`). A zero timeout is refused.
+    pub fn set_connect_timeout(&mut self, t: Duration) -> Result<(), ClientError> {
+        if t.is_zero() {
+            return Err(ClientError::Local("the connect timeout must be positive".into()));
+        }
+        self.connect_timeout = t;
+        Ok(())
+    }
+
+    /// How long connecting to a node may take (`set_connect_timeout`).
+    fn connect_bound(&self) -> Duration {
+        self.connect_timeout.min(self.timeout)
+    }
+
     /// The index in `nodes` of node `number`, connecting to it first if needed.
     fn node_index(&mut self, number: u16) -> Result<usize, ClientError> {
         if let Some(&i) = self.by_number.get(&number) {
@@ -289,7 +344,7 @@ impl Client {
                 "block on node {number}, whose address is unknown (set_node_addrs)"
             )));
         };
-        let n = NodeConns::connect(addr, self.timeout)?;
+        let n = NodeConns::connect(addr, self.connect_bound())?;
         if n.info.node_number != number {
             return Err(ClientError::Protocol(format!(
                 "{addr} is node {}, not node {number}",
@@ -308,7 +363,7 @@ impl Client {
     }
 
     fn lane_conn(&mut self, lane: Lane) -> Result<&mut Conn, ClientError> {
-        let (timeout, token) = (self.timeout, self.token.as_deref());
+        let (timeout, connect, token) = (self.timeout, self.connect_bound(), self.token.as_deref());
         let Some(n) = self.nodes.get_mut(lane.node) else {
             return Err(ClientError::Local(format!("no node {} among the connected ones", lane.node)));
         };
@@ -318,15 +373,14 @@ impl Client {
         }
         if n.conns[lane.core].is_none() {
             let addr = SocketAddr::new(n.host, n.info.core_ports[lane.core]);
-            let s = TcpStream::connect_timeout(&addr, timeout)
-                .map_err(|source| ClientError::Io { addr, source })?;
-            let mut c = Conn::new(s, addr, timeout)?;
+            let mut c = open(addr, connect)?;
             c.set_max_body(n.info.max_body as usize);
             if let Some(t) = token {
                 let id = c.send(Opcode::Auth, 0, &[], t.as_bytes())?;
                 c.flush()?;
                 c.expect(id)?.into_ok()?;
             }
+            c.set_timeout(timeout);
             n.conns[lane.core] = Some(c);
         }
         Ok(n.conns[lane.core].as_mut().expect("connected above"))
@@ -875,8 +929,8 @@ impl Client {
     ) -> Result<(), ClientError> {
         let bs = self.block_size();
         let mut assign = Vec::with_capacity(meta.blocks.len());
-        for l in &meta.blocks {
-            let node = self.node_index(l.node)?;
+        for (i, l) in meta.blocks.iter().enumerate() {
+            let node = self.node_index(l.node).map_err(|e| unavailable(i, l.node, e))?;
             let core = l.block.core() as usize;
             if core >= self.nodes[node].conns.len() {
                 return Err(ClientError::Protocol(format!(
@@ -896,12 +950,18 @@ impl Client {
                 for &i in &plan[x][sent[x]..end] {
                     let key =
                         BlockKey { block: meta.blocks[i].block, offset: 0, len: BlockKey::TO_END }.encode();
-                    let id = self.lane_conn(lane)?.send(Opcode::BlockRead, 0, &key, &[])?;
+                    let id = self
+                        .lane_conn(lane)
+                        .and_then(|c| c.send(Opcode::BlockRead, 0, &key, &[]))
+                        .map_err(|e| unavailable(i, meta.blocks[i].node, e))?;
                     inflight[x].insert(id, i);
                 }
                 sent[x] = end;
                 if !inflight[x].is_empty() {
-                    self.lane_conn(lane)?.flush()?;
+                    let i = plan[x][end - 1];
+                    self.lane_conn(lane)
+                        .and_then(|c| c.flush())
+                        .map_err(|e| unavailable(i, meta.blocks[i].node, e))?;
                 }
             }
             if inflight.iter().all(|m| m.is_empty()) {
@@ -909,7 +969,10 @@ impl Client {
             }
             for (x, mut pending) in inflight.into_iter().enumerate() {
                 while !pending.is_empty() {
-                    let resp = self.lane_conn(lanes[x])?.recv()?;
+                    let resp = self.lane_conn(lanes[x]).and_then(|c| c.recv()).map_err(|e| {
+                        let i = pending.values().copied().min().unwrap_or(plan[x][0]);
+                        unavailable(i, meta.blocks[i].node, e)
+                    })?;
                     let Some(i) = pending.remove(&resp.id) else {
                         return Err(ClientError::Protocol(format!("unexpected response id {}", resp.id)));
                     };
@@ -926,6 +989,22 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// A block read's failure: when block `block`'s node `node` cannot be
+/// reached (`peer_unreachable`: refused, reset, timed out, closed), the
+/// read fails with `data unavailable` naming the node and its address, as
+/// the metadata node answers for a node the controller declared dead.
+/// Other errors (the client's own: bad arguments, no local resources; a
+/// node's answer; a protocol error) are kept as they are.
+fn unavailable(block: usize, node: u16, e: ClientError) -> ClientError {
+    match e {
+        ClientError::Io { addr, source } if peer_unreachable(&source) => ClientError::Status {
+            status: Status::DataUnavailable,
+            message: format!("block {block} is on node {node} at {addr}, which cannot be reached: {source}"),
+        },
+        e => e,
     }
 }
 
@@ -1114,6 +1193,37 @@ mod connect_tests {
         let e = Client::connect_timeout(addr, Duration::from_millis(200)).err().expect("no answer: an error");
         assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}: {e}", t.elapsed());
         assert!(Client::connect_timeout(addr, Duration::ZERO).is_err(), "a zero timeout is refused");
+    }
+
+    /// A block read's I/O error is `data unavailable` when the node cannot
+    /// be reached, and stays what it was when the client's own machine failed.
+    #[test]
+    fn unreachable_nodes_are_unavailable_and_local_failures_are_not() {
+        let addr: SocketAddr = "127.0.0.1:7400".parse().expect("addr");
+        let io = |kind| ClientError::Io { addr, source: std::io::Error::from(kind) };
+        use std::io::ErrorKind::*;
+        for kind in [ConnectionRefused, ConnectionReset, TimedOut, WouldBlock, UnexpectedEof, HostUnreachable]
+        {
+            let e = unavailable(3, 2, io(kind));
+            assert_eq!(e.status(), Some(Status::DataUnavailable), "{kind:?}: {e}");
+            assert!(e.to_string().contains("block 3 is on node 2 at 127.0.0.1:7400"), "{e}");
+        }
+        // EMFILE, ENOMEM, EADDRNOTAVAIL: this machine's trouble, not the node's.
+        for e in [
+            ClientError::Io {
+                addr,
+                source: std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32),
+            },
+            io(OutOfMemory),
+            io(AddrNotAvailable),
+        ] {
+            let e = unavailable(0, 2, e);
+            assert!(matches!(e, ClientError::Io { .. }), "{e}");
+        }
+        let e = unavailable(0, 2, ClientError::Local("bad".into()));
+        assert!(matches!(e, ClientError::Local(_)), "{e}");
+        let e = unavailable(0, 2, ClientError::Status { status: Status::NotFound, message: "x".into() });
+        assert_eq!(e.status(), Some(Status::NotFound));
     }
 }
 
