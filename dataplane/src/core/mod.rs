@@ -200,7 +200,7 @@ struct Conn {
     awaiting: u32,
     /// A flash or disk write whose body streams into a registered buffer
     /// as it arrives, instead of gathering in `partial` (`stream`).
-    stream: Option<Box<stream::Stream>>,
+    stream: Option<stream::Stream>,
 }
 
 /// Where the answer to a flash or disk request goes when it completes.

@@ -64,7 +64,7 @@ impl State {
             }
         };
         let c = &mut self.conns[id];
-        c.stream = Some(Box::new(Stream { h: *h, left: h.body_len as usize, sink }));
+        c.stream = Some(Stream { h: *h, left: h.body_len as usize, sink });
         c.frame_len = 0;
         self.feed_stream(id, &head[key_end..]);
         true
@@ -158,7 +158,7 @@ impl State {
         s.left -= n;
         if s.left == 0 {
             if let Some(s) = self.conns[id].stream.take() {
-                self.finish_stream(id, *s);
+                self.finish_stream(id, s);
             }
         }
         n
