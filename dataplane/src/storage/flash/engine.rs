@@ -424,6 +424,17 @@ struct HeaderTable {
 }
 
 /// What opening a region does with what it holds.
+/// What a region's first sector holds, for deciding a reformat.
+#[derive(Clone, Copy)]
+enum Found<'a> {
+    /// Nothing formatted (zeros, or the middle of an earlier layout's region).
+    Nothing,
+    /// A superblock whose checksum fails.
+    Corrupt,
+    /// A superblock of other settings.
+    Superblock(&'a Superblock),
+}
+
 enum Plan {
     /// Open it as it is: its superblock matches the configuration.
     Keep(Superblock),
@@ -794,7 +805,7 @@ impl FlashEngine {
                         sb.region_len,
                         sb.block_size
                     );
-                    self.may_reformat(cfg, why)?;
+                    self.may_reformat(cfg, why, Found::Nothing)?;
                 }
                 Ok(Plan::Format { epoch: 1 })
             }
@@ -804,13 +815,13 @@ impl FlashEngine {
                     self.path.display(),
                     self.region.index
                 );
-                self.may_reformat(cfg, why)?;
+                self.may_reformat(cfg, why, Found::Corrupt)?;
                 Ok(Plan::Format { epoch: 1 })
             }
             Ok(sb) => match self.check(&sb, cfg) {
                 Ok(()) => Ok(Plan::Keep(sb)),
                 Err(why) => {
-                    self.may_reformat(cfg, why.to_string())?;
+                    self.may_reformat(cfg, why.to_string(), Found::Superblock(&sb))?;
                     // Keep epochs rising across a reformat, so older ids stay stale.
                     Ok(Plan::Format { epoch: sb.epoch.wrapping_add(1).max(1) })
                 }
@@ -819,15 +830,40 @@ impl FlashEngine {
     }
 
     /// Whether `cfg` lets the region be formatted over, `why` being the
-    /// reason it cannot be opened as it is.
-    fn may_reformat(&mut self, cfg: &FlashConfig, why: String) -> io::Result<()> {
+    /// reason it cannot be opened as it is and `found` what its own first
+    /// sector holds.
+    fn may_reformat(&mut self, cfg: &FlashConfig, why: String, found: Found<'_>) -> io::Result<()> {
+        let persistent = match (cfg.reformat, found) {
+            (Reformat::Never, _) => return Err(invalid_data(why)),
+            (Reformat::DiscardPersist, _) => 0,
+            // What a corrupt superblock's region holds cannot be known:
+            // keeping PERSIST blocks means not formatting over it.
+            (Reformat::KeepPersist, Found::Corrupt) => {
+                return Err(invalid_data(format!(
+                    "{} region {}: not reformatted: its superblock is corrupt, so whether it holds \
+                     persistent (PERSIST) blocks cannot be told; add --discard-persist \
+                     (discard_persist = true) to format over it anyway",
+                    self.path.display(),
+                    self.region.index
+                )))
+            }
+            // The region's own superblock of other settings counts even
+            // when the walk from the file's start does not reach it.
+            (Reformat::KeepPersist, Found::Superblock(sb)) => {
+                let (start, len) = (sb.region_start, sb.region_len);
+                let walked =
+                    self.earlier_layout()?.iter().any(|e| e.region_start == start && e.region_len == len);
+                self.persistent_in_old_layout()? + if walked { 0 } else { self.persistent_in(sb)? }
+            }
+            (Reformat::KeepPersist, Found::Nothing) => self.persistent_in_old_layout()?,
+        };
         match cfg.reformat {
             Reformat::Never => Err(invalid_data(why)),
             Reformat::DiscardPersist => {
                 tracing::warn!(path = %self.path.display(), region = self.region.index, %why, "reformatting the tier region");
                 Ok(())
             }
-            Reformat::KeepPersist => match self.persistent_in_old_layout()? {
+            Reformat::KeepPersist => match persistent {
                 0 => {
                     tracing::warn!(path = %self.path.display(), region = self.region.index, %why, "reformatting the tier region");
                     Ok(())

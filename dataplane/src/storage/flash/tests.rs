@@ -705,11 +705,47 @@ fn a_mismatched_configuration_is_refused() {
     }
     let err = FlashEngine::open(&b, whole(&b), &cfg(16384, 4)).err().unwrap();
     assert!(err.to_string().contains("corrupt superblock"), "{err}");
+    // What a corrupt region holds cannot be told: keeping PERSIST blocks
+    // means not formatting over it; discarding them is asked explicitly.
     let mut re = cfg(65536, 4);
     re.reformat = Reformat::KeepPersist;
+    let err = FlashEngine::open(&b, whole(&b), &re).err().unwrap();
+    assert!(err.to_string().contains("corrupt") && err.to_string().contains("--discard-persist"), "{err}");
+    re.reformat = Reformat::DiscardPersist;
     let e = FlashEngine::open(&b, whole(&b), &re).unwrap();
     assert!(e.open_report().formatted);
     assert_eq!(e.block_size(), 65536);
+}
+
+/// A region's own superblock of other settings counts its PERSIST blocks
+/// even when the walk of the earlier layout from the file's start stops
+/// early (at a corrupt region 0).
+#[test]
+fn reformat_counts_a_region_s_own_persistent_blocks_behind_a_corrupt_one() {
+    need_uring!();
+    let dir = TestDir::new("reformat-own");
+    let b = file(&dir, "t", 2 << 20);
+    let halves = b.regions(2).unwrap();
+    let mut engines: Vec<FlashEngine> =
+        halves.iter().map(|r| FlashEngine::open(&b, *r, &cfg(16384, 4)).unwrap()).collect();
+    let id = engines[1].alloc(1).unwrap();
+    write(&mut engines[1], id, 0, b"kept").unwrap();
+    persist(&mut engines[1], id).unwrap();
+    drop(engines);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&b.path).unwrap();
+        f.write_all_at(b"X", 100).unwrap();
+    }
+    let mut other = cfg(65536, 4);
+    other.reformat = Reformat::KeepPersist;
+    let err = FlashEngine::check_open(&b, halves[0], &other).unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    let err = FlashEngine::check_open(&b, halves[1], &other).unwrap_err();
+    assert!(err.to_string().contains("1 persistent (PERSIST) block"), "{err}");
+    // Refused opens wrote nothing: region 1 still opens with its settings.
+    let mut e = FlashEngine::open(&b, halves[1], &cfg(16384, 4)).unwrap();
+    assert_eq!(read(&mut e, id, 0, u32::MAX).unwrap(), b"kept");
 }
 
 /// `Reformat`: a region made with other settings is formatted when asked,
