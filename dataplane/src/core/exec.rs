@@ -163,6 +163,20 @@ pub(super) fn refused_by_role(role: crate::node::Role, op: Opcode) -> Option<Fai
     None
 }
 
+/// A BlockWrite's or BlockAppend's key against its body's length: the
+/// gathered path and the streamed one (`stream.rs`) give the same answers.
+pub(super) fn check_block_write(op: Opcode, k: &BlockKey, body_len: usize) -> Result<(), Fail> {
+    match op {
+        Opcode::BlockAppend if k.offset != 0 || k.len as usize != body_len => {
+            Err(malformed("BlockAppend key needs offset 0 and the body length"))
+        }
+        Opcode::BlockWrite if k.len as usize != body_len => {
+            Err(malformed("BlockWrite key length differs from the body length"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn malformed(msg: &str) -> Fail {
     Fail(Status::Malformed, msg.to_string())
 }
@@ -440,9 +454,7 @@ impl State {
             }
             Opcode::BlockWrite => {
                 let k = BlockKey::decode(key)?;
-                if k.len as usize != body.len() {
-                    return Err(malformed("BlockWrite key length differs from the body length"));
-                }
+                check_block_write(Opcode::BlockWrite, &k, body.len())?;
                 if k.block.tier() != tier::DRAM {
                     return self.submit_io(h, k, body, to);
                 }
@@ -451,9 +463,7 @@ impl State {
             }
             Opcode::BlockAppend => {
                 let k = BlockKey::decode(key)?;
-                if k.offset != 0 || k.len as usize != body.len() {
-                    return Err(malformed("BlockAppend key needs offset 0 and the body length"));
-                }
+                check_block_write(Opcode::BlockAppend, &k, body.len())?;
                 if k.block.tier() != tier::DRAM {
                     return self.submit_io(h, k, body, to);
                 }

@@ -112,16 +112,8 @@ impl State {
         if h.flags != 0 {
             return Err(exec::Fail(Status::Malformed, "flags are only valid on PutObject".into()));
         }
-        if k.len != h.body_len {
-            let msg = match op {
-                Some(Opcode::BlockAppend) => "BlockAppend key needs offset 0 and the body length",
-                _ => "BlockWrite key length differs from the body length",
-            };
-            return Err(exec::Fail(Status::Malformed, msg.into()));
-        }
-        if op == Some(Opcode::BlockAppend) && k.offset != 0 {
-            let msg = "BlockAppend key needs offset 0 and the body length";
-            return Err(exec::Fail(Status::Malformed, msg.into()));
+        if let Some(op) = op {
+            exec::check_block_write(op, &k, h.body_len as usize)?;
         }
         let e = exec::engine(&mut self.engines, k.block.tier())?;
         // The block must exist now (`submit_*_buf` checks again: it may be
