@@ -141,13 +141,16 @@ pub struct TierReport {
     /// times a write that could stream found no buffer or queue slot free
     /// (it gathers meanwhile, and tries again as more of it arrives); and
     /// streamed bodies whose connection closed before they were complete
-    /// (docs/protocol.md, "Streamed writes").
+    /// (docs/protocol.md, "Streamed writes"); and streamed bodies that
+    /// stopped arriving and were gathered from then on.
     #[serde(default)]
     pub streamed_writes: u64,
     #[serde(default)]
     pub stream_fallbacks: u64,
     #[serde(default)]
     pub streams_abandoned: u64,
+    #[serde(default)]
+    pub streams_demoted: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

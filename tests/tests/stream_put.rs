@@ -430,7 +430,79 @@ fn more_bodies_than_buffers(net: NetBackend) {
     n.shutdown();
 }
 
+/// A client that stops sending mid-body gives back the buffer, queue slot
+/// and I/O slot its body held once it was idle for the stream deadline
+/// (the core, parked meanwhile, wakes to look); other clients' writes
+/// still stream; when the rest arrives, the write completes gathered, is
+/// answered and reads back byte-exact; the connection streams again after.
+fn paused_mid_body(net: NetBackend) {
+    let dir = TierDir::new("stream-pause");
+    let n = start_node(config(net, &dir, 1));
+    let mut c = Client::connect(n.addr()).unwrap();
+    let job = c.register_job("pause", JobHints::default()).unwrap();
+    for t in [tier::FLASH, tier::DISK] {
+        let b = c.alloc_block_on(&job, 0, t).unwrap();
+        let data = bytes(BS, 20 + u64::from(t));
+        let frame = Raw::frame(Opcode::BlockWrite, 0, 1, &key(b, 0, BS), &data);
+        let row = tier_row(&n, 0, t);
+        let mut r = connect(&n, 0);
+        let before = bytes_in(&n, 0);
+        let first = 20_000;
+        r.send(&frame[..first]);
+        wait_for(&n, "a streaming body", |n| {
+            bytes_in(n, 0) >= before + first as u64
+                && tier_row(n, 0, t).streamed_writes == row.streamed_writes + 1
+        });
+        let paused = Instant::now();
+        // While the client pauses, the body gives everything back.
+        wait_for(&n, "the paused body demoted", |n| {
+            let now = tier_row(n, 0, t);
+            now.streams_demoted == row.streams_demoted + 1
+                && now.writes_reserved == 0
+                && now.buffers_in_use == 0
+        });
+        assert!(paused.elapsed() >= Duration::from_millis(500), "demoted after {:?}", paused.elapsed());
+        let after = tier_row(&n, 0, t);
+        assert_eq!(after.streamed_writes, row.streamed_writes + 1, "the paused write had streamed");
+        assert_eq!(after.streams_abandoned, row.streams_abandoned);
+        // Another client's write streams meanwhile.
+        let b2 = c.alloc_block_on(&job, 0, t).unwrap();
+        let other = bytes(BS, 40 + u64::from(t));
+        let mut r2 = connect(&n, 0);
+        let f2 = Raw::frame(Opcode::BlockWrite, 0, 7, &key(b2, 0, BS), &other);
+        send_split(&n, 0, &mut r2, &f2, 100, 3);
+        assert_eq!(expect_ok(r2.recv(), 7), (BS as u32).to_le_bytes());
+        assert_eq!(c.read_block(b2, 0, BlockKey::TO_END).unwrap(), other);
+        wait_for(&n, "the other write streamed", |n| {
+            tier_row(n, 0, t).streamed_writes == after.streamed_writes + 1
+        });
+        // The rest, in two reads: gathered (not streamed again), answered.
+        let before = bytes_in(&n, 0);
+        let second = first + 10_000;
+        r.send(&frame[first..second]);
+        wait_for(&n, "the second piece", |n| bytes_in(n, 0) >= before + (second - first) as u64);
+        r.send(&frame[second..]);
+        assert_eq!(expect_ok(r.recv(), 1), (BS as u32).to_le_bytes());
+        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), data, "tier {t}");
+        let done = tier_row(&n, 0, t);
+        assert_eq!(done.streamed_writes, after.streamed_writes + 1, "the demoted write completed gathered");
+        assert_eq!(done.streams_demoted, row.streams_demoted + 1);
+        // The same connection's next write streams again.
+        let again = bytes(BS, 60 + u64::from(t));
+        let f3 = Raw::frame(Opcode::BlockWrite, 0, 8, &key(b, 0, BS), &again);
+        send_split(&n, 0, &mut r, &f3, 100, 4);
+        assert_eq!(expect_ok(r.recv(), 8), (BS as u32).to_le_bytes());
+        assert_eq!(c.read_block(b, 0, BlockKey::TO_END).unwrap(), again);
+        wait_for(&n, "the next write streamed", |n| {
+            tier_row(n, 0, t).streamed_writes == done.streamed_writes + 1
+        });
+        wait_idle(&n);
+    }
+    n.shutdown();
+}
+
 pollen_tests::on_every_backend!(
+    paused_mid_body,
     split_writes_read_back,
     split_object_puts,
     disconnect_mid_body,

@@ -201,6 +201,9 @@ struct Conn {
     /// A flash or disk write whose body streams into a registered buffer
     /// as it arrives, instead of gathering in `partial` (`stream`).
     stream: Option<stream::Stream>,
+    /// The frame `partial` starts with streamed, stalled and was demoted:
+    /// it completes gathered (cleared when a whole frame is parsed).
+    demoted: bool,
 }
 
 /// Where the answer to a flash or disk request goes when it completes.
@@ -322,6 +325,8 @@ struct State {
     forwarded: u64,
     /// Counts of streamed writes, by tier (`stream::tier_index`).
     stream_stats: [stream::StreamStats; 3],
+    /// Streamed bodies to look at for progress (`stream::Watch`).
+    stream_watch: stream::Watch,
     bytes_in: u64,
     bytes_out: u64,
     connections: u64,
@@ -416,6 +421,7 @@ impl<T: Transport> Core<T> {
                 requests: 0,
                 forwarded: 0,
                 stream_stats: Default::default(),
+                stream_watch: Default::default(),
                 bytes_in: 0,
                 bytes_out: 0,
                 connections: 0,
@@ -475,6 +481,7 @@ impl<T: Transport> Core<T> {
             work += self.finish_pass();
 
             let now = Instant::now();
+            work += self.st.demote_idle_streams(now);
             // Job summaries go out at most every PUBLISH_JOBS_EVERY while
             // busy, and before an idle core parks: a change applied in the
             // last busy pass (a commit of the metadata log) must not wait
@@ -675,13 +682,15 @@ impl<T: Transport> Core<T> {
             if self.st.engines.iter().any(|e| e.has_work()) {
                 self.st.shared.parks_with_io.fetch_add(1, Ordering::Relaxed);
             }
-            // A failed header write waiting for its retry (its backoff) needs
-            // a pass once due: sleep no longer than that.
+            // A failed header write waiting for its retry (its backoff), and
+            // streamed bodies to look at for progress, need a pass once due:
+            // sleep no longer than that.
             let timeout = self
                 .st
                 .engines
                 .iter()
                 .filter_map(|e| e.retry_due())
+                .chain(self.st.stream_due())
                 .min()
                 .map(|due| due.saturating_duration_since(Instant::now()));
             let polled = self.poll_network(timeout);
@@ -1142,6 +1151,7 @@ impl State {
                 }
                 return (off, len);
             }
+            self.conns[id].demoted = false;
             if self.gate(id, &h, &rest[..len]) {
                 // Answered here: `Auth`, or a request the token does not allow.
                 off += len;

@@ -13,9 +13,16 @@
 //! it arrives, without a buffer. When the engine has no buffer or queue slot
 //! free, or the block lives on another core (its engine is that core's), the
 //! frame is gathered and executed whole as before.
+//!
+//! A body that stops arriving gives its buffer back: streamed connections
+//! are listed (`Watch`) and looked at every `STREAM_CHECK_EVERY`; one whose
+//! body did not move for `STREAM_IDLE` is demoted: what arrived of its frame
+//! moves to `partial` and the frame completes gathered (`demote`).
 
-use super::{exec, PendingIo, ReplyTo, State};
-use crate::proto::{tier, BlockKey, Header, Opcode, Status, HEADER_LEN};
+use std::time::{Duration, Instant};
+
+use super::{append_partial, exec, PendingIo, ReplyTo, State};
+use crate::proto::{encode_header, tier, BlockKey, Header, Opcode, Status, HEADER_LEN};
 use crate::storage::flash::WriteBuf;
 use crate::storage::StorageError;
 use crate::transport::ConnId;
@@ -26,6 +33,27 @@ pub(super) struct Stream {
     /// Body bytes still to come.
     left: usize,
     sink: Sink,
+    /// `left` when the body was last looked at, and since when it is that
+    /// (`Watch`); `None` until the first look.
+    seen: Option<(usize, Instant)>,
+}
+
+/// A streamed body that receives nothing for this long gives back its
+/// buffer, queue slot and I/O slot and completes gathered
+/// (docs/protocol.md §9, "Streamed writes").
+pub(super) const STREAM_IDLE: Duration = Duration::from_secs(1);
+
+/// How often streamed bodies are looked at: a body idle for `STREAM_IDLE`
+/// is demoted at most this much later.
+const STREAM_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The connections that streamed a body into a registered buffer since the
+/// last look (a few: a core lends at most half a tier's queue to them), and
+/// when to look next. Nothing is scanned while the list is empty.
+#[derive(Default)]
+pub(super) struct Watch {
+    conns: Vec<ConnId>,
+    next: Option<Instant>,
 }
 
 enum Sink {
@@ -52,7 +80,12 @@ impl State {
         debug_assert!(head.len() < h.frame_len());
         debug_assert!(self.conns[id].stream.is_none());
         let key_end = HEADER_LEN + h.key_len as usize;
-        if !matches!(h.op(), Some(Opcode::BlockWrite | Opcode::BlockAppend)) || head.len() < key_end {
+        if !matches!(h.op(), Some(Opcode::BlockWrite | Opcode::BlockAppend))
+            || head.len() < key_end
+            || self.conns[id].demoted
+        {
+            // A demoted frame stays gathered: a client that pauses again
+            // would hold a buffer again.
             return false;
         }
         let sink = match self.stream_sink(id, h, &head[..key_end]) {
@@ -63,8 +96,11 @@ impl State {
                 return false;
             }
         };
+        if matches!(sink, Sink::Write { .. }) && !self.stream_watch.conns.contains(&id) {
+            self.stream_watch.conns.push(id);
+        }
         let c = &mut self.conns[id];
-        c.stream = Some(Stream { h: *h, left: h.body_len as usize, sink });
+        c.stream = Some(Stream { h: *h, left: h.body_len as usize, sink, seen: None });
         c.frame_len = 0;
         self.feed_stream(id, &head[key_end..]);
         true
@@ -92,7 +128,8 @@ impl State {
         }
         match self.reserve_write(h, k) {
             Ok(Some((slot, buf))) => {
-                self.requests += 1;
+                // Counted as a request when its body is in or abandoned (a
+                // demoted one is counted when it executes gathered).
                 self.stream_stats[tier_index(k.block.tier())].streamed += 1;
                 Ok(Sink::Write { key: k, tier: k.block.tier(), slot, buf, filled: 0 })
             }
@@ -161,6 +198,7 @@ impl State {
     fn finish_stream(&mut self, id: ConnId, s: Stream) {
         let Sink::Write { key, tier, slot, buf, filled } = s.sink else { return };
         debug_assert_eq!(filled, buf.len());
+        self.requests += 1;
         let token = u64::from(slot);
         let r = match exec::engine(&mut self.engines, tier) {
             Ok(e) if s.h.op() == Some(Opcode::BlockAppend) => e.submit_append_buf(token, key.block, buf),
@@ -190,9 +228,84 @@ impl State {
     pub(super) fn drop_stream(&mut self, id: ConnId) {
         let Some(s) = self.conns.get_mut(id).and_then(|c| c.stream.take()) else { return };
         if let Sink::Write { slot, tier, .. } = s.sink {
+            self.requests += 1;
             self.io_free.push(slot);
             self.stream_stats[tier_index(tier)].abandoned += 1;
         }
+    }
+}
+
+impl State {
+    /// When a parked core must wake to look at streamed bodies (`None`:
+    /// none is streaming).
+    pub(super) fn stream_due(&self) -> Option<Instant> {
+        let w = &self.stream_watch;
+        if w.conns.is_empty() {
+            None
+        } else {
+            Some(w.next.unwrap_or_else(Instant::now))
+        }
+    }
+
+    /// Demotes the streamed bodies that received nothing for `STREAM_IDLE`
+    /// (looked at every `STREAM_CHECK_EVERY`; one branch per pass while no
+    /// body streams). Returns how many were demoted.
+    pub(super) fn demote_idle_streams(&mut self, now: Instant) -> usize {
+        let w = &mut self.stream_watch;
+        if w.conns.is_empty() || w.next.is_some_and(|t| now < t) {
+            return 0;
+        }
+        w.next = Some(now + STREAM_CHECK_EVERY);
+        let mut demoted = 0;
+        let mut i = 0;
+        while i < self.stream_watch.conns.len() {
+            let id = self.stream_watch.conns[i];
+            let s = self.conns.get_mut(id).and_then(|c| c.stream.as_mut());
+            let Some(s) = s.filter(|s| matches!(s.sink, Sink::Write { .. })) else {
+                // Complete, or closed: nothing held any more.
+                self.stream_watch.conns.swap_remove(i);
+                continue;
+            };
+            match s.seen {
+                Some((left, since)) if left == s.left => {
+                    if now.saturating_duration_since(since) >= STREAM_IDLE {
+                        self.demote(id);
+                        demoted += 1;
+                        self.stream_watch.conns.swap_remove(i);
+                        continue;
+                    }
+                }
+                _ => s.seen = Some((s.left, now)),
+            }
+            i += 1;
+        }
+        demoted
+    }
+
+    /// Moves what arrived of a streamed frame (header, key, body so far)
+    /// into the connection's `partial`, where the rest gathers as for any
+    /// frame (its length was checked against the limits with its header),
+    /// and gives back the buffer, its queue slot and the I/O slot.
+    fn demote(&mut self, id: ConnId) {
+        let c = &mut self.conns[id];
+        let Some(s) = c.stream.take() else { return };
+        let Sink::Write { key, tier, slot, mut buf, filled } = s.sink else {
+            c.stream = Some(s);
+            return;
+        };
+        debug_assert!(c.partial.is_empty());
+        let frame = s.h.frame_len();
+        let mut head = [0u8; HEADER_LEN];
+        encode_header(&s.h, &mut head);
+        // The key decoded from exactly these 16 bytes (`BlockKey::decode`).
+        append_partial(&mut c.partial, &head, frame);
+        append_partial(&mut c.partial, &key.encode(), frame);
+        append_partial(&mut c.partial, &buf.as_mut_slice()[..filled], frame);
+        c.frame_len = frame;
+        c.demoted = true;
+        drop(buf);
+        self.io_free.push(slot);
+        self.stream_stats[tier_index(tier)].demoted += 1;
     }
 }
 
@@ -205,12 +318,15 @@ pub(super) struct StreamStats {
     pub fallbacks: u64,
     /// Streamed bodies whose connection closed before they were complete.
     pub abandoned: u64,
+    /// Streamed bodies that stopped arriving for `STREAM_IDLE` and were
+    /// gathered from then on.
+    pub demoted: u64,
 }
 
 impl StreamStats {
     pub(super) fn fill(&self, r: &mut crate::report::TierReport) {
-        (r.streamed_writes, r.stream_fallbacks, r.streams_abandoned) =
-            (self.streamed, self.fallbacks, self.abandoned);
+        (r.streamed_writes, r.stream_fallbacks, r.streams_abandoned, r.streams_demoted) =
+            (self.streamed, self.fallbacks, self.abandoned, self.demoted);
     }
 }
 
