@@ -186,9 +186,13 @@ struct Conn {
     close_requested: bool,
     /// Backpressure: stop parsing and reading until output drains.
     paused: bool,
-    /// A forward could not be queued (ring full or too many in flight);
-    /// parsing is retried every pass.
+    /// A frame could not be dispatched: a forward could not be queued
+    /// (ring full or too many in flight; parsing is retried every pass), or
+    /// its tier's queue or the core's I/O slots are full (`waiting_io`).
     stalled: bool,
+    /// Stalled by a full storage queue: in `State::io_wait`, parsed again
+    /// once storage I/O freed room.
+    waiting_io: bool,
     /// Reading is switched off in the transport (while paused or stalled).
     held: bool,
     /// Bytes the transport had not sent after the last flush (an upper bound
@@ -261,6 +265,17 @@ struct Marking {
     failed: Option<StorageError>,
 }
 
+/// Why a connection's frame could not be dispatched (`Conn::stalled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// Its forward could not be queued: nothing wakes the core when the
+    /// peer drains its ring, so it is retried every pass.
+    Forward,
+    /// Its tier's queue or the core's I/O slots are full (`Exec::Busy`):
+    /// retried once storage I/O freed room (`State::io_wait`).
+    Io,
+}
+
 /// A forwarded request that found its tier's queue full, kept in arrival order.
 struct Deferred {
     origin: u8,
@@ -312,6 +327,17 @@ struct State {
     dirty: Vec<ConnId>,
     /// Connections to re-parse next pass (stalled forwards, resumed input).
     retry: Vec<ConnId>,
+    /// Connections stalled by a full storage queue (`Exec::Busy`), in the
+    /// order they stalled: re-parsed only once something may have freed
+    /// room (`io_room_changed`), not every pass, so a core whose device
+    /// holds every slot sleeps until a completion wakes it.
+    io_wait: Vec<ConnId>,
+    /// Storage I/O freed room since `io_wait` was last retried: requests
+    /// were delivered, an I/O slot was given back.
+    io_freed: bool,
+    /// The engines' `buffers_returned` when `io_wait` was last retried: a
+    /// read's buffer comes back when its answer is sent, not delivered.
+    buffers_seen: u64,
     /// Connections that became paused or stalled this pass.
     hold: Vec<ConnId>,
     /// Connections whose reading is switched off.
@@ -413,6 +439,9 @@ impl<T: Transport> Core<T> {
                 conns: Vec::new(),
                 dirty: Vec::new(),
                 retry: Vec::new(),
+                io_wait: Vec::new(),
+                io_freed: false,
+                buffers_seen: 0,
                 hold: Vec::new(),
                 held: Vec::new(),
                 sent: Vec::new(),
@@ -471,6 +500,7 @@ impl<T: Transport> Core<T> {
             work += self.st.run_marks();
             work += self.st.retry_deferred();
             work += self.st.drain_rings();
+            work += self.st.retry_io_wait();
             work += self.st.retry_stalled();
             match self.poll_network(Some(Duration::ZERO)) {
                 Ok(n) => work += n,
@@ -664,7 +694,15 @@ impl<T: Transport> Core<T> {
         let pending = self.st.links.inbound.iter().any(|c| !c.is_empty())
             || self.st.links.out.iter().flatten().any(|o| !o.overflow.is_empty())
             || !self.st.retry.is_empty()
-            || !self.st.deferred.is_empty()
+            // Requests waiting for room in a storage queue (stalled
+            // connections, deferred forwarded requests) are tried again
+            // after I/O freed some: the core may sleep while an operation
+            // in a ring will complete and wake it (polled ones: see below),
+            // but runs another pass when room was freed and not yet tried,
+            // or when nothing is in a ring to free it (slots held by
+            // streamed writes' bodies or a PERSIST put's remote marks, say).
+            || (!self.st.io_wait.is_empty() && self.st.io_wait_due())
+            || (!self.st.deferred.is_empty() && !self.st.storage_in_ring())
             || !self.st.marks.is_empty()
             // The log's writer wakes the core when a batch is durable.
             || self.st.commit.has_work()
@@ -968,6 +1006,8 @@ impl State {
             }
             self.io_done = done;
         }
+        // Each delivery gave its engine request slot back (marks' too).
+        self.io_freed |= n > 0;
         n
     }
 
@@ -991,6 +1031,8 @@ impl State {
         }
         let Some(mut p) = self.io[slot].take() else { return };
         self.io_free.push(slot as u32);
+        // Also reached from a ring: a PERSIST put's remote marks answered.
+        self.io_freed = true;
         // A PERSIST put (or its undoing) is logged: answered once durable.
         let logged = p.undo.is_some() && self.commit.log.is_some();
         let r = match p.failed.take() {
@@ -1085,13 +1127,76 @@ impl State {
         }
     }
 
+    /// Whether an engine has operations in a ring, whose completion will
+    /// come (and wake a parked core, `FlashEngine::can_park`).
+    fn storage_in_ring(&self) -> bool {
+        self.engines.iter().any(|e| e.in_ring())
+    }
+
+    /// The engines' data buffers given back so far (wrapping).
+    fn buffers_returned(&self) -> u64 {
+        self.engines.iter().fold(0u64, |n, e| n.wrapping_add(e.buffers_returned()))
+    }
+
+    /// Whether storage room may have been freed since `io_wait` was last
+    /// retried: requests delivered (engine request slots, core I/O slots),
+    /// a slot given back otherwise (`io_freed`), or a data buffer returned
+    /// (a read's answer sent, a streamed write's buffer dropped).
+    fn io_room_changed(&self) -> bool {
+        self.io_freed || self.buffers_returned() != self.buffers_seen
+    }
+
+    /// Whether the connections in `io_wait` are to be parsed again now:
+    /// room may have been freed, or no completion will come to free it
+    /// (then every pass, so nothing waits for ever).
+    fn io_wait_due(&self) -> bool {
+        self.io_room_changed() || !self.storage_in_ring()
+    }
+
+    /// Re-parses the connections stalled by a full storage queue, in the
+    /// order they stalled, once storage may have freed room. A connection
+    /// that stalls again goes back to the end of the list; one that made
+    /// no progress is not work, so the core may sleep until the next
+    /// completion (`park`).
+    fn retry_io_wait(&mut self) -> usize {
+        if self.io_wait.is_empty() || !self.io_wait_due() {
+            return 0;
+        }
+        self.io_freed = false;
+        self.buffers_seen = self.buffers_returned();
+        let mut ids = std::mem::take(&mut self.io_wait);
+        let mut work = 0;
+        for &id in &ids {
+            let c = &mut self.conns[id];
+            // Closed (or closed and reused) since it stalled: nothing waits.
+            if !c.live || !c.waiting_io {
+                continue;
+            }
+            c.waiting_io = false;
+            c.stalled = false;
+            let before = c.partial.len();
+            self.parse_partial(id);
+            let c = &self.conns[id];
+            if !c.waiting_io || c.partial.len() != before {
+                work += 1;
+            }
+        }
+        // Keep the list's allocation (retries stalled again pushed a new one).
+        if self.io_wait.is_empty() {
+            ids.clear();
+            self.io_wait = ids;
+        }
+        work
+    }
+
     fn retry_stalled(&mut self) -> usize {
         if self.retry.is_empty() {
             return 0;
         }
         let ids = std::mem::take(&mut self.retry);
         for &id in &ids {
-            if self.conns[id].live {
+            // One waiting for storage room is retried with `io_wait`.
+            if self.conns[id].live && !self.conns[id].waiting_io {
                 self.conns[id].stalled = false;
                 self.parse_partial(id);
             }
@@ -1157,46 +1262,66 @@ impl State {
                 off += len;
                 continue;
             }
-            if !self.dispatch(id, &h, &rest[..len]) {
-                self.conns[id].stalled = true;
-                self.retry.push(id);
-                self.hold.push(id);
+            if let Err(why) = self.dispatch(id, &h, &rest[..len]) {
+                self.stall(id, why);
                 return (off, 0);
             }
             off += len;
         }
     }
 
-    /// Executes a frame here or forwards it to its owner. False when the
+    /// Stops parsing connection `id` (and reading it) until it is retried:
+    /// next pass for a forward, once storage freed room for `Stall::Io`.
+    fn stall(&mut self, id: ConnId, why: Stall) {
+        let c = &mut self.conns[id];
+        debug_assert!(!c.stalled && !c.waiting_io);
+        c.stalled = true;
+        match why {
+            Stall::Forward => self.retry.push(id),
+            Stall::Io => {
+                c.waiting_io = true;
+                if self.io_wait.is_empty() {
+                    // What freed room before now, this attempt saw.
+                    self.io_freed = false;
+                    self.buffers_seen = self.buffers_returned();
+                }
+                self.io_wait.push(id);
+            }
+        }
+        self.hold.push(id);
+    }
+
+    /// Executes a frame here or forwards it to its owner. An error when the
     /// owner's ring is full or the connection has `MAX_AWAITING` forwards in
-    /// flight (the caller retries next pass).
-    fn dispatch(&mut self, id: ConnId, h: &Header, frame: &[u8]) -> bool {
+    /// flight (the caller retries next pass), or when the frame's storage
+    /// queue or the core's I/O slots are full (retried once I/O freed room).
+    fn dispatch(&mut self, id: ConnId, h: &Header, frame: &[u8]) -> Result<(), Stall> {
         let (key, body) = frame[HEADER_LEN..].split_at(h.key_len as usize);
         let owner = self.owner(h, key);
         let claim = self.block_claim(id);
         if owner == self.cfg.id as usize {
             if let Some(msg) = self.block_refusal(h, key, claim) {
                 self.answer_here(id, h, Status::Unauthorized, msg);
-                return true;
+                return Ok(());
             }
             let mut tx = std::mem::take(&mut self.conns[id].tx);
             let gen = self.conns[id].gen;
             let done = self.execute(h, key, body, tx.bytes_mut(), ReplyTo::Local { conn: id, gen });
             self.conns[id].tx = tx;
             match done {
-                // Stalled like a full ring: parsed again next pass.
-                Exec::Busy => return false,
+                // Parsed again once a completion (or other I/O) freed room.
+                Exec::Busy => return Err(Stall::Io),
                 Exec::Pending(_) | Exec::Held => self.conns[id].awaiting += 1,
                 Exec::Done => self.mark_dirty(id),
             }
             self.requests += 1;
-            return true;
+            return Ok(());
         }
         let (gen, awaiting) = (self.conns[id].gen, self.conns[id].awaiting);
         if awaiting >= MAX_AWAITING {
-            return false;
+            return Err(Stall::Forward);
         }
-        let Some(out) = self.links.out[owner].as_mut() else { return true };
+        let Some(out) = self.links.out[owner].as_mut() else { return Ok(()) };
         let mut buf = self.frames.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(frame);
@@ -1205,11 +1330,11 @@ impl State {
             if let Msg::Request { frame, .. } = m {
                 self.frames.push(frame);
             }
-            return false;
+            return Err(Stall::Forward);
         }
         self.conns[id].awaiting += 1;
         self.forwarded += 1;
-        true
+        Ok(())
     }
 
     /// The core that executes a request.

@@ -216,6 +216,7 @@ impl State {
             Err(err) => {
                 // The block was freed while its body arrived, say.
                 self.io_free.push(slot);
+                self.io_freed = true;
                 let c = &mut self.conns[id];
                 exec::respond_io(c.tx.bytes_mut(), s.h.request_id, s.h.opcode, Err(err));
                 self.mark_dirty(id);
@@ -230,6 +231,7 @@ impl State {
         if let Sink::Write { slot, tier, .. } = s.sink {
             self.requests += 1;
             self.io_free.push(slot);
+            self.io_freed = true;
             self.stream_stats[tier_index(tier)].abandoned += 1;
         }
     }
@@ -305,6 +307,7 @@ impl State {
         c.demoted = true;
         drop(buf);
         self.io_free.push(slot);
+        self.io_freed = true;
         self.stream_stats[tier_index(tier)].demoted += 1;
     }
 }

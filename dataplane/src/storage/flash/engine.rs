@@ -2130,6 +2130,19 @@ impl FlashEngine {
         }
     }
 
+    /// Whether operations of this engine are in a ring (submitted, not yet
+    /// completed): a completion will come, and wake a parked core unless
+    /// polled (`can_park`).
+    pub fn in_ring(&self) -> bool {
+        self.data_in_ring + self.meta_in_ring > 0
+    }
+
+    /// Data buffers given back so far (wrapping): one more may let a
+    /// request that was `Busy` for want of a buffer go.
+    pub fn buffers_returned(&self) -> u64 {
+        self.pool.returned()
+    }
+
     /// Whether the engine runs on a ring shared with the core's network
     /// (`open_on`): the core pushes its submissions and routes its
     /// completions.

@@ -34,6 +34,9 @@ pub struct BufPool {
     free: RefCell<Vec<u32>>,
     /// Request slots promised to `WriteBuf`s not yet submitted.
     reserved: Cell<u32>,
+    /// Buffers given back so far (wrapping): a core with requests waiting
+    /// for a buffer sees one come back, from the device or from a send.
+    returned: Cell<u64>,
     arena: Arena,
 }
 
@@ -56,6 +59,7 @@ impl BufPool {
             staging,
             free: RefCell::new((0..count).rev().collect()),
             reserved: Cell::new(0),
+            returned: Cell::new(0),
             arena,
         }))
     }
@@ -96,6 +100,11 @@ impl BufPool {
         self.reserved.set(self.reserved.get().saturating_sub(1));
     }
 
+    /// How many buffers were given back since the pool was made (wrapping).
+    pub fn returned(&self) -> u64 {
+        self.returned.get()
+    }
+
     pub fn take(&self) -> Option<u32> {
         self.free.borrow_mut().pop()
     }
@@ -105,6 +114,7 @@ impl BufPool {
         debug_assert!(buf < self.count && !f.contains(&buf), "buffer {buf} returned twice");
         debug_assert!(f.len() < f.capacity());
         f.push(buf);
+        self.returned.set(self.returned.get().wrapping_add(1));
     }
 
     /// Address of byte `at` of data buffer `buf`.
