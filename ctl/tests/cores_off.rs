@@ -12,29 +12,20 @@ use std::time::Duration;
 use dataplane::client::{Client, PutOptions};
 use dataplane::node::NetBackend;
 use dataplane::transport::uring;
-use pollen_ctl::api::{CoresResponse, NodesResponse};
+use pollen_ctl::api::NodesResponse;
 use pollen_tests::control::{wait_for, Cluster, Pollenctl, SMALL_POLICY};
 
 /// Connections each core accepted so far, and whether it takes new ones on
 /// the shared port (the core's own report: it left the port's group, or
 /// joined it again).
 fn cores(ctl: &Pollenctl) -> BTreeMap<usize, (u64, bool)> {
-    let r: CoresResponse = ctl.json(&["cores"]);
-    r.cores.iter().map(|c| (c.core, (c.connections, c.accepting))).collect()
+    ctl.core_connections()
 }
 
 /// Opens `n` connections to `addr` and waits until the node's report counts
 /// them; returns them (kept open) and how many each core took.
 fn connect_many(ctl: &Pollenctl, addr: &str, n: u64) -> (Vec<TcpStream>, Vec<u64>) {
-    let before = cores(ctl);
-    let conns: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr).expect("connect")).collect();
-    let after = wait_for(Duration::from_secs(10), "the connections in the node's report", || {
-        let now = cores(ctl);
-        let total: u64 = now.values().map(|c| c.0).sum::<u64>() - before.values().map(|c| c.0).sum::<u64>();
-        (total >= n).then_some(now)
-    });
-    let per_core = after.iter().map(|(core, c)| c.0 - before[core].0).collect();
-    (conns, per_core)
+    ctl.connect_many(n, || TcpStream::connect(addr).expect("connect"))
 }
 
 fn run(net: NetBackend) {

@@ -128,29 +128,18 @@ fn tap_up(iface: &str, kernel_ip: &str, log: &dyn Fn() -> String) {
 /// Connections each core accepted so far, and whether it takes new ones on
 /// the shared port (the core's own report).
 fn cores(ctl: &Pollenctl) -> BTreeMap<usize, (u64, bool)> {
-    let r: CoresResponse = ctl.json(&["cores"]);
-    r.cores.iter().map(|c| (c.core, (c.connections, c.accepting))).collect()
+    ctl.core_connections()
 }
 
 /// Opens `n` connections to `addr` and waits until the node's report counts
 /// them; returns them (kept open) and how many each core took.
 fn connect_many(ctl: &Pollenctl, addr: SocketAddr, n: u64) -> (Vec<Raw>, Vec<u64>) {
-    let before = cores(ctl);
-    let conns: Vec<Raw> = (0..n)
-        .map(|_| {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.set_nodelay(true).unwrap();
-            Raw(s)
-        })
-        .collect();
-    let after = wait_for(Duration::from_secs(10), "the connections in the node's report", || {
-        let now = cores(ctl);
-        let total: u64 = now.values().map(|c| c.0).sum::<u64>() - before.values().map(|c| c.0).sum::<u64>();
-        (total >= n).then_some(now)
-    });
-    let per_core = after.iter().map(|(core, c)| c.0 - before[core].0).collect();
-    (conns, per_core)
+    ctl.connect_many(n, || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw(s)
+    })
 }
 
 /// A ping on `conn` comes back.

@@ -216,6 +216,29 @@ impl Pollenctl {
         }
         out
     }
+
+    /// Connections each core accepted so far, and whether it takes new ones
+    /// on the shared port (the core's own report), for a one-node cluster.
+    pub fn core_connections(&self) -> BTreeMap<usize, (u64, bool)> {
+        let r: CoresResponse = self.json(&["cores"]);
+        r.cores.iter().map(|c| (c.core, (c.connections, c.accepting))).collect()
+    }
+
+    /// Opens `n` connections with `connect` and waits until the node's
+    /// report counts them; returns them (kept open) and how many each core
+    /// took.
+    pub fn connect_many<T>(&self, n: u64, mut connect: impl FnMut() -> T) -> (Vec<T>, Vec<u64>) {
+        let before = self.core_connections();
+        let conns: Vec<T> = (0..n).map(|_| connect()).collect();
+        let after = wait_for(Duration::from_secs(10), "the connections in the node's report", || {
+            let now = self.core_connections();
+            let total: u64 =
+                now.values().map(|c| c.0).sum::<u64>() - before.values().map(|c| c.0).sum::<u64>();
+            (total >= n).then_some(now)
+        });
+        let per_core = after.iter().map(|(core, c)| c.0 - before[core].0).collect();
+        (conns, per_core)
+    }
 }
 
 /// `pollen controller` in `dir` (with `policy.toml` there when it exists),
