@@ -10,7 +10,7 @@ use dataplane::proto::{
 };
 use dataplane::transport::uring as uring_transport;
 use pollen_tests::raw::Raw;
-use pollen_tests::{bytes, node, start_node, TierDir};
+use pollen_tests::{bytes, node, node_config, start_node, TierDir};
 
 const BS: usize = 4096;
 
@@ -529,17 +529,8 @@ fn flash_cfg(net: NetBackend, cores: usize, dir: &TierDir, flash_blocks: u64) ->
     // Per core: the superblock and header table take a few sectors beside the blocks.
     let per_core = (flash_blocks + 4) * BS as u64;
     NodeConfig {
-        port: 0,
-        core_port_base: 0,
-        cores,
-        pin: false,
-        spin_us: 50,
-        net,
-        block_size: BS,
-        dram_bytes_per_core: 64 * BS as u64,
-        max_body: 64 << 10,
         flash: Some(TierSpec { path: dir.file("flash"), size: Some(per_core * cores as u64) }),
-        ..NodeConfig::default()
+        ..node_config(cores, net, BS, 64)
     }
 }
 

@@ -24,18 +24,10 @@ fn config(net: NetBackend, dir: &TierDir, cores: usize) -> NodeConfig {
     // Per core: the superblock and header table take a few sectors beside the blocks.
     let per_core = (BLOCKS + 2) * BS as u64 * cores as u64;
     NodeConfig {
-        port: 0,
-        core_port_base: 0,
-        cores,
-        pin: false,
-        spin_us: 50,
-        net,
-        block_size: BS,
-        dram_bytes_per_core: 8 * BS as u64,
         max_body: 2 * BS,
         flash: Some(TierSpec { path: dir.file("flash"), size: Some(per_core) }),
         disk: Some(TierSpec { path: dir.file("disk"), size: Some(per_core) }),
-        ..NodeConfig::default()
+        ..pollen_tests::node_config(cores, net, BS, 8)
     }
 }
 
