@@ -46,8 +46,8 @@ fn stops_the_node(net: NetBackend, panic: bool) -> NodeFailure {
     assert_eq!(node.join().as_ref(), Some(&failure));
     assert!(t.elapsed() < EXIT_BOUND, "the cores took {:?} to stop", t.elapsed());
     // Core 0 stopped too: nothing listens on its port nor on the main one.
-    for a in [addr, cores[0]] {
-        assert!(TcpStream::connect(a).is_err(), "{a} still accepts after the node stopped");
+    for (a, what) in [(addr, "main port"), (cores[0], "core 0's port")] {
+        assert!(TcpStream::connect(a).is_err(), "{a} ({what}) still accepts after the node stopped");
     }
     failure
 }

@@ -680,9 +680,12 @@ fn drop_with_io_in_flight(b: Backend) {
         h.pass();
     }
     assert!(h.t.unsent(id) > 0);
+    let addr = h.addr;
     let start = Instant::now();
     drop(h);
     assert!(start.elapsed() < Duration::from_secs(1), "{b:?}: drop took {:?}", start.elapsed());
+    // Nothing listens once the transport is gone (an accept was armed).
+    assert!(TcpStream::connect(addr).is_err(), "{b:?}: {addr} still accepts after the drop");
     for s in [&mut stuck, &mut idle] {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = vec![0u8; 1 << 20];

@@ -1300,6 +1300,12 @@ impl Drop for UringTransport {
         // is done with our buffers before they are freed.
         self.stopping = true;
         for i in 0..self.listeners.len() {
+            // Out of LISTEN now, whatever the ring does: a cancelled accept
+            // (or one the cancel missed) holds the socket open until the
+            // kernel frees the request, and an abandoned ring frees its
+            // requests in a worker after we return. `shutdown(2)` ends the
+            // listening synchronously (and completes the accept).
+            let _ = super::set_listening(&self.listeners[i].sock, false);
             if self.listeners[i].armed {
                 self.ring.cancel(user_data(op::ACCEPT, i, 0), op::CANCEL, 0, 0);
             }
