@@ -403,13 +403,16 @@ fn a_killed_storage_node_reads_as_unavailable_and_the_rest_goes_on() {
     let after = killed.elapsed();
     // Declared dead after 3 missed heartbeats, told to the metadata node on
     // its next one; a loaded machine may add a few more.
-    assert!(after < Duration::from_millis(15 * HEARTBEAT_MS), "data unavailable only after {after:?}");
+    assert!(after < Duration::from_millis(50 * HEARTBEAT_MS), "data unavailable only after {after:?}");
     eprintln!("data unavailable {after:?} after the SIGKILL ({HEARTBEAT_MS} ms heartbeats)");
     for (name, _, _) in &lost {
         let t = Instant::now();
         let e = client.get_buffer(&job, name).expect_err("a block is on the dead node");
         assert_eq!(e.status(), Some(Status::DataUnavailable), "{name}: {e}");
-        assert!(t.elapsed() < Duration::from_secs(1), "{name}: answered after {:?}", t.elapsed());
+        // At once: well under the client's connect timeout, which a stall
+        // on the dead node would take.
+        let bound = DEFAULT_CONNECT_TIMEOUT - Duration::from_millis(200);
+        assert!(t.elapsed() < bound, "{name}: answered after {:?}", t.elapsed());
     }
     let err =
         String::from_utf8_lossy(&c.ctl(&["get", "failing", first, &c.path("lost.out")]).stderr).into_owned();
@@ -513,7 +516,8 @@ fn an_unreachable_storage_node_reads_as_unavailable_before_it_is_declared_dead()
             let t = Instant::now();
             let e = cl.get_buffer(&job, name).expect_err("a block is on the killed node");
             unavailable(&e, &format!("{who}, node killed, {name}"));
-            assert!(t.elapsed() < Duration::from_secs(1), "{name}: answered after {:?}", t.elapsed());
+            let bound = DEFAULT_CONNECT_TIMEOUT - Duration::from_millis(200);
+            assert!(t.elapsed() < bound, "{name}: answered after {:?}", t.elapsed());
         }
     }
     let err =
@@ -609,13 +613,18 @@ fn a_killed_and_restarted_metadata_node_lists_every_acknowledged_object() {
     let (name, data) = &acked[acked.len() / 2];
     c.ok(&["get", "durable", name, &c.path("mid.out")]);
     assert_eq!(&std::fs::read(c.path("mid.out")).unwrap(), data);
+    // Placement is random by weight (0.4/0.4/0.2 here): put until every
+    // storage node got a block; 300 puts miss one with odds of 0.8^300.
     let mut on = BTreeSet::new();
-    for i in 0..30 {
+    for i in 0..300 {
         let name = format!("again-{i}");
         client
             .put_buffer(&job, &name, &bytes(1000, i), PutOptions::default())
             .expect("put after the restart");
         on.extend(located(&mut client, &job, &name));
+        if on.len() == 3 {
+            break;
+        }
     }
     assert_eq!(on, BTreeSet::from([2, 3, 4]), "new blocks spread over the storage nodes");
     c.stop();

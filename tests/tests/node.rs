@@ -1487,9 +1487,16 @@ fn disk_queue_full_lets_the_core_sleep(net: NetBackend) {
     assert!(answered >= (CONNS * WINDOW) as u64, "{answered} requests answered");
     // Before, connections stalled by the full queue were parsed again every
     // pass and the core did not sleep while they waited: it parked under 40
-    // times here (busy 99-100%). The busy fraction is not asserted: it
-    // counts the time a pass is preempted, and tests share two CPUs.
-    assert!(with_io >= 200, "the core slept {with_io} times with I/O in flight in {secs:.2} s");
+    // times here (busy 99-100%). Now it sleeps for 4-7% of the requests
+    // (860-2 260 parks for 20 000-35 000 requests, debug build, loaded
+    // machine); a starved run answers fewer, so the bound follows the
+    // requests answered. The busy fraction is not asserted: it counts the
+    // time a pass is preempted, and tests share two CPUs.
+    let bound = (answered / 100).max(40);
+    assert!(
+        with_io >= bound,
+        "the core slept {with_io} times with I/O in flight for {answered} requests in {secs:.2} s (want {bound})"
+    );
     drop(c);
     n.shutdown();
 }
@@ -1513,8 +1520,14 @@ fn flash_idle_core_sleeps(net: NetBackend) {
     std::thread::sleep(std::time::Duration::from_secs(1));
     let (t1, r1, p1) = (thread_ticks(tid), n.report(), n.park_counts()[0]);
     let ticks = t1 - t0;
-    // 100 ticks a second is typical; a spinning core would use them all.
-    assert!(ticks <= 5, "an idle core used {ticks} clock ticks of CPU in one second");
+    eprintln!("{net:?}: an idle core used {ticks} clock ticks of CPU in one second");
+    // 100 ticks a second is typical; a spinning core would use them all. A
+    // DPDK queue has no descriptor to sleep on: an idle DPDK core naps at
+    // most 500 µs at a time and checks its queue between naps
+    // (docs/dpdk.md, "Idle cores"), some 2 000 wake-ups a second: 4 ticks
+    // in a debug build on a quiet machine, 6 seen under load.
+    let most = if net == NetBackend::Dpdk { 15 } else { 5 };
+    assert!(ticks <= most, "an idle core used {ticks} clock ticks of CPU in one second");
     let busy = (r1.cores[0].busy_ns - r0.cores[0].busy_ns) as f64
         / (r1.cores[0].total_ns - r0.cores[0].total_ns) as f64;
     assert!(busy < 0.01, "busy fraction {busy} while idle");

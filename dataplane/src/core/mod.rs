@@ -30,6 +30,7 @@ use ring::{Links, Msg};
 use waker::Waker;
 
 pub use commit::MetaStart;
+pub use stream::STREAM_IDLE;
 
 /// Stop reading a connection while this many response bytes wait to be sent.
 pub const TX_HIGH_WATER: usize = 4 << 20;

@@ -41,7 +41,7 @@ pub(super) struct Stream {
 /// A streamed body that receives nothing for this long gives back its
 /// buffer, queue slot and I/O slot and completes gathered
 /// (docs/protocol.md §9, "Streamed writes").
-pub(super) const STREAM_IDLE: Duration = Duration::from_secs(1);
+pub const STREAM_IDLE: Duration = Duration::from_secs(1);
 
 /// How often streamed bodies are looked at: a body idle for `STREAM_IDLE`
 /// is demoted at most this much later.
