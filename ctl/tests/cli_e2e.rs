@@ -196,8 +196,9 @@ fn run(bin: &str, args: &[&str], cwd: &Path) -> Output {
 #[test]
 fn pollenctl_explains_a_missing_controller() {
     let dir = tempfile::tempdir().unwrap();
-    // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A port nothing listens on, held for the whole test so that no other
+    // test's server takes it.
+    let (_held, port) = pollen_tests::refusing_port();
     let url = format!("http://127.0.0.1:{port}");
     std::fs::write(dir.path().join("small.txt"), b"hello").unwrap();
     for args in [vec!["status"], vec!["put", "j", "n", "small.txt"], vec!["ls", "j", "--json"]] {

@@ -310,8 +310,9 @@ fn a_steady_heartbeat_keeps_a_node_up() {
 
 #[test]
 fn heartbeat_keeps_trying_without_a_controller() {
-    // Bind and drop a listener to get a port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Held for the whole test, so connections are refused and no other
+    // test's server can take the port.
+    let (_held, port) = pollen_tests::refusing_port();
     let hb = heartbeat::spawn(
         || report("lonely", 1, vec![core(0, 0, 1)]),
         &format!("http://127.0.0.1:{port}"),

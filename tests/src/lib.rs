@@ -220,6 +220,19 @@ pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A loopback port nothing listens on, for as long as the returned socket
+/// lives: the socket is bound but not listening, so connections to the port
+/// are refused, and no other test can take the port meanwhile (a listener
+/// bound and dropped frees its port for whoever binds next).
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a TCP socket");
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind 127.0.0.1:0");
+    let port = s.local_addr().expect("local address").as_socket().expect("an IP address").port();
+    assert_ne!(port, 0, "the kernel picked a port");
+    (s, port)
+}
+
 /// A raw protocol connection for tests that need to send exact bytes.
 pub mod raw {
     use std::io::{Read, Write};
