@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use pollen_ctl::api::{
-    CoreReport, CoresResponse, ErrorBody, EventsResponse, HeartbeatReply, JobReport, JobsResponse,
+    CoreReport, CoresResponse, ErrorBody, EventKind, EventsResponse, HeartbeatReply, JobReport, JobsResponse,
     NetBackend, NodeEntry, NodeReport, NodeState, NodesResponse, PollMode, StatusResponse, TierReport,
     TiersResponse,
 };
@@ -255,35 +255,66 @@ fn cores_busy_fraction_is_the_delta_of_the_last_two_heartbeats() {
     assert_eq!(r.cores[1].busy, Some(1.0));
 }
 
+/// Posts `r` and reads the status right after, until the two together took
+/// less than `within`: only a read that soon after a heartbeat must show
+/// the node up (a stalled test thread may take longer).
+fn post_then_status(c: &Running, r: &NodeReport, within: Duration) -> StatusResponse {
+    for _ in 0..5 {
+        let asked = Instant::now();
+        c.post_report(r);
+        let s: StatusResponse = c.get("/v1/status");
+        if asked.elapsed() < within {
+            return s;
+        }
+    }
+    panic!("five heartbeat and status pairs each took {within:?} or more");
+}
+
+/// Reads the status until `node` is down, which it must be in any read that
+/// starts `limit` after `since`; returns that status.
+fn wait_down(c: &Running, node: &str, since: Instant, limit: Duration) -> StatusResponse {
+    loop {
+        let asked = Instant::now();
+        let s: StatusResponse = c.get("/v1/status");
+        let n = s.nodes.iter().find(|n| n.node_id == node).expect("the node is listed");
+        if n.state == NodeState::Down {
+            return s;
+        }
+        assert!(asked < since + limit, "{node} still up {:?} after {since:?}: {n:?}", asked - since);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn node_is_down_after_three_missed_heartbeats() {
-    let hb = Duration::from_millis(50);
+    // 500 ms: down after 1.5 s of silence, and a status read right after a
+    // heartbeat has all of that to arrive on a loaded machine.
+    let hb = Duration::from_millis(500);
+    let down_after = hb * 3;
     let c = Running::start(hb);
-    c.post_report(&report("n", 1, vec![core(0, 0, 1)]));
-    let s: StatusResponse = c.get("/v1/status");
+    let s = post_then_status(&c, &report("n", 1, vec![core(0, 0, 1)]), down_after);
     assert_eq!(s.nodes[0].state, NodeState::Up);
+    let last = Instant::now();
 
-    // Silent for well over 3 x 50 ms.
-    std::thread::sleep(Duration::from_millis(300));
-    let s: StatusResponse = c.get("/v1/status");
+    // Silent: down once 3 intervals passed, and within 4.
+    let s = wait_down(&c, "n", last, hb * 4);
     assert_eq!((s.nodes_up, s.nodes_down), (0, 1));
-    assert_eq!(s.nodes[0].state, NodeState::Down);
-    assert!(s.nodes[0].last_heartbeat_ms_ago >= 150);
+    assert!(s.nodes[0].last_heartbeat_ms_ago >= down_after.as_millis() as u64, "{:?}", s.nodes[0]);
     assert!(s.tiers.is_empty(), "a down node's capacity is not counted");
     let r: CoresResponse = c.get("/v1/cores");
     assert_eq!(r.cores[0].node_state, NodeState::Down);
 
     // One heartbeat brings it back.
-    c.post_report(&report("n", 400, vec![core(0, 0, 2)]));
-    let s: StatusResponse = c.get("/v1/status");
+    let s = post_then_status(&c, &report("n", 400, vec![core(0, 0, 2)]), down_after);
     assert_eq!((s.nodes_up, s.nodes_down), (1, 0));
 }
 
 #[test]
 fn a_steady_heartbeat_keeps_a_node_up() {
-    // 100 ms: a node is down after 300 ms of silence, a wide margin for a
-    // loaded machine.
-    let hb = Duration::from_millis(100);
+    // 500 ms: a node is down after 1.5 s of silence, and a heartbeat
+    // request may take an interval (its timeout) on a loaded machine.
+    let hb = Duration::from_millis(500);
+    let down_after = hb * 3;
     let c = Running::start(hb);
     let started = Instant::now();
     let hb_thread = heartbeat::spawn(
@@ -294,17 +325,24 @@ fn a_steady_heartbeat_keeps_a_node_up() {
     .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     assert!(rt.block_on(c.handle.wait_for_node("steady", Duration::from_secs(5))));
-    std::thread::sleep(Duration::from_millis(500));
+    // Four heartbeats span three intervals: a node that sent only the first
+    // would be down by the fourth.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hb_thread.stats().sent() < 4 {
+        assert!(Instant::now() < deadline, "sent {}", hb_thread.stats().sent());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(started.elapsed() >= down_after, "the heartbeats keep to their interval");
     let s: StatusResponse = c.get("/v1/status");
     assert_eq!(s.nodes[0].state, NodeState::Up);
-    assert!(hb_thread.stats().sent() >= 4, "sent {}", hb_thread.stats().sent());
+    let events: EventsResponse = c.get("/v1/events?since=0");
+    assert!(!events.events.iter().any(|e| e.kind == EventKind::NodeDown), "never down: {:?}", events.events);
     assert_eq!(hb_thread.stats().failed(), 0);
 
     let t = Instant::now();
     hb_thread.stop();
     assert!(t.elapsed() < Duration::from_secs(1), "stop is prompt");
-    std::thread::sleep(Duration::from_millis(500));
-    let s: StatusResponse = c.get("/v1/status");
+    let s = wait_down(&c, "steady", Instant::now(), hb * 4);
     assert_eq!(s.nodes[0].state, NodeState::Down, "a stopped heartbeat lets the node go down");
 }
 
