@@ -434,8 +434,7 @@ struct LoadCount {
 }
 
 /// `pollenctl tiers` under load: a client writes and reads a flash block
-/// (whole sectors, so one device operation per request) for two and a
-/// half seconds; the flash row's IOPS and bandwidth are per-second rates
+/// (whole sectors, so one device operation per request) for four seconds; the flash row's IOPS and bandwidth are per-second rates
 /// close to what the client did (its count divided by its running time),
 /// the table shows the I/O error count, and the rates fall to zero once
 /// the load stops.
@@ -474,9 +473,15 @@ fn pollenctl_tiers_rates_follow_the_load() {
     }
 
     const LEN: usize = 16 << 10;
-    const RUN: Duration = Duration::from_millis(2500);
+    const RUN: Duration = Duration::from_secs(4);
+    // The node's window: the second before its report (rounded out to
+    // 100 ms ticks, 1.1 s at most).
+    const WINDOW: Duration = Duration::from_millis(1200);
+    // What the controller holds was reported up to a heartbeat ago
+    // (PollenUp's --heartbeat-ms).
+    const REPORTED: Duration = Duration::from_millis(200);
     let count = Arc::new(LoadCount::default());
-    let started = Instant::now();
+    let (began_tx, began) = std::sync::mpsc::channel::<Instant>();
     let load = {
         let (count, addr) = (count.clone(), lc.node.clone());
         std::thread::spawn(move || {
@@ -485,6 +490,7 @@ fn pollenctl_tiers_rates_follow_the_load() {
             let b = c.alloc_block_on(&job, 0, dataplane::proto::tier::FLASH).expect("alloc");
             let data = random_bytes(LEN, 5);
             let t0 = Instant::now();
+            began_tx.send(t0).expect("the test waits for the load");
             while t0.elapsed() < RUN {
                 c.write_block(b, 0, &data).expect("write");
                 count.writes.fetch_add(1, Ordering::Relaxed);
@@ -495,12 +501,19 @@ fn pollenctl_tiers_rates_follow_the_load() {
             t0.elapsed()
         })
     };
-    // A sample once the window (one second) lies inside the load, before it ends.
-    while started.elapsed() < Duration::from_millis(1300) {
-        std::thread::sleep(Duration::from_millis(20));
+    // A sample once the window of the report lies inside the load (timed
+    // from when the load began, not from when its thread started: connect,
+    // register and alloc take a while on a loaded machine), before it ends.
+    let t0 = began
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the load never began ({e})\n{}", up.logs()));
+    let sample_from = t0 + WINDOW + REPORTED;
+    let now = Instant::now();
+    if sample_from > now {
+        std::thread::sleep(sample_from - now);
     }
     let mut sample = None;
-    while started.elapsed() < RUN && !load.is_finished() {
+    while t0.elapsed() < RUN && !load.is_finished() {
         let rows = flash_rows(&up.ctl_json(&["tiers", "--json"]));
         if rows.iter().all(|r| r.read_iops > 0 && r.write_iops > 0) {
             sample = Some(rows[0].clone());
@@ -514,7 +527,7 @@ fn pollenctl_tiers_rates_follow_the_load() {
     let secs = ran.as_secs_f64();
     let (reads, writes) = (count.reads.load(Ordering::Relaxed), count.writes.load(Ordering::Relaxed));
     let bytes = count.bytes.load(Ordering::Relaxed);
-    assert!(reads > 0 && secs > 2.0, "{reads} reads in {secs} s");
+    assert!(reads > 0 && ran >= RUN, "{reads} reads in {secs} s");
     eprintln!("client: {reads} reads, {writes} writes, {bytes} bytes in {secs:.2} s; node: {sample:?}");
     // The client's own rates; the node's, over a second of the same steady
     // load, are within a generous factor of them (the machine is shared).
