@@ -22,6 +22,12 @@ use crate::proc::{pollen_bin, pollenctl_bin};
 /// The heartbeat interval of every test cluster, in milliseconds.
 pub const HEARTBEAT_MS: u64 = 100;
 
+/// Controller arguments for tests that are not about failure detection: a
+/// node is declared down after 10 silent heartbeats (1 s) instead of 3, so a
+/// heartbeat thread stalled a few hundred ms on a loaded machine does not
+/// take a live node out of the weight maps.
+pub const PATIENT: [&str; 2] = ["--missed-heartbeats", "10"];
+
 /// Allocation constants small enough that a few 16 MiB, one-core nodes are
 /// a meaningful cluster: a node serves 100 MB/s, a worker drives 10 MB/s.
 pub const SMALL_POLICY: &str = r#"

@@ -26,7 +26,9 @@ use dataplane::proto::{tier, Status};
 use pollen_ctl::api::{EventKind, JobEntry, LsOutput, NodeState, NodesResponse, PutOutput, Role};
 use pollen_ctl::controller::policy::{AllocTable, Policy};
 use pollen_ctl::size::parse_size;
-use pollen_tests::control::{wait_for, Cluster, ReadLoad, HEARTBEAT_MS, RIGHTSIZING_POLICY, SMALL_POLICY};
+use pollen_tests::control::{
+    wait_for, Cluster, ReadLoad, HEARTBEAT_MS, PATIENT, RIGHTSIZING_POLICY, SMALL_POLICY,
+};
 use pollen_tests::{bytes, TierDir};
 
 /// Every node's DRAM: 16 MiB per core (256 blocks of 64 KiB).
@@ -206,7 +208,7 @@ impl Hinted<'_> {
 #[test]
 fn each_kind_of_hint_gets_the_documented_allocation_and_weights() {
     let flash = TierDir::new("control-plane-flash");
-    let c = cluster(SMALL_POLICY, &[], |i| with_flash(&flash, i));
+    let c = cluster(SMALL_POLICY, &PATIENT, |i| with_flash(&flash, i));
     let table = Policy::parse(SMALL_POLICY).expect("the test policy").allocation;
 
     // What the storage nodes report: each one's throughput, DRAM and flash.
@@ -294,7 +296,7 @@ fn each_kind_of_hint_gets_the_documented_allocation_and_weights() {
 #[test]
 fn a_latency_sensitive_job_past_its_dram_share_goes_to_flash() {
     let flash = TierDir::new("control-plane-share");
-    let c = cluster(SMALL_POLICY, &[], |i| with_flash(&flash, i));
+    let c = cluster(SMALL_POLICY, &PATIENT, |i| with_flash(&flash, i));
     let big: JobEntry = c.json(&["job", "register", "big", "--latency-sensitive", "--capacity", "64MiB"]);
     let a = big.allocation.expect("an allocation");
     assert_eq!((a.dram, a.flash), (48 << 20, 16 << 20), "all of the DRAM, the rest on flash");
@@ -324,7 +326,7 @@ fn a_latency_sensitive_job_past_its_dram_share_goes_to_flash() {
 /// node holds none.
 #[test]
 fn data_of_one_job_spreads_by_its_weights() {
-    let (c, mut client, job, j) = with_wide_job("spread");
+    let (c, mut client, job, j) = with_wide_job_and("spread", &PATIENT);
     assert_weight_map(&j, &STORAGE);
     assert!(STORAGE.iter().all(|id| j.weights[*id] >= 0.15), "250 MB/s needs all three: {:?}", j.weights);
     let bs = client.block_size() as usize;
@@ -642,7 +644,8 @@ fn a_missing_or_forged_token_is_refused() {
     let admin = keys.path().join("admin");
     std::fs::write(&admin, "admin-token-of-the-control-plane-test\n").unwrap();
     let (secret_s, admin_s) = (secret.display().to_string(), admin.display().to_string());
-    let ctl_args = ["--cluster-secret-file", &secret_s, "--admin-token-file", &admin_s];
+    let ctl_args =
+        ["--cluster-secret-file", &secret_s, "--admin-token-file", &admin_s, PATIENT[0], PATIENT[1]];
     let mut c = Cluster::controller(SMALL_POLICY, &ctl_args, DRAM);
     c.admin_token_file = Some(admin.clone());
     c.start_numbered(&ROLES, |i| {
@@ -741,7 +744,7 @@ fn a_missing_or_forged_token_is_refused() {
 /// an event and shows in the nodes' own reports.
 #[test]
 fn load_turns_a_core_on_and_idle_drains_back_to_the_minimum() {
-    let c = cluster(RIGHTSIZING_POLICY, &[], |_| vec!["--cores".into(), "2".into()]);
+    let c = cluster(RIGHTSIZING_POLICY, &PATIENT, |_| vec!["--cores".into(), "2".into()]);
     let minimum: BTreeMap<String, usize> =
         ["n1", "n2", "n3", "n4"].iter().map(|id| (id.to_string(), 1)).collect();
     wait_for(Duration::from_secs(30), "idle nodes down to one polling core", || {
