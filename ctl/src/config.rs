@@ -18,6 +18,7 @@ use dataplane::storage::flash::Reformat;
 use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
+use crate::controller::DEFAULT_MISSED_HEARTBEATS;
 use crate::local;
 use crate::size::parse_size;
 
@@ -241,6 +242,20 @@ impl SecurityFlags {
     }
 }
 
+/// When the controller declares a node down, shared by `pollen up` and `pollen controller`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DownFlags {
+    /// Silent heartbeat intervals after which a node is declared down
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MISSED_HEARTBEATS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub missed_heartbeats: u32,
+}
+
+impl Default for DownFlags {
+    fn default() -> DownFlags {
+        DownFlags { missed_heartbeats: DEFAULT_MISSED_HEARTBEATS }
+    }
+}
+
 /// `pollen up`'s flags.
 #[derive(Args, Debug, Default)]
 pub struct UpArgs {
@@ -248,6 +263,8 @@ pub struct UpArgs {
     pub node: NodeFlags,
     #[command(flatten)]
     pub security: SecurityFlags,
+    #[command(flatten)]
+    pub down: DownFlags,
     /// With --tls-cert: the CA certificate the nodes trust [default: the --tls-cert file, right
     /// for a self-signed certificate]
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
@@ -437,6 +454,8 @@ pub struct UpSettings {
     pub metadata_nodes: usize,
     pub node: NodeConfig,
     pub heartbeat: Duration,
+    /// The controller's `--missed-heartbeats`.
+    pub missed_heartbeats: u32,
     pub data_dir: PathBuf,
     pub ctl_port: u16,
 }
@@ -587,6 +606,7 @@ impl UpArgs {
             metadata_nodes,
             node,
             heartbeat,
+            missed_heartbeats: self.down.missed_heartbeats,
             data_dir,
             ctl_port: self
                 .ctl_port
@@ -850,7 +870,7 @@ mod tests {
         assert_eq!((n.max_conns_per_core, n.max_body), (4096, 1 << 20));
         assert_eq!(n.node_id, "node-0");
         assert_eq!(n.listen, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!(s.heartbeat, Duration::from_millis(1000));
+        assert_eq!((s.heartbeat, s.missed_heartbeats), (Duration::from_millis(1000), 3));
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("pollen-data"), 7070));
         assert_eq!((&n.flash, &n.disk, n.sqpoll), (&None, &None, false), "tiers are off by default");
 
@@ -976,6 +996,8 @@ mod tests {
             "flag-data",
             "--ctl-port",
             "0",
+            "--missed-heartbeats",
+            "10",
         ]);
         let s = flags.merge(&file(FULL_FILE, Command::Up)).unwrap();
         let n = &s.node;
@@ -985,7 +1007,7 @@ mod tests {
         assert_eq!((n.pin, n.cpu_offset, n.spin_us), (true, 0, 0));
         assert_eq!((n.max_conns_per_core, n.max_body), (3, 2 << 20));
         assert_eq!(n.node_id, "from-flag");
-        assert_eq!(s.heartbeat, Duration::from_millis(40));
+        assert_eq!((s.heartbeat, s.missed_heartbeats), (Duration::from_millis(40), 10));
         assert_eq!((s.data_dir, s.ctl_port), (PathBuf::from("flag-data"), 0));
     }
 

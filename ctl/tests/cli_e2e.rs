@@ -6,11 +6,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pollen_ctl::api::{
-    CoresResponse, LsOutput, NodeState, PollMode, PutOutput, StatusResponse, TiersResponse,
+    CoresResponse, EventKind, LsOutput, NodeState, PollMode, PutOutput, StatusResponse, TiersResponse,
 };
 use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
 
-use pollen_tests::control::{Reaper, Up};
+use pollen_tests::control::{wait_for, Reaper, Up, HEARTBEAT_MS};
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
@@ -222,6 +222,7 @@ fn bad_command_lines_fail_cleanly() {
         (POLLEN, &["up", "--block-size", "lots"], "expected a whole number"),
         (POLLEN, &["up", "--poll", "sometimes"], "invalid value"),
         (POLLEN, &["up", "--heartbeat-ms", "0"], "invalid value"),
+        (POLLEN, &["up", "--missed-heartbeats", "0"], "invalid value"),
         (POLLEN, &["up", "--dram-gb", "0"], "greater than 0"),
         (POLLEN, &["up", "--dram-gb", "64MiB"], "not a number of GiB"),
         (POLLEN, &["up", "--dram-mb", "64"], "unexpected argument"),
@@ -311,6 +312,62 @@ fn pollen_up_reads_a_config_file() {
     assert_eq!(s.nodes[0].block_size, 16 << 10);
     assert_eq!(s.heartbeat_ms, 200, "the --heartbeat-ms flag beats the file");
 
+    let status = up.proc.terminate();
+    assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
+}
+
+/// `pollen up --missed-heartbeats N` reaches the controller inside it:
+/// `status` shows N, and a node process that stops answering (SIGSTOP) is
+/// declared down after N silent intervals, by a `node_down` event that says
+/// so; resumed (SIGCONT), it is up again.
+#[test]
+fn pollen_up_missed_heartbeats_reaches_its_controller() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    /// Resumes the stopped node even when an assertion fails, so `pollen
+    /// up` can stop it on drop.
+    struct Resume(Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+
+    const MISSED: u32 = 5;
+    let mut up = Up::start(
+        "[scaling]\nenabled = false\n",
+        &["--nodes", "1", "--cores", "1", "--missed-heartbeats", &MISSED.to_string()],
+    );
+    up.wait_open_nodes(1, "one node up");
+    let s: StatusResponse = up.ctl.json(&["status"]);
+    assert_eq!((s.heartbeat_ms, s.missed_heartbeats), (HEARTBEAT_MS, MISSED));
+
+    let pid = Pid::from_raw(up.provisioned()[0].pid.expect("the node's pid") as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let resume = Resume(pid);
+    let down = wait_for(Duration::from_secs(10), "node-0 declared down", || {
+        up.events()
+            .events
+            .into_iter()
+            .find(|e| e.kind == EventKind::NodeDown && e.node.as_deref() == Some("node-0"))
+    });
+    drop(resume);
+    assert!(down.message.contains(&format!("({MISSED} missed)")), "{}", down.message);
+    let silent_ms: u64 = down
+        .message
+        .split("no heartbeat for ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no silence in {:?}", down.message));
+    assert!(
+        silent_ms >= u64::from(MISSED) * HEARTBEAT_MS,
+        "declared down after {silent_ms} ms: {}",
+        down.message
+    );
+
+    up.wait_open_nodes(1, "node-0 up again once resumed");
     let status = up.proc.terminate();
     assert!(status.success(), "pollen up exited with {status}\n{}", up.logs());
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dataplane::node::{Node, NodeConfig, NodeFailure, StopHandle};
 use pollen_ctl::api::NodeCommand;
-use pollen_ctl::config::{node_flags, NodeArgs, SecurityFlags, UpArgs, UpSettings, FILE_HELP};
+use pollen_ctl::config::{node_flags, DownFlags, NodeArgs, SecurityFlags, UpArgs, UpSettings, FILE_HELP};
 use pollen_ctl::controller::policy::Policy;
 use pollen_ctl::controller::{Controller, ControllerConfig, ControllerError};
 use pollen_ctl::heartbeat::ClientAuth;
@@ -67,9 +67,8 @@ struct ControllerArgs {
     /// The heartbeat interval nodes use, in milliseconds
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_ms: u64,
-    /// Silent heartbeat intervals after which a node is declared down
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    missed_heartbeats: u32,
+    #[command(flatten)]
+    down: DownFlags,
     /// Allocation and scaling constants, a TOML file (see docs/control-plane.md) [default: built in]
     #[arg(long, value_name = "FILE")]
     policy: Option<std::path::PathBuf>,
@@ -326,6 +325,7 @@ fn up(a: UpArgs) -> Result<()> {
     let ctl_cfg = ControllerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
         heartbeat: interval,
+        missed_heartbeats: a.missed_heartbeats,
         policy: load_policy(a.policy.as_deref())?,
         admin_token,
         tls,
@@ -463,6 +463,7 @@ fn up_nodes(a: UpSettings, n: usize, max_nodes: usize) -> Result<()> {
     let ctl_cfg = ControllerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], a.ctl_port)),
         heartbeat: a.heartbeat,
+        missed_heartbeats: a.missed_heartbeats,
         policy: load_policy(a.policy.as_deref())?,
         provisioner: Some(prov.clone()),
         min_nodes: n,
@@ -637,7 +638,7 @@ fn controller(a: ControllerArgs) -> Result<()> {
     let cfg = ControllerConfig {
         listen: a.listen,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
-        missed_heartbeats: a.missed_heartbeats,
+        missed_heartbeats: a.down.missed_heartbeats,
         policy: load_policy(a.policy.as_deref())?,
         admin_token,
         tls,
