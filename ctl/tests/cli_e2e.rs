@@ -10,7 +10,7 @@ use pollen_ctl::api::{
 };
 use pollen_ctl::local::{LocalCluster, CONTROLLER_ENV, DEFAULT_DATA_DIR};
 
-use pollen_tests::control::{wait_for, Reaper, Up, HEARTBEAT_MS};
+use pollen_tests::control::{wait_for, Reaper, Up, HEARTBEAT_MS, PATIENT};
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
@@ -41,7 +41,9 @@ impl PollenUp {
     }
 
     /// Starts `pollen up ARGS` in a fresh directory, with `config` (if any)
-    /// written to `pollen.toml` there first.
+    /// written to `pollen.toml` there first; 200 ms heartbeats, and 10 of
+    /// them missed before the node is down ([`PATIENT`]: none of these
+    /// tests is about failure detection).
     fn start_with(args: &[&str], config: Option<&str>) -> (PollenUp, LocalCluster) {
         let dir = tempfile::tempdir().expect("temp dir");
         if let Some(text) = config {
@@ -49,6 +51,7 @@ impl PollenUp {
         }
         let mut all = args.to_vec();
         all.extend(["--heartbeat-ms", "200"]);
+        all.extend(PATIENT);
         let (up, lc) = Up::spawn(dir, &all);
         (PollenUp(up), lc)
     }

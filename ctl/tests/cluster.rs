@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pollen_ctl::api::{DeregisterResponse, EventKind, JobEntry, JobsResponse, NodesResponse, PutOutput};
-use pollen_tests::control::{spawn_controller, wait_for, Cluster, SMALL_POLICY};
+use pollen_tests::control::{spawn_controller, wait_for, Cluster, PATIENT, SMALL_POLICY};
 
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
 const MB: u64 = 1_000_000;
@@ -20,10 +20,11 @@ const MIB: u64 = 1 << 20;
 /// Every node: one core and 16 MiB of DRAM.
 const NODE: &[&str] = &["--cores", "1", "--dram-gb", "0.015625"];
 
-/// A controller (100 ms heartbeats, 3 missed = dead) and `n` nodes
-/// `n1..=n{n}` of role `both`, without numbers.
-fn start(n: usize) -> Cluster {
-    let mut c = Cluster::controller(SMALL_POLICY, &[], NODE);
+/// A controller (100 ms heartbeats, 3 missed = dead, unless `ctl_args`
+/// says otherwise) and `n` nodes `n1..=n{n}` of role `both`, without
+/// numbers.
+fn start(n: usize, ctl_args: &[&str]) -> Cluster {
+    let mut c = Cluster::controller(SMALL_POLICY, ctl_args, NODE);
     for i in 1..=n {
         c.start_node(&format!("n{i}"), &[]);
     }
@@ -50,7 +51,8 @@ fn assert_close(a: f64, b: f64, what: &str) {
 
 #[test]
 fn jobs_with_hints_get_allocations_weights_and_survive_a_dead_node() {
-    let mut c = start(3);
+    // The default 3 missed heartbeats: a killed node's down event says so.
+    let mut c = start(3, &[]);
 
     // No hints at all: the conservative default (4 workers x 10 MB/s, 8 MiB, DRAM).
     let j: JobEntry = c.json(&["job", "register", "plain"]);
@@ -195,7 +197,7 @@ fn client_of(c: &Cluster, j: &JobEntry) -> (dataplane::client::Client, dataplane
 
 #[test]
 fn bad_registrations_are_refused_with_clear_errors() {
-    let c = start(1);
+    let c = start(1, &PATIENT);
     let out = c.ctl(&["job", "register", "a b"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("400"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -224,7 +226,8 @@ fn bad_registrations_are_refused_with_clear_errors() {
 /// hints their nodes kept, allocated and packed again.
 #[test]
 fn a_restarted_controller_adopts_jobs_from_node_reports() {
-    let mut c = start(2);
+    // The default 3 missed heartbeats: adoption waits two down-intervals.
+    let mut c = start(2, &[]);
     let before: JobEntry = c.json(&["job", "register", "kept", "--lambdas", "3", "--capacity", "1MiB"]);
     c.ctl.sigkill();
     let listen = c.url.trim_start_matches("http://").to_string();
@@ -322,7 +325,7 @@ fn a_restarted_metadata_node_gets_its_weight_maps_again() {
 fn deregistering_through_the_controller_frees_blocks_on_every_node() {
     use dataplane::client::{Client, PutOptions};
 
-    let c = start_numbered(3, &[]);
+    let c = start_numbered(3, &PATIENT);
     let ids = ["n1", "n2", "n3"];
     let before: Vec<u64> = ids.iter().map(|id| c.used_dram(id)).collect();
     let j: JobEntry = c.json(&["job", "register", "wide", "--lambdas", "25", "--capacity", "16MiB"]);
@@ -386,7 +389,7 @@ fn metadata_and_storage_roles_split_namespaces_from_blocks() {
     use pollen_ctl::api::Role;
 
     let c = {
-        let mut c = Cluster::controller(SMALL_POLICY, &[], NODE);
+        let mut c = Cluster::controller(SMALL_POLICY, &PATIENT, NODE);
         c.start_numbered(&[Some("metadata"), Some("storage"), Some("storage")], |_| Vec::new());
         c
     };

@@ -13,7 +13,7 @@ use dataplane::client::{Client, PutOptions};
 use dataplane::node::NetBackend;
 use dataplane::transport::uring;
 use pollen_ctl::api::NodesResponse;
-use pollen_tests::control::{wait_for, Cluster, Pollenctl, SMALL_POLICY};
+use pollen_tests::control::{wait_for, Cluster, Pollenctl, PATIENT, SMALL_POLICY};
 
 /// Connections each core accepted so far, and whether it takes new ones on
 /// the shared port (the core's own report: it left the port's group, or
@@ -29,7 +29,7 @@ fn connect_many(ctl: &Pollenctl, addr: &str, n: u64) -> (Vec<TcpStream>, Vec<u64
 }
 
 fn run(net: NetBackend) {
-    let mut c = Cluster::controller(SMALL_POLICY, &[], &["--cores", "2", "--dram-gb", "0.015625"]);
+    let mut c = Cluster::controller(SMALL_POLICY, &PATIENT, &["--cores", "2", "--dram-gb", "0.015625"]);
     c.start_node("n1", &["--net", &net.to_string()]);
     c.wait_nodes_up(1);
     let mut ctl = c.pollenctl();

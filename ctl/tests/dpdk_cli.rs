@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use dataplane::proto::{Opcode, Status};
 use pollen_ctl::api::{CoresResponse, NodesResponse};
 
-use pollen_tests::control::{wait_for, Cluster, Pollenctl, Reaper, SMALL_POLICY};
+use pollen_tests::control::{wait_for, Cluster, Pollenctl, Reaper, PATIENT, SMALL_POLICY};
 use pollen_tests::raw::Raw;
 
 const POLLEN: &str = env!("CARGO_BIN_EXE_pollen");
@@ -44,7 +44,7 @@ fn pollen_node_on_dpdk_serves_pollenctl() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (mut ctl, url) = pollen_tests::control::spawn_controller(dir.path(), "127.0.0.1:0", &[]);
+    let (mut ctl, url) = pollen_tests::control::spawn_controller(dir.path(), "127.0.0.1:0", &PATIENT);
 
     // A per-process tap and subnet of the benchmarking range (198.19.0.0/16).
     let iface = format!("pcli{}", std::process::id() % 100_000);
@@ -161,7 +161,7 @@ fn an_off_dpdk_core_takes_no_new_connections_on_the_shared_port() {
     let (node_ip, kernel_ip) = (format!("198.19.{net}.2"), format!("198.19.{net}.1"));
     let eal = format!("--no-huge --no-pci --no-shconf --no-telemetry -m 512 -l 0 --log-level=*:error --vdev=net_tap0,iface={iface}");
     let ip_arg = format!("{node_ip}/24");
-    let mut c = Cluster::controller(SMALL_POLICY, &[], &["--cores", "2", "--dram-gb", "0.0625"]);
+    let mut c = Cluster::controller(SMALL_POLICY, &PATIENT, &["--cores", "2", "--dram-gb", "0.0625"]);
     c.start_node("n1", &["--net", "dpdk", "--ip", &ip_arg, "--dpdk-args", &eal]);
     let log_path = c.dir.path().join("n1.err");
     tap_up(&iface, &kernel_ip, &|| std::fs::read_to_string(&log_path).unwrap_or_default());

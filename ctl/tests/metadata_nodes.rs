@@ -8,13 +8,24 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use pollen_ctl::api::{JobEntry, PutOutput, Role, ScaleResponse};
-use pollen_tests::control::{Up, SMALL_POLICY};
+use pollen_tests::control::{Up, PATIENT, SMALL_POLICY};
 
 #[test]
 fn up_with_metadata_nodes_splits_the_roles() {
     let up = Up::start(
         SMALL_POLICY,
-        &["--nodes", "3", "--metadata-nodes", "1", "--max-nodes", "4", "--cores", "1"],
+        &[
+            "--nodes",
+            "3",
+            "--metadata-nodes",
+            "1",
+            "--max-nodes",
+            "4",
+            "--cores",
+            "1",
+            PATIENT[0],
+            PATIENT[1],
+        ],
     );
     up.wait_open_nodes(3, "three nodes up");
     let roles = |up: &Up| -> BTreeMap<String, Role> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dataplane::client::{Client, PutOptions};
 use pollen_ctl::api::{Event, EventKind, JobEntry};
-use pollen_tests::control::{wait_for, ReadLoad, Up, RIGHTSIZING_POLICY};
+use pollen_tests::control::{wait_for, ReadLoad, Up, PATIENT, RIGHTSIZING_POLICY};
 
 /// Waits for an event matching `f`; on timeout, fails with the event log.
 fn find(up: &Up, what: &str, f: impl Fn(&Event) -> bool) -> Event {
@@ -36,7 +36,10 @@ fn only_node0(n: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
-    let mut up = Up::start(RIGHTSIZING_POLICY, &["--nodes", "1", "--max-nodes", "2", "--cores", "2"]);
+    let mut up = Up::start(
+        RIGHTSIZING_POLICY,
+        &["--nodes", "1", "--max-nodes", "2", "--cores", "2", PATIENT[0], PATIENT[1]],
+    );
     up.wait_open_nodes(1, "one node up");
 
     // Idle: the second core is turned off, by a command the node applies.
@@ -90,7 +93,8 @@ fn load_turns_a_core_on_and_adds_a_node_then_drains_back() {
 /// the node applies it on its next heartbeat.
 #[test]
 fn cores_set_reaches_the_node() {
-    let mut up = Up::start("[scaling]\nenabled = false\n", &["--nodes", "1", "--cores", "2"]);
+    let mut up =
+        Up::start("[scaling]\nenabled = false\n", &["--nodes", "1", "--cores", "2", PATIENT[0], PATIENT[1]]);
     up.wait_open_nodes(1, "one node up");
     assert_eq!(up.ctl.polling(), only_node0(2));
     up.ctl.ok(&["cores", "set", "node-0", "1"]);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pollen_ctl::api::{DeregisterResponse, EventKind, JobEntry, JobsResponse, ScaleResponse};
-use pollen_tests::control::{alive, wait_for, Up};
+use pollen_tests::control::{alive, wait_for, Up, PATIENT};
 
 /// One-core nodes serve 100 MB/s; a worker drives 10 MB/s.
 const POLICY: &str = r#"
@@ -21,7 +21,8 @@ enabled = false
 
 #[test]
 fn provisioner_scales_drains_and_grows_for_a_job() {
-    let mut up = Up::start(POLICY, &["--nodes", "1", "--max-nodes", "3", "--cores", "1"]);
+    let mut up =
+        Up::start(POLICY, &["--nodes", "1", "--max-nodes", "3", "--cores", "1", PATIENT[0], PATIENT[1]]);
     up.wait_open_nodes(1, "one node up");
     assert_eq!(up.provisioned().len(), 1);
 
@@ -125,7 +126,8 @@ fn provisioner_scales_drains_and_grows_for_a_job() {
 #[test]
 fn numbered_nodes_and_objects_over_several_nodes() {
     use dataplane::client::{Client, PutOptions};
-    let mut up = Up::start(POLICY, &["--nodes", "2", "--max-nodes", "2", "--cores", "1"]);
+    let mut up =
+        Up::start(POLICY, &["--nodes", "2", "--max-nodes", "2", "--cores", "1", PATIENT[0], PATIENT[1]]);
     up.wait_open_nodes(2, "two nodes up");
     let nodes = up.nodes();
     let mut numbers: Vec<(String, u16)> =

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use pollen_ctl::api::{JobEntry, NodeState, NodesResponse};
 use pollen_ctl::local::CONTROLLER_ENV;
-use pollen_tests::control::Up;
+use pollen_tests::control::{Up, PATIENT};
 
 const POLLENCTL: &str = env!("CARGO_BIN_EXE_pollenctl");
 const TOKEN: &str = "s3cret-token-for-the-test-0123456789";
@@ -42,6 +42,8 @@ fn admin_token_and_tls_guard_the_controller() {
             cert_s,
             "--tls-key",
             key_s,
+            PATIENT[0],
+            PATIENT[1],
         ],
     );
     assert!(up.ctl.url.starts_with("https://127.0.0.1:"), "{}", up.ctl.url);

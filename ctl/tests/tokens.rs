@@ -10,7 +10,7 @@ use dataplane::auth::{Rights, Secret, Token};
 use dataplane::client::{Client, PutOptions};
 use dataplane::proto::Status;
 use pollen_ctl::api::{DeregisterResponse, JobEntry, JobsResponse};
-use pollen_tests::control::Up;
+use pollen_tests::control::{Up, PATIENT};
 
 #[test]
 fn registration_mints_a_token_the_nodes_accept() {
@@ -19,7 +19,16 @@ fn registration_mints_a_token_the_nodes_accept() {
     std::fs::write(&secret_path, "a-cluster-secret-of-enough-bytes\n").unwrap();
     let mut up = Up::start(
         "[scaling]\nenabled = false\n",
-        &["--nodes", "2", "--cores", "1", "--cluster-secret-file", secret_path.to_str().unwrap()],
+        &[
+            "--nodes",
+            "2",
+            "--cores",
+            "1",
+            "--cluster-secret-file",
+            secret_path.to_str().unwrap(),
+            PATIENT[0],
+            PATIENT[1],
+        ],
     );
     up.wait_open_nodes(2, "two nodes up");
 

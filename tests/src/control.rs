@@ -25,7 +25,9 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// Controller arguments for tests that are not about failure detection: a
 /// node is declared down after 10 silent heartbeats (1 s) instead of 3, so a
 /// heartbeat thread stalled a few hundred ms on a loaded machine does not
-/// take a live node out of the weight maps.
+/// take a live node out of the weight maps. `pollen controller` and `pollen
+/// up` both take them. The controller's other timers grow with it (job
+/// adoption, owed deregistrations: docs/control-plane.md, "Tests").
 pub const PATIENT: [&str; 2] = ["--missed-heartbeats", "10"];
 
 /// Allocation constants small enough that a few 16 MiB, one-core nodes are
