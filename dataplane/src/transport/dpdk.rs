@@ -62,8 +62,9 @@ const IDLE_NAP_MIN: Duration = Duration::from_micros(20);
 const IDLE_NAP_MAX: Duration = Duration::from_micros(500);
 const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
 /// Flows on the shared port sent away from their core because it was off
-/// when they opened (see `Shared::route`), at most; past this a SYN for an
-/// off core is dropped (its retransmission may find room).
+/// when they opened (see `Shared::route`), at most, over the whole node (all
+/// shards of `Shared::redirects`); past this a SYN for an off core is dropped
+/// (its retransmission may find room).
 const MAX_REDIRECTS: usize = 16 << 10;
 /// A redirected flow's entry is kept at least this long, though its core
 /// holds no socket for it yet (its SYN may wait in a steering queue).
@@ -96,8 +97,25 @@ pub struct Shared {
     /// their rx queue names) was off when their SYN came: they are served
     /// by a core that was on, and every segment of theirs goes there, on
     /// whichever queue it arrives, until that core drops their entry.
-    redirects: Mutex<HashMap<u64, Redirect>>,
-    /// Entries per natural core: a core with none skips the table.
+    ///
+    /// One shard per natural core, so no lock on the packet path is
+    /// node-wide: `route` locks only the shard of a segment's natural core,
+    /// which with RSS is the core whose queue the segment arrived on (on the
+    /// tap, with `steer_all`, any core may take it, for that core's flows
+    /// only). The other core that locks a shard is a serving core sweeping
+    /// it, once a `REDIRECT_SWEEP`. A shard is allocated at start for its
+    /// share of `MAX_REDIRECTS` and may grow past it (one off core may
+    /// redirect up to the whole bound, as the single table allowed); the
+    /// sweep shrinks it back.
+    redirects: Vec<Mutex<HashMap<u64, Redirect>>>,
+    /// The capacity each shard is allocated at start:
+    /// `MAX_REDIRECTS / cores`, rounded up.
+    redirect_share: usize,
+    /// Entries in all shards, checked against `MAX_REDIRECTS` before an
+    /// insert (a SYN of a redirected flow, never a later segment).
+    redirect_count: AtomicUsize,
+    /// Entries per natural core (in its shard): a core with none skips its
+    /// shard.
     redirected_from: Vec<AtomicUsize>,
     /// Entries per serving core: a core with none skips its sweep.
     redirected_to: Vec<AtomicUsize>,
@@ -196,6 +214,8 @@ fn flow_key(peer: u32, port: u16) -> u64 {
 impl Shared {
     pub fn new(main_port: u16, core_ports: Vec<u16>, steer_all: bool) -> Shared {
         let cores = core_ports.len();
+        // One core steers nothing (`route`): no table.
+        let share = if cores > 1 { MAX_REDIRECTS.div_ceil(cores) } else { 0 };
         Shared {
             arp: (0..cores).map(|_| Mutex::new(Vec::new())).collect(),
             arp_pending: (0..cores).map(|_| AtomicBool::new(false)).collect(),
@@ -204,8 +224,11 @@ impl Shared {
             main_port,
             core_ports,
             accepting: (0..cores).map(|_| AtomicBool::new(true)).collect(),
-            // Allocated at start: the table never grows past its bound.
-            redirects: Mutex::new(HashMap::with_capacity(if cores > 1 { MAX_REDIRECTS } else { 0 })),
+            // Allocated at start, a share each: all shards together hold
+            // MAX_REDIRECTS entries without growing.
+            redirects: (0..cores).map(|_| Mutex::new(HashMap::with_capacity(share))).collect(),
+            redirect_share: share,
+            redirect_count: AtomicUsize::new(0),
             redirected_from: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             redirected_to: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             steer_all,
@@ -224,9 +247,9 @@ impl Shared {
     /// i for TCP to core i's port; for TCP to the shared port, the flow's
     /// natural core (the one its hash names with `steer_all`, else `here`)
     /// unless the flow was redirected, or opens now while that core is off
-    /// (then an on core, recorded in `redirects`); with `steer_all`, the core
-    /// its hash names for other TCP; `None` for anything else (handled where
-    /// it arrived).
+    /// (then an on core, recorded in the natural core's shard of
+    /// `redirects`); with `steer_all`, the core its hash names for other
+    /// TCP; `None` for anything else (handled where it arrived).
     fn route(&self, frame: &[u8], here: usize) -> Route {
         let cores = self.core_ports.len();
         if cores < 2 {
@@ -245,9 +268,12 @@ impl Shared {
             // The common case: no flow of this core's was redirected.
             return Route::To(natural);
         }
-        let Ok(mut table) = self.redirects.lock() else { return Route::To(natural) };
+        // Only this flow's natural core's shard: with RSS, the lock of the
+        // core the segment arrived on, which no other core's segments take.
+        let Ok(mut table) = self.redirects[natural].lock() else { return Route::To(natural) };
         let key = seg.key();
         if let Some(r) = table.get(&key).copied() {
+            debug_assert_eq!(r.natural, natural, "an entry is in its natural core's shard");
             if !seg.syn || self.accepting[r.target].load(Ordering::Acquire) {
                 return Route::To(r.target);
             }
@@ -266,12 +292,18 @@ impl Shared {
         let Some(target) = (0..cores).filter(|&c| self.accepting[c].load(Ordering::Acquire)).nth(pick) else {
             return Route::To(natural);
         };
-        if table.len() >= MAX_REDIRECTS {
+        // A place in the node-wide bound, taken before the insert (and
+        // under this shard's lock, so the count and the shards agree).
+        let reserved = self
+            .redirect_count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_REDIRECTS).then_some(n + 1));
+        if reserved.is_err() {
             // Dropped, as a full rx ring would drop it: the client retries.
             self.dropped_rx.fetch_add(1, Ordering::Relaxed);
             return Route::Drop;
         }
-        table.insert(key, Redirect { natural, target, since: Instant::now() });
+        let old = table.insert(key, Redirect { natural, target, since: Instant::now() });
+        debug_assert!(old.is_none(), "a recorded flow was removed above");
         self.redirected_from[natural].fetch_add(1, Ordering::AcqRel);
         self.redirected_to[target].fetch_add(1, Ordering::AcqRel);
         Route::To(target)
@@ -284,30 +316,49 @@ impl Shared {
             && Segment::parse(frame).is_some_and(|s| s.syn && s.dst == self.main_port)
     }
 
-    /// Removes a redirected flow's entry (the table is locked).
+    /// Removes a redirected flow's entry (its shard is locked). A shard
+    /// left empty is shrunk to its share if it grew past it: no sweep
+    /// visits it again until it holds an entry.
     fn unrecord(&self, table: &mut HashMap<u64, Redirect>, key: u64) {
         if let Some(r) = table.remove(&key) {
-            self.redirected_from[r.natural].fetch_sub(1, Ordering::AcqRel);
-            self.redirected_to[r.target].fetch_sub(1, Ordering::AcqRel);
+            self.forget(&r);
+            if table.is_empty() {
+                table.shrink_to(self.redirect_share);
+            }
         }
+    }
+
+    /// Counts a removed entry out (its shard is locked).
+    fn forget(&self, r: &Redirect) {
+        self.redirected_from[r.natural].fetch_sub(1, Ordering::AcqRel);
+        self.redirected_to[r.target].fetch_sub(1, Ordering::AcqRel);
+        self.redirect_count.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Drops the entries of flows redirected to core `core` that it no
     /// longer holds (`live(key)` false: closed, or a handshake that failed)
-    /// and that are older than `REDIRECT_GRACE`.
+    /// and that are older than `REDIRECT_GRACE`. They may be in any core's
+    /// shard: each shard holding entries is locked in turn (never two at
+    /// once), and shrunk back to its share if it grew past it and its
+    /// entries now fit.
     fn sweep_redirects(&self, core: usize, now: Instant, live: impl Fn(u64) -> bool) {
         if self.redirected_to.get(core).is_none_or(|n| n.load(Ordering::Acquire) == 0) {
             return;
         }
-        let Ok(mut table) = self.redirects.lock() else { return };
-        table.retain(|&key, r| {
-            let keep = r.target != core || now - r.since < REDIRECT_GRACE || live(key);
-            if !keep {
-                self.redirected_from[r.natural].fetch_sub(1, Ordering::AcqRel);
-                self.redirected_to[r.target].fetch_sub(1, Ordering::AcqRel);
+        for (natural, shard) in self.redirects.iter().enumerate() {
+            if self.redirected_from[natural].load(Ordering::Acquire) == 0 {
+                continue;
             }
-            keep
-        });
+            let Ok(mut table) = shard.lock() else { continue };
+            table.retain(|&key, r| {
+                let keep = r.target != core || now - r.since < REDIRECT_GRACE || live(key);
+                if !keep {
+                    self.forget(r);
+                }
+                keep
+            });
+            table.shrink_to(self.redirect_share);
+        }
     }
 }
 
@@ -1359,8 +1410,142 @@ mod tests {
             }
         }
         assert_eq!(dropped, 11, "past the bound, SYNs for the off core are dropped, not taken there");
-        assert_eq!(s.redirects.lock().unwrap().len(), MAX_REDIRECTS);
+        assert_eq!(s.dropped_rx.load(Ordering::Relaxed), 11, "and counted");
+        assert_eq!(shard_lens(&s), [0, MAX_REDIRECTS], "one off core may fill the whole bound");
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), MAX_REDIRECTS);
         assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), MAX_REDIRECTS);
+        assert!(
+            s.redirects[1].lock().unwrap().capacity() > share_capacity(&s),
+            "its shard grew past its share"
+        );
+
+        // Swept, the shard is back to its share, and the bound has room.
+        s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |k| k == live);
+        assert_eq!(shard_lens(&s), [0, 1]);
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), 1);
+        assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), 1);
+        assert_eq!(s.redirects[1].lock().unwrap().capacity(), share_capacity(&s));
+        assert_eq!(s.route(&tcp_frame([11, 9, 9, 9], 7, 7400, SYN), 1), Route::To(0));
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), 2);
+    }
+
+    /// How many entries each core's shard holds.
+    fn shard_lens(s: &Shared) -> Vec<usize> {
+        s.redirects.iter().map(|t| t.lock().unwrap().len()).collect()
+    }
+
+    /// The capacity a shard is allocated at start.
+    fn share_capacity(s: &Shared) -> usize {
+        HashMap::<u64, Redirect>::with_capacity(s.redirect_share).capacity()
+    }
+
+    #[test]
+    fn each_natural_core_has_its_own_shard_and_one_held_blocks_no_other() {
+        let s = Shared::new(7400, vec![7401, 7402, 7403], false);
+        s.accepting[1].store(false, Ordering::Release);
+        s.accepting[2].store(false, Ordering::Release);
+        // With RSS (no steering) a flow's natural core is its queue's.
+        for p in 0..4 {
+            assert_eq!(s.route(&tcp_frame(PEER, 1000 + p, 7400, SYN), 1), Route::To(0));
+        }
+        for p in 0..3 {
+            assert_eq!(s.route(&tcp_frame(PEER, 2000 + p, 7400, SYN), 2), Route::To(0));
+        }
+        assert_eq!(shard_lens(&s), [0, 4, 3], "each flow is recorded in its natural core's shard");
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), 7);
+
+        // Core 1's shard held (as by core 1 routing, or a sweep): core 2's
+        // segments, redirected flows and new ones, are routed meanwhile.
+        let held = s.redirects[1].lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let routes = [
+                    s.route(&tcp_frame(PEER, 2000, 7400, ACK), 2),
+                    s.route(&tcp_frame(PEER, 2100, 7400, SYN), 2),
+                    s.route(&tcp_frame(PEER, 2000, 7401, ACK), 2),
+                ];
+                tx.send(routes).unwrap();
+            });
+            let routes = rx.recv_timeout(Duration::from_secs(10));
+            drop(held);
+            assert_eq!(
+                routes.expect("core 2's segments wait for no other core's shard"),
+                [Route::To(0), Route::To(0), Route::To(0)]
+            );
+        });
+        assert_eq!(shard_lens(&s), [0, 4, 4]);
+
+        // Core 0's sweep visits both shards that redirect to it.
+        s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |_| false);
+        assert_eq!(shard_lens(&s), [0, 0, 0]);
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), 0);
+        assert!(s.redirected_from.iter().chain(&s.redirected_to).all(|n| n.load(Ordering::Relaxed) == 0));
+    }
+
+    #[test]
+    fn the_bound_is_node_wide_and_the_counters_exact_under_concurrent_cores() {
+        let s = Shared::new(7400, vec![7401, 7402, 7403], false);
+        s.accepting[1].store(false, Ordering::Release);
+        s.accepting[2].store(false, Ordering::Release);
+        let per_core = MAX_REDIRECTS * 3 / 4;
+        let syns = |core: usize, base: u32| {
+            let s = &s;
+            move || {
+                let mut dropped = 0;
+                for p in 0..per_core as u32 {
+                    let peer = (base + p).to_be_bytes();
+                    match s.route(&tcp_frame(peer, 7, 7400, SYN), core) {
+                        Route::Drop => dropped += 1,
+                        r => assert_eq!(r, Route::To(0)),
+                    }
+                }
+                dropped
+            }
+        };
+        let consistent = |s: &Shared| {
+            let lens = shard_lens(s);
+            let count = s.redirect_count.load(Ordering::Relaxed);
+            assert_eq!(lens.iter().sum::<usize>(), count);
+            for (core, len) in lens.iter().enumerate() {
+                assert_eq!(s.redirected_from[core].load(Ordering::Relaxed), *len);
+            }
+            assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), count, "core 0 serves all");
+            count
+        };
+
+        // Cores 1 and 2 together: past the node-wide bound, not each shard's.
+        let dropped = std::thread::scope(|scope| {
+            let a = scope.spawn(syns(1, 0x0b00_0000));
+            let b = scope.spawn(syns(2, 0x0c00_0000));
+            a.join().unwrap() + b.join().unwrap()
+        });
+        assert_eq!(dropped, 2 * per_core - MAX_REDIRECTS);
+        assert_eq!(s.dropped_rx.load(Ordering::Relaxed), dropped as u64);
+        assert_eq!(consistent(&s), MAX_REDIRECTS);
+
+        // Again while core 0 sweeps everything it may: the counts still add up.
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let sweeper = scope.spawn(|| {
+                while !stop.load(Ordering::Acquire) {
+                    s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |_| false);
+                    std::thread::yield_now();
+                }
+            });
+            let a = scope.spawn(syns(1, 0x0d00_0000));
+            let b = scope.spawn(syns(2, 0x0e00_0000));
+            a.join().unwrap();
+            b.join().unwrap();
+            stop.store(true, Ordering::Release);
+            sweeper.join().unwrap();
+        });
+        assert!(consistent(&s) <= MAX_REDIRECTS);
+        s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |_| false);
+        assert_eq!(consistent(&s), 0);
+        for shard in &s.redirects {
+            assert_eq!(shard.lock().unwrap().capacity(), share_capacity(&s), "every shard back to its share");
+        }
     }
 
     #[test]
