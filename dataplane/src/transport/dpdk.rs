@@ -105,12 +105,15 @@ pub struct Shared {
     /// only). The other core that locks a shard is a serving core sweeping
     /// it, once a `REDIRECT_SWEEP`. A shard is allocated at start for its
     /// share of `MAX_REDIRECTS` and may grow past it (one off core may
-    /// redirect up to the whole bound, as the single table allowed); the
-    /// sweep shrinks it back.
-    redirects: Vec<Mutex<HashMap<u64, Redirect>>>,
-    /// The capacity each shard is allocated at start:
+    /// redirect up to the whole bound, as the single table allowed); it is
+    /// shrunk back once its flows fit in its share again.
+    redirects: Vec<Mutex<RedirectShard>>,
+    /// The flows each shard is allocated for at start:
     /// `MAX_REDIRECTS / cores`, rounded up.
     redirect_share: usize,
+    /// The capacity that allocation gives a shard: a shard whose capacity
+    /// exceeds it after an insert has grown.
+    redirect_capacity: usize,
     /// Entries in all shards, checked against `MAX_REDIRECTS` before an
     /// insert (a SYN of a redirected flow, never a later segment).
     redirect_count: AtomicUsize,
@@ -145,6 +148,29 @@ enum Route {
     To(usize),
     /// Dropped.
     Drop,
+}
+
+/// One natural core's part of the redirect table (`Shared::redirects`).
+#[derive(Debug)]
+struct RedirectShard {
+    /// The redirected flows whose natural core this is, by `Segment::key`.
+    flows: HashMap<u64, Redirect>,
+    /// The table grew past its share since it was last shrunk to it. A
+    /// flag, as `capacity` cannot tell: removed entries may leave
+    /// tombstones that lower it until the table is rehashed.
+    grown: bool,
+}
+
+impl RedirectShard {
+    /// If the shard grew past its share (`share` flows), shrinks it back
+    /// once its flows fit in it again. The one allocation here is the
+    /// smaller table, at most once each time the shard grew.
+    fn trim(&mut self, share: usize) {
+        if self.grown && self.flows.len() <= share {
+            self.flows.shrink_to(share);
+            self.grown = false;
+        }
+    }
 }
 
 /// Where a redirected flow goes (`Shared::redirects`).
@@ -226,8 +252,11 @@ impl Shared {
             accepting: (0..cores).map(|_| AtomicBool::new(true)).collect(),
             // Allocated at start, a share each: all shards together hold
             // MAX_REDIRECTS entries without growing.
-            redirects: (0..cores).map(|_| Mutex::new(HashMap::with_capacity(share))).collect(),
+            redirects: (0..cores)
+                .map(|_| Mutex::new(RedirectShard { flows: HashMap::with_capacity(share), grown: false }))
+                .collect(),
             redirect_share: share,
+            redirect_capacity: HashMap::<u64, Redirect>::with_capacity(share).capacity(),
             redirect_count: AtomicUsize::new(0),
             redirected_from: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
             redirected_to: (0..cores).map(|_| AtomicUsize::new(0)).collect(),
@@ -270,16 +299,16 @@ impl Shared {
         }
         // Only this flow's natural core's shard: with RSS, the lock of the
         // core the segment arrived on, which no other core's segments take.
-        let Ok(mut table) = self.redirects[natural].lock() else { return Route::To(natural) };
+        let Ok(mut shard) = self.redirects[natural].lock() else { return Route::To(natural) };
         let key = seg.key();
-        if let Some(r) = table.get(&key).copied() {
+        if let Some(r) = shard.flows.get(&key).copied() {
             debug_assert_eq!(r.natural, natural, "an entry is in its natural core's shard");
             if !seg.syn || self.accepting[r.target].load(Ordering::Acquire) {
                 return Route::To(r.target);
             }
             // A new connection (or a retransmitted SYN) for a core that went
             // off since: chosen again below.
-            self.unrecord(&mut table, key);
+            self.unrecord(&mut shard, key);
         }
         if !seg.syn || !off {
             return Route::To(natural);
@@ -302,8 +331,11 @@ impl Shared {
             self.dropped_rx.fetch_add(1, Ordering::Relaxed);
             return Route::Drop;
         }
-        let old = table.insert(key, Redirect { natural, target, since: Instant::now() });
+        let old = shard.flows.insert(key, Redirect { natural, target, since: Instant::now() });
         debug_assert!(old.is_none(), "a recorded flow was removed above");
+        // Past its share (this core redirected more than the others): the
+        // table grew, bounded by MAX_REDIRECTS.
+        shard.grown |= shard.flows.capacity() > self.redirect_capacity;
         self.redirected_from[natural].fetch_add(1, Ordering::AcqRel);
         self.redirected_to[target].fetch_add(1, Ordering::AcqRel);
         Route::To(target)
@@ -317,13 +349,13 @@ impl Shared {
     }
 
     /// Removes a redirected flow's entry (its shard is locked). A shard
-    /// left empty is shrunk to its share if it grew past it: no sweep
-    /// visits it again until it holds an entry.
-    fn unrecord(&self, table: &mut HashMap<u64, Redirect>, key: u64) {
-        if let Some(r) = table.remove(&key) {
+    /// left empty is shrunk to its share if it grew past it, as no sweep
+    /// visits it until it holds an entry again.
+    fn unrecord(&self, shard: &mut RedirectShard, key: u64) {
+        if let Some(r) = shard.flows.remove(&key) {
             self.forget(&r);
-            if table.is_empty() {
-                table.shrink_to(self.redirect_share);
+            if shard.flows.is_empty() {
+                shard.trim(self.redirect_share);
             }
         }
     }
@@ -349,15 +381,15 @@ impl Shared {
             if self.redirected_from[natural].load(Ordering::Acquire) == 0 {
                 continue;
             }
-            let Ok(mut table) = shard.lock() else { continue };
-            table.retain(|&key, r| {
+            let Ok(mut shard) = shard.lock() else { continue };
+            shard.flows.retain(|&key, r| {
                 let keep = r.target != core || now - r.since < REDIRECT_GRACE || live(key);
                 if !keep {
                     self.forget(r);
                 }
                 keep
             });
-            table.shrink_to(self.redirect_share);
+            shard.trim(self.redirect_share);
         }
     }
 }
@@ -1414,29 +1446,49 @@ mod tests {
         assert_eq!(shard_lens(&s), [0, MAX_REDIRECTS], "one off core may fill the whole bound");
         assert_eq!(s.redirect_count.load(Ordering::Relaxed), MAX_REDIRECTS);
         assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), MAX_REDIRECTS);
-        assert!(
-            s.redirects[1].lock().unwrap().capacity() > share_capacity(&s),
-            "its shard grew past its share"
-        );
+        assert!(s.redirects[1].lock().unwrap().grown, "its shard grew past its share");
+        assert!(s.redirects[1].lock().unwrap().flows.capacity() >= MAX_REDIRECTS);
 
         // Swept, the shard is back to its share, and the bound has room.
         s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |k| k == live);
         assert_eq!(shard_lens(&s), [0, 1]);
         assert_eq!(s.redirect_count.load(Ordering::Relaxed), 1);
         assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), 1);
-        assert_eq!(s.redirects[1].lock().unwrap().capacity(), share_capacity(&s));
+        assert!(!s.redirects[1].lock().unwrap().grown);
+        assert_eq!(s.redirects[1].lock().unwrap().flows.capacity(), s.redirect_capacity);
         assert_eq!(s.route(&tcp_frame([11, 9, 9, 9], 7, 7400, SYN), 1), Route::To(0));
         assert_eq!(s.redirect_count.load(Ordering::Relaxed), 2);
     }
 
-    /// How many entries each core's shard holds.
-    fn shard_lens(s: &Shared) -> Vec<usize> {
-        s.redirects.iter().map(|t| t.lock().unwrap().len()).collect()
+    #[test]
+    fn a_shard_emptied_by_retransmitted_syns_is_shrunk_back_to_its_share() {
+        let s = Shared::new(7400, vec![7401, 7402], false);
+        s.accepting[1].store(false, Ordering::Release);
+        let syn = |p: u32| tcp_frame((0x0b00_0000 + p).to_be_bytes(), 7, 7400, SYN);
+        let flows = s.redirect_capacity as u32 + 1;
+        for p in 0..flows {
+            assert_eq!(s.route(&syn(p), 1), Route::To(0));
+        }
+        assert!(s.redirects[1].lock().unwrap().grown, "more flows than its share");
+        // Core 0 off and core 1 on again: each retransmitted SYN goes back
+        // to core 1, its entry removed there (no sweep visits an empty shard).
+        s.accepting[0].store(false, Ordering::Release);
+        s.accepting[1].store(true, Ordering::Release);
+        for p in 0..flows {
+            assert_eq!(s.route(&syn(p), 1), Route::To(1));
+        }
+        assert_eq!(shard_lens(&s), [0, 0]);
+        assert_eq!(s.redirect_count.load(Ordering::Relaxed), 0);
+        assert_eq!(s.redirected_from[1].load(Ordering::Relaxed), 0);
+        assert_eq!(s.redirected_to[0].load(Ordering::Relaxed), 0);
+        let shard = s.redirects[1].lock().unwrap();
+        assert!(!shard.grown);
+        assert_eq!(shard.flows.capacity(), s.redirect_capacity);
     }
 
-    /// The capacity a shard is allocated at start.
-    fn share_capacity(s: &Shared) -> usize {
-        HashMap::<u64, Redirect>::with_capacity(s.redirect_share).capacity()
+    /// How many entries each core's shard holds.
+    fn shard_lens(s: &Shared) -> Vec<usize> {
+        s.redirects.iter().map(|t| t.lock().unwrap().flows.len()).collect()
     }
 
     #[test]
@@ -1544,7 +1596,11 @@ mod tests {
         s.sweep_redirects(0, Instant::now() + REDIRECT_GRACE, |_| false);
         assert_eq!(consistent(&s), 0);
         for shard in &s.redirects {
-            assert_eq!(shard.lock().unwrap().capacity(), share_capacity(&s), "every shard back to its share");
+            // (Removed entries may leave tombstones that lower `capacity`
+            // until the table is rehashed: a shrunk table has none.)
+            let shard = shard.lock().unwrap();
+            assert!(!shard.grown, "every shard back to its share");
+            assert!(shard.flows.capacity() <= s.redirect_capacity);
         }
     }
 
