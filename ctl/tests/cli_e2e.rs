@@ -242,6 +242,16 @@ fn bad_command_lines_fail_cleanly() {
     let out = run(POLLEN, &["up", "--cores", "0", "--port", "0", "--ctl-port", "0"], dir.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_of(&out).contains("cores"), "{}", stderr_of(&out));
+    // A down interval that would overflow the controller's timers.
+    let absurd = ["--heartbeat-ms", "1000000000000", "--missed-heartbeats", "4000000000"];
+    let up: &[&str] = &["up", "--port", "0", "--ctl-port", "0"];
+    let controller: &[&str] = &["controller", "--listen", "127.0.0.1:0"];
+    for cmd in [up, controller] {
+        let out = run(POLLEN, &[cmd, &absurd].concat(), dir.path());
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert!(err.contains("declared down after") && !err.contains("panicked"), "{cmd:?}: {err}");
+    }
 
     // Config files: a missing one, an unknown key, a bad value; each names
     // the file (and the line), and nothing starts.
@@ -494,8 +504,9 @@ struct LoadCount {
 }
 
 /// `pollenctl tiers` under load: a client writes and reads a flash block
-/// (whole sectors, so one device operation per request) for four seconds; the flash row's IOPS and bandwidth are per-second rates
-/// close to what the client did (its count divided by its running time),
+/// (whole sectors, so one device operation per request) for four seconds;
+/// the flash row's IOPS and bandwidth are per-second rates close to what
+/// the client did (its count divided by its running time),
 /// the table shows the I/O error count, and the rates fall to zero once
 /// the load stops.
 #[test]

@@ -296,8 +296,9 @@ fn node_is_down_after_three_missed_heartbeats() {
     assert_eq!(s.nodes[0].state, NodeState::Up);
     let last = Instant::now();
 
-    // Silent: down once 3 intervals passed, and within 4.
-    let s = wait_down(&c, "n", last, hb * 4);
+    // Silent: down once 3 intervals passed, and within 5 (a sweep every
+    // quarter interval, and slack for a loaded machine).
+    let s = wait_down(&c, "n", last, hb * 5);
     assert_eq!((s.nodes_up, s.nodes_down), (0, 1));
     assert!(s.nodes[0].last_heartbeat_ms_ago >= down_after.as_millis() as u64, "{:?}", s.nodes[0]);
     assert!(s.tiers.is_empty(), "a down node's capacity is not counted");
@@ -342,7 +343,7 @@ fn a_steady_heartbeat_keeps_a_node_up() {
     let t = Instant::now();
     hb_thread.stop();
     assert!(t.elapsed() < Duration::from_secs(1), "stop is prompt");
-    let s = wait_down(&c, "steady", Instant::now(), hb * 4);
+    let s = wait_down(&c, "steady", Instant::now(), hb * 5);
     assert_eq!(s.nodes[0].state, NodeState::Down, "a stopped heartbeat lets the node go down");
 }
 

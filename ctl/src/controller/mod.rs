@@ -33,6 +33,9 @@ use crate::provision::Provisioner;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+/// The longest a node may stay silent before it is declared down
+/// (heartbeat interval × missed heartbeats): a day.
+pub const MAX_DOWN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// How long a job's capability token is valid: a day, longer than the jobs
 /// Pocket serves; `POST /v1/jobs/{name}/token` hands out a fresh one.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -196,6 +199,18 @@ impl Controller {
         }
         if cfg.missed_heartbeats == 0 {
             return Err(ControllerError::Config("missed_heartbeats must be at least 1".into()));
+        }
+        // The down interval is multiplied further (a down node is forgotten
+        // after `FORGET_DOWN_AFTER` of them): absurd values are refused
+        // here, not found as an overflow later.
+        let down = cfg.heartbeat.checked_mul(cfg.missed_heartbeats);
+        if down.is_none_or(|d| d > MAX_DOWN_INTERVAL) {
+            return Err(ControllerError::Config(format!(
+                "a node would be declared down after {} ms × {} missed heartbeats: at most {} s",
+                cfg.heartbeat.as_millis(),
+                cfg.missed_heartbeats,
+                MAX_DOWN_INTERVAL.as_secs()
+            )));
         }
         if cfg.token_ttl.is_zero() {
             return Err(ControllerError::Config("the token lifetime must be positive".into()));

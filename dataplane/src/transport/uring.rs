@@ -1038,7 +1038,9 @@ impl UringTransport {
                     self.accepted(res, sink)
                 } else {
                     let paused = self.listeners.get(id).is_some_and(|l| l.paused);
-                    if res != -libc::ECANCELED && !paused {
+                    // Dropping shuts the listeners down, which may end their
+                    // accepts with EINVAL before the cancel does.
+                    if res != -libc::ECANCELED && !paused && !self.stopping {
                         // EMFILE and friends: keep serving the connections we have.
                         let error = io::Error::from_raw_os_error(-res);
                         tracing::warn!(listener = id, %error, "accept failed");
