@@ -1517,7 +1517,8 @@ mod tests {
         // bound, each a key and a `Redirect` and a control byte.
         let bucket = std::mem::size_of::<(u64, Redirect)>() + 1;
         assert!(
-            reserved.bytes > MAX_REDIRECTS * bucket && reserved.bytes <= 2 * MAX_REDIRECTS * bucket + 64,
+            reserved.bytes > (MAX_REDIRECTS * bucket) as u64
+                && reserved.bytes <= (2 * MAX_REDIRECTS * bucket + 64) as u64,
             "{} bytes",
             reserved.bytes
         );
@@ -1680,77 +1681,24 @@ mod tests {
     /// This thread's allocations while `counted` runs.
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     struct Allocs {
-        allocs: usize,
-        bytes: usize,
-        frees: usize,
+        allocs: u64,
+        bytes: u64,
+        frees: i64,
     }
 
-    thread_local! {
-        static COUNTING: std::cell::Cell<Option<Allocs>> = const { std::cell::Cell::new(None) };
-    }
-
-    /// The system allocator, counting the allocations and frees of a thread
-    /// inside `counted`: that the packet path allocates nothing is measured,
-    /// not assumed. (Const thread-local state without a destructor: touching
-    /// it allocates nothing.)
-    struct Counting;
-
-    fn note(f: impl FnOnce(&mut Allocs)) {
-        let _ = COUNTING.try_with(|c| {
-            if let Some(mut a) = c.get() {
-                f(&mut a);
-                c.set(Some(a));
-            }
-        });
-    }
-
-    // SAFETY: every method forwards its arguments, under the caller's
-    // contract, to `System`, which upholds `GlobalAlloc`'s; counting
-    // allocates nothing.
-    unsafe impl std::alloc::GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-            note(|a| {
-                a.allocs += 1;
-                a.bytes += layout.size();
-            });
-            // SAFETY: the caller's contract for `alloc`, passed on.
-            unsafe { std::alloc::System.alloc(layout) }
-        }
-
-        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-            note(|a| {
-                a.allocs += 1;
-                a.bytes += layout.size();
-            });
-            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
-            unsafe { std::alloc::System.alloc_zeroed(layout) }
-        }
-
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-            note(|a| a.frees += 1);
-            // SAFETY: `ptr` came from `System` (every allocation here does).
-            unsafe { std::alloc::System.dealloc(ptr, layout) }
-        }
-
-        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-            note(|a| {
-                a.allocs += 1;
-                a.bytes += new_size;
-            });
-            // SAFETY: `ptr` came from `System`; the caller's contract for
-            // `realloc`, passed on.
-            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
-        }
-    }
-
-    #[global_allocator]
-    static ALLOCATOR: Counting = Counting;
-
-    /// Runs `f`, with what this thread allocated and freed meanwhile.
+    /// Runs `f`, with what this thread allocated and freed meanwhile,
+    /// counted by `allocation-counter` (its global allocator counts per
+    /// thread): that the packet path allocates nothing is measured, not
+    /// assumed.
     fn counted<T>(f: impl FnOnce() -> T) -> (T, Allocs) {
-        COUNTING.with(|c| c.set(Some(Allocs::default())));
-        let r = f();
-        let allocs = COUNTING.with(|c| c.take()).unwrap_or_default();
+        let mut r = None;
+        let info = allocation_counter::measure(|| r = Some(f()));
+        let r = r.expect("the closure ran");
+        let allocs = Allocs {
+            allocs: info.count_total,
+            bytes: info.bytes_total,
+            frees: info.count_total as i64 - info.count_current,
+        };
         (r, allocs)
     }
 
