@@ -235,7 +235,7 @@ pub fn refusing_port() -> (socket2::Socket, u16) {
 
 /// A raw protocol connection for tests that need to send exact bytes.
 pub mod raw {
-    use std::io::{Read, Write};
+    use std::io::{ErrorKind, Read, Write};
     use std::net::{SocketAddr, TcpStream};
     use std::time::Duration;
 
@@ -281,9 +281,35 @@ pub mod raw {
 
         /// True when the peer has closed (EOF) within the read timeout.
         pub fn closed(&mut self) -> bool {
-            let mut b = [0u8; 1];
-            matches!(self.0.read(&mut b), Ok(0))
+            matches!(self.end(), End::Eof)
         }
+
+        /// How the connection goes on from here: what one read finds
+        /// (within the read timeout).
+        pub fn end(&mut self) -> End {
+            let mut b = [0u8; 1];
+            match self.0.read(&mut b) {
+                Ok(0) => End::Eof,
+                Ok(_) => End::Data,
+                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                    End::Reset
+                }
+                Err(e) => End::Other(e),
+            }
+        }
+    }
+
+    /// What [`Raw::end`] found.
+    #[derive(Debug)]
+    pub enum End {
+        /// The peer closed: end of input.
+        Eof,
+        /// The peer reset the connection.
+        Reset,
+        /// More bytes came.
+        Data,
+        /// The read timed out or failed otherwise.
+        Other(std::io::Error),
     }
 }
 
