@@ -285,16 +285,22 @@ pub mod raw {
         }
 
         /// How the connection goes on from here: what one read finds
-        /// (within the read timeout).
+        /// (within the read timeout). A read interrupted by a signal is
+        /// retried: in a test process with a DPDK node, the tap driver's
+        /// signals interrupt other threads' reads, and a socket with a read
+        /// timeout is not restarted (signal(7)).
         pub fn end(&mut self) -> End {
             let mut b = [0u8; 1];
-            match self.0.read(&mut b) {
-                Ok(0) => End::Eof,
-                Ok(_) => End::Data,
-                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
-                    End::Reset
-                }
-                Err(e) => End::Other(e),
+            loop {
+                return match self.0.read(&mut b) {
+                    Ok(0) => End::Eof,
+                    Ok(_) => End::Data,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                        End::Reset
+                    }
+                    Err(e) => End::Other(e),
+                };
             }
         }
     }
