@@ -245,7 +245,8 @@ impl SecurityFlags {
 /// When the controller declares a node down, shared by `pollen up` and `pollen controller`.
 #[derive(Args, Debug, Clone, Copy)]
 pub struct DownFlags {
-    /// Silent heartbeat intervals after which a node is declared down
+    /// Silent heartbeat intervals after which a node is declared down (the
+    /// interval times N may be at most a day)
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MISSED_HEARTBEATS, value_parser = clap::value_parser!(u32).range(1..))]
     pub missed_heartbeats: u32,
 }
